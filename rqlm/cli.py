@@ -1,0 +1,99 @@
+"""The `rqlm` command: one subcommand per job, each defined in its own module.
+
+Every subcommand module exposes `add_arguments(parser)` and `main(args) -> int`.
+Modules are imported lazily so `rqlm --help` stays fast. A YAML file given with
+`--config` supplies defaults; flags given on the command line override it.
+Bad input (ValueError, FileNotFoundError, KeyError from our own checks) is
+reported as one line on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "demo": ("rqlm.commands.demo", "run the whole pipeline on the embedded default corpus"),
+    "train-tokenizer": ("rqlm.data.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
+    "train-vae": ("rqlm.commands.train_vae", "train the RQ-VAE (text -> residual codes -> text)"),
+    "train-lm": ("rqlm.commands.train_lm", "train the RQ-Transformer over RQ-VAE codes"),
+    "train-baseline": ("rqlm.commands.train_baseline", "train the plain Qwen3 baseline on the same data"),
+    "evaluate": ("rqlm.commands.evaluate", "perplexity (bound), reconstruction and codebook usage"),
+    "bench": ("rqlm.commands.bench", "speed and memory against the baseline or the reference quantizers"),
+    "generate": ("rqlm.commands.generate", "generate text from a checkpoint"),
+    "inspect": ("rqlm.commands.inspect", "show held-out text beside its RQ-VAE reconstruction"),
+}
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+def _load_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Set parser defaults from `--config file.yaml` so command-line flags still win."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is None:
+        return
+    import yaml
+
+    try:
+        with open(known.config) as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise CLIError(f"config file {known.config!r} not found") from None
+    if not isinstance(values, dict):
+        raise CLIError(f"config file {known.config!r} must hold a mapping of option: value")
+    valid = {action.dest for action in parser._actions}
+    unknown = sorted(set(k.replace("-", "_") for k in values) - valid)
+    if unknown:
+        raise CLIError(f"config file {known.config!r} has unknown options {unknown}")
+    parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rqlm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"rqlm: unknown command {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+            return 2
+        top.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = SUBCOMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("rqlm"):
+            print(f"rqlm {name}: not available yet ({module_name} does not exist in this version)", file=sys.stderr)
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog=f"rqlm {name}", description=help_text)
+    parser.add_argument("--config", default=None, help="YAML file of option: value defaults")
+    module.add_arguments(parser)
+    try:
+        _load_yaml_defaults(parser, rest)
+        args = parser.parse_args(rest)
+        return int(module.main(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"rqlm {name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"rqlm {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
