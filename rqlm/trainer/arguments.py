@@ -1,0 +1,194 @@
+"""Training settings shared by every rqlm command, as one dataclass and its argparse flags.
+
+Each command calls `add_training_arguments(parser, learning_rate=..., ...)` with its own
+defaults, so `--config file.yaml` (read by rqlm/cli.py) and command-line flags fill the same
+fields; `training_arguments_from_namespace(args)` turns the parsed flags back into a
+`TrainingArguments`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import torch
+
+MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
+REPORT_TO_CHOICES = ("none", "tensorboard", "wandb")
+LR_SCHEDULER_CHOICES = ("cosine", "constant")
+
+
+@dataclass
+class TrainingArguments:
+    """Settings of one training run; every field is also a `--flag` of the training commands."""
+
+    output_dir: str = field(
+        default="runs/model", metadata={"help": "where checkpoints, the model and logs go"}
+    )
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train for"})
+    max_minutes: float | None = field(
+        default=None, metadata={"help": "wall-clock budget; stops cleanly and saves when reached"}
+    )
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "training blocks per device per micro-batch"}
+    )
+    per_device_eval_batch_size: int = field(
+        default=8, metadata={"help": "evaluation blocks per device per batch"}
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW"})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW weight decay (not on norms, biases, embeddings)"}
+    )
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    lr_scheduler: str = field(
+        default="cosine",
+        metadata={"help": "learning-rate schedule after the linear warmup", "choices": LR_SCHEDULER_CHOICES},
+    )
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps from 0 to the peak rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of the peak rate"})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "gradient clipping norm; 0 turns clipping off"}
+    )
+    mixed_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "autocast dtype; auto = bf16 where the device supports it (or accelerate launch's setting), "
+            "else no",
+            "choices": MIXED_PRECISION_CHOICES,
+        },
+    )
+    eval_steps: int = field(
+        default=200, metadata={"help": "evaluate on the held-out split every N steps; 0: only at the end"}
+    )
+    eval_batches: int | None = field(
+        default=50, metadata={"help": "batches per evaluation (per device); none: the whole held-out split"}
+    )
+    save_steps: int = field(
+        default=500, metadata={"help": "save a resumable checkpoint every N steps; 0: never"}
+    )
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "checkpoints kept (oldest deleted); none: all"}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "a checkpoint folder, or 'latest' under output_dir/checkpoints"}
+    )
+    report_to: str = field(
+        default="none", metadata={"help": "experiment tracker", "choices": REPORT_TO_CHOICES}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "log the training loss every N steps"})
+    seed: int = field(default=42, metadata={"help": "seed of weights init, data order and dropout"})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+
+    def __post_init__(self):
+        positive = (
+            "max_steps",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        non_negative = (
+            "warmup_steps",
+            "eval_steps",
+            "save_steps",
+            "max_grad_norm",
+            "weight_decay",
+            "dataloader_num_workers",
+        )
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"--max_minutes must be > 0, got {self.max_minutes}")
+        for name, choices in (
+            ("mixed_precision", MIXED_PRECISION_CHOICES),
+            ("report_to", REPORT_TO_CHOICES),
+            ("lr_scheduler", LR_SCHEDULER_CHOICES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("eval_batches", "save_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1 or none, got {getattr(self, name)}")
+
+
+def resolve_mixed_precision(value: str) -> str:
+    """'auto' -> the `accelerate launch --mixed_precision` setting if any, else bf16 where supported, else 'no'."""
+    if value != "auto":
+        return value
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched:
+        return launched
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _optional(convert):
+    """An argparse type that reads 'none' / 'null' / '' as None."""
+
+    def parse(text: str):
+        return None if text.strip().lower() in ("none", "null", "") else convert(text)
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def _argparse_type(annotation):
+    """int | None -> an int parser accepting 'none'; float -> float; str -> str."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if args:  # a union with None
+        return _optional(args[0])
+    return annotation
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, **default_overrides) -> argparse.ArgumentParser:
+    """Add every `TrainingArguments` field as `--name` flag; keyword arguments change a command's defaults."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(default_overrides) - names)
+    if unknown:
+        raise TypeError(f"add_training_arguments got unknown defaults {unknown}")
+    hints = typing.get_type_hints(TrainingArguments)
+    group = parser.add_argument_group("training")
+    for f in dataclasses.fields(TrainingArguments):
+        default = default_overrides.get(f.name, f.default)
+        group.add_argument(
+            f"--{f.name}",
+            type=_argparse_type(hints[f.name]),
+            default=default,
+            choices=f.metadata.get("choices"),
+            help=f"{f.metadata['help']} (default: {default})",
+        )
+    return parser
+
+
+def training_arguments_from_namespace(args: argparse.Namespace) -> TrainingArguments:
+    """The `TrainingArguments` held by parsed flags (other attributes of `args` are ignored)."""
+    hints = typing.get_type_hints(TrainingArguments)
+    values = {}
+    for f in dataclasses.fields(TrainingArguments):
+        value = getattr(args, f.name)
+        # YAML configs set defaults without argparse's type conversion: "none" -> None, 1e-3 -> float
+        if isinstance(value, str) and hints[f.name] is not str:
+            value = _argparse_type(hints[f.name])(value)
+        elif (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and float in typing.get_args(hints[f.name]) + (hints[f.name],)
+        ):
+            value = float(value)
+        values[f.name] = value
+    return TrainingArguments(**values)
