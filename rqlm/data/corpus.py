@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from pathlib import Path
 
 # Bump when the builder changes, so cached corpora (and tokenizers) are rebuilt.
 CORPUS_VERSION = 1
+PYTHON_VERSION = platform.python_version()  # the stdlib docstrings differ between versions
 VALIDATION_FRACTION = 0.05
 SPLIT_SEED = 0
 MIN_DOC_CHARS = 200
@@ -139,10 +141,8 @@ def _member_section(title: str, doc: str) -> str:
 
 def _collect_stdlib_documents() -> list[str]:
     """Topic texts, then one document per stdlib module and per public class, in a fixed order."""
-    import contextlib
     import importlib
     import inspect
-    import io
     import pydoc_data.topics
     import warnings
 
@@ -160,9 +160,8 @@ def _collect_stdlib_documents() -> list[str]:
         return doc
 
     for module_name in _stdlib_module_names():
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                module = importlib.import_module(module_name)
+        try:  # whatever an import prints goes to the caller's captured pipes
+            module = importlib.import_module(module_name)
         except BaseException:  # noqa: BLE001, S112 - platform-specific or broken modules are skipped
             continue
         members = [
@@ -271,7 +270,7 @@ def _corpus_meta() -> dict:
     """What a cached corpus must match to be reused."""
     return {
         "version": CORPUS_VERSION,
-        "python": sys.version.split()[0],
+        "python": PYTHON_VERSION,
         "validation_fraction": VALIDATION_FRACTION,
         "seed": SPLIT_SEED,
         "min_doc_chars": MIN_DOC_CHARS,

@@ -22,7 +22,13 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .corpus import CORPUS_VERSION, build_embedded_corpus, corpus_statistics, default_cache_dir
+from .corpus import (
+    CORPUS_VERSION,
+    PYTHON_VERSION,
+    build_embedded_corpus,
+    corpus_statistics,
+    default_cache_dir,
+)
 from .loading import load_text_dataset, looks_like_local_path
 
 BOS_TOKEN = "<|bos|>"
@@ -80,7 +86,10 @@ def embedded_tokenizer_dir(
     vocab_size: int = DEFAULT_VOCAB_SIZE, cache_dir: str | os.PathLike | None = None
 ) -> Path:
     """Where the tokenizer trained on the embedded corpus's train split is cached."""
-    return Path(cache_dir or default_cache_dir()) / f"tokenizer-embedded-v{CORPUS_VERSION}-{vocab_size}"
+    name = (
+        f"tokenizer-embedded-v{CORPUS_VERSION}-py{PYTHON_VERSION}-{vocab_size}"  # docstrings vary by Python
+    )
+    return Path(cache_dir or default_cache_dir()) / name
 
 
 def load_tokenizer(
@@ -105,7 +114,7 @@ def load_tokenizer(
     return _with_eos(tokenizer, name_or_path)
 
 
-def _train_into(folder: Path, texts: list[str], vocab_size: int) -> None:
+def _train_into(folder: Path, texts: Iterable[str], vocab_size: int) -> None:
     """Train into a temporary sibling folder, then rename it into place (safe under concurrent builds)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.")
@@ -121,7 +130,7 @@ def _from_hub(name: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FileNotFoundError(
             f"tokenizer {name!r} was found neither locally nor on the hub ({reason}); "
             "check the name and your network, or omit it for the embedded tokenizer"
