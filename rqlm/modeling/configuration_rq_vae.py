@@ -1,0 +1,122 @@
+"""RQVAEConfig: the configuration of the residual-quantized chunk autoencoder."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig, Qwen3Config
+from transformers.configuration_utils import SubConfigSpec
+
+QUANTIZER_TYPES = (
+    "residual_vq",
+    "vq",
+    "grouped_residual_vq",
+    "random_projection",
+    "simvq",
+    "residual_simvq",
+    "fsq",
+    "residual_fsq",
+    "lfq",
+    "residual_lfq",
+    "latent_quantize",
+)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class RQVAEConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`RQVAEModel`]: Qwen3 encoder -> downsample by C -> latent layers ->
+    residual quantizer (depth D, codebook K) -> latent layers -> upsample -> Qwen3 decoder -> LM head.
+
+    Args:
+        backbone_config (`Qwen3Config` or `dict`):
+            The Qwen3 backbone whose layers, embeddings and LM head make the encoder and decoder.
+            Its `layer_types` / `sliding_window` give local attention when wanted.
+        compression_factor (`int`, defaults to 4):
+            C, tokens per latent position; a power of two. Downsampling uses log2(C) stride-2 convs.
+        num_quantizers (`int`, defaults to 4):
+            D, the residual depth: codes per latent position.
+        codebook_size (`int`, defaults to 1024):
+            K, codes per codebook (for FSQ/LFQ-style quantizers the product of levels or 2**bits).
+        latent_dim (`int`, defaults to 64):
+            d, the width of the latent (codebook) space.
+        num_encoder_layers (`int`, defaults to 2): Qwen3 layers of the encoder backbone.
+        num_decoder_layers (`int`, defaults to 2): Qwen3 layers of the decoder backbone.
+        num_latent_layers (`int`, defaults to 1):
+            Causal transformer layers at width d on each side of the quantizer (0 for none).
+        latent_num_attention_heads (`int`, defaults to 2): attention heads of the latent layers.
+        latent_intermediate_size (`int`, *optional*): SwiGLU width of the latent layers (default 4 d).
+        quantizer_type (`str`, defaults to `"residual_vq"`): one of `QUANTIZER_TYPES`.
+        quantizer_kwargs (`dict`, *optional*):
+            Keyword arguments of the quantizer class (vector-quantize-pytorch names), e.g.
+            `{"decay": 0.9, "kmeans_init": True, "threshold_ema_dead_code": 2}`.
+        decoder_sees_previous_tokens (`bool`, defaults to `False`):
+            Add the embeddings of the tokens C positions back to the decoder input, so chunk l is
+            decoded from codes 0..l and the (already known) tokens of chunks 0..l-1.
+        quantizer_loss_weight (`float`, defaults to 1.0): weight of the quantizer's own losses.
+        freeze_backbone_steps (`int`, defaults to 0):
+            Optimizer steps during which the backbone (embeddings, Qwen3 layers, LM head) is frozen.
+        lora_r (`int`, defaults to 0): LoRA rank on the backbone layers; 0 trains them fully instead.
+        lora_alpha (`int`, defaults to 16): LoRA scaling numerator.
+        lora_dropout (`float`, defaults to 0.0): LoRA dropout.
+        lora_target_modules (`list[str]`, *optional*): modules given adapters (default q/k/v/o/gate/up/down).
+    """
+
+    model_type = "rq_vae"
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(Qwen3Config)}
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    compression_factor: int = 4
+    num_quantizers: int = 4
+    codebook_size: int = 1024
+    latent_dim: int = 64
+    num_encoder_layers: int = 2
+    num_decoder_layers: int = 2
+    num_latent_layers: int = 1
+    latent_num_attention_heads: int = 2
+    latent_intermediate_size: int | None = None
+    quantizer_type: str = "residual_vq"
+    quantizer_kwargs: dict | None = None
+    decoder_sees_previous_tokens: bool = False
+    quantizer_loss_weight: float = 1.0
+    freeze_backbone_steps: int = 0
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.quantizer_kwargs = dict(self.quantizer_kwargs or {})
+        self.lora_target_modules = list(self.lora_target_modules or LORA_TARGETS)
+        if self.latent_intermediate_size is None:
+            self.latent_intermediate_size = 4 * self.latent_dim
+        self.validate_values()
+
+    def validate_values(self) -> None:
+        """Fail early, in one line, on combinations the model cannot build."""
+        c = self.compression_factor
+        if not isinstance(c, int) or c < 1 or c & (c - 1):
+            raise ValueError(f"compression_factor must be a power of two >= 1, got {c}")
+        for name in ("num_quantizers", "codebook_size", "latent_dim", "latent_num_attention_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_encoder_layers", "num_decoder_layers", "num_latent_layers", "freeze_backbone_steps", "lora_r"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.quantizer_type not in QUANTIZER_TYPES:
+            raise ValueError(f"unknown quantizer {self.quantizer_type!r}; choose from {', '.join(QUANTIZER_TYPES)}")
+        if self.latent_dim % self.latent_num_attention_heads:
+            raise ValueError(
+                f"latent_dim {self.latent_dim} is not divisible by latent_num_attention_heads "
+                f"{self.latent_num_attention_heads}"
+            )
+        max_layers = self.backbone_config.num_hidden_layers
+        for name in ("num_encoder_layers", "num_decoder_layers"):
+            if getattr(self, name) > max_layers:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} exceeds the backbone's {max_layers} layers; "
+                    f"raise backbone_config.num_hidden_layers or lower {name}"
+                )
+
+
+__all__ = ["RQVAEConfig"]

@@ -1,0 +1,110 @@
+"""Building blocks shared by the rqlm models, built on transformers' own Qwen3 pieces.
+
+`Qwen3Stack` is a run of Qwen3 decoder layers (causal attention, SwiGLU MLP, RoPE,
+final RMSNorm) over embeddings the caller provides; `Downsample` / `Upsample`
+change the sequence length by a power of two with kernel-2 stride-2 convolutions,
+which act inside one chunk only (so they keep chunk causality).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+from transformers import Qwen3Config
+from transformers.masking_utils import create_causal_mask
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
+
+
+class Qwen3Stack(nn.Module):
+    """The first `num_layers` causal Qwen3 layers + final norm over given embeddings: (B, T, H) -> (B, T, H).
+
+    The stack shares `config` (not a copy), so a change of attention implementation reaches it.
+    """
+
+    def __init__(self, config: Qwen3Config, num_layers: int | None = None):
+        super().__init__()
+        self.config = config
+        num_layers = config.num_hidden_layers if num_layers is None else num_layers
+        self.layers = nn.ModuleList([Qwen3DecoderLayer(config, i) for i in range(num_layers)])
+        self.norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen3RotaryEmbedding(config=config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None] + past
+        mask_kwargs = dict(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if "sliding_attention" in self.config.layer_types:
+            from transformers.masking_utils import create_sliding_window_causal_mask
+
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for i, layer in enumerate(self.layers):  # (B, T, H)
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks[self.config.layer_types[i]],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+            )
+        return self.norm(hidden_states)
+
+
+def num_stages(compression_factor: int) -> int:
+    """log2(C) for a power of two C >= 1."""
+    return int(math.log2(compression_factor))
+
+
+class Downsample(nn.Module):
+    """log2(C) Conv1d(kernel=2, stride=2) stages: (B, T, H) -> (B, T / C, H)."""
+
+    def __init__(self, hidden_size: int, compression_factor: int):
+        super().__init__()
+        n = num_stages(compression_factor)
+        self.convs = nn.ModuleList([nn.Conv1d(hidden_size, hidden_size, kernel_size=2, stride=2) for _ in range(n)])
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = rearrange(x, "b t h -> b h t")
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i < len(self.convs) - 1:
+                x = self.act(x)
+        return rearrange(x, "b h l -> b l h")
+
+
+class Upsample(nn.Module):
+    """log2(C) ConvTranspose1d(kernel=2, stride=2) stages: (B, L, H) -> (B, L * C, H)."""
+
+    def __init__(self, hidden_size: int, compression_factor: int):
+        super().__init__()
+        n = num_stages(compression_factor)
+        self.convs = nn.ModuleList(
+            [nn.ConvTranspose1d(hidden_size, hidden_size, kernel_size=2, stride=2) for _ in range(n)]
+        )
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = rearrange(x, "b l h -> b h l")
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i < len(self.convs) - 1:
+                x = self.act(x)
+        return rearrange(x, "b h t -> b t h")

@@ -1,0 +1,364 @@
+"""RQVAEModel: text -> C-times shorter sequence of residual codes -> text, on Qwen3 layers.
+
+    input_ids (B, T) -> embed -> encoder Qwen3 layers (causal)       (B, T, H)
+      -> downsample (log2 C stride-2 convs)                          (B, L, H)
+      -> linear H->d -> latent layers (causal)                       (B, L, d)
+      -> quantizer (fp32)               codes (B, L, D), quantized   (B, L, d)
+      -> latent layers -> linear d->H -> upsample                    (B, T, H)
+      [+ embeddings of the tokens C positions back]
+      -> decoder Qwen3 layers (causal) -> lm_head                    (B, T, V)
+
+Codes of chunk l depend on tokens of chunks 0..l only; logits of chunk l depend on
+codes 0..l (and tokens of chunks 0..l-1) only, so the model streams chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import reduce
+from torch import nn
+from transformers import PreTrainedModel, Qwen3Config
+from transformers.utils import ModelOutput
+
+from .configuration_rq_vae import RQVAEConfig
+from .layers import Downsample, Qwen3Stack, Upsample
+from .quantizer_registry import build_quantizer, codes_to_quantized, quantize
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class RQVAEEncoderOutput(ModelOutput):
+    """What `encode` returns: codes (B, L, D), quantized (B, L, d), latents before quantization (B, L, d)."""
+
+    codes: torch.LongTensor | None = None
+    quantized: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+    quantizer_loss: torch.FloatTensor | None = None
+    latent_mask: torch.BoolTensor | None = None
+
+
+@dataclass
+class RQVAEOutput(ModelOutput):
+    """What `forward` returns; `accuracy` is the token reconstruction accuracy over non-padding tokens."""
+
+    loss: torch.FloatTensor | None = None
+    recon_loss: torch.FloatTensor | None = None
+    quantizer_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    codes: torch.LongTensor | None = None
+    quantized: torch.FloatTensor | None = None
+    accuracy: torch.FloatTensor | None = None
+
+
+def latent_stack_config(config: RQVAEConfig) -> Qwen3Config:
+    """A small Qwen3 config of width d for the latent layers."""
+    heads = config.latent_num_attention_heads
+    latent = Qwen3Config(
+        vocab_size=1,
+        hidden_size=config.latent_dim,
+        intermediate_size=config.latent_intermediate_size,
+        num_hidden_layers=config.num_latent_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=config.latent_dim // heads,
+        max_position_embeddings=config.backbone_config.max_position_embeddings,
+        rms_norm_eps=config.backbone_config.rms_norm_eps,
+    )
+    latent._attn_implementation_internal = config.backbone_config._attn_implementation
+    return latent
+
+
+class RQVAEPreTrainedModel(PreTrainedModel):
+    config_class = RQVAEConfig
+    config: RQVAEConfig
+    base_model_prefix = "rq_vae"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen3DecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _init_weights(self, module):
+        """Standard init for Qwen3 parts; quantizers initialise (or kmeans-init) their own codebooks."""
+        if getattr(module, "_owns_its_init", False):
+            return
+        super()._init_weights(module)
+
+
+class RQVAEModel(RQVAEPreTrainedModel):
+    """Residual-quantized chunk autoencoder over a Qwen3 backbone (see the module docstring)."""
+
+    def __init__(self, config: RQVAEConfig):
+        super().__init__(config)
+        backbone = config.backbone_config
+        if backbone._attn_implementation is None:  # PreTrainedModel sets only the top-level config
+            backbone._attn_implementation_internal = config._attn_implementation
+        hidden, vocab = backbone.hidden_size, backbone.vocab_size
+        self.compression_factor = config.compression_factor
+
+        self.embed_tokens = nn.Embedding(vocab, hidden, backbone.pad_token_id)
+        self.encoder = Qwen3Stack(backbone, config.num_encoder_layers)
+        self.downsample = Downsample(hidden, config.compression_factor)
+        self.to_latent = nn.Linear(hidden, config.latent_dim)
+        latent_config = latent_stack_config(config)
+        self.latent_encoder = Qwen3Stack(latent_config) if config.num_latent_layers else nn.Identity()
+        self.quantizer = build_quantizer(
+            config.quantizer_type,
+            dim=config.latent_dim,
+            num_quantizers=config.num_quantizers,
+            codebook_size=config.codebook_size,
+            **config.quantizer_kwargs,
+        )
+        for module in self.quantizer.modules():
+            module._owns_its_init = True
+        self.latent_decoder = Qwen3Stack(latent_config) if config.num_latent_layers else nn.Identity()
+        self.from_latent = nn.Linear(config.latent_dim, hidden)
+        self.upsample = Upsample(hidden, config.compression_factor)
+        self.decoder_embed_tokens = (
+            nn.Embedding(vocab, hidden, backbone.pad_token_id) if config.decoder_sees_previous_tokens else None
+        )
+        self.decoder = Qwen3Stack(backbone, config.num_decoder_layers)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self._backbone_frozen = None
+        if config.lora_r > 0:
+            self._add_lora_adapters()
+        self.post_init()
+
+    # ----------------------------------------------------------------- checks
+    def _check_input_ids(self, input_ids: torch.LongTensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        c = self.compression_factor
+        if input_ids.shape[1] % c:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} is not a multiple of compression {c}; "
+                f"pad it (tokenizer(..., pad_to_multiple_of={c})) or pack blocks of a multiple of {c}"
+            )
+        vocab = self.config.backbone_config.vocab_size
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            raise ValueError(
+                f"input_ids must lie in [0, {vocab}); got values in [{input_ids.min().item()}, "
+                f"{input_ids.max().item()}] (is the tokenizer the model's?)"
+            )
+
+    def _check_codes(self, codes: torch.LongTensor) -> None:
+        depth = self.quantizer_depth
+        if codes.dim() != 3 or codes.shape[-1] != depth:
+            raise ValueError(f"codes must have shape (batch, latent_length, {depth}), got {tuple(codes.shape)}")
+
+    @property
+    def quantizer_depth(self) -> int:
+        """Codes per latent position (D for residual quantizers)."""
+        return int(getattr(self.quantizer, "num_quantizers", 1) or 1)
+
+    def latent_mask(self, attention_mask: torch.Tensor | None) -> torch.BoolTensor | None:
+        """(B, T) token mask -> (B, L) mask of latent positions holding at least one real token."""
+        if attention_mask is None:
+            return None
+        return reduce(attention_mask.bool(), "b (l c) -> b l", "max", c=self.compression_factor)
+
+    # ----------------------------------------------------------------- encode
+    def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> RQVAEEncoderOutput:
+        """Tokens (B, T) -> codes (B, L, D) and quantized latents (B, L, d); T a multiple of C."""
+        self._check_input_ids(input_ids)
+        hidden = self.encoder(self.embed_tokens(input_ids), attention_mask)  # (B, T, H)
+        latents = self.to_latent(self.downsample(hidden))  # (B, L, d)
+        latent_mask = self.latent_mask(attention_mask)
+        latents = self._latent_stack(self.latent_encoder, latents, latent_mask)
+        quantized, codes, quantizer_loss = quantize(self.quantizer, latents, mask=latent_mask)
+        return RQVAEEncoderOutput(
+            codes=codes, quantized=quantized, latents=latents, quantizer_loss=quantizer_loss, latent_mask=latent_mask
+        )
+
+    def _latent_stack(self, stack: nn.Module, x: torch.Tensor, latent_mask: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(stack, nn.Identity):
+            return x
+        mask = None if latent_mask is None else latent_mask.long()
+        return stack(x, mask)
+
+    # ----------------------------------------------------------------- decode
+    def codes_to_quantized(self, codes: torch.LongTensor) -> torch.FloatTensor:
+        """Codes (B, L, D) -> quantized latents (B, L, d), exactly as `encode` produced them."""
+        self._check_codes(codes)
+        return codes_to_quantized(self.quantizer, codes)
+
+    def decode_quantized(
+        self,
+        quantized: torch.FloatTensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.FloatTensor:
+        """Quantized latents (B, L, d) -> logits (B, L * C, V).
+
+        `input_ids` (B, L * C) are needed only when `decoder_sees_previous_tokens`; the tokens of
+        chunk l never reach the logits of chunk l (they are shifted by C).
+        """
+        latent_mask = self.latent_mask(attention_mask)
+        x = self._latent_stack(self.latent_decoder, quantized, latent_mask)
+        hidden = self.upsample(self.from_latent(x))  # (B, T, H)
+        if self.decoder_embed_tokens is not None:
+            hidden = hidden + self.decoder_embed_tokens(self._previous_chunk_tokens(input_ids, hidden.shape[1]))
+        hidden = self.decoder(hidden, attention_mask)  # (B, T, H)
+        return self.lm_head(hidden)  # (B, T, V)
+
+    def _previous_chunk_tokens(self, input_ids: torch.LongTensor | None, length: int) -> torch.LongTensor:
+        """(B, T) tokens shifted right by C (the first chunk sees padding): position t gets token t - C."""
+        if input_ids is None or input_ids.shape[1] != length:
+            raise ValueError(
+                "this model's decoder sees the previous chunks' tokens (decoder_sees_previous_tokens=True); "
+                f"pass input_ids of length {length} to decode"
+            )
+        c = self.compression_factor
+        pad = self.config.backbone_config.pad_token_id or 0
+        return F.pad(input_ids[:, :-c], (c, 0), value=pad) if length > c else torch.full_like(input_ids, pad)
+
+    def decode(
+        self,
+        codes: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.FloatTensor:
+        """Codes (B, L, D) -> logits (B, L * C, V)."""
+        return self.decode_quantized(self.codes_to_quantized(codes), input_ids, attention_mask)
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> RQVAEOutput:
+        """Reconstruct input_ids (B, T): loss = cross-entropy(logits, labels or input_ids) + quantizer loss."""
+        encoded = self.encode(input_ids, attention_mask)
+        logits = self.decode_quantized(encoded.quantized, input_ids, attention_mask)
+        targets = input_ids if labels is None else labels
+        if attention_mask is not None:
+            targets = targets.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        recon_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        quantizer_loss = encoded.quantizer_loss
+        loss = recon_loss + self.config.quantizer_loss_weight * quantizer_loss
+        with torch.no_grad():
+            valid = targets != IGNORE_INDEX
+            accuracy = ((logits.argmax(-1) == targets) & valid).sum() / valid.sum().clamp(min=1)
+        return RQVAEOutput(
+            loss=loss,
+            recon_loss=recon_loss,
+            quantizer_loss=quantizer_loss,
+            logits=logits,
+            codes=encoded.codes,
+            quantized=encoded.quantized,
+            accuracy=accuracy,
+        )
+
+    # ----------------------------------------------------------------- backbone
+    def backbone_parameters(self):
+        """Parameters that come from the pretrained backbone: embeddings, Qwen3 layers, LM head."""
+        for module in (self.embed_tokens, self.encoder, self.decoder, self.lm_head, self.decoder_embed_tokens):
+            if module is not None:
+                for name, param in module.named_parameters():
+                    if "lora_" not in name:
+                        yield param
+
+    def adapter_parameters(self):
+        """LoRA adapter parameters (empty without LoRA)."""
+        return (p for n, p in self.named_parameters() if "lora_" in n)
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        """Freeze or unfreeze the backbone; with LoRA the base weights stay frozen and the adapters toggle."""
+        if self.config.lora_r > 0:
+            for param in self.backbone_parameters():
+                param.requires_grad_(False)
+            for param in self.adapter_parameters():
+                param.requires_grad_(not frozen)
+        else:
+            for param in self.backbone_parameters():
+                param.requires_grad_(not frozen)
+        self._backbone_frozen = frozen
+
+    def on_step_begin(self, step: int) -> None:
+        """Training hook: the backbone is frozen for the first `freeze_backbone_steps` optimizer steps."""
+        frozen = step < self.config.freeze_backbone_steps
+        if frozen != self._backbone_frozen:
+            self.set_backbone_frozen(frozen)
+
+    def _add_lora_adapters(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(
+            r=self.config.lora_r,
+            lora_alpha=self.config.lora_alpha,
+            lora_dropout=self.config.lora_dropout,
+            target_modules=self.config.lora_target_modules,
+        )
+        self.encoder = inject_adapter_in_model(lora, self.encoder)
+        self.decoder = inject_adapter_in_model(lora, self.decoder)
+
+    def merge_lora(self) -> "RQVAEModel":
+        """Fold LoRA adapters into the base weights; the model then saves and loads without peft (lora_r=0)."""
+        if self.config.lora_r == 0:
+            return self
+        from peft.tuners.lora import LoraLayer
+
+        for stack in (self.encoder, self.decoder):
+            for name, module in list(stack.named_modules()):
+                if isinstance(module, LoraLayer):
+                    module.merge()
+                    parent = stack.get_submodule(name.rsplit(".", 1)[0]) if "." in name else stack
+                    setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+        self.config.lora_r = 0
+        return self
+
+    # ----------------------------------------------------------------- builders
+    @classmethod
+    def from_backbone(
+        cls,
+        name_or_path: str,
+        num_encoder_layers: int = 2,
+        num_decoder_layers: int = 2,
+        **config_kwargs,
+    ) -> "RQVAEModel":
+        """Build an RQ-VAE whose encoder and decoder start from a pretrained Qwen3 (hub name or folder).
+
+        The encoder takes the first `num_encoder_layers` layers and the embeddings, the decoder the
+        first `num_decoder_layers` layers, the final norm and the LM head.
+        """
+        from transformers import AutoModelForCausalLM
+
+        pretrained = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        if pretrained.config.model_type != "qwen3":
+            raise ValueError(f"{name_or_path!r} is a {pretrained.config.model_type!r} model; a Qwen3 backbone is needed")
+        config = RQVAEConfig(
+            backbone_config=pretrained.config.to_dict(),
+            num_encoder_layers=num_encoder_layers,
+            num_decoder_layers=num_decoder_layers,
+            **config_kwargs,
+        )
+        model = cls(config)
+        source = pretrained.model
+        model.embed_tokens.load_state_dict(source.embed_tokens.state_dict())
+        if model.decoder_embed_tokens is not None:
+            model.decoder_embed_tokens.load_state_dict(source.embed_tokens.state_dict())
+        for stack, n in ((model.encoder, num_encoder_layers), (model.decoder, num_decoder_layers)):
+            for i in range(n):
+                _load_base_weights(stack.layers[i], source.layers[i])
+            stack.norm.load_state_dict(source.norm.state_dict())
+        model.lm_head.weight.data.copy_(pretrained.get_output_embeddings().weight.data)
+        return model
+
+
+def _load_base_weights(target: nn.Module, source: nn.Module) -> None:
+    """Copy a layer's weights into a (possibly LoRA-wrapped) layer of the same architecture."""
+    state = source.state_dict()
+    target_state = target.state_dict()
+    for key, value in state.items():
+        lora_key = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        name = key if key in target_state else lora_key
+        target_state[name].copy_(value)
+
+
+__all__ = ["RQVAEModel", "RQVAEPreTrainedModel", "RQVAEOutput", "RQVAEEncoderOutput"]
