@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from contextlib import contextmanager
 
 import torch
@@ -62,3 +63,90 @@ def codebook_usage(indices: torch.Tensor, codebook_size: int) -> dict[str, list[
         perplexity.append(math.exp(entropy))
         dead.append((counts == 0).double().mean().item())
     return {"perplexity": perplexity, "dead_fraction": dead}
+
+
+# ----------------------------------------------------------------------------- shared math
+
+
+def l2norm(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Unit-normalize the last dimension; a zero vector stays zero (no NaN)."""
+    return torch.nn.functional.normalize(t, p=2, dim=-1, eps=eps)
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean of values (..., d) over positions where valid (...) is True; 0 when none is."""
+    if valid is None:
+        return values.mean()
+    weights = valid.to(values.dtype).unsqueeze(-1)
+    count = weights.sum() * values.shape[-1]
+    return (values * weights).sum() / count.clamp(min=1)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Value of tgt, identity gradient to src."""
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return tgt.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _RotateTo(torch.autograd.Function):
+    """Value of tgt; the gradient to src goes through the rotation (and rescaling) that maps src onto tgt."""
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, tgt: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(src, tgt)
+        ctx.eps = eps
+        return tgt.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        src, tgt = ctx.saved_tensors
+        src_norm = src.norm(dim=-1, keepdim=True).clamp(min=ctx.eps)
+        tgt_norm = tgt.norm(dim=-1, keepdim=True).clamp(min=ctx.eps)
+        u, q = src / src_norm, tgt / tgt_norm
+        w = l2norm(u + q)
+        # forward is s R src with R = I - 2 w w^T + 2 q u^T and s = |tgt| / |src| (constants): grad = s R^T grad
+        rotated = grad - 2 * (grad * w).sum(-1, keepdim=True) * w + 2 * (grad * q).sum(-1, keepdim=True) * u
+        return rotated * (tgt_norm / src_norm), None, None
+
+
+def straight_through(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Straight-through estimator: value of tgt, gradient passed unchanged to src (same shapes)."""
+    return _StraightThrough.apply(src, tgt.detach())
+
+
+def rotate_to(src: torch.Tensor, tgt: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Rotation trick (arXiv:2410.06424): value of tgt (..., d), gradient to src through the rotation taking it to tgt.
+
+    Same gradient as the reference's `rotate_to`, but the value is tgt exactly and the forward costs one copy.
+    """
+    return _RotateTo.apply(src, tgt.detach(), eps)
+
+
+def gumbel_noise(t: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise shaped like t."""
+    uniform = torch.rand_like(t)
+    return -torch.log(-torch.log(uniform.clamp(min=1e-20)).clamp(min=1e-20))
+
+
+# ----------------------------------------------------------------------------- quantize dropout
+
+
+def synced_random_seed(device: torch.device, max_size: int = 10_000) -> int:
+    """A random integer that is the same on every data-parallel rank (summed over ranks)."""
+    seed = torch.randint(0, max_size, (), device=device)
+    return int(all_reduce_sum_(seed).item())
+
+
+def quantize_dropout_index(num_quantizers: int, cutoff_index: int, multiple_of: int, seed: int) -> int:
+    """Last residual depth kept this step: uniform in [cutoff_index, num_quantizers), rounded up so
+    that the number of kept depths is a multiple of `multiple_of` (Encodec's structured dropout)."""
+    index = random.Random(seed).randrange(cutoff_index, num_quantizers)
+    if multiple_of > 1:
+        index = math.ceil((index + 1) / multiple_of) * multiple_of - 1
+    return min(index, num_quantizers - 1)
