@@ -1,0 +1,388 @@
+"""The shared Accelerate loop and `rqlm train-baseline` on tiny models, CPU, offline.
+
+Covers: the baseline learns and saves a folder transformers loads (with tokenizer and card);
+an interrupted-then-resumed run reaches the weights of an uninterrupted one; the
+`on_step_begin` hook and frozen-then-unfrozen parameters; a real two-process
+`accelerate launch` run ending with identical weights on both ranks; one-line errors.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
+
+from rqlm import cli
+from rqlm.presets import backbone_config
+from rqlm.trainer.arguments import (
+    TrainingArguments,
+    add_training_arguments,
+    training_arguments_from_namespace,
+)
+from rqlm.trainer.loop import TRAINER_STATE_NAME, train
+
+VOCAB = 64
+BLOCK = 16
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each `train` call builds its own Accelerator; start every test from a clean shared state."""
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+def synthetic_blocks(num_blocks: int, seed: int = 0) -> Dataset:
+    """Blocks (num_blocks, BLOCK) of a learnable pattern: counting mod 8 from a random offset."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(0, VOCAB, (num_blocks, 1), generator=g)
+    ids = (offsets + torch.arange(BLOCK) % 8) % VOCAB
+    return Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
+
+
+class HookedQwen3(Qwen3ForCausalLM):
+    """A Qwen3 that records `on_step_begin`, unfreezes its first layer at a step, and can be interrupted."""
+
+    unfreeze_at_step = None  # step at which layer 0 (frozen by the test) becomes trainable
+    interrupt_at_forward = None  # raise KeyboardInterrupt at this training forward (1-based)
+
+    def on_step_begin(self, step: int) -> None:
+        self.calls = [*getattr(self, "calls", []), step]
+        if step == self.unfreeze_at_step:
+            self.layer0_at_unfreeze = {k: v.clone() for k, v in self.model.layers[0].state_dict().items()}
+            self.model.layers[0].requires_grad_(True)
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            self.forwards = getattr(self, "forwards", 0) + 1
+            if self.forwards == self.interrupt_at_forward:
+                raise KeyboardInterrupt
+        return super().forward(*args, **kwargs)
+
+
+def make_model(cls=Qwen3ForCausalLM, seed=0):
+    torch.manual_seed(seed)
+    return cls(backbone_config("test", vocab_size=VOCAB))
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k, value in a.items():
+        torch.testing.assert_close(value, b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ----------------------------------------------------------------------------
+# arguments
+
+
+def test_training_flags_from_yaml_strings_and_overrides():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_training_arguments(parser, learning_rate=5e-4, output_dir="runs/x")
+    # YAML 1.1 reads "1e-3" as a string and "none" stays a string: rqlm/cli.py sets them as defaults
+    parser.set_defaults(learning_rate="1e-3", save_total_limit="none", max_minutes=2)
+    args = training_arguments_from_namespace(parser.parse_args(["--max_steps", "7"]))
+    assert args.learning_rate == 1e-3 and args.save_total_limit is None and args.max_minutes == 2.0
+    assert args.max_steps == 7 and args.output_dir == "runs/x"
+    with pytest.raises(ValueError, match="--max_steps must be at least 1"):
+        TrainingArguments(max_steps=0)
+    with pytest.raises(TypeError, match="unknown defaults"):
+        add_training_arguments(argparse.ArgumentParser(), learning_rat=1.0)
+
+
+def test_shipped_baseline_config_parses():
+    import argparse
+
+    from rqlm.commands import train_baseline
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    train_baseline.add_arguments(parser)
+    config = Path(__file__).resolve().parents[1] / "configs" / "baseline.yaml"
+    cli._load_yaml_defaults(parser, ["--config", str(config)])  # raises on an unknown option
+    args = training_arguments_from_namespace(parser.parse_args(["--max_steps", "5"]))
+    assert args.max_steps == 5 and args.learning_rate == 1e-3 and args.max_minutes == 10
+
+
+def test_presets():
+    tiny = backbone_config("tiny", vocab_size=1000)
+    assert (tiny.hidden_size, tiny.num_attention_heads, tiny.num_key_value_heads, tiny.head_dim) == (
+        256,
+        4,
+        2,
+        64,
+    )
+    assert tiny.tie_word_embeddings and tiny.vocab_size == 1000
+    assert backbone_config("test", vocab_size=10, num_hidden_layers=1).num_hidden_layers == 1
+    with pytest.raises(ValueError, match="needs vocab_size"):
+        backbone_config("tiny")
+    with pytest.raises(ValueError, match="neither a preset"):
+        backbone_config("no-such-org/no-such-model-rqlm")
+
+
+# ----------------------------------------------------------------------------
+# (1) the baseline learns and saves a loadable folder
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory):
+    """A jsonl corpus of short repetitive documents and a 300-token BPE trained on it."""
+    from rqlm.data.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("corpus")
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    docs = [" ".join(words[(i + j) % len(words)] for j in range(24)) + "." for i in range(240)]
+    with open(folder / "docs.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    train_tokenizer(docs, vocab_size=300, output_dir=folder / "tokenizer")
+    return folder
+
+
+def test_train_baseline_learns_and_saves_loadable_folder(text_corpus, tmp_path, capsys):
+    out = tmp_path / "baseline"
+    config = tmp_path / "baseline.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": str(text_corpus / "docs.jsonl"),
+                "tokenizer": str(text_corpus / "tokenizer"),
+                "backbone": "test",
+                "block_size": 32,
+                "per_device_train_batch_size": 4,
+                "learning_rate": "3e-3",
+                "warmup_steps": 2,
+                "max_steps": 100,  # overridden on the command line below
+                "logging_steps": 5,
+                "eval_steps": 15,
+                "eval_batches": 2,
+                "save_steps": 0,
+            }
+        )
+    )
+    rc = cli.main(["train-baseline", "--config", str(config), "--max_steps", "30", "--output_dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert "trained 30 steps" in capsys.readouterr().out
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert records[-1]["step"] == 30 and len(evals) == 2
+    assert losses[-1] < 0.7 * losses[0] and evals[-1] < evals[0]
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = Qwen3ForCausalLM.from_pretrained(out).eval()
+    auto = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tokenizer("alpha beta gamma delta", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, auto(ids).logits)
+    assert (out / "model.safetensors").is_file() and (out / "training_curves.png").is_file()
+    card = (out / "README.md").read_text()
+    assert "| optimizer steps | 30 |" in card and "eval_loss" in card
+    assert "rqlm train-baseline --dataset" in card and "--max_steps 30" in card
+
+    # the saved weights are the final ones: they reproduce the logged final held-out loss
+    from rqlm.data.loading import get_lm_datasets
+
+    _, eval_blocks = get_lm_datasets(
+        str(text_corpus / "docs.jsonl"), tokenizer, block_size=32, max_eval_blocks=2 * 8
+    )
+    with torch.no_grad():
+        batches = [eval_blocks[i : i + 8]["input_ids"] for i in range(0, len(eval_blocks), 8)]
+        sizes = [len(b) for b in batches]
+        per_batch = [model(input_ids=b, labels=b).loss.item() for b in batches]
+    recomputed = sum(s * loss for s, loss in zip(sizes, per_batch)) / sum(sizes)
+    assert recomputed == pytest.approx(evals[-1], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# (2) resume: interrupted + resumed == uninterrupted
+
+
+def resume_args(output_dir, **overrides) -> TrainingArguments:
+    # 14 blocks / batch 2 = 7 micro-batches per epoch; with accumulation 3 an epoch is 3 optimizer steps
+    # of 3, 3 and 1 micro-batches, so 7 steps cross two epoch boundaries
+    values = {
+        "output_dir": str(output_dir),
+        "max_steps": 7,
+        "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 4,
+        "gradient_accumulation_steps": 3,
+        "learning_rate": 3e-3,
+        "warmup_steps": 2,
+        "eval_steps": 2,
+        "eval_batches": 1,
+        "save_steps": 3,
+        "save_total_limit": None,
+        "logging_steps": 1,
+    }
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path):
+    train_blocks, eval_blocks = synthetic_blocks(14), synthetic_blocks(4, seed=1)
+
+    reference = make_model(HookedQwen3)
+    full = train(reference, train_blocks, eval_blocks, resume_args(tmp_path / "full"))
+    assert full.step == 7
+
+    # interrupted in the middle of step 5's gradient accumulation (forward 12 = its 2nd of 3 micro-batches):
+    # the loop saves step 4, with accelerate's micro-batch counter as it was then, and drops the partial step
+    interrupted = make_model(HookedQwen3)
+    interrupted.interrupt_at_forward = 12
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, train_blocks, eval_blocks, resume_args(tmp_path / "run"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-3", "step-4"]
+    state = json.loads((checkpoints / "step-4" / TRAINER_STATE_NAME).read_text())
+    assert (state["step"], state["epoch"], state["batches_done"]) == (4, 1, 3)
+
+    # resume from the interrupt ("latest") and from the end-of-epoch checkpoint (step 3), to step 7
+    for resume_from, output_dir in (("latest", "run"), (str(checkpoints / "step-3"), "from-step-3")):
+        resumed = make_model(HookedQwen3, seed=1)  # different init: the checkpoint must overwrite it
+        result = train(
+            resumed,
+            train_blocks,
+            eval_blocks,
+            resume_args(tmp_path / output_dir, resume_from_checkpoint=resume_from),
+        )
+        assert result.step == 7 and resumed.calls[0] == (4 if resume_from == "latest" else 3)
+        assert_same_weights(weights(resumed), weights(reference))
+        assert result.eval_metrics == pytest.approx(full.eval_metrics, abs=1e-6)
+        assert [r["step"] for r in result.history] == [r["step"] for r in full.history]
+
+
+# ----------------------------------------------------------------------------
+# (3) on_step_begin and frozen-then-unfrozen parameters
+
+
+def test_on_step_begin_and_unfrozen_parameters_are_trained(tmp_path):
+    model = make_model(HookedQwen3)
+    model.unfreeze_at_step = 3
+    model.model.layers[0].requires_grad_(False)
+    initial = weights(model)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hook"),
+        max_steps=6,
+        per_device_train_batch_size=2,
+        warmup_steps=0,
+        eval_steps=0,
+        save_steps=0,
+        learning_rate=3e-3,
+    )
+    train(model, synthetic_blocks(8), None, args)
+    assert model.calls == list(range(6))
+    final = weights(model)
+    layer0 = [k for k in initial if k.startswith("model.layers.0.")]
+    others = [k for k in initial if k.startswith("model.layers.1.") and "norm" not in k]
+    # frozen for steps 0-2: untouched (no gradient, no weight decay); then in the optimizer and trained
+    for k in layer0:
+        torch.testing.assert_close(model.layer0_at_unfreeze[k.removeprefix("model.layers.0.")], initial[k])
+    assert all(not torch.equal(final[k], initial[k]) for k in layer0 if "norm" not in k)
+    assert all(not torch.equal(final[k], initial[k]) for k in others)
+
+
+# ----------------------------------------------------------------------------
+# (4) a real two-process run (CPU, gloo)
+
+TWO_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, sys
+    import torch
+    from accelerate import PartialState
+    from datasets import Dataset
+    from transformers import Qwen3ForCausalLM
+    from rqlm.presets import backbone_config
+    from rqlm.trainer.arguments import TrainingArguments
+    from rqlm.trainer.loop import train
+
+    class Unfreezing(Qwen3ForCausalLM):
+        def on_step_begin(self, step):
+            if step == 2:
+                self.model.layers[0].requires_grad_(True)
+
+    out = sys.argv[1]
+    torch.manual_seed(0)
+    model = Unfreezing(backbone_config("test", vocab_size=64))
+    model.model.layers[0].requires_grad_(False)
+    layer0 = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    ids = ((torch.arange(24)[:, None] * 5 + torch.arange(16) % 8) % 64).tolist()
+    blocks = Dataset.from_dict({"input_ids": ids}).with_format("torch")
+    args = TrainingArguments(output_dir=out, max_steps=5, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, learning_rate=3e-3, warmup_steps=1,
+                             eval_steps=3, eval_batches=2, save_steps=3, logging_steps=1)
+    result = train(model, blocks.select(range(16)), blocks.select(range(16, 24)), args)
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in model.state_dict().values())).hexdigest()
+    rank = PartialState().process_index
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"num_processes": PartialState().num_processes, "digest": digest, "step": result.step,
+                   "eval": result.eval_metrics,
+                   "layer0_trained": not torch.equal(layer0, model.model.layers[0].mlp.up_proj.weight)}, f)
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_launch_two_processes_end_with_identical_weights(tmp_path):
+    script = tmp_path / "two_process.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    out = tmp_path / "out"
+    # `--multi_gpu` picks accelerate's torchrun launcher; ACCELERATE_USE_CPU makes it a gloo CPU group
+    # (`--cpu --num_processes 2` alone starts a single process)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(script), str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(r["num_processes"] == 2 and r["step"] == 5 for r in ranks)
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert ranks[0]["eval"] == ranks[1]["eval"]
+    assert ranks[0]["layer0_trained"], "the parameters unfrozen at step 2 were not trained"
+    assert (out / "checkpoints" / "step-3" / "random_states_1.pkl").is_file()
+    assert (out / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------
+# (5) bad input
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--resume_from_checkpoint", "{tmp}/missing"], "not found"),
+        (["--resume_from_checkpoint", "latest"], "no checkpoint to resume from"),
+        (["--max_steps", "0"], "--max_steps must be at least 1"),
+    ],
+)
+def test_bad_input_is_one_line_error(tmp_path, capsys, flags, message):
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    rc = cli.main(["train-baseline", "--output_dir", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, err
