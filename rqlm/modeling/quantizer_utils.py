@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 from contextlib import contextmanager
 
 import torch
@@ -132,21 +131,3 @@ def gumbel_noise(t: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise shaped like t."""
     uniform = torch.rand_like(t)
     return -torch.log(-torch.log(uniform.clamp(min=1e-20)).clamp(min=1e-20))
-
-
-# ----------------------------------------------------------------------------- quantize dropout
-
-
-def synced_random_seed(device: torch.device, max_size: int = 10_000) -> int:
-    """A random integer that is the same on every data-parallel rank (summed over ranks)."""
-    seed = torch.randint(0, max_size, (), device=device)
-    return int(all_reduce_sum_(seed).item())
-
-
-def quantize_dropout_index(num_quantizers: int, cutoff_index: int, multiple_of: int, seed: int) -> int:
-    """Last residual depth kept this step: uniform in [cutoff_index, num_quantizers), rounded up so
-    that the number of kept depths is a multiple of `multiple_of` (Encodec's structured dropout)."""
-    index = random.Random(seed).randrange(cutoff_index, num_quantizers)
-    if multiple_of > 1:
-        index = math.ceil((index + 1) / multiple_of) * multiple_of - 1
-    return min(index, num_quantizers - 1)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quantizer_utils import exists, fp32_region, quantize_dropout_index, synced_random_seed
+from .quantize_dropout import check_dropout_arguments, sample_dropout_index, sync_seed
+from .quantizer_utils import exists, fp32_region
 from .vector_quantize import VectorQuantize
 
 
@@ -41,9 +42,8 @@ class ResidualVQ(nn.Module):
         super().__init__()
         codebook_sizes = _codebook_sizes(codebook_size, num_quantizers)
         num_quantizers = len(codebook_sizes)
-        _check_arguments(
-            num_quantizers, codebook_sizes, heads, shared_codebook, quantize_dropout_cutoff_index, vq_kwargs
-        )
+        check_dropout_arguments(num_quantizers, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
+        _check_arguments(heads, shared_codebook, codebook_sizes, vq_kwargs)
         codebook_dim = codebook_dim or dim
         self.dim = dim
         self.codebook_dim = codebook_dim
@@ -145,9 +145,12 @@ class ResidualVQ(nn.Module):
         """Last depth quantized this step: Q - 1, or a random one under quantize dropout (same on every rank)."""
         if not (self.training and self.quantize_dropout):
             return self.num_quantizers - 1
-        seed = seed if exists(seed) else synced_random_seed(device)
-        return quantize_dropout_index(
-            self.num_quantizers, self.quantize_dropout_cutoff_index, self.quantize_dropout_multiple_of, seed
+        return sample_dropout_index(
+            self.num_quantizers,
+            self.quantize_dropout_cutoff_index,
+            self.quantize_dropout_multiple_of,
+            device,
+            seed,
         )
 
     def _residual_loop(
@@ -246,7 +249,7 @@ class GroupedResidualVQ(nn.Module):
         """x (B, N, dim) -> quantized (B, N, dim), indices (G, B, N, Q), losses (G, Q)[, codes (G, Q, B, N, d)]."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected input (batch, ..., {self.dim}), got last dimension {x.shape[-1]}")
-        seed = synced_random_seed(x.device) if self.training and self.rvqs[0].quantize_dropout else None
+        seed = sync_seed(x.device) if self.training and self.rvqs[0].quantize_dropout else None
         outputs = [
             rvq(
                 chunk,
@@ -274,19 +277,13 @@ def _codebook_sizes(codebook_size: int | tuple[int, ...], num_quantizers: int | 
     return (codebook_size,) * num_quantizers
 
 
-def _check_arguments(num_quantizers, codebook_sizes, heads, shared_codebook, cutoff_index, vq_kwargs) -> None:
+def _check_arguments(heads, shared_codebook, codebook_sizes, vq_kwargs) -> None:
     """One-line errors for bad ResidualVQ keywords, including the combinations the reference rejects."""
-    if num_quantizers < 1:
-        raise ValueError(f"num_quantizers must be >= 1, got {num_quantizers}")
     if heads != 1:
         raise ValueError(
             f"ResidualVQ takes heads=1 only, got {heads}; use GroupedResidualVQ to split channels"
         )
     if shared_codebook and len(set(codebook_sizes)) > 1:
         raise ValueError("shared_codebook=True needs one codebook_size for every depth")
-    if not 0 <= cutoff_index < num_quantizers:
-        raise ValueError(
-            f"quantize_dropout_cutoff_index must lie in [0, {num_quantizers}), got {cutoff_index}"
-        )
     if "channel_last" in vq_kwargs:
         raise ValueError("ResidualVQ takes channel-last input (batch, ..., dim) only; drop channel_last")
