@@ -37,6 +37,9 @@ class RandomProjectionQuantizer(nn.Module):
         self.register_buffer("rand_projs", rand_projs)
         # "The input data is normalized to have 0 mean and standard deviation of 1 ... to prevent collapse" (sec. 3)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False) if norm else nn.Identity()
+        vq_kwargs.setdefault(
+            "codebook_dim", codebook_dim
+        )  # the reference leaves it out: a random Linear per head
         self.vq = VectorQuantize(
             dim=codebook_dim * num_codebooks,
             heads=num_codebooks,
