@@ -1,8 +1,8 @@
 """Every quantizer rqlm ships, with vector-quantize-pytorch's names and keywords (see rqlm.modeling)."""
 
 from .modeling.finite_scalar_quantization import FSQ
-from .modeling.lookup_free_quantization import LFQ
 from .modeling.quantizer_registry import (
+    LFQ,
     QUANTIZER_CLASSES,
     LatentQuantize,
     ResidualLFQ,

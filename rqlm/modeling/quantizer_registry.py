@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from .finite_scalar_quantization import FSQ
-from .lookup_free_quantization import LFQ
 from .quantizer_utils import codebook_usage, exists
 from .random_projection_quantizer import RandomProjectionQuantizer
 from .residual_fsq import ResidualFSQ
@@ -34,6 +33,10 @@ from .sim_vq import ResidualSimVQ, SimVQ
 from .vector_quantize import VectorQuantize
 
 try:  # written in parallel; registered as soon as they exist
+    from .lookup_free_quantization import LFQ
+except ImportError:
+    LFQ = None
+try:
     from .residual_lfq import ResidualLFQ
 except ImportError:
     ResidualLFQ = None
@@ -228,7 +231,9 @@ def _families() -> dict[str, Family]:
             lambda m, c: m.get_output_from_indices(c),
             lambda m: m.num_quantizers,
         ),
-        "lfq": Family(
+    }
+    if exists(LFQ):
+        families["lfq"] = Family(
             LFQ,
             lambda dim, num_quantizers, codebook_size, **kw: LFQ(
                 dim=dim, codebook_size=codebook_size, num_codebooks=num_quantizers, **kw
@@ -236,8 +241,7 @@ def _families() -> dict[str, Family]:
             lambda m, x, mask: tuple(m(x, mask=mask)),
             lambda m, c: m.indices_to_codes(_squeeze_single(c, m.keep_num_codebooks_dim)),
             lambda m: m.num_codebooks,
-        ),
-    }
+        )
     if exists(ResidualLFQ):
         families["residual_lfq"] = Family(
             ResidualLFQ,
