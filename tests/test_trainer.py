@@ -6,6 +6,7 @@ an interrupted-then-resumed run reaches the weights of an uninterrupted one; the
 `accelerate launch` run ending with identical weights on both ranks; one-line errors.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -283,12 +284,21 @@ def test_on_step_begin_and_unfrozen_parameters_are_trained(tmp_path):
         max_steps=6,
         per_device_train_batch_size=2,
         warmup_steps=0,
-        eval_steps=0,
+        eval_steps=3,
         save_steps=0,
         learning_rate=3e-3,
     )
-    train(model, synthetic_blocks(8), None, args)
+
+    def evaluate_fn(model, eval_dataloader, accelerator):  # a model-specific evaluation replaces the default
+        assert not model.training
+        return {"blocks": float(sum(len(b["input_ids"]) for b in eval_dataloader))}
+
+    result = train(model, synthetic_blocks(8), synthetic_blocks(4, seed=1), args, evaluate_fn=evaluate_fn)
     assert model.calls == list(range(6))
+    assert [(r["step"], r["eval_blocks"]) for r in result.history if "eval_blocks" in r] == [
+        (3, 4.0),
+        (6, 4.0),
+    ]
     final = weights(model)
     layer0 = [k for k in initial if k.startswith("model.layers.0.")]
     others = [k for k in initial if k.startswith("model.layers.1.") and "norm" not in k]
@@ -297,6 +307,22 @@ def test_on_step_begin_and_unfrozen_parameters_are_trained(tmp_path):
         torch.testing.assert_close(model.layer0_at_unfreeze[k.removeprefix("model.layers.0.")], initial[k])
     assert all(not torch.equal(final[k], initial[k]) for k in layer0 if "norm" not in k)
     assert all(not torch.equal(final[k], initial[k]) for k in others)
+
+
+def test_time_budget_stops_cleanly_and_saves(tmp_path):
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "budget"),
+        max_steps=50,
+        max_minutes=1e-6,
+        per_device_train_batch_size=2,
+        eval_batches=1,
+        save_steps=0,
+    )
+    result = train(make_model(), synthetic_blocks(8), synthetic_blocks(4, seed=1), args)
+    assert result.step == 1 and result.stopped_by_time and "eval_loss" in result.eval_metrics
+    assert (tmp_path / "budget" / "checkpoints" / "step-1" / TRAINER_STATE_NAME).is_file()
+    assert "time budget" in (tmp_path / "budget" / "README.md").read_text()
+    Qwen3ForCausalLM.from_pretrained(tmp_path / "budget")
 
 
 # ----------------------------------------------------------------------------
@@ -379,6 +405,11 @@ def test_accelerate_launch_two_processes_end_with_identical_weights(tmp_path):
         (["--resume_from_checkpoint", "{tmp}/missing"], "not found"),
         (["--resume_from_checkpoint", "latest"], "no checkpoint to resume from"),
         (["--max_steps", "0"], "--max_steps must be at least 1"),
+        pytest.param(
+            ["--report_to", "tensorboard"],
+            "needs the tensorboard package",
+            marks=pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="installed"),
+        ),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, flags, message):

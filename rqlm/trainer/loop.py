@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import broadcast, is_tensorboard_available, is_wandb_available, set_seed
+from accelerate.utils import broadcast, set_seed
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
@@ -166,10 +166,6 @@ def train(
     """Train `model` on blocks of `input_ids` for `args.max_steps` optimizer steps; save it to `args.output_dir`."""
     output_dir = Path(args.output_dir)
     evaluate_fn = evaluate_fn or evaluate_loss
-    if args.report_to == "tensorboard" and not is_tensorboard_available():
-        raise ValueError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
-    if args.report_to == "wandb" and not is_wandb_available():
-        raise ValueError("--report_to wandb needs the wandb package: pip install wandb")
     resume_dir = (
         find_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     )
