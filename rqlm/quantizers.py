@@ -1,11 +1,9 @@
 """Every quantizer rqlm ships, with vector-quantize-pytorch's names and keywords (see rqlm.modeling)."""
 
 from .modeling.finite_scalar_quantization import FSQ
+from .modeling.lookup_free_quantization import LFQ
 from .modeling.quantizer_registry import (
-    LFQ,
     QUANTIZER_CLASSES,
-    LatentQuantize,
-    ResidualLFQ,
     build_quantizer,
     code_depth,
     codebook_stats,
@@ -23,10 +21,8 @@ __all__ = [
     "LFQ",
     "QUANTIZER_CLASSES",
     "GroupedResidualVQ",
-    "LatentQuantize",
     "RandomProjectionQuantizer",
     "ResidualFSQ",
-    "ResidualLFQ",
     "ResidualSimVQ",
     "ResidualVQ",
     "SimVQ",

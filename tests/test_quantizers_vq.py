@@ -194,6 +194,28 @@ def test_state_dict_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(rvq(inputs(1)), copy(inputs(1))))
 
 
+@pytest.mark.parametrize("name", ["vq", "rvq", "grouped_rvq", "random_projection", "simvq", "residual_simvq"])
+def test_every_buffer_is_saved(name):
+    """from_pretrained builds on the meta device and fills only saved tensors: no buffer may be left out."""
+    quantizer = build_quantizer(
+        name, dim=DIM, num_quantizers=1 if name == "simvq" else 2, codebook_size=CODES
+    )
+    assert set(dict(quantizer.named_buffers())) <= set(quantizer.state_dict())
+
+
+def test_shared_codebook_is_one_module_saved_once():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(
+        dim=DIM, num_quantizers=3, codebook_size=CODES, shared_codebook=True, threshold_ema_dead_code=1
+    )
+    rvq(inputs())
+    assert all(layer._codebook is rvq.layers[0]._codebook for layer in rvq.layers)
+    assert [k for k in rvq.state_dict() if k.endswith("embed")] == ["layers.0._codebook.embed"]
+    copy = ResidualVQ(dim=DIM, num_quantizers=3, codebook_size=CODES, shared_codebook=True)
+    copy.load_state_dict(rvq.state_dict())
+    assert all(torch.equal(layer.codebook, rvq.layers[0].codebook) for layer in copy.layers)
+
+
 # ----------------------------------------------------------------------------- parity with the reference
 
 

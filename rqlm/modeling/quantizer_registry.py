@@ -25,25 +25,13 @@ import torch
 from torch import nn
 
 from .finite_scalar_quantization import FSQ
+from .lookup_free_quantization import LFQ
 from .quantizer_utils import codebook_usage, exists
 from .random_projection_quantizer import RandomProjectionQuantizer
 from .residual_fsq import ResidualFSQ
 from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .sim_vq import ResidualSimVQ, SimVQ
 from .vector_quantize import VectorQuantize
-
-try:  # written in parallel; registered as soon as they exist
-    from .lookup_free_quantization import LFQ
-except ImportError:
-    LFQ = None
-try:
-    from .residual_lfq import ResidualLFQ
-except ImportError:
-    ResidualLFQ = None
-try:
-    from .latent_quantization import LatentQuantize
-except ImportError:
-    LatentQuantize = None
 
 # FSQ levels recommended for a target codebook size (FSQ paper, arXiv:2309.15505, table 1)
 FSQ_LEVELS = {
@@ -78,6 +66,15 @@ def _single_code(name: str, num_quantizers: int) -> None:
         raise ValueError(
             f"quantizer {name!r} gives one code per position; set num_quantizers=1 (got {num_quantizers})"
         )
+
+
+def _build_residual(cls: type) -> Callable[..., nn.Module]:
+    """Builder for a residual family whose keywords are dim, num_quantizers and codebook_size."""
+
+    def build(dim: int, num_quantizers: int, codebook_size: int, **kwargs) -> nn.Module:
+        return cls(dim=dim, num_quantizers=num_quantizers, codebook_size=codebook_size, **kwargs)
+
+    return build
 
 
 def _build_vq(dim: int, num_quantizers: int, codebook_size: int, **kwargs) -> nn.Module:
@@ -125,6 +122,10 @@ def _build_simvq(dim: int, num_quantizers: int, codebook_size: int, **kwargs) ->
     return SimVQ(dim=dim, codebook_size=codebook_size, **kwargs)
 
 
+def _build_lfq(dim: int, num_quantizers: int, codebook_size: int, **kwargs) -> nn.Module:
+    return LFQ(dim=dim, codebook_size=codebook_size, num_codebooks=num_quantizers, **kwargs)
+
+
 def _build_fsq(dim: int, num_quantizers: int, codebook_size: int, **kwargs) -> nn.Module:
     levels = _levels("fsq", codebook_size, kwargs)
     return FSQ(levels=levels, dim=dim, num_codebooks=num_quantizers, **kwargs)
@@ -133,11 +134,6 @@ def _build_fsq(dim: int, num_quantizers: int, codebook_size: int, **kwargs) -> n
 def _build_residual_fsq(dim: int, num_quantizers: int, codebook_size: int, **kwargs) -> nn.Module:
     levels = _levels("residual_fsq", codebook_size, kwargs)
     return ResidualFSQ(levels=levels, dim=dim, num_quantizers=num_quantizers, **kwargs)
-
-
-def _build_latent_quantize(dim: int, num_quantizers: int, codebook_size: int, **kwargs) -> nn.Module:
-    levels = _levels("latent_quantize", codebook_size, kwargs)
-    return LatentQuantize(levels=levels, dim=dim, num_codebooks=num_quantizers, **kwargs)
 
 
 # ----------------------------------------------------------------------------- adapters: one calling convention
@@ -152,6 +148,7 @@ class Family:
     forward: Callable  # (quantizer, x, mask) -> (quantized, codes (B, L[, D]), loss or losses or None)
     decode: Callable  # (quantizer, codes (B, L, D) >= 0) -> quantized (B, L, d)
     depth: Callable[[nn.Module], int]
+    residual: bool = False  # decodes -1 at depths that quantize dropout left out
 
 
 def _squeeze_single(codes: torch.Tensor, keep: bool) -> torch.Tensor:
@@ -169,8 +166,8 @@ def _grouped_indices(quantizer: GroupedResidualVQ, codes: torch.Tensor) -> torch
 
 
 def _families() -> dict[str, Family]:
-    """Canonical name -> Family, for the classes that exist."""
-    families = {
+    """Canonical name -> Family."""
+    return {
         "vq": Family(
             VectorQuantize,
             _build_vq,
@@ -180,12 +177,11 @@ def _families() -> dict[str, Family]:
         ),
         "residual_vq": Family(
             ResidualVQ,
-            lambda dim, num_quantizers, codebook_size, **kw: ResidualVQ(
-                dim=dim, num_quantizers=num_quantizers, codebook_size=codebook_size, **kw
-            ),
+            _build_residual(ResidualVQ),
             lambda m, x, mask: m(x, mask=mask),
             lambda m, c: m.get_output_from_indices(c),
             lambda m: m.num_quantizers,
+            residual=True,
         ),
         "grouped_residual_vq": Family(
             GroupedResidualVQ,
@@ -193,6 +189,7 @@ def _families() -> dict[str, Family]:
             lambda m, x, mask: _grouped_forward(m, x, mask),
             lambda m, c: m.get_output_from_indices(_grouped_indices(m, c)),
             lambda m: m.groups * m.num_quantizers,
+            residual=True,
         ),
         "random_projection": Family(
             RandomProjectionQuantizer,
@@ -210,12 +207,11 @@ def _families() -> dict[str, Family]:
         ),
         "residual_simvq": Family(
             ResidualSimVQ,
-            lambda dim, num_quantizers, codebook_size, **kw: ResidualSimVQ(
-                dim=dim, num_quantizers=num_quantizers, codebook_size=codebook_size, **kw
-            ),
+            _build_residual(ResidualSimVQ),
             lambda m, x, mask: m(x, mask=mask),
             lambda m, c: m.get_output_from_indices(c),
             lambda m: m.num_quantizers,
+            residual=True,
         ),
         "fsq": Family(
             FSQ,
@@ -230,37 +226,16 @@ def _families() -> dict[str, Family]:
             lambda m, x, mask: (*m(x), None),
             lambda m, c: m.get_output_from_indices(c),
             lambda m: m.num_quantizers,
+            residual=True,
         ),
-    }
-    if exists(LFQ):
-        families["lfq"] = Family(
+        "lfq": Family(
             LFQ,
-            lambda dim, num_quantizers, codebook_size, **kw: LFQ(
-                dim=dim, codebook_size=codebook_size, num_codebooks=num_quantizers, **kw
-            ),
+            _build_lfq,
             lambda m, x, mask: tuple(m(x, mask=mask)),
             lambda m, c: m.indices_to_codes(_squeeze_single(c, m.keep_num_codebooks_dim)),
             lambda m: m.num_codebooks,
-        )
-    if exists(ResidualLFQ):
-        families["residual_lfq"] = Family(
-            ResidualLFQ,
-            lambda dim, num_quantizers, codebook_size, **kw: ResidualLFQ(
-                dim=dim, num_quantizers=num_quantizers, codebook_size=codebook_size, **kw
-            ),
-            lambda m, x, mask: m(x, mask=mask),
-            lambda m, c: m.get_output_from_indices(c),
-            lambda m: m.num_quantizers,
-        )
-    if exists(LatentQuantize):
-        families["latent_quantize"] = Family(
-            LatentQuantize,
-            _build_latent_quantize,
-            lambda m, x, mask: m(x),
-            lambda m, c: m.indices_to_codes(_squeeze_single(c, m.keep_num_codebooks_dim)),
-            lambda m: m.num_codebooks,
-        )
-    return families
+        ),
+    }
 
 
 def _grouped_forward(quantizer: GroupedResidualVQ, x: torch.Tensor, mask: torch.Tensor | None):
@@ -347,14 +322,7 @@ def codes_to_quantized(quantizer: nn.Module, codes: torch.LongTensor) -> torch.T
             f"codes must have last dimension {depth} for {type(quantizer).__name__}, got {codes.shape[-1]}"
         )
     padding = (codes < 0).all(-1, keepdim=True)
-    dropped_depths_allowed = family.cls in (
-        ResidualVQ,
-        GroupedResidualVQ,
-        ResidualSimVQ,
-        ResidualFSQ,
-        ResidualLFQ,
-    )
-    quantized = family.decode(quantizer, codes if dropped_depths_allowed else codes.clamp(min=0))
+    quantized = family.decode(quantizer, codes if family.residual else codes.clamp(min=0))
     return quantized.masked_fill(padding, 0.0)
 
 

@@ -67,9 +67,10 @@ class ResidualVQ(nn.Module):
             )
             for size in codebook_sizes
         )
-        if shared_codebook:
+        if shared_codebook:  # every depth uses the first layer's codebook, held (and saved) only there
             for layer in self.layers[1:]:
-                layer._codebook = self.layers[0]._codebook
+                del layer._codebook
+                object.__setattr__(layer, "_codebook", self.layers[0]._codebook)
 
     @property
     def codebook_size(self) -> int:

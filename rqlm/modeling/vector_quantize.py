@@ -99,16 +99,19 @@ class Codebook(nn.Module):
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("cluster_size", torch.ones(num_codebooks, codebook_size))
         self.register_buffer("embed_avg", embed.clone())
-        self.register_buffer("codes_replaced", torch.zeros((), dtype=torch.long), persistent=False)
+        # saved with the codebook (a non-persistent buffer stays uninitialized after from_pretrained)
+        self.register_buffer("codes_replaced", torch.zeros((), dtype=torch.long))
+        self.register_load_state_dict_pre_hook(_allow_missing_codes_replaced)
         if learnable_codebook:
             self.embed = nn.Parameter(embed)
         else:
             self.register_buffer("embed", embed)
-        self.register_buffer(
-            "offsets", torch.arange(num_codebooks)[:, None] * codebook_size, persistent=False
-        )
 
     # ------------------------------------------------------------------ lookup
+    def offsets(self) -> torch.Tensor:
+        """(h, 1) start of each codebook in the flattened (h * K, d) table."""
+        return torch.arange(self.num_codebooks, device=self.embed.device)[:, None] * self.codebook_size
+
     @property
     def needs_sync(self) -> bool:
         return default(self.sync_codebook, True) and is_distributed()
@@ -129,7 +132,7 @@ class Codebook(nn.Module):
         """Codes (..., d) for non-negative indices (h, ...) (differentiable when the codebook is learnable)."""
         flat_embed = self.embed.reshape(-1, self.embed.shape[-1])
         if self.num_codebooks > 1:
-            indices = indices + self.offsets.view(-1, *([1] * (indices.dim() - 1)))
+            indices = indices + self.offsets().view(-1, *([1] * (indices.dim() - 1)))
         return F.embedding(indices, flat_embed)
 
     # ------------------------------------------------------------------ training updates
@@ -144,7 +147,7 @@ class Codebook(nn.Module):
             weights = valid.reshape(-1).to(x.dtype)
             rows = rows.masked_fill(~valid.reshape(-1, 1), 0.0)
             indices = indices.clamp(min=0)
-        flat = (indices + self.offsets).reshape(-1)
+        flat = (indices + self.offsets()).reshape(-1)
         num_codes = h * self.codebook_size
         # sums as a sparse one-hot (h K, h M) times rows: exact like index_add_, and it has no OpenMP
         # barrier, which costs index_add_ up to 100 ms per call on an oversubscribed CPU
@@ -268,6 +271,11 @@ class Codebook(nn.Module):
                 )
             means = torch.stack([sample_rows(r, self.codebook_size) for r in rows])
         return broadcast_(means, src) if sync else means
+
+
+def _allow_missing_codes_replaced(module, state_dict, prefix, *args) -> None:
+    """Checkpoints of vector-quantize-pytorch have no replacement counter: start it at 0."""
+    state_dict.setdefault(prefix + "codes_replaced", torch.zeros((), dtype=torch.long))
 
 
 def sample_rows(rows: torch.Tensor, num: int) -> torch.Tensor:
