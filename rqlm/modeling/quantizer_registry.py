@@ -25,10 +25,12 @@ import torch
 from torch import nn
 
 from .finite_scalar_quantization import FSQ
+from .latent_quantization import LatentQuantize
 from .lookup_free_quantization import LFQ
 from .quantizer_utils import codebook_usage, exists
 from .random_projection_quantizer import RandomProjectionQuantizer
 from .residual_fsq import ResidualFSQ
+from .residual_lfq import ResidualLFQ
 from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .sim_vq import ResidualSimVQ, SimVQ
 from .vector_quantize import VectorQuantize
@@ -120,6 +122,12 @@ def _build_random_projection(dim: int, num_quantizers: int, codebook_size: int, 
 def _build_simvq(dim: int, num_quantizers: int, codebook_size: int, **kwargs) -> nn.Module:
     _single_code("simvq", num_quantizers)
     return SimVQ(dim=dim, codebook_size=codebook_size, **kwargs)
+
+
+def _build_latent_quantize(dim: int, num_quantizers: int, codebook_size: int, **kwargs) -> nn.Module:
+    levels = _levels("latent_quantize", codebook_size, kwargs)
+    kwargs.setdefault("channel_first", False)  # the RQ-VAE's latents are (B, L, d)
+    return LatentQuantize(levels=levels, dim=dim, num_codebooks=num_quantizers, **kwargs)
 
 
 def _build_lfq(dim: int, num_quantizers: int, codebook_size: int, **kwargs) -> nn.Module:
@@ -235,7 +243,36 @@ def _families() -> dict[str, Family]:
             lambda m, c: m.indices_to_codes(_squeeze_single(c, m.keep_num_codebooks_dim)),
             lambda m: m.num_codebooks,
         ),
+        "residual_lfq": Family(
+            ResidualLFQ,
+            _build_residual(ResidualLFQ),
+            lambda m, x, mask: m(x, mask=mask),
+            lambda m, c: m.get_output_from_indices(c),
+            lambda m: m.num_quantizers,
+            residual=True,
+        ),
+        "latent_quantize": Family(
+            LatentQuantize,
+            _build_latent_quantize,
+            lambda m, x, mask: _channel_last(m, m(_channel_first(m, x))),
+            lambda m, c: _channel_last(m, m.indices_to_codes(_squeeze_single(c, m.keep_num_codebooks_dim))),
+            lambda m: m.num_codebooks,
+        ),
     }
+
+
+def _channel_first(quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, L, d) -> the layout a channel_first quantizer takes."""
+    return x.movedim(-1, 1) if quantizer.channel_first else x
+
+
+def _channel_last(quantizer: nn.Module, out):
+    """A channel_first quantizer's (quantized (B, d, L), ...) or quantized -> channel-last."""
+    if not quantizer.channel_first:
+        return out
+    if torch.is_tensor(out):
+        return out.movedim(1, -1)
+    return (out[0].movedim(1, -1), *out[1:])
 
 
 def _grouped_forward(quantizer: GroupedResidualVQ, x: torch.Tensor, mask: torch.Tensor | None):
