@@ -436,7 +436,7 @@ class VectorQuantize(nn.Module):
         valid = self._head_mask(mask)  # (h, M)
         with fp32_region(z.device.type):
             flat = self.to_codebook_space(z)  # (h, M, codebook_dim)
-            quantized, indices, loss = self.quantize_flat(
+            quantized, indices, loss = self._quantize_flat(
                 flat,
                 valid,
                 temperature=default(sample_codebook_temp, self.sample_codebook_temp),
@@ -452,7 +452,7 @@ class VectorQuantize(nn.Module):
             indices = indices.masked_fill(~(mask if self.heads == 1 else mask.unsqueeze(-1)), -1)
         return self._restore(quantized, spatial), self._restore_indices(indices, spatial), loss
 
-    def quantize_flat(
+    def _quantize_flat(
         self, flat: torch.Tensor, valid: torch.Tensor | None, temperature: float, freeze_codebook: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codebook-space step: flat (h, M, d) fp32 -> quantized (h, M, d), indices (h, M), loss ()."""
