@@ -151,7 +151,7 @@ class FSQ(nn.Module):
         if move_channel:
             z = z.movedim(1, -1)  # (B, ..., dim)
         if z.shape[-1] != self.dim:
-            raise ValueError(f"FSQ expected feature dimension {self.dim}, got input of shape {tuple(z.shape)}")
+            raise ValueError(f"FSQ expected feature dimension {self.dim}, got shape {tuple(z.shape)}")
 
         z = self.project_in(z).unflatten(-1, (self.num_codebooks, self.codebook_dim))  # (..., c, d)
         if self.orthogonal_rotation:

@@ -18,7 +18,7 @@ from .quantizer_utils import default, exists, fp32_region
 
 
 def initial_values(level: int) -> torch.Tensor:
-    """`level` evenly spaced values in [-0.5, 0.5], with 0 among them (the top end is dropped for even levels)."""
+    """`level` evenly spaced values in [-0.5, 0.5] with 0 among them (even levels drop the top end)."""
     if level % 2 == 1:
         return torch.linspace(-0.5, 0.5, level)
     return torch.arange(level) / level - 0.5
@@ -47,13 +47,13 @@ class LatentQuantize(nn.Module):
     ):
         super().__init__()
         if exists(in_place_codebook_optimizer):
-            raise ValueError("in_place_codebook_optimizer is not supported: the values train through quantization_loss")
+            raise ValueError("in_place_codebook_optimizer is unsupported (quantization_loss trains the values)")
         levels = _expand_levels(levels, codebook_dim)
         keep_num_codebooks_dim = default(keep_num_codebooks_dim, num_codebooks > 1)
         if num_codebooks < 1:
             raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
         if num_codebooks > 1 and not keep_num_codebooks_dim:
-            raise ValueError("num_codebooks > 1 needs keep_num_codebooks_dim=True (indices keep a codebook axis)")
+            raise ValueError("num_codebooks > 1 needs keep_num_codebooks_dim=True")
 
         self.levels = levels
         self.dim = dim
@@ -87,7 +87,7 @@ class LatentQuantize(nn.Module):
         return pad_sequence(list(self.values_per_latent), batch_first=True, padding_value=math.inf)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z (..., d) -> (nearest values (..., d), differentiable w.r.t. the values; level indices (..., d))."""
+        """z (..., d) -> (nearest values (..., d), differentiable in the values; level indices (..., d))."""
         table = self._value_table()  # (d, Lmax)
         level_index = (z[..., None] - table).abs().argmin(dim=-1)  # (..., d)
         channel = torch.arange(self.codebook_dim, device=z.device)
@@ -99,10 +99,9 @@ class LatentQuantize(nn.Module):
         if self.channel_first:
             z = z.movedim(1, -1)  # (B, ..., dim)
         if z.shape[-1] != self.dim:
-            raise ValueError(
-                f"LatentQuantize expected feature dimension {self.dim} "
-                f"({'axis 1, channel_first=True' if self.channel_first else 'last axis'}), got shape {tuple(z.shape)}"
-            )
+            where = "axis 1, channel_first=True" if self.channel_first else "last axis"
+            shape = tuple(z.shape)
+            raise ValueError(f"LatentQuantize expected feature dimension {self.dim} ({where}), got {shape}")
         z = self.project_in(z).unflatten(-1, (self.num_codebooks, self.codebook_dim))  # (..., c, d)
 
         orig_dtype = z.dtype

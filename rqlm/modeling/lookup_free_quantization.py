@@ -148,7 +148,8 @@ class LFQ(nn.Module):
             self.project_in = self.project_out = nn.Identity()
 
         if orthogonal_rotation:
-            self.register_buffer("orthogonal_rot", nn.init.orthogonal_(torch.empty(codebook_dim, codebook_dim)))
+            rotation = nn.init.orthogonal_(torch.empty(codebook_dim, codebook_dim))
+            self.register_buffer("orthogonal_rot", rotation)
         # bit weights, most significant bit first; persistent so state dicts match the reference's
         self.register_buffer("mask", 2 ** torch.arange(codebook_dim - 1, -1, -1))
         self._codebook_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -213,7 +214,7 @@ class LFQ(nn.Module):
         if move_channel:
             x = x.movedim(1, -1)  # (B, ..., dim)
         if x.shape[-1] != self.dim:
-            raise ValueError(f"LFQ expected feature dimension {self.dim}, got input of shape {tuple(x.shape)}")
+            raise ValueError(f"LFQ expected feature dimension {self.dim}, got shape {tuple(x.shape)}")
 
         x = self.project_in(x)
         if exists(self.soft_clamp_input_value):
@@ -279,8 +280,9 @@ class LFQ(nn.Module):
             commitment = (commitment[mask] if exists(mask) else commitment).mean()
 
         aux_loss = entropy_aux_loss * self.entropy_loss_weight + commitment * self.commitment_loss_weight
-        breakdown = LossBreakdown(per_sample_entropy, batch_entropy, commitment) if return_loss_breakdown else None
-        return aux_loss, breakdown
+        if not return_loss_breakdown:
+            return aux_loss, None
+        return aux_loss, LossBreakdown(per_sample_entropy, batch_entropy, commitment)
 
     def _entropies(self, x: torch.Tensor, mask: torch.Tensor | None, inv_temperature: float):
         """x (..., c, d) -> (mean per-sample entropy, mean batch entropy) of the softmax over all codes."""
@@ -304,7 +306,7 @@ def _check_arguments(dim, codebook_size, num_codebooks, keep_num_codebooks_dim, 
         raise ValueError("LFQ needs dim or codebook_size")
     if exists(codebook_size) and (codebook_size < 2 or not math.log2(codebook_size).is_integer()):
         suggested = 2 ** max(1, math.ceil(math.log2(max(codebook_size, 1))))
-        raise ValueError(f"LFQ codebook_size must be a power of 2 >= 2, got {codebook_size} (try {suggested})")
+        raise ValueError(f"LFQ codebook_size must be a power of 2, got {codebook_size} (try {suggested})")
     if num_codebooks < 1:
         raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
     if num_codebooks > 1 and not keep_num_codebooks_dim:
@@ -312,4 +314,6 @@ def _check_arguments(dim, codebook_size, num_codebooks, keep_num_codebooks_dim, 
     if not 0 < frac_per_sample_entropy <= 1:
         raise ValueError(f"frac_per_sample_entropy must be in (0, 1], got {frac_per_sample_entropy}")
     if exists(soft_clamp_input_value) and soft_clamp_input_value < codebook_scale:
-        raise ValueError(f"soft_clamp_input_value {soft_clamp_input_value} must be >= codebook_scale {codebook_scale}")
+        raise ValueError(
+            f"soft_clamp_input_value {soft_clamp_input_value} must be >= codebook_scale {codebook_scale}"
+        )

@@ -34,6 +34,6 @@ def check_dropout_arguments(num_quantizers: int, cutoff_index: int, multiple_of:
     if num_quantizers < 1:
         raise ValueError(f"num_quantizers must be >= 1, got {num_quantizers}")
     if not 0 <= cutoff_index < num_quantizers:
-        raise ValueError(f"quantize_dropout_cutoff_index must be in [0, {num_quantizers}), got {cutoff_index}")
+        raise ValueError(f"quantize_dropout_cutoff_index is outside [0, {num_quantizers}): {cutoff_index}")
     if multiple_of < 1:
         raise ValueError(f"quantize_dropout_multiple_of must be >= 1, got {multiple_of}")

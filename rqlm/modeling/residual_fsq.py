@@ -67,7 +67,7 @@ class ResidualFSQ(nn.Module):
             for _ in range(num_quantizers)
         )
         if any(layer.has_projections for layer in self.layers):
-            raise ValueError("ResidualFSQ layers cannot project (num_codebooks must be 1); use dim= for a projection")
+            raise ValueError("ResidualFSQ layers cannot project (num_codebooks must be 1); set dim= instead")
         self.codebook_size = self.layers[0].codebook_size
 
         if bound_hard_clamp:
@@ -78,7 +78,7 @@ class ResidualFSQ(nn.Module):
         self._constants_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """fp32 (scales (Q, d), soft-clamp value (d,) or None) on `device`, kept fp32 whatever the module dtype."""
+        """fp32 (scales (Q, d), soft-clamp value (d,) or None) on `device`, whatever the module's dtype."""
         constants = self._constants_cache.get(device)
         if constants is None:
             levels = torch.tensor(self.levels, device=device).float()
@@ -98,14 +98,17 @@ class ResidualFSQ(nn.Module):
         return torch.stack([layer.implicit_codebook for layer in self.layers])
 
     def forward(
-        self, x: torch.Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None
+        self,
+        x: torch.Tensor,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
     ):
         """x (B, N, dim) (or (B, dim, ...) if is_channel_first) -> (quantized like x, indices (B, N, Q)[,
         all_codes (Q, B, N, d)]). Depths dropped by quantize_dropout get index -1."""
         if self.is_channel_first:
             x = x.movedim(1, -1)  # (B, ..., dim)
         if x.shape[-1] != self.dim:
-            raise ValueError(f"ResidualFSQ expected feature dimension {self.dim}, got input of shape {tuple(x.shape)}")
+            raise ValueError(f"ResidualFSQ expected feature dimension {self.dim}, got shape {tuple(x.shape)}")
         lead_shape = x.shape[:-1]
         x = self.project_in(x.reshape(-1, self.dim))  # (B*N, d)
         scales, clamp = self._constants(x.device)
@@ -156,14 +159,15 @@ class ResidualFSQ(nn.Module):
     def _codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         num_given = indices.shape[-1]
         if num_given > self.num_quantizers:
-            raise ValueError(f"got indices for {num_given} depths, this ResidualFSQ has {self.num_quantizers}")
+            raise ValueError(f"got indices for {num_given} depths, ResidualFSQ has {self.num_quantizers}")
         if num_given < self.num_quantizers:
             if not self.quantize_dropout:
                 raise ValueError("indices for fewer depths than num_quantizers need quantize_dropout=True")
             indices = nn.functional.pad(indices, (0, self.num_quantizers - num_given), value=-1)
         dropped = (indices == -1)[..., None]  # (B, N, Q, 1)
         layer = self.layers[0]
-        codes = layer._level_indices_to_codes(layer.indices_to_level_indices(indices.clamp(min=0)))  # (B, N, Q, d)
+        level_index = layer.indices_to_level_indices(indices.clamp(min=0))  # (B, N, Q, d)
+        codes = layer._level_indices_to_codes(level_index)
         codes = codes * self._constants(codes.device)[0]
         return codes.masked_fill(dropped, 0.0).movedim(-2, 0)
 
@@ -173,5 +177,6 @@ class ResidualFSQ(nn.Module):
         summed = 0.0
         for depth_codes in codes:  # the forward's summation order, so the result is exact
             summed = summed + depth_codes
-        out = self.project_out(summed.flatten(0, -2)).unflatten(0, summed.shape[:-1])  # forward's matmul shape
+        # the forward's matmul shape, so the projection rounds the same way
+        out = self.project_out(summed.flatten(0, -2)).unflatten(0, summed.shape[:-1])
         return out.movedim(-1, 1) if self.is_channel_first else out

@@ -60,7 +60,7 @@ class ResidualLFQ(nn.Module):
             if exists(soft_clamp_input_value):
                 soft_clamp_input_value *= 0.5
         if any(layer.has_projections for layer in self.layers):
-            raise ValueError("ResidualLFQ layers cannot project (num_codebooks must be 1); use dim= for a projection")
+            raise ValueError("ResidualLFQ layers cannot project (num_codebooks must be 1); set dim= instead")
 
     @property
     def codebooks(self) -> torch.Tensor:
@@ -77,7 +77,7 @@ class ResidualLFQ(nn.Module):
         """x (B, N, dim), mask (B, N) bool -> (quantized (B, N, dim), indices (B, N, Q), losses (Q,)[,
         all_codes (Q, B, N, d)]). Depths dropped by quantize_dropout get index -1 and loss 0."""
         if x.shape[-1] != self.dim:
-            raise ValueError(f"ResidualLFQ expected feature dimension {self.dim}, got input of shape {tuple(x.shape)}")
+            raise ValueError(f"ResidualLFQ expected feature dimension {self.dim}, got shape {tuple(x.shape)}")
         lead_shape = x.shape[:-1]
         x = self.project_in(x.reshape(-1, self.dim))  # (B*N, d)
         mask = mask.reshape(-1) if exists(mask) else None
@@ -116,15 +116,15 @@ class ResidualLFQ(nn.Module):
         """Indices (B, N, Q') with Q' <= Q (-1 = dropped) -> codes per depth (Q, B, N, d)."""
         num_given = indices.shape[-1]
         if num_given > self.num_quantizers:
-            raise ValueError(f"got indices for {num_given} depths, this ResidualLFQ has {self.num_quantizers}")
+            raise ValueError(f"got indices for {num_given} depths, ResidualLFQ has {self.num_quantizers}")
         if num_given < self.num_quantizers:
             if not self.quantize_dropout:
                 raise ValueError("indices for fewer depths than num_quantizers need quantize_dropout=True")
             indices = nn.functional.pad(indices, (0, self.num_quantizers - num_given), value=-1)
         flat = indices.reshape(-1, self.num_quantizers)  # (M, Q)
         codes = torch.stack([
-            layer.indices_to_codes(depth_indices, project_out=False).masked_fill((depth_indices == -1)[:, None], 0.0)
-            for layer, depth_indices in zip(self.layers, flat.unbind(dim=-1))
+            layer.indices_to_codes(idx, project_out=False).masked_fill(idx[:, None] == -1, 0.0)
+            for layer, idx in zip(self.layers, flat.unbind(dim=-1))
         ])  # (Q, M, d)
         return codes.unflatten(1, indices.shape[:-1])
 
@@ -134,4 +134,5 @@ class ResidualLFQ(nn.Module):
         summed = 0.0
         for depth_codes in codes:  # the forward's summation order, so the result is exact
             summed = summed + depth_codes
-        return self.project_out(summed.flatten(0, -2)).unflatten(0, summed.shape[:-1])  # forward's matmul shape
+        # the forward's matmul shape, so the projection rounds the same way
+        return self.project_out(summed.flatten(0, -2)).unflatten(0, summed.shape[:-1])
