@@ -325,6 +325,15 @@ def test_time_budget_stops_cleanly_and_saves(tmp_path):
     Qwen3ForCausalLM.from_pretrained(tmp_path / "budget")
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_too_little_data_for_one_batch_is_an_error(tmp_path, streaming):
+    blocks = synthetic_blocks(1)
+    blocks = blocks.to_iterable_dataset().with_format("torch") if streaming else blocks
+    args = TrainingArguments(output_dir=str(tmp_path / "empty"), max_steps=2, per_device_train_batch_size=2)
+    with pytest.raises(ValueError, match="lower --per_device_train_batch_size or give more data"):
+        train(make_model(), blocks, None, args)
+
+
 # ----------------------------------------------------------------------------
 # (4) a real two-process run (CPU, gloo)
 

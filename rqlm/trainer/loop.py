@@ -11,6 +11,7 @@ optionally, `on_step_begin(step)` (called before the first forward of every opti
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shlex
@@ -237,9 +238,15 @@ def train(
         p.requires_grad_(False)
     if eval_dataloader is not None:
         eval_dataloader = accelerator.prepare(eval_dataloader)
-    if not is_iterable and len(train_dataloader) == 0:
+    blocks_per_batch = args.per_device_train_batch_size * accelerator.num_processes
+    num_blocks = (
+        sum(1 for _ in itertools.islice(train_dataset, blocks_per_batch))
+        if is_iterable
+        else len(train_dataset)
+    )
+    if num_blocks < blocks_per_batch:
         raise ValueError(
-            f"the training split has {len(train_dataset)} blocks, fewer than one batch of "
+            f"the training split has {num_blocks} blocks, fewer than one batch of "
             f"{args.per_device_train_batch_size} x {accelerator.num_processes} processes; "
             "lower --per_device_train_batch_size or give more data"
         )
@@ -281,7 +288,8 @@ def train(
         nonlocal last_eval_step
         last_eval_step = step
         log({"step": step, **metrics})
-        progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if accelerator.is_main_process:
+            progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
     def trainer_state() -> dict:
@@ -300,7 +308,7 @@ def train(
     start = window_start = time.perf_counter()
     window_sums = torch.zeros(len(LOGGED_OUTPUT_KEYS), device=accelerator.device)
     window_micro_batches, window_tokens = 0, 0
-    step_tokens, step_begun, last_eval_step = 0, False, None
+    step_tokens, step_begun, last_eval_step, grad_norm = 0, False, None, None
     model.train()
 
     # 6. The loop.
@@ -321,7 +329,7 @@ def train(
                     outputs = model(**model_inputs(batch))
                     accelerator.backward(outputs.loss)
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
@@ -354,6 +362,8 @@ def train(
                         "tokens_per_second": window_tokens / elapsed,
                         "elapsed_s": time.perf_counter() - start,
                     }
+                    if grad_norm is not None:
+                        record["grad_norm"] = float(grad_norm)
                     record.update(
                         {
                             k: means[i].item()
@@ -370,11 +380,13 @@ def train(
                     window_sums.zero_()
                     window_micro_batches, window_tokens, window_start = 0, 0, time.perf_counter()
 
+                paused = time.perf_counter()  # evaluation and saving do not count in tokens_per_second
                 if eval_dataloader is not None and args.eval_steps and step % args.eval_steps == 0:
                     eval_metrics = run_evaluation()
                 if args.save_steps and step % args.save_steps == 0:
                     save_checkpoint(accelerator, output_dir, trainer_state(), args.save_total_limit)
                     last_saved_step = step
+                window_start += time.perf_counter() - paused
 
                 if args.max_minutes is not None:
                     out_of_time = torch.tensor(
@@ -392,7 +404,8 @@ def train(
         if step > 0 and last_saved_step != step:
             accelerator.step = accumulation_counter
             path = save_checkpoint(accelerator, output_dir, trainer_state(), args.save_total_limit)
-            progress.write(f"interrupted: saved {path}; resume with --resume_from_checkpoint latest")
+            if accelerator.is_main_process:
+                progress.write(f"interrupted: saved {path}; resume with --resume_from_checkpoint latest")
         raise
     finally:
         progress.close()
