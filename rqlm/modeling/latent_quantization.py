@@ -47,7 +47,7 @@ class LatentQuantize(nn.Module):
     ):
         super().__init__()
         if exists(in_place_codebook_optimizer):
-            raise ValueError("in_place_codebook_optimizer is unsupported (quantization_loss trains the values)")
+            raise ValueError("in_place_codebook_optimizer is unsupported; quantization_loss trains values")
         levels = _expand_levels(levels, codebook_dim)
         keep_num_codebooks_dim = default(keep_num_codebooks_dim, num_codebooks > 1)
         if num_codebooks < 1:
