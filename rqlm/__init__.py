@@ -1,3 +1,19 @@
-"""rqlm: a Qwen language model generating text in a residual-quantized latent space."""
+"""rqlm: a Qwen language model generating text in a residual-quantized latent space.
+
+Importing rqlm registers its configurations and models with transformers' Auto classes,
+and marks them for `trust_remote_code` saving (a saved folder carries the modeling files).
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .modeling.configuration_rq_vae import RQVAEConfig
+from .modeling.modeling_rq_vae import RQVAEEncoderOutput, RQVAEModel, RQVAEOutput
 
 __version__ = "0.1.0"
+
+AutoConfig.register(RQVAEConfig.model_type, RQVAEConfig, exist_ok=True)
+AutoModel.register(RQVAEConfig, RQVAEModel, exist_ok=True)
+RQVAEConfig.register_for_auto_class()
+RQVAEModel.register_for_auto_class("AutoModel")
+
+__all__ = ["RQVAEConfig", "RQVAEModel", "RQVAEOutput", "RQVAEEncoderOutput"]

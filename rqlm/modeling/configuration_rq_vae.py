@@ -5,19 +5,8 @@ from __future__ import annotations
 from transformers import PreTrainedConfig, Qwen3Config
 from transformers.configuration_utils import SubConfigSpec
 
-QUANTIZER_TYPES = (
-    "residual_vq",
-    "vq",
-    "grouped_residual_vq",
-    "random_projection",
-    "simvq",
-    "residual_simvq",
-    "fsq",
-    "residual_fsq",
-    "lfq",
-    "residual_lfq",
-    "latent_quantize",
-)
+from .quantizer_registry import QUANTIZER_CLASSES
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -44,7 +33,7 @@ class RQVAEConfig(PreTrainedConfig):
             Causal transformer layers at width d on each side of the quantizer (0 for none).
         latent_num_attention_heads (`int`, defaults to 2): attention heads of the latent layers.
         latent_intermediate_size (`int`, *optional*): SwiGLU width of the latent layers (default 4 d).
-        quantizer_type (`str`, defaults to `"residual_vq"`): one of `QUANTIZER_TYPES`.
+        quantizer_type (`str`, defaults to `"residual_vq"`): a name of `quantizer_registry.QUANTIZER_CLASSES`.
         quantizer_kwargs (`dict`, *optional*):
             Keyword arguments of the quantizer class (vector-quantize-pytorch names), e.g.
             `{"decay": 0.9, "kmeans_init": True, "threshold_ema_dead_code": 2}`.
@@ -103,8 +92,10 @@ class RQVAEConfig(PreTrainedConfig):
         for name in ("num_encoder_layers", "num_decoder_layers", "num_latent_layers", "freeze_backbone_steps", "lora_r"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.quantizer_type not in QUANTIZER_TYPES:
-            raise ValueError(f"unknown quantizer {self.quantizer_type!r}; choose from {', '.join(QUANTIZER_TYPES)}")
+        if self.quantizer_type not in QUANTIZER_CLASSES:
+            raise ValueError(
+                f"unknown quantizer {self.quantizer_type!r}; choose from {', '.join(sorted(QUANTIZER_CLASSES))}"
+            )
         if self.latent_dim % self.latent_num_attention_heads:
             raise ValueError(
                 f"latent_dim {self.latent_dim} is not divisible by latent_num_attention_heads "

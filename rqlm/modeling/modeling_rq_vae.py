@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_rq_vae import RQVAEConfig
 from .layers import Downsample, Qwen3Stack, Upsample
-from .quantizer_registry import build_quantizer, codes_to_quantized, quantize
+from .quantizer_registry import _codebook_size, build_quantizer, code_depth, codes_to_quantized, quantize
 
 IGNORE_INDEX = -100
 
@@ -153,7 +153,12 @@ class RQVAEModel(RQVAEPreTrainedModel):
     @property
     def quantizer_depth(self) -> int:
         """Codes per latent position (D for residual quantizers)."""
-        return int(getattr(self.quantizer, "num_quantizers", 1) or 1)
+        return code_depth(self.quantizer)
+
+    @property
+    def quantizer_size(self) -> int:
+        """Codes per codebook (K, or the product of FSQ levels)."""
+        return _codebook_size(self.quantizer)
 
     def latent_mask(self, attention_mask: torch.Tensor | None) -> torch.BoolTensor | None:
         """(B, T) token mask -> (B, L) mask of latent positions holding at least one real token."""

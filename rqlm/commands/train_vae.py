@@ -1,0 +1,114 @@
+"""`rqlm train-vae`: train the RQ-VAE (text -> residual codes -> text) with the shared Accelerate loop.
+
+Defaults train a from-scratch tiny Qwen3 backbone on the embedded corpus with the local
+tokenizer; `--backbone Qwen/Qwen3-0.6B` starts encoder and decoder from pretrained layers
+(`RQVAEModel.from_backbone`). Held-out reconstruction accuracy and codebook usage are
+evaluated every `--eval_steps` and written to the model card and the training plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rqlm.presets import PRESETS, backbone_config, is_preset
+from rqlm.trainer.arguments import add_training_arguments, training_arguments_from_namespace
+
+
+def _mapping(text):
+    """A JSON object given on the command line, or a mapping already parsed from YAML."""
+    if isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"decay\": 0.9}}': {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object such as '{\"decay\": 0.9}'")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rqlm.data.arguments import add_data_arguments
+
+    add_data_arguments(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default="tiny",
+                       help=f"a preset trained from scratch ({', '.join(PRESETS)}) or a pretrained Qwen3")
+    model.add_argument("--num_encoder_layers", type=int, default=2, help="Qwen3 layers of the encoder")
+    model.add_argument("--num_decoder_layers", type=int, default=2, help="Qwen3 layers of the decoder")
+    model.add_argument("--num_latent_layers", type=int, default=1, help="latent transformer layers each side")
+    model.add_argument("--latent_dim", type=int, default=64, help="d, the codebook dimension")
+    model.add_argument("--latent_num_attention_heads", type=int, default=2)
+    model.add_argument("--num_quantizers", type=int, default=4, help="D, residual depth")
+    model.add_argument("--codebook_size", type=int, default=1024, help="K, codes per codebook")
+    model.add_argument("--quantizer_type", default="residual_vq", help="quantizer family (see rqlm.quantizers)")
+    model.add_argument("--quantizer_kwargs", type=_mapping, default={},
+                       help="JSON keyword arguments of the quantizer, e.g. '{\"kmeans_init\": true}'")
+    model.add_argument("--quantizer_loss_weight", type=float, default=1.0)
+    model.add_argument("--decoder_sees_previous_tokens", action=argparse.BooleanOptionalAction, default=False,
+                       help="feed the decoder the tokens of earlier chunks (known at generation time)")
+    model.add_argument("--freeze_backbone_steps", type=int, default=0)
+    model.add_argument("--lora_r", type=int, default=0, help="LoRA rank on the backbone; 0 trains it fully")
+    model.add_argument("--lora_alpha", type=int, default=16)
+    add_training_arguments(
+        parser,
+        output_dir="runs/vae",
+        max_steps=3000,
+        per_device_train_batch_size=16,
+        learning_rate=2e-3,
+        warmup_steps=100,
+        eval_steps=200,
+        save_steps=500,
+    )
+
+
+VAE_FIELDS = (
+    "compression_factor", "num_encoder_layers", "num_decoder_layers", "num_latent_layers", "latent_dim",
+    "latent_num_attention_heads", "num_quantizers", "codebook_size", "quantizer_type", "quantizer_kwargs",
+    "quantizer_loss_weight", "decoder_sees_previous_tokens", "freeze_backbone_steps", "lora_r", "lora_alpha",
+)
+
+
+def build_model(args: argparse.Namespace, tokenizer):
+    """An RQVAEModel from a preset backbone sized to the tokenizer, or from a pretrained Qwen3."""
+    from rqlm import RQVAEConfig, RQVAEModel
+
+    fields = {name: getattr(args, name) for name in VAE_FIELDS}
+    if not is_preset(args.backbone):
+        return RQVAEModel.from_backbone(args.backbone, **fields)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    backbone = backbone_config(
+        args.backbone,
+        vocab_size=len(tokenizer),
+        num_hidden_layers=max(args.num_encoder_layers, args.num_decoder_layers, 1),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+    )
+    return RQVAEModel(RQVAEConfig(backbone_config=backbone, **fields))
+
+
+def main(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from accelerate.utils import set_seed
+
+    from rqlm.data.arguments import load_blocks
+    from rqlm.evaluation.reconstruction import reconstruction_evaluate_fn
+    from rqlm.trainer.loop import find_checkpoint, train
+
+    train_args = training_arguments_from_namespace(args)
+    if train_args.resume_from_checkpoint:  # fail before the data is built
+        find_checkpoint(train_args.resume_from_checkpoint, Path(train_args.output_dir))
+    tokenizer, train_blocks, eval_blocks = load_blocks(args, default_tokenizer=None if is_preset(args.backbone) else args.backbone)
+    set_seed(train_args.seed)
+    model = build_model(args, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"RQ-VAE: {n_params / 1e6:.2f}M parameters, C={args.compression_factor} D={args.num_quantizers} "
+          f"K={args.codebook_size} d={args.latent_dim}, {len(train_blocks)} train / {len(eval_blocks)} held-out blocks")
+    result = train(model, train_blocks, eval_blocks, train_args, tokenizer=tokenizer,
+                   evaluate_fn=reconstruction_evaluate_fn)
+    summary = {k: round(v, 4) for k, v in result.eval_metrics.items()}
+    print(f"finished at step {result.step}: {json.dumps(summary)}")
+    return 0

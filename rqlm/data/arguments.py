@@ -1,0 +1,39 @@
+"""Data flags shared by every training command, and the one call that turns them into blocks."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dataset, --text_column, --tokenizer, --block_size, --compression_factor, --streaming, --max_eval_blocks."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default=None,
+                      help="hub name or local txt/json/jsonl/parquet file or folder (default: embedded corpus)")
+    data.add_argument("--text_column", default="text", help="column holding the documents")
+    data.add_argument("--tokenizer", default=None,
+                      help="tokenizer folder or hub name (default: the backbone's, or the embedded BPE for a preset)")
+    data.add_argument("--block_size", type=int, default=256, help="tokens per training block (a multiple of C)")
+    data.add_argument("--compression_factor", type=int, default=4,
+                      help="C, tokens per latent position; blocks are cut the same for every model")
+    data.add_argument("--streaming", action="store_true", help="stream a hub dataset instead of downloading it")
+    data.add_argument("--max_eval_blocks", type=int, default=None, help="cap on held-out blocks (default: all)")
+
+
+def load_blocks(args: argparse.Namespace, default_tokenizer: str | None = None):
+    """Parsed data flags -> (tokenizer, train_blocks, eval_blocks), blocks of `block_size` token ids."""
+    from rqlm.data.loading import check_block_size, get_lm_datasets
+    from rqlm.data.tokenizer import load_tokenizer
+
+    check_block_size(args.block_size, args.compression_factor)
+    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer)
+    train_blocks, eval_blocks = get_lm_datasets(
+        args.dataset,
+        tokenizer,
+        block_size=args.block_size,
+        compression_factor=args.compression_factor,
+        text_column=args.text_column,
+        streaming=args.streaming,
+        max_eval_blocks=args.max_eval_blocks,
+    )
+    return tokenizer, train_blocks, eval_blocks
