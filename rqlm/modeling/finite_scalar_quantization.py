@@ -2,7 +2,9 @@
 
 Keywords and return values follow vector-quantize-pytorch's `FSQ`, and so do the numbers: the same
 inputs give the same indices and outputs. The implicit codebook is the grid of all level combinations,
-so `codebook_size = prod(levels)` and nothing is learned except the optional projections.
+so `codebook_size = prod(levels)` and nothing is learned except the optional projections. The grid's
+constants are derived from `levels` on the device in use, never stored as buffers: `from_pretrained`
+leaves non-persistent buffers uninitialised, and persistent ones would break the reference's state dicts.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .quantizer_utils import default, exists, fp32_region
+from .quantizer_utils import default, exists, fp32_region, module_device
 
 BOUND_EPS = 1e-3  # keeps tanh's range a hair wider than the outermost levels
 
@@ -85,16 +87,13 @@ class FSQ(nn.Module):
         if orthogonal_rotation:
             self.register_buffer("orthogonal_rot", nn.init.orthogonal_(torch.empty(len(levels), len(levels))))
 
-        # integer grid description; the fp32 constants derived from it are cached per device
-        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
-        basis = torch.cumprod(torch.tensor([1] + levels[:-1]), dim=0)
-        self.register_buffer("_basis", basis, persistent=False)
+        # constants of the grid, derived from `levels` per device (see the module docstring)
         self._grid_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ grid constants
 
     def _grid(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """fp32 constants of the level grid on `device`, computed with the reference's exact ops."""
+        """Constants of the level grid on `device` (fp32, and int64 levels/basis), with the reference's ops."""
         grid = self._grid_cache.get(device)
         if grid is None:
             levels = torch.tensor(self.levels, dtype=torch.int32, device=device)
@@ -108,7 +107,8 @@ class FSQ(nn.Module):
                 "offset": offset,
                 "shift": ratio if self.bound_hard_clamp else torch.atanh(ratio),
                 "half_width": (levels // 2).float(),
-                "basis": torch.tensor(self._basis.tolist(), dtype=torch.long, device=device),
+                "levels": levels.long(),
+                "basis": torch.cumprod(torch.tensor([1] + self.levels[:-1], device=device), dim=0),
             }
             self._grid_cache[device] = grid
         return grid
@@ -189,7 +189,8 @@ class FSQ(nn.Module):
 
     def indices_to_level_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Flat indices (...) -> per-channel level indices (..., d) in 0 .. L-1."""
-        return (indices[..., None] // self._basis) % self._levels
+        grid = self._grid(indices.device)
+        return (indices[..., None] // grid["basis"]) % grid["levels"]
 
     def _level_indices_to_codes(self, level_index: torch.Tensor) -> torch.Tensor:
         grid = self._grid(level_index.device)
@@ -223,8 +224,8 @@ class FSQ(nn.Module):
 
     @property
     def implicit_codebook(self) -> torch.Tensor:
-        """Every code of the grid, (codebook_size, d), before any projection."""
-        all_indices = torch.arange(self.codebook_size, device=self._levels.device)
+        """Every code of the grid, (codebook_size, d), before any projection, on the module's device."""
+        all_indices = torch.arange(self.codebook_size, device=module_device(self))
         return self._level_indices_to_codes(self.indices_to_level_indices(all_indices))
 
 

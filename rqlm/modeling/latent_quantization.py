@@ -78,9 +78,17 @@ class LatentQuantize(nn.Module):
         self.values_per_latent = nn.ParameterList(
             nn.Parameter(initial_values(level), requires_grad=optimize_values) for level in levels
         )
-        basis = torch.cumprod(torch.tensor([1] + levels[:-1]), dim=0)
-        self.register_buffer("_basis", basis, persistent=False)
-        self.register_buffer("_levels", torch.tensor(levels), persistent=False)
+        # the mixed-radix constants come from `levels` per device (_radix), not from buffers, which
+        # from_pretrained would leave uninitialised
+        self._radix_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _radix(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(basis (d,), levels (d,)) int64 on `device`: index = sum(level_index * basis)."""
+        radix = self._radix_cache.get(device)
+        if radix is None:
+            basis = torch.cumprod(torch.tensor([1] + self.levels[:-1], device=device), dim=0)
+            radix = self._radix_cache[device] = (basis, torch.tensor(self.levels, device=device))
+        return radix
 
     def _value_table(self) -> torch.Tensor:
         """Values of every channel, (d, max level), padded with +inf (never the nearest)."""
@@ -109,7 +117,7 @@ class LatentQuantize(nn.Module):
             if z.dtype not in (torch.float32, torch.float64):
                 z = z.float()
             zq, level_index = self.quantize(z)  # (..., c, d)
-            indices = (level_index * self._basis).sum(dim=-1)  # (..., c)
+            indices = (level_index * self._radix(z.device)[0]).sum(dim=-1)  # (..., c)
             out = z + (zq - z).detach() if self.training else zq
             loss = self._loss(z, zq)
         out = self.project_out(out.to(orig_dtype).flatten(-2))  # (..., dim)
@@ -133,7 +141,8 @@ class LatentQuantize(nn.Module):
 
     def indices_to_level_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Flat indices (...) -> per-channel level indices (..., d)."""
-        return (indices[..., None] // self._basis) % self._levels
+        basis, levels = self._radix(indices.device)
+        return (indices[..., None] // basis) % levels
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
         """Indices (B, N[, C]) -> quantized (B, dim, N) if channel_first else (B, N, dim); exact in eval."""

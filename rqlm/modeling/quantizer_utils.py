@@ -24,6 +24,13 @@ def fp32_region(device_type: str = "cpu"):
         yield
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer; cpu for a module that holds no tensor."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from .finite_scalar_quantization import FSQ
 from .quantize_dropout import check_dropout_arguments, sample_dropout_index
-from .quantizer_utils import exists, fp32_region
+from .quantizer_utils import exists, fp32_region, module_device
 
 
 class ResidualFSQ(nn.Module):
@@ -70,27 +70,33 @@ class ResidualFSQ(nn.Module):
             raise ValueError("ResidualFSQ layers cannot project (num_codebooks must be 1); set dim= instead")
         self.codebook_size = self.layers[0].codebook_size
 
-        if bound_hard_clamp:
-            soft_clamp_input_value = 1 + 1 / (torch.tensor(levels) - 1)
-        elif isinstance(soft_clamp_input_value, (list, float, int)):
-            soft_clamp_input_value = torch.tensor(soft_clamp_input_value)
-        self._soft_clamp = soft_clamp_input_value
+        # kept as numbers, made tensors per device in _constants: a tensor built here would be a meta
+        # tensor under from_pretrained's empty-weights init, and no state dict restores it
+        if torch.is_tensor(soft_clamp_input_value):
+            soft_clamp_input_value = soft_clamp_input_value.tolist()
+        self.bound_hard_clamp = bound_hard_clamp
+        self.soft_clamp_input_value = soft_clamp_input_value
         self._constants_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """fp32 (scales (Q, d), soft-clamp value (d,) or None) on `device`, whatever the module's dtype."""
         constants = self._constants_cache.get(device)
         if constants is None:
-            levels = torch.tensor(self.levels, device=device).float()
-            scales = torch.stack([levels**-depth for depth in range(self.num_quantizers)])
-            clamp = self._soft_clamp.to(device) if exists(self._soft_clamp) else None
+            levels = torch.tensor(self.levels, device=device)
+            scales = torch.stack([levels.float() ** -depth for depth in range(self.num_quantizers)])
+            if self.bound_hard_clamp:
+                clamp = 1 + 1 / (levels - 1)
+            elif exists(self.soft_clamp_input_value):
+                clamp = torch.tensor(self.soft_clamp_input_value, device=device)
+            else:
+                clamp = None
             constants = self._constants_cache[device] = (scales, clamp)
         return constants
 
     @property
     def scales(self) -> torch.Tensor:
         """Per-depth scale of the grid, (Q, d)."""
-        return self._constants(self.layers[0]._levels.device)[0]
+        return self._constants(module_device(self))[0]
 
     @property
     def codebooks(self) -> torch.Tensor:
