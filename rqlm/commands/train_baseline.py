@@ -15,31 +15,9 @@ from rqlm.trainer.arguments import add_training_arguments, training_arguments_fr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--dataset",
-        default=None,
-        help="hub name or local txt/json/jsonl/parquet file or folder (default: embedded corpus)",
-    )
-    data.add_argument("--text_column", default="text", help="column holding the documents")
-    data.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer folder or hub name (default: the backbone's, or the embedded BPE for a preset)",
-    )
-    data.add_argument("--block_size", type=int, default=256, help="tokens per training block")
-    data.add_argument(
-        "--compression_factor",
-        type=int,
-        default=4,
-        help="the RQ models' C; blocks are cut as theirs so the baseline sees the same token stream",
-    )
-    data.add_argument(
-        "--streaming", action="store_true", help="stream a hub dataset instead of downloading it"
-    )
-    data.add_argument(
-        "--max_eval_blocks", type=int, default=None, help="cap on held-out blocks (default: all)"
-    )
+    from rqlm.data.arguments import add_data_arguments
+
+    add_data_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument(
         "--backbone",
@@ -99,29 +77,20 @@ def equivalent_command(args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from accelerate.utils import set_seed
 
-    from rqlm.data.loading import get_lm_datasets
-    from rqlm.data.tokenizer import load_tokenizer
+    from rqlm.data.arguments import load_blocks
     from rqlm.trainer.loop import find_checkpoint, train
 
     train_args = training_arguments_from_namespace(args)
     if train_args.resume_from_checkpoint:  # fail before the data is built
-        from pathlib import Path
-
         find_checkpoint(train_args.resume_from_checkpoint, Path(train_args.output_dir))
-    tokenizer = load_tokenizer(args.tokenizer or (None if is_preset(args.backbone) else args.backbone))
+    default_tokenizer = None if is_preset(args.backbone) else args.backbone
+    tokenizer, train_blocks, eval_blocks = load_blocks(args, default_tokenizer=default_tokenizer)
     set_seed(train_args.seed)  # the weights of a from-scratch backbone
     model = build_model(args.backbone, tokenizer)
-    train_blocks, eval_blocks = get_lm_datasets(
-        args.dataset,
-        tokenizer,
-        block_size=args.block_size,
-        compression_factor=args.compression_factor,
-        text_column=args.text_column,
-        streaming=args.streaming,
-        max_eval_blocks=args.max_eval_blocks,
-    )
     card = (
         f"## Reproduce\n\n```\n{equivalent_command(args)}\n```\n\n"
         "## Data\n\n"
