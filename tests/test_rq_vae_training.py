@@ -1,11 +1,25 @@
-"""RQVAEModel checkpoints on tiny configs, CPU, offline: save_pretrained -> from_pretrained for every
-quantizer family gives identical codes and logits, and codes -> decode equals the forward's logits."""
+"""`rqlm train-vae` and RQVAEModel checkpoints on tiny configs, CPU, offline.
+
+Covers: a real two-process `accelerate launch` run (kmeans init, dead-code expiry, a frozen-then-unfrozen
+backbone) ending with bit-identical codebooks and weights on both ranks; a run stopped at step k and
+resumed from its checkpoint reaching the weights and EMA buffers of an uninterrupted run; and
+save_pretrained -> from_pretrained for every quantizer family giving identical codes and logits.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from conftest import tiny_qwen3_config
+from safetensors.torch import load_file
+from test_trainer import free_port, fresh_accelerate_state, text_corpus  # noqa: F401  (two are fixtures)
 
-from rqlm import RQVAEConfig, RQVAEModel
+from rqlm import RQVAEConfig, RQVAEModel, cli
 from rqlm.modeling.quantizer_registry import FAMILIES
 
 C, K = 4, 16
@@ -17,6 +31,140 @@ FAMILY_KWARGS = {
     "vq": {"kmeans_init": True},
     "residual_vq": {"kmeans_init": True, "threshold_ema_dead_code": 1},
 }
+
+
+def vae_flags(corpus, output_dir, **overrides) -> list[str]:
+    """`rqlm train-vae` flags for a test-preset RQ-VAE with an EMA residual VQ (kmeans init, dead-code
+    expiry) on the test corpus; overrides replace or add flags."""
+    values = {
+        "dataset": corpus / "docs.jsonl",
+        "tokenizer": corpus / "tokenizer",
+        "backbone": "test",
+        "block_size": 32,
+        "num_encoder_layers": 1,
+        "num_decoder_layers": 1,
+        "latent_dim": 16,
+        "num_quantizers": 2,
+        "codebook_size": K,
+        "quantizer_kwargs": json.dumps({"kmeans_init": True, "threshold_ema_dead_code": 2, "decay": 0.8}),
+        "freeze_backbone_steps": 2,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 3e-3,
+        "warmup_steps": 1,
+        "eval_steps": 0,
+        "eval_batches": 1,
+        "save_steps": 0,
+        "logging_steps": 1,
+        "mixed_precision": "no",
+        "output_dir": output_dir,
+    }
+    values.update(overrides)
+    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
+
+
+def saved_weights(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "model.safetensors")
+
+
+def digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().contiguous().numpy().tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# (1) two processes end with bit-identical codebooks and weights
+
+# Runs `rqlm train-vae` through rqlm.cli.main under accelerate launch; every rank hashes the model it
+# trained (the object handed to the training loop, so each rank's own copy) and writes rank{i}.json.
+TWO_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, sys
+    from accelerate import PartialState
+    import rqlm.trainer.loop
+    from rqlm import cli
+
+    trained = []
+    real_train = rqlm.trainer.loop.train
+
+    def train(model, *args, **kwargs):  # train-vae imports `train` when it runs, so it gets this one
+        trained.append(model)
+        return real_train(model, *args, **kwargs)
+
+    rqlm.trainer.loop.train = train
+    out, flags = sys.argv[1], sys.argv[2:]
+    rc = cli.main(["train-vae", *flags])
+    state = PartialState()
+    weights = trained[0].state_dict()
+    with open(f"{out}/rank{state.process_index}.json", "w") as f:
+        json.dump({
+            "rc": rc,
+            "num_processes": state.num_processes,
+            "digests": {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest() for k, v in weights.items()},
+            "initted": [bool(v) for k, v in weights.items() if k.endswith("initted")],
+            "codes_replaced": sum(int(v) for k, v in weights.items() if k.endswith("codes_replaced")),
+        }, f)
+    """
+)
+
+
+def test_accelerate_launch_two_processes_end_with_identical_codebooks(text_corpus, tmp_path):  # noqa: F811
+    script = tmp_path / "two_process.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(script), str(out), *vae_flags(text_corpus, out, max_steps=4),
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(r["rc"] == 0 and r["num_processes"] == 2 for r in ranks)
+    assert ranks[0]["initted"] and all(ranks[0]["initted"]), "kmeans init never ran"
+    assert ranks[0]["codes_replaced"] > 0, "dead-code expiry never ran, so its sync went untested"
+    differing = [k for k in ranks[0]["digests"] if ranks[0]["digests"][k] != ranks[1]["digests"].get(k)]
+    assert not differing, f"the ranks ended with different {differing}"
+    saved = saved_weights(out)
+    assert any("quantizer" in k and k.endswith("embed_avg") for k in saved)
+    assert {k: digest(v) for k, v in saved.items()} == {k: ranks[0]["digests"][k] for k in saved}
+
+
+# ----------------------------------------------------------------------------
+# (2) resume: k steps, then resume to n == n steps uninterrupted
+
+
+def test_resume_reaches_the_weights_and_ema_buffers_of_an_uninterrupted_run(text_corpus, tmp_path):  # noqa: F811
+    # a constant schedule, so the k-step run follows the n-step run's learning rates; the backbone
+    # unfreezes at step 4, after the resume point
+    def run(output_dir, **overrides):
+        flags = vae_flags(
+            text_corpus, tmp_path / output_dir, lr_scheduler="constant", freeze_backbone_steps=4, **overrides
+        )
+        assert cli.main(["train-vae", *flags]) == 0
+
+    run("full", max_steps=6)
+    run("resumed", max_steps=3, save_steps=3)
+    stopped = saved_weights(tmp_path / "resumed")
+    run("resumed", max_steps=6, resume_from_checkpoint="latest")
+
+    full, resumed = saved_weights(tmp_path / "full"), saved_weights(tmp_path / "resumed")
+    assert full.keys() == resumed.keys()
+    for key, value in full.items():
+        torch.testing.assert_close(
+            resumed[key], value, rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}"
+        )
+    ema = [k for k in full if k.endswith(("cluster_size", "embed_avg"))]
+    assert ema and all(not torch.equal(stopped[k], full[k]) for k in ema), (
+        "steps 4-6 left the EMA buffers alone"
+    )
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
+
+
+# ----------------------------------------------------------------------------
+# (3) save_pretrained -> from_pretrained for every quantizer family
 
 
 def random_ids(batch=2, length=32, vocab=96, seed=1) -> torch.Tensor:
