@@ -41,8 +41,14 @@ class RQVAEConfig(PreTrainedConfig):
             Add the embeddings of the tokens C positions back to the decoder input, so chunk l is
             decoded from codes 0..l and the (already known) tokens of chunks 0..l-1.
         quantizer_loss_weight (`float`, defaults to 1.0): weight of the quantizer's own losses.
+        zero_init_residual_branches (`bool`, defaults to `True`):
+            Initialise the attention and MLP output projections of the backbone layers at zero, so a
+            from-scratch encoder and decoder start as the identity and the per-chunk path (embedding ->
+            convs -> quantizer -> convs -> LM head) learns token identity before the layers add context.
+            Pretrained weights loaded by `from_backbone` / `from_pretrained` overwrite it.
         freeze_backbone_steps (`int`, defaults to 0):
-            Optimizer steps during which the backbone (embeddings, Qwen3 layers, LM head) is frozen.
+            Optimizer steps during which the backbone's Qwen3 layers are frozen (embeddings, norms and the
+            LM head keep training); with zero-initialised layers they stay the identity meanwhile.
         lora_r (`int`, defaults to 0): LoRA rank on the backbone layers; 0 trains them fully instead.
         lora_alpha (`int`, defaults to 16): LoRA scaling numerator.
         lora_dropout (`float`, defaults to 0.0): LoRA dropout.
@@ -66,6 +72,7 @@ class RQVAEConfig(PreTrainedConfig):
     quantizer_kwargs: dict | None = None
     decoder_sees_previous_tokens: bool = False
     quantizer_loss_weight: float = 1.0
+    zero_init_residual_branches: bool = True
     freeze_backbone_steps: int = 0
     lora_r: int = 0
     lora_alpha: int = 16

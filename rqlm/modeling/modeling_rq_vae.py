@@ -14,13 +14,15 @@ codes 0..l (and tokens of chunks 0..l-1) only, so the model streams chunk by chu
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import reduce
 from torch import nn
-from transformers import PreTrainedModel, Qwen3Config
+from transformers import PreTrainedConfig, PreTrainedModel, Qwen3Config
+from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_rq_vae import RQVAEConfig
@@ -82,11 +84,37 @@ class RQVAEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` with one-line errors for checkpoints of another model or shape."""
+        config = kwargs.get("config")
+        if config is None or isinstance(config, (str, os.PathLike)):
+            saved = PreTrainedConfig.get_config_dict(config or pretrained_model_name_or_path)[0]
+            model_type = saved.get("model_type")
+            if model_type != cls.config_class.model_type:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path!s} holds a {model_type!r} checkpoint, not {cls.config_class.model_type!r}; "
+                    f"load it with the matching class (or build an RQ-VAE from it with RQVAEModel.from_backbone)"
+                )
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except RuntimeError as e:
+            if "ignore_mismatched_sizes" not in str(e):
+                raise
+            raise ValueError(
+                f"checkpoint {pretrained_model_name_or_path!s} does not fit this {cls.__name__} configuration "
+                "(weight shapes differ); load it without overriding its config fields"
+            ) from None
+
     def _init_weights(self, module):
-        """Standard init for Qwen3 parts; quantizers initialise (or kmeans-init) their own codebooks."""
+        """Standard init for Qwen3 parts, with the layers' residual branches (o_proj, down_proj) at zero when
+        `zero_init_residual_branches`, so every backbone layer starts as the identity; quantizers
+        initialise (or kmeans-init) their own codebooks."""
         if getattr(module, "_owns_its_init", False):
             return
         super()._init_weights(module)
+        if getattr(module, "_zero_init", False):
+            init.zeros_(module.weight)
 
 
 class RQVAEModel(RQVAEPreTrainedModel):
@@ -123,6 +151,10 @@ class RQVAEModel(RQVAEPreTrainedModel):
         )
         self.decoder = Qwen3Stack(backbone, config.num_decoder_layers)
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        if config.zero_init_residual_branches:
+            for stack in (self.encoder, self.decoder):
+                for layer in stack.layers:
+                    layer.self_attn.o_proj._zero_init = layer.mlp.down_proj._zero_init = True
         self._backbone_frozen = None
         if config.lora_r > 0:
             self._add_lora_adapters()
@@ -262,12 +294,12 @@ class RQVAEModel(RQVAEPreTrainedModel):
 
     # ----------------------------------------------------------------- backbone
     def backbone_parameters(self):
-        """Parameters that come from the pretrained backbone: embeddings, Qwen3 layers, LM head."""
-        for module in (self.embed_tokens, self.encoder, self.decoder, self.lm_head, self.decoder_embed_tokens):
-            if module is not None:
-                for name, param in module.named_parameters():
-                    if "lora_" not in name:
-                        yield param
+        """The Qwen3 layers of encoder and decoder (what freezing and LoRA act on); embeddings, norms and
+        the LM head are the per-chunk path's ends and always train."""
+        for stack in (self.encoder, self.decoder):
+            for name, param in stack.layers.named_parameters():
+                if "lora_" not in name:
+                    yield param
 
     def adapter_parameters(self):
         """LoRA adapter parameters (empty without LoRA)."""
