@@ -276,11 +276,12 @@ def test_bad_input_one_line_errors(tmp_path):
 
 def test_learns_to_reconstruct_a_repetitive_corpus():
     torch.manual_seed(0)
-    model = make_model(num_quantizers=2, codebook_size=32,
-                       quantizer_kwargs={"kmeans_init": True, "decay": 0.9}).train()
+    model = make_model(num_quantizers=2, codebook_size=32, freeze_backbone_steps=1000,
+                       quantizer_kwargs={"kmeans_init": True, "decay": 0.9, "threshold_ema_dead_code": 1}).train()
     patterns = torch.randint(3, 96, (8, C))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(150):
+        model.on_step_begin(step)
         chunks = patterns[torch.randint(0, 8, (16, 8))]  # (B, L, C)
         ids = chunks.flatten(1)
         out = model(ids)
