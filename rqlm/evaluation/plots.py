@@ -34,3 +34,35 @@ def plot_training_curves(history: list[dict], path: str | Path, title: str | Non
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (written by the training loop)."""
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; pass a folder written by `rqlm train-*`")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metric_comparison(runs: dict[str, str | Path], metric: str, path: str | Path, title: str | None = None) -> Path:
+    """One curve per run of `metric` (e.g. eval_accuracy) against step; saves a PNG."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, run_dir in runs.items():
+        points = [(r["step"], r[metric]) for r in read_metrics(run_dir) if metric in r]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o", markersize=3, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
