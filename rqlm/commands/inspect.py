@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("checkpoint", help="a folder saved by `rqlm train-vae` (model + tokenizer)")
     add_data_arguments(parser)
+    parser.set_defaults(block_size=128)  # train-vae's default: the positions the model was trained on
     parser.add_argument("--num_examples", type=int, default=3, help="held-out blocks shown as text")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_batches", type=int, default=None, help="held-out batches for the figures")

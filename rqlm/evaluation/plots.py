@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -9,25 +11,25 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+PANEL_COLUMNS = 4
+TRAINING_LOSSES = ("loss", "recon_loss", "quantizer_loss")  # drawn together in the first panel
+# eval_usage_perplexity_d3 and eval_accuracy_pos1 are drawn as one line of the panels
+# eval_usage_perplexity_d and eval_accuracy_pos
+INDEXED_METRIC = re.compile(r"^(.*_(?:d|pos))(\d+)$")
 
-def plot_training_curves(history: list[dict], path: str | Path, title: str | None = None) -> Path:
-    """One panel per logged metric (training loss first, then each eval_* metric) against step; saves a PNG."""
-    metrics = ["loss"] + sorted({k for record in history for k in record if k.startswith("eval_")})
-    metrics = [m for m in metrics if any(m in record for record in history)]
-    if not metrics:
-        raise ValueError("nothing to plot: the history holds no 'loss' or 'eval_*' values")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        points = [(r["step"], r[metric]) for r in history if metric in r]
-        steps, values = zip(*points)
-        ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3)
-        ax.set_xlabel("step")
-        ax.set_title(metric)
-        ax.grid(alpha=0.3)
-        if metric.endswith("perplexity") and min(values) > 0 and max(values) / min(values) > 20:
-            ax.set_yscale("log")
-    if title:
-        fig.suptitle(title)
+
+def _panels(history: list[dict]) -> dict[str, list[str]]:
+    """Panel title -> metrics drawn in it: 'loss' first, then eval_* metrics, indexed ones grouped."""
+    keys = sorted({k for record in history for k in record if k.startswith("eval_")})
+    losses = [k for k in TRAINING_LOSSES if any(k in r for r in history)]
+    panels: dict[str, list[str]] = {"loss": losses} if losses else {}
+    for key in keys:
+        match = INDEXED_METRIC.match(key)
+        panels.setdefault(match.group(1) if match else key, []).append(key)
+    return panels
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,10 +38,35 @@ def plot_training_curves(history: list[dict], path: str | Path, title: str | Non
     return path
 
 
+def plot_training_curves(history: list[dict], path: str | Path, title: str | None = None) -> Path:
+    """One panel per logged metric (training loss first, then eval_* metrics; per-depth and per-position
+    metrics share a panel) against step, PANEL_COLUMNS panels a row; saves a PNG."""
+    panels = _panels(history)
+    if not panels:
+        raise ValueError("nothing to plot: the history holds no 'loss' or 'eval_*' values")
+    rows = -(-len(panels) // PANEL_COLUMNS)
+    cols = min(len(panels), PANEL_COLUMNS)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (panel, metrics) in zip(axes.flat, panels.items()):
+        for metric in metrics:
+            points = [(r["step"], r[metric]) for r in history if metric in r]
+            steps, values = zip(*points)
+            label = (metric[len(panel):] or metric) if len(metrics) > 1 else None
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        ax.set_xlabel("step")
+        ax.set_title(panel if len(metrics) == 1 else f"{panel}*")
+        ax.grid(alpha=0.3)
+        if len(metrics) > 1:
+            ax.legend(fontsize=6, ncol=2)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of a run's metrics.jsonl (written by the training loop)."""
-    import json
-
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; pass a folder written by `rqlm train-*`")
@@ -60,9 +87,4 @@ def plot_metric_comparison(runs: dict[str, str | Path], metric: str, path: str |
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
