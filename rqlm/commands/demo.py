@@ -48,7 +48,8 @@ def main(args: argparse.Namespace) -> int:
     from rqlm.cli import main as rqlm_main
 
     print(f"\ntraining the RQ-VAE for {args.minutes:g} minutes (rqlm train-vae --max_minutes {args.minutes:g})")
-    status = rqlm_main(["train-vae", "--max_minutes", str(args.minutes), "--output_dir", args.output_dir])
+    status = rqlm_main(["train-vae", "--max_minutes", str(args.minutes), "--output_dir", args.output_dir,
+                        "--tokenizer", str(tokenizer.name_or_path)])
     if status:
         return status
     print(f"\nheld-out reconstruction (rqlm inspect {args.output_dir})")
