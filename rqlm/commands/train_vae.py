@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--num_encoder_layers", type=int, default=0,
                        help="Qwen3 layers of the encoder (0: embeddings only; see the README's research table)")
     model.add_argument("--num_decoder_layers", type=int, default=0, help="Qwen3 layers of the decoder")
-    model.add_argument("--num_latent_layers", type=int, default=1, help="latent transformer layers each side")
+    model.add_argument("--num_latent_layers", type=int, default=0, help="latent transformer layers each side")
     model.add_argument("--latent_dim", type=int, default=64, help="d, the codebook dimension")
     model.add_argument("--latent_num_attention_heads", type=int, default=2)
     model.add_argument("--num_quantizers", type=int, default=8, help="D, residual depth")
