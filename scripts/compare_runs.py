@@ -15,7 +15,7 @@ def main() -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--title", default=None)
     args = parser.parse_args()
-    runs = dict(run.split("=", 1) for run in args.runs)
+    runs = dict(run.rsplit("=", 1) for run in args.runs)  # names may hold "=", folders do not
     print(plot_metric_comparison(runs, args.metric, args.output, args.title))
 
 

@@ -72,10 +72,10 @@ def main(args: argparse.Namespace) -> int:
                                      text_column=args.text_column, streaming=args.streaming,
                                      max_eval_blocks=args.max_eval_blocks)
     color = sys.stdout.isatty() if args.color is None else args.color
-    examples = eval_blocks[: args.num_examples]["input_ids"]
-    with torch.no_grad():
-        reconstructed = model(examples).logits.argmax(-1)
     html_parts = [f"<h1>RQ-VAE reconstruction: {html.escape(args.checkpoint)}</h1>"]
+    examples = eval_blocks[: args.num_examples]["input_ids"] if args.num_examples > 0 else torch.zeros(0, c)
+    with torch.no_grad():
+        reconstructed = model(examples.long()).logits.argmax(-1) if len(examples) else examples
     for i, (original, recon) in enumerate(zip(examples.tolist(), reconstructed.tolist())):
         hits = sum(a == b for a, b in zip(original, recon))
         print(f"--- held-out block {i}: {hits}/{len(original)} tokens reconstructed ---")
