@@ -16,4 +16,4 @@ AutoModel.register(RQVAEConfig, RQVAEModel, exist_ok=True)
 RQVAEConfig.register_for_auto_class()
 RQVAEModel.register_for_auto_class("AutoModel")
 
-__all__ = ["RQVAEConfig", "RQVAEModel", "RQVAEOutput", "RQVAEEncoderOutput"]
+__all__ = ["RQVAEConfig", "RQVAEEncoderOutput", "RQVAEModel", "RQVAEOutput"]

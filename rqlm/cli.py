@@ -48,7 +48,7 @@ def _load_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> Non
     if not isinstance(values, dict):
         raise CLIError(f"config file {known.config!r} must hold a mapping of option: value")
     valid = {action.dest for action in parser._actions}
-    unknown = sorted(set(k.replace("-", "_") for k in values) - valid)
+    unknown = sorted({k.replace("-", "_") for k in values} - valid)
     if unknown:
         raise CLIError(f"config file {known.config!r} has unknown options {unknown}")
     parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})

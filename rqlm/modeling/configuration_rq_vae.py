@@ -56,7 +56,7 @@ class RQVAEConfig(PreTrainedConfig):
     """
 
     model_type = "rq_vae"
-    sub_configs_defaults = {"backbone_config": SubConfigSpec(Qwen3Config)}
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(Qwen3Config)}  # noqa: RUF012 (transformers ClassVar)
 
     backbone_config: dict | PreTrainedConfig | None = None
     compression_factor: int = 4

@@ -42,13 +42,13 @@ class Qwen3Stack(nn.Module):
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None] + past
-        mask_kwargs = dict(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": hidden_states,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "position_ids": position_ids,
+        }
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
         if "sliding_attention" in self.config.layer_types:
             from transformers.masking_utils import create_sliding_window_causal_mask

@@ -80,7 +80,7 @@ class RQVAEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "rq_vae"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen3DecoderLayer"]
+    _no_split_modules = ["Qwen3DecoderLayer"]  # noqa: RUF012 (transformers convention)
     _supports_sdpa = True
     _supports_flash_attn = True
 
@@ -335,7 +335,7 @@ class RQVAEModel(RQVAEPreTrainedModel):
         self.encoder = inject_adapter_in_model(lora, self.encoder)
         self.decoder = inject_adapter_in_model(lora, self.decoder)
 
-    def merge_lora(self) -> "RQVAEModel":
+    def merge_lora(self) -> RQVAEModel:
         """Fold LoRA adapters into the base weights; the model then saves and loads without peft (lora_r=0)."""
         if self.config.lora_r == 0:
             return self
@@ -358,7 +358,7 @@ class RQVAEModel(RQVAEPreTrainedModel):
         num_encoder_layers: int = 2,
         num_decoder_layers: int = 2,
         **config_kwargs,
-    ) -> "RQVAEModel":
+    ) -> RQVAEModel:
         """Build an RQ-VAE whose encoder and decoder start from a pretrained Qwen3 (hub name or folder).
 
         The encoder takes the first `num_encoder_layers` layers and the embeddings, the decoder the
@@ -398,4 +398,4 @@ def _load_base_weights(target: nn.Module, source: nn.Module) -> None:
         target_state[name].copy_(value)
 
 
-__all__ = ["RQVAEModel", "RQVAEPreTrainedModel", "RQVAEOutput", "RQVAEEncoderOutput"]
+__all__ = ["RQVAEEncoderOutput", "RQVAEModel", "RQVAEOutput", "RQVAEPreTrainedModel"]
