@@ -66,8 +66,6 @@ def main(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     c = model.config.compression_factor
-    if args.compression_factor != c:
-        args.compression_factor = c
     _, eval_blocks = get_lm_datasets(args.dataset, tokenizer, block_size=args.block_size, compression_factor=c,
                                      text_column=args.text_column, streaming=args.streaming,
                                      max_eval_blocks=args.max_eval_blocks)
@@ -79,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     for i, (original, recon) in enumerate(zip(examples.tolist(), reconstructed.tolist())):
         hits = sum(a == b for a, b in zip(original, recon))
         print(f"--- held-out block {i}: {hits}/{len(original)} tokens reconstructed ---")
-        print(marked_text(tokenizer, original, recon, "ansi" if color else "plain") if color else
+        print(marked_text(tokenizer, original, recon, "ansi") if color else
               tokenizer.decode(recon) + f"\n[{len(original) - hits} tokens differ]")
         html_parts.append(f"<h2>block {i}: {hits}/{len(original)}</h2><pre>{marked_text(tokenizer, original, recon, 'html')}</pre>")
 
@@ -91,6 +89,7 @@ def main(args: argparse.Namespace) -> int:
     for d in range(depth):
         print(f"depth {d}: usage perplexity {metrics[f'usage_perplexity_d{d}']:.1f} / {model.quantizer_size}, "
               f"dead codes {metrics[f'dead_fraction_d{d}']:.1%}")
+    print(f"codes replaced by dead-code expiry during training: {int(metrics['codes_replaced'])}")
     html_parts.append(f"<h2>figures</h2><pre>{html.escape(json.dumps(metrics, indent=1))}</pre>")
     output = Path(args.output or Path(args.checkpoint) / "inspect.html")
     output.write_text("<meta charset=utf-8><style>mark{background:#f99}</style>" + "\n".join(html_parts))

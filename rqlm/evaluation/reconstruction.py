@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from rqlm.modeling.quantizer_utils import codebook_usage
+from rqlm.modeling.quantizer_registry import codebook_stats
 
 
 @torch.no_grad()
@@ -52,12 +52,13 @@ def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: in
     for pos in range(c):
         metrics[f"accuracy_pos{pos}"] = (correct[pos] / counted[pos].clamp(min=1)).item()
     if all_codes:
-        usage = codebook_usage(torch.cat(all_codes), unwrapped.quantizer_size)
+        usage = codebook_stats(unwrapped.quantizer, torch.cat(all_codes))
         for depth, (ppl, dead) in enumerate(zip(usage["perplexity"], usage["dead_fraction"])):
             metrics[f"usage_perplexity_d{depth}"] = ppl
             metrics[f"dead_fraction_d{depth}"] = dead
         metrics["usage_perplexity_mean"] = sum(usage["perplexity"]) / len(usage["perplexity"])
         metrics["dead_fraction_mean"] = sum(usage["dead_fraction"]) / len(usage["dead_fraction"])
+        metrics["codes_replaced"] = float(usage["codes_replaced"])
     return metrics
 
 
