@@ -2,10 +2,23 @@
 
 `load_text_dataset` gives a `DatasetDict` (or `IterableDatasetDict` when streaming)
 with splits "train" and "validation" from the embedded corpus, local files or the hub.
-Where no validation split exists, documents are held out by a seeded hash of their text
-(see `corpus.split_score`), so the split is fixed, order-independent and never shares a
-document with training. `tokenize_and_pack` turns documents into blocks of exactly
-`block_size` token ids, each document followed by eos, nothing lost but the final remainder.
+
+Local files: a folder may mix .txt, .json/.jsonl and .parquet files; each type is loaded
+on its own and they are concatenated on the text column. A .txt file holds one document
+per line, unless it has blank lines: then one document per paragraph (lines separated by
+a blank line). Text files must be UTF-8: a file that is not gives a one-line error naming
+the file and the byte offset (nothing is replaced silently).
+
+Where no validation split exists, text is held out by a seeded hash of its text (see
+`corpus.split_score`), so the split is fixed, order-independent and never shares text with
+training. The unit held out is a piece: documents longer than `PIECE_CHARS` are cut at
+whitespace into pieces, so even a single long document gives a held-out split; pieces of
+a document left on the same side are joined back, so training text stays whole elsewhere.
+A piece is held out when its score is below the validation fraction (5%); when that holds
+fewer than `MIN_HELD_OUT_CHARS` characters, the lowest-scoring pieces are added until it
+does, but never more than `MAX_HELD_OUT_SHARE` of the text (streams use the plain rule).
+`tokenize_and_pack` turns documents into blocks of exactly `block_size` token ids, each
+document followed by eos, nothing lost but the final remainder.
 """
 
 from __future__ import annotations
@@ -19,6 +32,8 @@ from datasets import (
     DatasetDict,
     IterableDataset,
     IterableDatasetDict,
+    Value,
+    concatenate_datasets,
     load_dataset,
 )
 
@@ -26,16 +41,19 @@ from .corpus import (
     SPLIT_SEED,
     VALIDATION_FRACTION,
     build_embedded_corpus,
-    is_validation_document,
     split_score,
 )
 
 # file extension -> `datasets` builder
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-# A .txt file holds one document per paragraph (blocks of lines separated by a blank line).
-TEXT_SAMPLE_BY = "paragraph"
+# builders whose files are read as text, and so are checked to be UTF-8 first
+TEXT_BUILDERS = {"text", "json"}
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "dev")
 TOKENIZE_BATCH_SIZE = 1000
+# Held-out rule for data without a validation split (see the module docstring).
+PIECE_CHARS = 2000  # documents longer than this are hashed piece by piece
+MIN_HELD_OUT_CHARS = 2000  # about 500 tokens of English: a few blocks to evaluate on
+MAX_HELD_OUT_SHARE = 0.1  # the top-up never holds out more than this share of the characters
 
 
 def looks_like_local_path(name: str | os.PathLike) -> bool:
@@ -60,8 +78,8 @@ def load_text_dataset(
     """Splits "train" and "validation" of documents in `text_column`.
 
     None -> the embedded corpus; a .txt/.json/.jsonl/.parquet file or a folder of them
-    -> their documents, hash-split; otherwise a hub dataset name (with `config_name`),
-    whose "validation" split is used where it has one.
+    -> their documents, hash-split by pieces; otherwise a hub dataset name (with
+    `config_name`), whose "validation" split is used where it has one.
     """
     if name_or_path is None:
         dataset = build_embedded_corpus()
@@ -69,48 +87,87 @@ def load_text_dataset(
             dataset = IterableDatasetDict({split: ds.to_iterable_dataset() for split, ds in dataset.items()})
         _check_text_column(dataset["train"], text_column, "the embedded corpus")
         return dataset
+    where = f"{str(name_or_path)!r}"
     if looks_like_local_path(name_or_path):
-        builder, files = _local_files(Path(name_or_path).expanduser())
-        kwargs = {"sample_by": TEXT_SAMPLE_BY} if builder == "text" else {}
-        splits = load_dataset(
-            builder, data_files={"train": [str(f) for f in files]}, streaming=streaming, **kwargs
-        )
-        if builder == "text":  # paragraphs keep the newlines around their separating blank lines
-            splits = splits.map(_strip_newlines, input_columns="text", batched=True)
+        train = _load_local_files(Path(name_or_path).expanduser(), text_column, streaming)
     else:
         splits = _load_hub_dataset(str(name_or_path), config_name, streaming)
-    where = f"{str(name_or_path)!r}"
-    train_name = "train" if "train" in splits else next(iter(splits))
-    train = splits[train_name]
-    _check_text_column(train, text_column, where)
-    train = train.filter(_has_text, input_columns=text_column, batched=True)
-    validation_name = next((name for name in VALIDATION_SPLIT_NAMES if name in splits), None)
-    if validation_name is not None:
-        validation = splits[validation_name].filter(_has_text, input_columns=text_column, batched=True)
-        return type(splits)({"train": train, "validation": validation})
-    if isinstance(train, Dataset):
-        if len(train) == 0:
-            raise ValueError(
-                f"dataset {where} holds no text in column {text_column!r}; check the files' contents"
+        train = splits["train" if "train" in splits else next(iter(splits))]
+        _check_text_column(train, text_column, where)
+        validation_name = next((name for name in VALIDATION_SPLIT_NAMES if name in splits), None)
+        if validation_name is not None:
+            return type(splits)(
+                {
+                    "train": train.filter(_has_text, input_columns=text_column, batched=True),
+                    "validation": splits[validation_name].filter(_has_text, input_columns=text_column, batched=True),
+                }
             )
-        return _hold_out(train, text_column, validation_fraction, seed)
-
-    def held_out(texts: list[str]) -> list[bool]:
-        return [is_validation_document(t, validation_fraction, seed) for t in texts]
-
-    def kept(texts: list[str]) -> list[bool]:
-        return [not flag for flag in held_out(texts)]
-
-    return IterableDatasetDict(
-        {
-            "train": train.filter(kept, input_columns=text_column, batched=True),
-            "validation": train.filter(held_out, input_columns=text_column, batched=True),
-        }
-    )
+        train = train.select_columns([text_column])
+    train = train.filter(_has_text, input_columns=text_column, batched=True)
+    if isinstance(train, IterableDataset):
+        return _hold_out_stream(train, text_column, validation_fraction, seed)
+    if len(train) == 0:
+        raise ValueError(f"dataset {where} holds no text in column {text_column!r}; check the files' contents")
+    return _hold_out(train[text_column], text_column, validation_fraction, seed)
 
 
-def _local_files(path: Path) -> tuple[str, list[Path]]:
-    """The builder and the sorted, non-empty data files of a local file or folder."""
+def _load_local_files(path: Path, text_column: str, streaming: bool) -> Dataset | IterableDataset:
+    """The documents of a local file or folder in one column `text_column`, every file type loaded
+    with its own builder (.txt by line, or by paragraph when it has blank lines) and concatenated."""
+    groups: dict[tuple[str, str | None], list[str]] = {}  # (builder, .txt sample_by) -> files
+    for file in _local_files(path):
+        builder = BUILDERS[file.suffix.lower()]
+        paragraphs = check_utf8(file) if builder in TEXT_BUILDERS else False
+        sample_by = ("paragraph" if paragraphs else "line") if builder == "text" else None
+        groups.setdefault((builder, sample_by), []).append(str(file))
+    parts = []
+    for (builder, sample_by), files in groups.items():
+        kwargs = {"sample_by": sample_by} if sample_by else {}
+        part = load_dataset(builder, data_files={"train": files}, streaming=streaming, **kwargs)["train"]
+        if sample_by == "paragraph":  # paragraphs keep the newlines around their separating blank lines
+            part = part.map(_strip_newlines, input_columns="text", batched=True)
+        if builder == "text" and text_column != "text":
+            part = part.rename_column("text", text_column)
+        where = f"'{files[0]}'" + (f" (and {len(files) - 1} more {builder} files)" if len(files) > 1 else "")
+        _check_text_column(part, text_column, where)
+        part = part.select_columns([text_column])
+        if part.features is not None and part.features[text_column] == Value("large_string"):
+            part = _as_strings(part, text_column)  # parquet's large strings, so it concatenates with json's
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _as_strings(part: Dataset | IterableDataset, text_column: str) -> Dataset | IterableDataset:
+    """The column as arrow `string` (a stream's arrow tables are not cast, so it re-infers them)."""
+    if isinstance(part, Dataset):
+        return part.cast_column(text_column, Value("string"))
+    return part.map(lambda texts: {text_column: texts}, input_columns=text_column, batched=True)
+
+
+def check_utf8(path: Path) -> bool:
+    """Raise a one-line error at the first byte of `path` that is not UTF-8; return whether the
+    file has a blank line between lines of text (a .txt file is then read by paragraph)."""
+    offset, seen_text, blank_before, paragraphs = 0, False, False, False
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"file '{path}' is not UTF-8: byte 0x{line[e.start]:02x} at offset {offset + e.start:,} "
+                    f"(line {number}); convert it, e.g. `iconv -f latin1 -t utf-8 IN > OUT`"
+                ) from None
+            offset += len(line)
+            if line.rstrip(b"\r\n"):
+                paragraphs |= seen_text and blank_before
+                seen_text, blank_before = True, False
+            else:
+                blank_before = True
+    return paragraphs
+
+
+def _local_files(path: Path) -> list[Path]:
+    """The sorted, non-empty data files of a local file or folder."""
     if not path.exists():
         raise FileNotFoundError(
             f"dataset path '{path}' does not exist; pass an existing file or folder, a hub name, "
@@ -127,9 +184,6 @@ def _local_files(path: Path) -> tuple[str, list[Path]]:
                 f"file '{path}' has an unsupported extension {path.suffix!r}; use one of {supported}"
             )
         files = [path]
-    builders = {BUILDERS[f.suffix.lower()] for f in files}
-    if len(builders) > 1:
-        raise ValueError(f"folder '{path}' mixes file types {sorted(builders)}; keep one type per folder")
     empty = [str(f) for f in files if f.stat().st_size == 0]
     if empty:
         raise ValueError(
@@ -137,7 +191,7 @@ def _local_files(path: Path) -> tuple[str, list[Path]]:
             + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
             + "; remove it or fill it with text"
         )
-    return builders.pop(), files
+    return files
 
 
 def _load_hub_dataset(
@@ -175,28 +229,92 @@ def _has_text(texts: list) -> list[bool]:
     return [isinstance(t, str) and bool(t.strip()) for t in texts]
 
 
-def _hold_out(dataset: Dataset, text_column: str, validation_fraction: float, seed: int) -> DatasetDict:
-    """Split documents by their hash score; at least one document is held out when there are two."""
-    scores = np.array([split_score(t, seed) for t in dataset[text_column]])
+def split_into_pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """Cut a document after whitespace into pieces of at most `max_chars` (longer only when a
+    piece holds no whitespace in its second half); the pieces concatenate back to `text`."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        window = text[start + max_chars // 2 : start + max_chars]
+        cut = window.rfind("\n")
+        if cut < 0:
+            cut = max(window.rfind(" "), window.rfind("\t"))
+        end = start + max_chars // 2 + cut + 1 if cut >= 0 else start + max_chars
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
+def _held_out_runs(pieces: list[str], held: list[bool]) -> tuple[list[str], list[str]]:
+    """(train texts, held-out texts) of one document: consecutive pieces on one side joined back."""
+    sides: tuple[list[str], list[str]] = ([], [])
+    previous = None
+    for piece, is_held in zip(pieces, held):
+        side = sides[is_held]
+        if is_held == previous:
+            side[-1] += piece
+        else:
+            side.append(piece)
+        previous = is_held
+    return sides
+
+
+def _hold_out(texts: list[str], text_column: str, validation_fraction: float, seed: int) -> DatasetDict:
+    """Hold out pieces by their hash score (topped up to `MIN_HELD_OUT_CHARS`, see the module
+    docstring); at least one piece is held out when there are two."""
+    documents = [split_into_pieces(text) for text in texts]
+    scores = np.array([split_score(piece, seed) for pieces in documents for piece in pieces])
+    lengths = np.array([len(piece) for pieces in documents for piece in pieces])
     held = scores < validation_fraction
-    if not held.any() and len(scores) > 1:
-        held[scores.argmin()] = True
-    return DatasetDict(
-        {
-            "train": dataset.select(np.flatnonzero(~held)),
-            "validation": dataset.select(np.flatnonzero(held)),
-        }
-    )
+    target = min(MIN_HELD_OUT_CHARS, MAX_HELD_OUT_SHARE * lengths.sum())
+    if lengths[held].sum() < target or (not held.any() and len(scores) > 1):
+        order = np.argsort(scores)  # lowest scores first: still order-independent
+        count = int(np.searchsorted(np.cumsum(lengths[order]), target)) + 1
+        held[order[: min(max(count, 1), len(scores) - 1)]] = True
+    splits: dict[str, list[str]] = {"train": [], "validation": []}
+    start = 0
+    for pieces in documents:
+        train, validation = _held_out_runs(pieces, held[start : start + len(pieces)].tolist())
+        splits["train"] += train
+        splits["validation"] += validation
+        start += len(pieces)
+    return DatasetDict({split: Dataset.from_dict({text_column: split_texts}) for split, split_texts in splits.items()})
+
+
+def _hold_out_stream(
+    train: IterableDataset, text_column: str, validation_fraction: float, seed: int
+) -> IterableDatasetDict:
+    """The same piece rule on a stream, without the top-up (that needs the whole dataset)."""
+
+    def side(is_validation: bool):
+        def pieces_on_side(texts: list[str]) -> dict:
+            out = []
+            for text in texts:
+                pieces = split_into_pieces(text)
+                held = [split_score(piece, seed) < validation_fraction for piece in pieces]
+                out += _held_out_runs(pieces, held)[is_validation]
+            return {text_column: out}
+
+        return train.map(pieces_on_side, input_columns=text_column, batched=True, remove_columns=[text_column])
+
+    return IterableDatasetDict({"train": side(False), "validation": side(True)})
 
 
 # ----------------------------------------------------------------------------
 # Tokenization and packing
 
 
+def check_compression_factor(compression_factor: int) -> None:
+    """C must be a power of two >= 1: the model downsamples by log2(C) stride-2 stages."""
+    if compression_factor < 1 or compression_factor & (compression_factor - 1):
+        lower = 1 << max(compression_factor, 1).bit_length() - 1
+        options = f"pass {lower} or {2 * lower}" if compression_factor > 1 else "pass 1, 2, 4, 8, ..."
+        raise ValueError(f"compression factor {compression_factor} must be a power of two >= 1; {options}")
+
+
 def check_block_size(block_size: int, compression_factor: int) -> None:
-    """Blocks must split into whole latent positions: block_size a positive multiple of C."""
-    if compression_factor < 1:
-        raise ValueError(f"compression {compression_factor} must be a positive integer")
+    """Blocks must split into whole latent positions: C a power of two, block_size a positive multiple of C."""
+    check_compression_factor(compression_factor)
     if block_size < compression_factor:
         raise ValueError(
             f"block size {block_size} is smaller than compression {compression_factor}; "
@@ -242,6 +360,8 @@ def tokenize_and_pack(
         return IterableDataset.from_generator(
             _pack_stream, gen_kwargs={"tokenized": tokenized, "block_size": block_size}
         )
+    if len(tokenized) == 0:  # no documents: no column either
+        return Dataset.from_dict({"input_ids": np.zeros((0, block_size), dtype=np.int64)})
     # `map` wrote a fresh table in row order (no indices mapping): flatten it in pyarrow, then reshape.
     column = tokenized.data.column("input_ids")
     stream = column.combine_chunks().flatten().to_numpy().astype(np.int64)
