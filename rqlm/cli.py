@@ -31,6 +31,13 @@ class CLIError(Exception):
     """An error the user can fix; printed as one line."""
 
 
+def _yaml_problem(error) -> str:
+    """A YAML parse error in one line: what was wrong and where ('... at line 2, column 6')."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def _load_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Set parser defaults from `--config file.yaml` so command-line flags still win."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -45,6 +52,8 @@ def _load_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> Non
             values = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise CLIError(f"config file {known.config!r} not found") from None
+    except yaml.YAMLError as e:
+        raise CLIError(f"config file {known.config!r} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(values, dict):
         raise CLIError(f"config file {known.config!r} must hold a mapping of option: value")
     valid = {action.dest for action in parser._actions}

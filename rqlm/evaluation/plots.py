@@ -14,8 +14,28 @@ import matplotlib.pyplot as plt
 PANEL_COLUMNS = 4
 TRAINING_LOSSES = ("loss", "recon_loss", "quantizer_loss")  # drawn together in the first panel
 # eval_usage_perplexity_d3 and eval_accuracy_pos1 are drawn as one line of the panels
-# eval_usage_perplexity_d and eval_accuracy_pos
-INDEXED_METRIC = re.compile(r"^(.*_(?:d|pos))(\d+)$")
+# eval_usage_perplexity_d and eval_accuracy_pos, labelled "depth 3" and "position 1"
+INDEXED_METRIC = re.compile(r"^(.*_(d|pos))(\d+)$")
+INDEX_NAMES = {"d": "depth", "pos": "position"}
+
+
+def training_title(config) -> str:
+    """What was trained, for a figure title: model type and its key sizes, read from a model config."""
+    model_type = getattr(config, "model_type", type(config).__name__)
+    if model_type == "rq_vae":
+        backbone = config.backbone_config
+        return (
+            f"RQ-VAE: C={config.compression_factor}, D={config.num_quantizers}, K={config.codebook_size}, "
+            f"d={config.latent_dim} ({config.quantizer_type}); encoder/decoder/latent layers "
+            f"{config.num_encoder_layers}/{config.num_decoder_layers}/{config.num_latent_layers}, "
+            f"hidden {backbone.hidden_size}"
+        )
+    if model_type == "qwen3":
+        return (
+            f"Qwen3 causal LM (baseline): {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"vocab {config.vocab_size}"
+        )
+    return model_type
 
 
 def _panels(history: list[dict]) -> dict[str, list[str]]:
@@ -29,6 +49,27 @@ def _panels(history: list[dict]) -> dict[str, list[str]]:
     return panels
 
 
+def _label(metric: str, panel: str) -> str:
+    """A legend label: 'depth 3' for eval_usage_perplexity_d3, the metric's full name otherwise."""
+    match = INDEXED_METRIC.match(metric)
+    if match and match.group(1) == panel:
+        return f"{INDEX_NAMES[match.group(2)]} {match.group(3)}"
+    return metric
+
+
+def _draw(ax, steps: tuple, values: tuple, label: str | None) -> None:
+    """A curve; a metric measured once (e.g. only at the last step) becomes a marker with its value written."""
+    if len(steps) > 1:
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
+        return
+    (line,) = ax.plot(steps, values, linestyle="none", marker="D", markersize=6, label=label)
+    left, right = ax.get_xlim()
+    to_the_left = steps[0] > (left + right) / 2  # write the value on the side with room
+    ax.annotate(f"{values[0]:.4g}", (steps[0], values[0]), xytext=(-7 if to_the_left else 7, 0),
+                textcoords="offset points", ha="right" if to_the_left else "left", va="center", fontsize=8,
+                color=line.get_color())
+
+
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
@@ -40,26 +81,29 @@ def _save(fig, path: str | Path) -> Path:
 
 def plot_training_curves(history: list[dict], path: str | Path, title: str | None = None) -> Path:
     """One panel per logged metric (training loss first, then eval_* metrics; per-depth and per-position
-    metrics share a panel) against step, PANEL_COLUMNS panels a row; saves a PNG."""
+    metrics share a panel) against step, PANEL_COLUMNS panels a row; saves a PNG. `title` says what was
+    trained (see `training_title`)."""
     panels = _panels(history)
     if not panels:
         raise ValueError("nothing to plot: the history holds no 'loss' or 'eval_*' values")
     rows = -(-len(panels) // PANEL_COLUMNS)
     cols = min(len(panels), PANEL_COLUMNS)
+    last_step = max(r["step"] for r in history)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.3 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (panel, metrics) in zip(axes.flat, panels.items()):
+        margin = 0.05 * max(last_step, 1)
+        ax.set_xlim(-margin, last_step + margin)  # every panel spans the whole run
         for metric in metrics:
-            points = [(r["step"], r[metric]) for r in history if metric in r]
-            steps, values = zip(*points)
-            label = (metric[len(panel):] or metric) if len(metrics) > 1 else None
-            ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+            steps, values = zip(*[(r["step"], r[metric]) for r in history if metric in r])
+            _draw(ax, steps, values, _label(metric, panel) if len(metrics) > 1 else None)
+        ax.margins(y=0.15)  # room for markers at the extremes and their values
         ax.set_xlabel("step")
-        ax.set_title(panel if len(metrics) == 1 else f"{panel}*")
+        ax.set_title("training loss" if panel == "loss" else panel if len(metrics) == 1 else f"{panel}*")
         ax.grid(alpha=0.3)
         if len(metrics) > 1:
-            ax.legend(fontsize=6, ncol=2)
+            ax.legend(fontsize=7, ncol=2)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

@@ -1,0 +1,124 @@
+"""`rqlm` as a new user meets it: bad input gives one line, not a traceback; flags that contradict a
+checkpoint are refused; printed summaries state their conditions; training plots read well.
+
+Every command runs through `rqlm.cli.main` on a tiny test-preset model and a corpus the test writes.
+"""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from conftest import tiny_qwen3_config
+from test_trainer import fresh_accelerate_state, text_corpus  # noqa: F401  (fixtures)
+
+from rqlm import RQVAEConfig, RQVAEModel, cli
+from rqlm.evaluation.plots import plot_training_curves, training_title
+
+C = 4
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run `rqlm ARGV`, expect exit status 1 and exactly one line on stderr; return that line."""
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1, f"exit status {rc}, stderr: {err[-2000:]}"
+    assert len(err.splitlines()) == 1, f"expected one line, got:\n{err[-3000:]}"
+    return err
+
+
+@pytest.fixture(scope="module")
+def vae_dir(text_corpus, tmp_path_factory):  # noqa: F811
+    """A saved C=4 RQ-VAE (untrained, test-sized) with the corpus tokenizer, as `rqlm train-vae` leaves it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(text_corpus / "tokenizer")
+    torch.manual_seed(0)
+    config = RQVAEConfig(
+        backbone_config=tiny_qwen3_config(vocab_size=len(tokenizer)),
+        compression_factor=C,
+        num_quantizers=2,
+        codebook_size=16,
+        latent_dim=16,
+        num_encoder_layers=0,
+        num_decoder_layers=0,
+    )
+    folder = tmp_path_factory.mktemp("vae")
+    RQVAEModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def inspect_flags(vae_dir, text_corpus, *extra) -> list[str]:  # noqa: F811
+    return ["inspect", vae_dir, "--dataset", text_corpus / "docs.jsonl", "--block_size", "32",
+            "--num_examples", "0", "--output", vae_dir / "report.html", *extra]  # fmt: skip
+
+
+def vae_flags(text_corpus, output_dir, *extra) -> list[str]:  # noqa: F811
+    """`rqlm train-vae` on the test preset: a 2-step run in about a second."""
+    return ["train-vae", "--dataset", text_corpus / "docs.jsonl", "--tokenizer", text_corpus / "tokenizer",
+            "--backbone", "test", "--block_size", "32", "--latent_dim", "16", "--num_quantizers", "2",
+            "--codebook_size", "16", "--per_device_train_batch_size", "4", "--warmup_steps", "1",
+            "--max_steps", "2", "--eval_steps", "0", "--eval_batches", "1", "--save_steps", "0",
+            "--mixed_precision", "no", "--output_dir", output_dir, *extra]  # fmt: skip
+
+
+def baseline_flags(text_corpus, output_dir, *extra) -> list[str]:  # noqa: F811
+    return ["train-baseline", "--dataset", text_corpus / "docs.jsonl", "--tokenizer", text_corpus / "tokenizer",
+            "--backbone", "test", "--block_size", "32", "--per_device_train_batch_size", "4",
+            "--max_steps", "2", "--eval_steps", "0", "--eval_batches", "1", "--save_steps", "0",
+            "--mixed_precision", "no", "--output_dir", output_dir, *extra]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------
+# (1) a config file that is not valid YAML
+
+
+def test_broken_yaml_config_names_the_file_and_line(tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("max_steps: 3\nlearning_rate: [1e-3\nseed: 1\n")
+    err = one_line_error(capsys, ["train-vae", "--config", config])
+    assert "broken.yaml" in err and "not valid YAML" in err and "line 3" in err, err
+
+
+# ----------------------------------------------------------------------------
+# (6) training plots: whole legend labels, a title that says what was trained, one evaluation readable
+
+
+def short_run_history(steps: int = 12) -> list[dict]:
+    """Training losses every step; one evaluation, at the last step (a run with --eval_steps 0)."""
+    history = [{"step": s, "loss": 5.0 / s, "recon_loss": 4.9 / s, "quantizer_loss": 0.1 / s} for s in range(1, steps + 1)]
+    history.append({"step": steps, "eval_accuracy": 0.42, "eval_accuracy_pos0": 0.6, "eval_accuracy_pos1": 0.3,
+                    "eval_usage_perplexity_d0": 9.5, "eval_usage_perplexity_d1": 12.25})  # fmt: skip
+    return history
+
+
+def test_training_plot_labels_title_and_single_evaluation(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its texts
+    config = RQVAEConfig(backbone_config=tiny_qwen3_config(), compression_factor=C, num_quantizers=2,
+                         codebook_size=16, latent_dim=16)  # fmt: skip
+    title = training_title(config)
+    path = plot_training_curves(short_run_history(), tmp_path / "curves.png", title=title)
+    assert path.is_file() and path.stat().st_size > 10_000
+    (fig,) = figures
+    assert fig._suptitle.get_text() == title
+    assert title.startswith("RQ-VAE: C=4, D=2, K=16, d=16") and tmp_path.name not in title
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    legends = {name: [t.get_text() for t in ax.get_legend().get_texts()] for name, ax in axes.items() if ax.get_legend()}
+    assert legends["training loss"] == ["loss", "recon_loss", "quantizer_loss"]
+    assert legends["eval_accuracy_pos*"] == ["position 0", "position 1"]
+    assert legends["eval_usage_perplexity_d*"] == ["depth 0", "depth 1"]
+    # the only evaluation (step 12) shows its value beside a marker, on an axis spanning the whole run
+    accuracy = axes["eval_accuracy"]
+    assert [t.get_text() for t in accuracy.texts] == ["0.42"]
+    assert accuracy.get_xlim()[0] <= 0 and accuracy.get_xlim()[1] >= 12
+    assert [t.get_text() for t in axes["eval_usage_perplexity_d*"].texts] == ["9.5", "12.25"]
+
+
+def test_training_title_of_the_baseline():
+    assert training_title(tiny_qwen3_config(vocab_size=300)) == (
+        "Qwen3 causal LM (baseline): 2 layers, hidden 32, vocab 300"
+    )
