@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .quantizer_utils import default, exists, fp32_region, module_device
+from .quantizer_utils import check_reference_keywords, default, exists, fp32_region, module_device
 
 BOUND_EPS = 1e-3  # keeps tanh's range a hair wider than the outermost levels
 
@@ -53,8 +53,10 @@ class FSQ(nn.Module):
         noise_dropout: float = 0.0,
         bound_hard_clamp: bool = False,
         orthogonal_rotation: bool = False,
+        **reference_only,
     ):
         super().__init__()
+        check_reference_keywords(FSQ, reference_only)
         levels = [int(level) for level in levels]
         keep_num_codebooks_dim = default(keep_num_codebooks_dim, num_codebooks > 1)
         _check_arguments(levels, num_codebooks, keep_num_codebooks_dim, preserve_symmetry, noise_dropout)

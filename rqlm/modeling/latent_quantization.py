@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from .quantizer_utils import default, exists, fp32_region
+from .quantizer_utils import check_reference_keywords, default, exists, fp32_region
 
 
 def initial_values(level: int) -> torch.Tensor:
@@ -44,8 +44,10 @@ class LatentQuantize(nn.Module):
         optimize_values: bool = True,
         in_place_codebook_optimizer=None,
         channel_first: bool = True,
+        **reference_only,
     ):
         super().__init__()
+        check_reference_keywords(LatentQuantize, reference_only)
         if exists(in_place_codebook_optimizer):
             raise ValueError("in_place_codebook_optimizer is unsupported; quantization_loss trains values")
         levels = _expand_levels(levels, codebook_dim)

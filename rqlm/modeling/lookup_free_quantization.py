@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizer_utils import default, exists, fp32_region
+from .quantizer_utils import check_reference_keywords, default, exists, fp32_region
 
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
 LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
@@ -106,8 +106,10 @@ class LFQ(nn.Module):
         spherical: bool = False,
         force_quantization_f32: bool = True,
         orthogonal_rotation: bool = False,
+        **reference_only,
     ):
         super().__init__()
+        check_reference_keywords(LFQ, reference_only)
         keep_num_codebooks_dim = default(keep_num_codebooks_dim, num_codebooks > 1)
         _check_arguments(dim, codebook_size, num_codebooks, keep_num_codebooks_dim, frac_per_sample_entropy,
                          soft_clamp_input_value, codebook_scale)

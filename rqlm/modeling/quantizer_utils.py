@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
 
@@ -138,3 +139,64 @@ def gumbel_noise(t: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise shaped like t."""
     uniform = torch.rand_like(t)
     return -torch.log(-torch.log(uniform.clamp(min=1e-20)).clamp(min=1e-20))
+
+
+# ----------------------------------------------------------------------------- reference keywords
+
+
+def _is_default(value, default_value) -> bool:
+    if default_value is None or value is default_value:
+        return value is default_value
+    try:
+        return bool(value == default_value)
+    except (RuntimeError, TypeError, ValueError):  # a tensor or a module compared to a default
+        return False
+
+
+def _named_parameters(function) -> set[str]:
+    params = inspect.signature(function).parameters.values()
+    names = {p.name for p in params if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
+    return names - {"self"}
+
+
+def keyword_names(cls: type) -> set[str]:
+    """Every keyword `cls` accepts: its named parameters, its reference-only ones, and those it passes on."""
+    names = _named_parameters(cls.__init__) | set(getattr(cls, "REFERENCE_ONLY_KEYWORDS", {}))
+    passes_to = getattr(cls, "PASSES_KEYWORDS_TO", None)
+    return names | keyword_names(passes_to) if exists(passes_to) else names
+
+
+def check_reference_keywords(cls: type, extra: dict, method: str = "__init__") -> dict:
+    """Validate the keywords `cls.<method>` got beyond its named ones; returns those it passes on inward.
+
+    A keyword of vector-quantize-pytorch that rqlm does not implement (`cls.REFERENCE_ONLY_KEYWORDS`,
+    or `REFERENCE_ONLY_FORWARD_KEYWORDS` for forward: name -> the reference's default) is accepted at
+    that default and refused otherwise; a keyword no one knows is refused with the list of valid ones.
+    Constructors pass the rest on to `cls.PASSES_KEYWORDS_TO` (the quantizer they stack).
+    """
+    if method == "__init__":
+        owner = cls.__name__
+        reference_only = getattr(cls, "REFERENCE_ONLY_KEYWORDS", {})
+        passes_to = getattr(cls, "PASSES_KEYWORDS_TO", None)
+        valid = keyword_names(cls)
+    else:
+        owner = f"{cls.__name__}.{method}"
+        reference_only = getattr(cls, "REFERENCE_ONLY_FORWARD_KEYWORDS", {})
+        passes_to = None
+        valid = _named_parameters(getattr(cls, method)) | set(reference_only)
+    inner = keyword_names(passes_to) if exists(passes_to) else set()
+    passed_on = {}
+    for name, value in extra.items():
+        if name in reference_only:
+            if not _is_default(value, reference_only[name]):
+                raise ValueError(
+                    f"{owner}: {name}={value!r} is not implemented in rqlm; leave it at "
+                    f"{reference_only[name]!r} or use vector_quantize_pytorch itself"
+                )
+        elif name in inner:
+            passed_on[name] = value
+        else:
+            raise ValueError(
+                f"{owner} got an unknown keyword {name!r}; valid keywords: {', '.join(sorted(valid))}"
+            )
+    return passed_on

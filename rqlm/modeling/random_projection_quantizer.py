@@ -6,9 +6,12 @@ returns only the indices, meant as self-supervised targets. Nothing in it is tra
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
+from .quantizer_utils import check_reference_keywords
 from .vector_quantize import VectorQuantize
 
 
@@ -18,6 +21,9 @@ class RandomProjectionQuantizer(nn.Module):
 
     forward(x, mask=None) -> indices (B, N), or (B, N, num_codebooks) when num_codebooks > 1.
     """
+
+    REFERENCE_ONLY_FORWARD_KEYWORDS: ClassVar[dict] = {"indices": None}
+    PASSES_KEYWORDS_TO: ClassVar[type] = VectorQuantize
 
     def __init__(
         self,
@@ -30,6 +36,7 @@ class RandomProjectionQuantizer(nn.Module):
         **vq_kwargs,
     ):
         super().__init__()
+        vq_kwargs = check_reference_keywords(RandomProjectionQuantizer, vq_kwargs)
         self.dim = dim
         self.num_codebooks = num_codebooks
         rand_projs = torch.empty(num_codebooks, dim, codebook_dim)
@@ -65,8 +72,9 @@ class RandomProjectionQuantizer(nn.Module):
         """Indices (B, N[, num_codebooks]) -> the chosen unit codes (B, N, num_codebooks * codebook_dim)."""
         return self.vq.get_codes_from_indices(indices)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, **reference_only) -> torch.Tensor:
         """x (B, N, dim) -> indices (B, N[, num_codebooks]); -1 at padded positions of `mask`."""
+        check_reference_keywords(RandomProjectionQuantizer, reference_only, "forward")
         self.vq.eval()  # the codebooks stay random
         _, indices, _ = self.vq(self.project(x), mask=mask)
         return indices

@@ -6,12 +6,14 @@ level count. Keywords, scales and return values follow vector-quantize-pytorch's
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from .finite_scalar_quantization import FSQ
 from .quantize_dropout import check_dropout_arguments, sample_dropout_index
-from .quantizer_utils import exists, fp32_region, module_device
+from .quantizer_utils import check_reference_keywords, exists, fp32_region, module_device
 
 
 class ResidualFSQ(nn.Module):
@@ -21,6 +23,8 @@ class ResidualFSQ(nn.Module):
     depth; pass `bound_hard_clamp=False` and your own `soft_clamp_input_value` (or None) to change that.
     Extra keywords go to every FSQ layer.
     """
+
+    PASSES_KEYWORDS_TO: ClassVar[type] = FSQ
 
     def __init__(
         self,
@@ -37,6 +41,7 @@ class ResidualFSQ(nn.Module):
         **fsq_kwargs,
     ):
         super().__init__()
+        fsq_kwargs = check_reference_keywords(ResidualFSQ, fsq_kwargs)
         levels = [int(level) for level in levels]
         if min(levels, default=0) < 2:
             raise ValueError(f"ResidualFSQ levels must all be >= 2, got {levels}")

@@ -7,18 +7,21 @@ Keywords and return values follow vector-quantize-pytorch's `ResidualLFQ`.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .lookup_free_quantization import LFQ
 from .quantize_dropout import check_dropout_arguments, sample_dropout_index
-from .quantizer_utils import exists, fp32_region
+from .quantizer_utils import check_reference_keywords, exists, fp32_region
 
 
 class ResidualLFQ(nn.Module):
     """Quantize (B, N, dim) vectors with `num_quantizers` LFQ depths of `codebook_size` codes each
     -> (quantized, indices (B, N, Q), aux losses (Q,)). Extra keywords go to every LFQ layer."""
+
+    PASSES_KEYWORDS_TO: ClassVar[type] = LFQ
 
     def __init__(
         self,
@@ -33,6 +36,7 @@ class ResidualLFQ(nn.Module):
         **lfq_kwargs,
     ):
         super().__init__()
+        lfq_kwargs = check_reference_keywords(ResidualLFQ, lfq_kwargs)
         if codebook_size < 2 or not math.log2(codebook_size).is_integer():
             raise ValueError(f"ResidualLFQ codebook_size must be a power of 2 >= 2, got {codebook_size}")
         check_dropout_arguments(num_quantizers, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)

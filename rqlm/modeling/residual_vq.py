@@ -7,11 +7,13 @@ Every `VectorQuantize` keyword passes through to the Q layers. The whole residua
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from .quantize_dropout import check_dropout_arguments, sample_dropout_index, sync_seed
-from .quantizer_utils import exists, fp32_region
+from .quantizer_utils import check_reference_keywords, exists, fp32_region
 from .vector_quantize import VectorQuantize
 
 
@@ -19,10 +21,25 @@ class ResidualVQ(nn.Module):
     """Q vector quantizers in sequence, each quantizing what the previous ones left over.
 
     forward(x (B, N, dim), mask=None) -> quantized (B, N, dim), indices (B, N, Q), losses (Q,).
+    With `accept_image_fmap` (or `accept_3d_fmap`) x and quantized are channel-first feature maps
+    (B, dim, H, W) (or (B, dim, T, H, W)) and indices (B, H, W, Q) (or (B, T, H, W, Q)).
     With `shared_codebook` all depths use one codebook, updated once per step from every depth's
     inputs. With `quantize_dropout`, training stops after a random depth in
     [quantize_dropout_cutoff_index, Q) (indices -1 and loss 0 beyond it), so fewer depths decode.
     """
+
+    # the reference's keywords for features rqlm does not have: accepted at these (its) defaults only
+    REFERENCE_ONLY_KEYWORDS: ClassVar[dict] = {
+        "diveq": False,
+        "implicit_neural_codebook": False,
+        "mlp_kwargs": {},
+        "beam_size": None,
+        "eval_beam_size": None,
+        "beam_score_quantizer_weights": None,
+        "quant_grad_frac": 0.0,
+    }
+    REFERENCE_ONLY_FORWARD_KEYWORDS: ClassVar[dict] = {"indices": None, "beam_size": None}
+    PASSES_KEYWORDS_TO: ClassVar[type] = VectorQuantize
 
     def __init__(
         self,
@@ -36,10 +53,13 @@ class ResidualVQ(nn.Module):
         quantize_dropout: bool = False,
         quantize_dropout_cutoff_index: int = 0,
         quantize_dropout_multiple_of: int = 1,
+        accept_image_fmap: bool = False,
+        accept_3d_fmap: bool = False,
         return_zeros_for_masked_padding: bool = True,
         **vq_kwargs,
     ):
         super().__init__()
+        vq_kwargs = check_reference_keywords(ResidualVQ, vq_kwargs)
         codebook_sizes = _codebook_sizes(codebook_size, num_quantizers)
         num_quantizers = len(codebook_sizes)
         check_dropout_arguments(num_quantizers, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)
@@ -54,6 +74,10 @@ class ResidualVQ(nn.Module):
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
+        self.accept_image_fmap = accept_image_fmap
+        self.accept_3d_fmap = accept_3d_fmap
+        # spatial dimensions of a channel-first feature map (the layers themselves run channel-last)
+        self.fmap_dims = _fmap_dims(accept_image_fmap, accept_3d_fmap)
 
         self.has_projections = codebook_dim != dim
         self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
@@ -105,7 +129,7 @@ class ResidualVQ(nn.Module):
         )
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices (B, ..., q) -> quantized (B, ..., dim), equal to forward's in eval mode."""
+        """Indices (B, ..., q) -> quantized (B, ..., dim) (channel-first for a feature map), equal to forward's in eval."""
         codes = self.get_codes_from_indices(indices)
         summed = codes[0]
         for depth_codes in codes[1:]:  # the order forward adds them in, so the sums match bit for bit
@@ -113,7 +137,7 @@ class ResidualVQ(nn.Module):
         out = self.project_out(summed)
         if self.return_zeros_for_masked_padding:
             out = out.masked_fill((indices < 0).all(-1, keepdim=True), 0.0)
-        return out
+        return out.movedim(-1, 1) if exists(self.fmap_dims) else out
 
     def forward(
         self,
@@ -123,8 +147,11 @@ class ResidualVQ(nn.Module):
         sample_codebook_temp: float | None = None,
         freeze_codebook: bool = False,
         rand_quantize_dropout_fixed_seed: int | None = None,
+        **reference_only,
     ) -> tuple[torch.Tensor, ...]:
         """x (B, N, dim) -> quantized (B, N, dim), indices (B, N, Q), losses (Q,)[, codes (Q, B, N, codebook_dim)]."""
+        check_reference_keywords(ResidualVQ, reference_only, "forward")
+        x = fmap_to_channel_last(x, self.fmap_dims, self.dim)
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected input (batch, ..., {self.dim}), got last dimension {x.shape[-1]}")
         mask = mask.bool() if exists(mask) else None
@@ -138,6 +165,7 @@ class ResidualVQ(nn.Module):
         if exists(mask):
             padding_value = 0.0 if self.return_zeros_for_masked_padding else x
             quantized = torch.where(mask.unsqueeze(-1), quantized, padding_value)
+        quantized = quantized.movedim(-1, 1) if exists(self.fmap_dims) else quantized
         if not return_all_codes:
             return quantized, indices, losses
         return quantized, indices, losses, self.get_codes_from_indices(indices)
@@ -201,14 +229,32 @@ class GroupedResidualVQ(nn.Module):
     """`groups` independent ResidualVQs, each on dim / groups channels.
 
     forward(x (B, N, dim), mask=None) -> quantized (B, N, dim), indices (G, B, N, Q), losses (G, Q).
+    With `accept_image_fmap` (or `accept_3d_fmap`) x and quantized are channel-first feature maps
+    (B, dim, H, W) (or (B, dim, T, H, W)), split into groups along dim, and indices (G, B, H, W, Q).
     """
 
-    def __init__(self, *, dim: int, groups: int = 1, **kwargs):
+    REFERENCE_ONLY_FORWARD_KEYWORDS: ClassVar[dict] = {"indices": None}
+    PASSES_KEYWORDS_TO: ClassVar[type] = ResidualVQ
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        groups: int = 1,
+        accept_image_fmap: bool = False,
+        accept_3d_fmap: bool = False,
+        **kwargs,
+    ):
         super().__init__()
+        kwargs = check_reference_keywords(GroupedResidualVQ, kwargs)
         if groups < 1 or dim % groups:
             raise ValueError(f"dim {dim} must split into groups={groups} equal parts")
         self.dim = dim
         self.groups = groups
+        self.accept_image_fmap = accept_image_fmap
+        self.accept_3d_fmap = accept_3d_fmap
+        # each group runs channel-last; this module moves a feature map's channels in and out
+        self.fmap_dims = _fmap_dims(accept_image_fmap, accept_3d_fmap)
         self.rvqs = nn.ModuleList(ResidualVQ(dim=dim // groups, **kwargs) for _ in range(groups))
 
     @property
@@ -234,10 +280,10 @@ class GroupedResidualVQ(nn.Module):
         return torch.stack([rvq.get_codes_from_indices(group) for rvq, group in zip(self.rvqs, indices)])
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices (G, B, ..., Q) -> quantized (B, ..., dim)."""
-        return torch.cat(
-            [rvq.get_output_from_indices(group) for rvq, group in zip(self.rvqs, indices)], dim=-1
-        )
+        """Indices (G, B, ..., Q) -> quantized (B, ..., dim) (channel-first for a feature map)."""
+        groups = [rvq.get_output_from_indices(group) for rvq, group in zip(self.rvqs, indices)]
+        out = torch.cat(groups, dim=-1)
+        return out.movedim(-1, 1) if exists(self.fmap_dims) else out
 
     def forward(
         self,
@@ -246,8 +292,11 @@ class GroupedResidualVQ(nn.Module):
         return_all_codes: bool = False,
         sample_codebook_temp: float | None = None,
         freeze_codebook: bool = False,
+        **reference_only,
     ) -> tuple[torch.Tensor, ...]:
         """x (B, N, dim) -> quantized (B, N, dim), indices (G, B, N, Q), losses (G, Q)[, codes (G, Q, B, N, d)]."""
+        check_reference_keywords(GroupedResidualVQ, reference_only, "forward")
+        x = fmap_to_channel_last(x, self.fmap_dims, self.dim)
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected input (batch, ..., {self.dim}), got last dimension {x.shape[-1]}")
         seed = sync_seed(x.device) if self.training and self.rvqs[0].quantize_dropout else None
@@ -263,8 +312,29 @@ class GroupedResidualVQ(nn.Module):
             for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=-1))
         ]
         quantized, indices, losses, *codes = zip(*outputs)
-        out = (torch.cat(quantized, dim=-1), torch.stack(indices), torch.stack(losses))
+        quantized = torch.cat(quantized, dim=-1)
+        quantized = quantized.movedim(-1, 1) if exists(self.fmap_dims) else quantized
+        out = (quantized, torch.stack(indices), torch.stack(losses))
         return out + (torch.stack(codes[0]),) if return_all_codes else out
+
+
+def _fmap_dims(accept_image_fmap: bool, accept_3d_fmap: bool) -> int | None:
+    """Spatial dimensions of a channel-first feature map: 2 for images, 3 for video, None for sequences."""
+    if accept_image_fmap and accept_3d_fmap:
+        raise ValueError("pass at most one of accept_image_fmap and accept_3d_fmap")
+    return 2 if accept_image_fmap else 3 if accept_3d_fmap else None
+
+
+def fmap_to_channel_last(x: torch.Tensor, fmap_dims: int | None, dim: int) -> torch.Tensor:
+    """A feature map (B, dim, *spatial) -> (B, *spatial, dim) when fmap_dims is set; other input unchanged."""
+    if not exists(fmap_dims):
+        return x
+    if x.dim() != fmap_dims + 2:
+        spatial_names = "height, width" if fmap_dims == 2 else "time, height, width"
+        raise ValueError(
+            f"expected a feature map (batch, {dim}, {spatial_names}), got shape {tuple(x.shape)}"
+        )
+    return x.movedim(1, -1)
 
 
 def _codebook_sizes(codebook_size: int | tuple[int, ...], num_quantizers: int | None) -> tuple[int, ...]:

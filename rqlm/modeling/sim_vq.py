@@ -8,6 +8,7 @@ Distances and losses are computed in fp32; in eval mode the output is exactly `i
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 
 from .quantize_dropout import check_dropout_arguments, sample_dropout_index
 from .quantizer_utils import (
+    check_reference_keywords,
     default,
     exists,
     fp32_region,
@@ -48,8 +50,10 @@ class SimVQ(nn.Module):
         input_to_quantize_commit_loss_weight: float = 0.25,
         commitment_weight: float = 1.0,
         frozen_codebook_dim: int | None = None,
+        **reference_only,
     ):
         super().__init__()
+        check_reference_keywords(SimVQ, reference_only)
         if codebook_size < 1:
             raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
         frozen_codebook_dim = default(frozen_codebook_dim, dim)
@@ -116,6 +120,8 @@ class ResidualSimVQ(nn.Module):
     `quantize_dropout` works as in ResidualVQ.
     """
 
+    PASSES_KEYWORDS_TO: ClassVar[type] = SimVQ
+
     def __init__(
         self,
         *,
@@ -131,6 +137,7 @@ class ResidualSimVQ(nn.Module):
         **sim_vq_kwargs,
     ):
         super().__init__()
+        sim_vq_kwargs = check_reference_keywords(ResidualSimVQ, sim_vq_kwargs)
         if heads != 1:
             raise ValueError(f"ResidualSimVQ takes heads=1 only, got {heads}")
         check_dropout_arguments(num_quantizers, quantize_dropout_cutoff_index, quantize_dropout_multiple_of)

@@ -14,6 +14,7 @@ kmeans sums are all-reduced and replacement codes are broadcast, so every rank h
 from __future__ import annotations
 
 import warnings
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from torch import nn
 from .quantizer_utils import (
     all_reduce_sum_,
     broadcast_,
+    check_reference_keywords,
     default,
     exists,
     fp32_region,
@@ -293,11 +295,45 @@ class VectorQuantize(nn.Module):
     """Quantize (B, ..., dim) vectors to the nearest of `codebook_size` codes (vector-quantize-pytorch keywords).
 
     forward(x, mask=None) -> quantized (like x), indices (B, ...) or (B, ..., heads), loss ().
-    Input is channel-last (B, N, dim), a batch of single vectors (B, dim), or channel-first
-    (B, dim, N) with `channel_last=False`. `mask` (B, N) marks real positions: padded ones neither
+    Input is channel-last (B, N, dim), a batch of single vectors (B, dim), or channel-first:
+    (B, dim, N) with `channel_last=False`, an image feature map (B, dim, H, W) with
+    `accept_image_fmap=True` (indices (B, H, W[, heads])), a video one (B, dim, T, H, W) with
+    `accept_3d_fmap=True`. `mask` (B, ...) marks real positions: padded ones neither
     update the codebook nor enter the loss, and get index -1 and output 0 (or the input itself with
     `return_zeros_for_masked_padding=False`). The loss is 0 in eval mode.
     """
+
+    # the reference's keywords for features rqlm does not have: accepted at these (its) defaults only
+    REFERENCE_ONLY_KEYWORDS: ClassVar[dict] = {
+        "sync_kmeans": True,
+        "layernorm_after_project_in": False,
+        "commitment_use_cross_entropy_loss": False,
+        "codebook_diversity_loss_weight": 0.0,
+        "codebook_diversity_temperature": 100.0,
+        "straight_through": False,
+        "directional_reparam": False,
+        "directional_reparam_variance": 5e-3,
+        "sync_affine_param": False,
+        "vq_bridge": None,
+        "manual_ema_update": False,
+        "in_place_codebook_optimizer": None,
+        "manual_in_place_optimizer_update": False,
+        "affine_param": False,
+        "affine_param_batch_decay": 0.99,
+        "affine_param_codebook_decay": 0.9,
+        "sync_update_v": 0.0,
+        "route_gradients_to_input": True,
+    }
+    REFERENCE_ONLY_FORWARD_KEYWORDS: ClassVar[dict] = {
+        "indices": None,
+        "lens": None,
+        "topk": None,
+        "return_loss_breakdown": False,
+        "codebook_transform_fn": None,
+        "ema_update_weight": None,
+        "accum_ema_update": False,
+        "ema_update": None,
+    }
 
     def __init__(
         self,
@@ -314,6 +350,8 @@ class VectorQuantize(nn.Module):
         use_cosine_sim: bool = False,
         threshold_ema_dead_code: float = 0,
         channel_last: bool = True,
+        accept_image_fmap: bool = False,
+        accept_3d_fmap: bool = False,
         commitment_weight: float = 1.0,
         orthogonal_reg_weight: float = 0.0,
         orthogonal_reg_active_codes_only: bool = False,
@@ -323,10 +361,15 @@ class VectorQuantize(nn.Module):
         rotation_trick: bool | None = None,
         sync_codebook: bool | None = None,
         ema_update: bool | None = None,
-        learnable_codebook: bool = False,
+        learnable_codebook: bool | None = None,
         return_zeros_for_masked_padding: bool = True,
+        **reference_only,
     ):
         super().__init__()
+        check_reference_keywords(VectorQuantize, reference_only)
+        if accept_image_fmap and accept_3d_fmap:
+            raise ValueError("pass at most one of accept_image_fmap and accept_3d_fmap")
+        learnable_codebook = bool(learnable_codebook)
         ema_update = default(ema_update, not learnable_codebook)
         _check_arguments(
             dim,
@@ -348,6 +391,10 @@ class VectorQuantize(nn.Module):
         self.heads = heads
         self.separate_codebook_per_head = separate_codebook_per_head
         self.channel_last = channel_last
+        self.accept_image_fmap = accept_image_fmap
+        self.accept_3d_fmap = accept_3d_fmap
+        # spatial dimensions of a channel-first feature map: 2 for images, 3 for video, None for any
+        self.fmap_dims = 2 if accept_image_fmap else 3 if accept_3d_fmap else None
         self.use_cosine_sim = use_cosine_sim
         self.kmeans_init = kmeans_init
         self.freeze_codebook = freeze_codebook
@@ -381,6 +428,11 @@ class VectorQuantize(nn.Module):
 
     # ------------------------------------------------------------------ codebook access
     @property
+    def channel_first(self) -> bool:
+        """Whether inputs and outputs carry dim on axis 1: channel_last=False or a feature map."""
+        return not self.channel_last or exists(self.fmap_dims)
+
+    @property
     def ema_update(self) -> bool:
         return self._codebook.ema_update
 
@@ -401,7 +453,7 @@ class VectorQuantize(nn.Module):
         return self._codebook.codes_replaced
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices (B, ...[, heads]) -> codes (B, ..., heads * codebook_dim), channel-first if not channel_last; -1 gives 0."""
+        """Indices (B, ...[, heads]) -> codes (B, ..., heads * codebook_dim), channel-first if channel_first; -1 gives 0."""
         per_head = indices if self.heads > 1 else indices.unsqueeze(-1)  # (..., heads)
         padding = per_head < 0
         if self.separate_codebook_per_head:
@@ -409,17 +461,17 @@ class VectorQuantize(nn.Module):
         else:
             codes = self._codebook.lookup(per_head.clamp(min=0).unsqueeze(0))[0]
         codes = codes.masked_fill(padding.unsqueeze(-1), 0.0).flatten(-2)  # (..., heads * codebook_dim)
-        return codes if self.channel_last else codes.movedim(-1, 1)
+        return codes.movedim(-1, 1) if self.channel_first else codes
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices (B, ...[, heads]) -> quantized output, equal to forward's in eval mode."""
         codes = self.get_codes_from_indices(indices)
-        codes = codes if self.channel_last else codes.movedim(1, -1)
+        codes = codes.movedim(1, -1) if self.channel_first else codes
         out = self.project_out(codes)
         if self.return_zeros_for_masked_padding:
             padding = (indices < 0) if self.heads == 1 else (indices < 0).all(-1)
             out = out.masked_fill(padding.unsqueeze(-1), 0.0)
-        return out if self.channel_last else out.movedim(-1, 1)
+        return out.movedim(-1, 1) if self.channel_first else out
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -428,8 +480,10 @@ class VectorQuantize(nn.Module):
         mask: torch.Tensor | None = None,
         sample_codebook_temp: float | None = None,
         freeze_codebook: bool | None = None,
+        **reference_only,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, N, dim) -> quantized (B, N, dim), indices (B, N[, heads]), loss (); see the class docstring."""
+        check_reference_keywords(VectorQuantize, reference_only, "forward")
         x, mask, spatial = self._as_sequence(x, mask)  # (B, N, dim), (B, N)
         batch, length = x.shape[:2]
         z = self.project_in(x)  # (B, N, heads * codebook_dim)
@@ -532,18 +586,23 @@ class VectorQuantize(nn.Module):
         """Any accepted input -> (B, N, dim) and mask (B, N); `spatial` remembers the original layout."""
         if x.dim() < 2:
             raise ValueError(f"expected input of shape (batch, ..., {self.dim}), got {tuple(x.shape)}")
+        if exists(self.fmap_dims) and x.dim() != self.fmap_dims + 2:
+            spatial_names = "height, width" if self.fmap_dims == 2 else "time, height, width"
+            raise ValueError(
+                f"expected a feature map (batch, {self.dim}, {spatial_names}), got shape {tuple(x.shape)}"
+            )
         if x.dim() == 2:
             if exists(mask):
                 raise ValueError("mask is not supported for a batch of single vectors (batch, dim)")
             spatial = None
             x = x.unsqueeze(1)
         else:
-            if not self.channel_last:
+            if self.channel_first:
                 x = x.movedim(1, -1)
             spatial = tuple(x.shape[1:-1])
             x = x.reshape(x.shape[0], -1, x.shape[-1])
         if x.shape[-1] != self.dim:
-            layout = "(batch, ..., dim)" if self.channel_last else "(batch, dim, ...)"
+            layout = "(batch, dim, ...)" if self.channel_first else "(batch, ..., dim)"
             raise ValueError(f"expected input {layout} with dim {self.dim}, got last dimension {x.shape[-1]}")
         if exists(mask):
             if mask.numel() != x.shape[0] * x.shape[1]:
@@ -557,7 +616,7 @@ class VectorQuantize(nn.Module):
         if spatial is None:
             return quantized[:, 0]
         quantized = quantized.reshape(quantized.shape[0], *spatial, quantized.shape[-1])
-        return quantized if self.channel_last else quantized.movedim(-1, 1)
+        return quantized.movedim(-1, 1) if self.channel_first else quantized
 
     def _restore_indices(self, indices: torch.Tensor, spatial: tuple[int, ...] | None) -> torch.Tensor:
         if spatial is None:
