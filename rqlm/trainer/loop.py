@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
-from rqlm.evaluation.plots import plot_training_curves
+from rqlm.evaluation.plots import plot_training_curves, training_title
 from rqlm.trainer.arguments import TrainingArguments, resolve_mixed_precision
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -430,7 +430,7 @@ def train(
             tokenizer.save_pretrained(output_dir)
         write_model_card(output_dir, unwrapped, args, result, model_card_extra)
         if any("loss" in r or any(k.startswith("eval_") for k in r) for r in history):
-            plot_training_curves(history, output_dir / PLOT_NAME, title=f"{output_dir.name}")
+            plot_training_curves(history, output_dir / PLOT_NAME, title=training_title(unwrapped.config))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
