@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+DATASET_HELP = (
+    "hub name, or a local .txt/.json/.jsonl/.parquet file or a folder of them, types mixed (default: the "
+    "embedded corpus); a .txt file holds one document per line, or per paragraph when it has blank lines; "
+    "files must be UTF-8"
+)
+
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """--dataset, --text_column, --tokenizer, --block_size, --compression_factor, --streaming, --max_eval_blocks."""
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default=None,
-                      help="hub name or local txt/json/jsonl/parquet file or folder (default: embedded corpus)")
+    data.add_argument("--dataset", default=None, help=DATASET_HELP)
     data.add_argument("--text_column", default="text", help="column holding the documents")
     data.add_argument("--tokenizer", default=None,
                       help="tokenizer folder or hub name (default: the backbone's, or the embedded BPE for a preset)")
@@ -21,8 +26,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_blocks(args: argparse.Namespace, default_tokenizer: str | None = None):
-    """Parsed data flags -> (tokenizer, train_blocks, eval_blocks), blocks of `block_size` token ids."""
-    from rqlm.data.loading import check_block_size, get_lm_datasets
+    """Parsed data flags -> (tokenizer, train_blocks, eval_blocks), blocks of `block_size` token ids.
+
+    Prints what was trained on and what was held out. A training split smaller than one batch of
+    `--per_device_train_batch_size` blocks is a one-line error saying how much text is needed.
+    """
+    from rqlm.data.loading import check_block_size, get_lm_datasets, held_out_rule
     from rqlm.data.tokenizer import load_tokenizer
 
     check_block_size(args.block_size, args.compression_factor)
@@ -35,5 +44,17 @@ def load_blocks(args: argparse.Namespace, default_tokenizer: str | None = None):
         text_column=args.text_column,
         streaming=args.streaming,
         max_eval_blocks=args.max_eval_blocks,
+        min_train_blocks=getattr(args, "per_device_train_batch_size", 1),
     )
+    where = args.dataset or "the embedded corpus"
+    if args.streaming:
+        print(f"data: {where}, streamed; held out: {held_out_rule(args.dataset)}")
+    else:
+        print(f"data: {where}: train {_size(train_blocks, args.block_size)}; "
+              f"held out ({held_out_rule(args.dataset)}): {_size(eval_blocks, args.block_size)}")
     return tokenizer, train_blocks, eval_blocks
+
+
+def _size(blocks, block_size: int) -> str:
+    """'12 blocks of 32 (384 tokens)'."""
+    return f"{len(blocks):,} blocks of {block_size} ({len(blocks) * block_size:,} tokens)"

@@ -323,7 +323,7 @@ def corpus_statistics(dataset_dict, tokenizer=None, text_column: str = "text") -
         texts = list(dataset[text_column])
         split_stats = {"documents": len(texts), "characters": sum(map(len, texts))}
         if tokenizer is not None:
-            encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
             split_stats["tokens"] = sum(map(len, encoded))
             split_stats["chars_per_token"] = split_stats["characters"] / max(split_stats["tokens"], 1)
         stats[split] = split_stats

@@ -111,6 +111,19 @@ def load_text_dataset(
     return _hold_out(train[text_column], text_column, validation_fraction, seed)
 
 
+def held_out_rule(name_or_path: str | os.PathLike | None) -> str:
+    """How `load_text_dataset(name_or_path)` chooses its held-out text, in words for the statistics."""
+    hashed = (
+        f"{VALIDATION_FRACTION:.0%} of the text by a seeded hash of pieces of up to {PIECE_CHARS:,} characters, "
+        f"topped up to {MIN_HELD_OUT_CHARS:,} characters but at most {MAX_HELD_OUT_SHARE:.0%} of the text"
+    )
+    if name_or_path is None:
+        return f"the embedded corpus's validation split, {VALIDATION_FRACTION:.0%} of documents by a seeded hash"
+    if looks_like_local_path(name_or_path):
+        return hashed
+    return f"the dataset's validation split, or else {hashed}"
+
+
 def _load_local_files(path: Path, text_column: str, streaming: bool) -> Dataset | IterableDataset:
     """The documents of a local file or folder in one column `text_column`, every file type loaded
     with its own builder (.txt by line, or by paragraph when it has blank lines) and concatenated."""
@@ -387,14 +400,19 @@ def get_lm_datasets(
     text_column: str = "text",
     streaming: bool = False,
     max_eval_blocks: int | None = None,
+    min_train_blocks: int = 0,
 ) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset]:
     """(train blocks, eval blocks) in torch format, each row "input_ids" (block_size,).
 
     `dataset` and `tokenizer` are objects or names for `load_text_dataset` / `load_tokenizer`.
+    Unless streaming, fewer than `min_train_blocks` training blocks, or no held-out block at
+    all, is a one-line error saying how much text the split holds and how much it needs.
     """
     from .tokenizer import load_tokenizer  # imported here: the tokenizer module imports this one
 
     check_block_size(block_size, compression_factor)
+    where = f"dataset {str(dataset)!r}" if isinstance(dataset, (str, os.PathLike)) else "the dataset"
+    where = "the embedded corpus" if dataset is None else where
     if not isinstance(dataset, (DatasetDict, IterableDatasetDict)):
         dataset = load_text_dataset(dataset, text_column=text_column, streaming=streaming)
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
@@ -403,6 +421,19 @@ def get_lm_datasets(
         tokenize_and_pack(dataset[split], tokenizer, block_size, compression_factor, text_column)
         for split in ("train", "validation")
     )
+    if isinstance(train, Dataset):
+        for split, blocks, needed, what in (
+            ("train", train, min_train_blocks, "a batch needs"),
+            ("validation", evaluation, 1, "evaluation needs"),
+        ):
+            if len(blocks) < needed:
+                tokens = _count_tokens(dataset[split][text_column], tokenizer)
+                raise ValueError(
+                    f"{where} is too small: its {split} split's {tokens:,} tokens make {len(blocks)} blocks of "
+                    f"{block_size}; {what} {needed} ({needed * block_size:,} tokens); give more text"
+                    + (", or lower --block_size or --per_device_train_batch_size" if split == "train"
+                       else " or lower --block_size")
+                )
     if max_eval_blocks is not None:
         evaluation = (
             evaluation.take(max_eval_blocks)
@@ -410,3 +441,9 @@ def get_lm_datasets(
             else evaluation.select(range(min(max_eval_blocks, len(evaluation))))
         )
     return train.with_format("torch"), evaluation.with_format("torch")
+
+
+def _count_tokens(texts: list[str], tokenizer) -> int:
+    """Tokens that `tokenize_and_pack` makes of `texts`, eos included."""
+    texts = list(texts)
+    return sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,12 +31,14 @@ from .corpus import (
     corpus_statistics,
     default_cache_dir,
 )
-from .loading import load_text_dataset, looks_like_local_path
+from .arguments import DATASET_HELP
+from .loading import held_out_rule, load_text_dataset, looks_like_local_path
 
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 DEFAULT_VOCAB_SIZE = 8192
+BASE_VOCAB_SIZE = 256 + 3  # the byte alphabet and the special tokens, before any merge
 # Qwen2/Qwen3's pre-tokenizer split: contractions, letter runs, single digits, punctuation, newlines, spaces.
 SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -49,7 +53,7 @@ def train_tokenizer(
 
     With `output_dir`, the tokenizer is saved there with `save_pretrained`.
     """
-    if vocab_size < 256 + 3:
+    if vocab_size < BASE_VOCAB_SIZE:
         raise ValueError(
             f"vocab size {vocab_size} is too small; pass at least 259 (256 bytes + 3 special tokens)"
         )
@@ -68,6 +72,12 @@ def train_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer)
+    if backend.get_vocab_size() < vocab_size:
+        warnings.warn(
+            f"the corpus only supports {backend.get_vocab_size() - BASE_VOCAB_SIZE} merges: the tokenizer has "
+            f"{backend.get_vocab_size()} entries, not the {vocab_size} asked; give more text or a smaller vocab size",
+            stacklevel=2,
+        )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
@@ -149,11 +159,7 @@ def _with_eos(tokenizer: PreTrainedTokenizerBase, name) -> PreTrainedTokenizerBa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dataset",
-        default=None,
-        help="hub name, local txt/json/jsonl/parquet file or folder (default: the embedded corpus)",
-    )
+    parser.add_argument("--dataset", default=None, help=DATASET_HELP)
     parser.add_argument("--text_column", default="text", help="column holding the documents")
     parser.add_argument(
         "--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE, help="entries, specials included"
@@ -182,7 +188,11 @@ def main(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(None, vocab_size=args.vocab_size)
     else:
         output_dir = output_dir or f"tokenizer-{args.vocab_size}"
-        tokenizer = train_tokenizer(dataset["train"][args.text_column], args.vocab_size)
+        with warnings.catch_warnings(record=True) as caught:  # shown as one line each, not a source excerpt
+            warnings.simplefilter("always")
+            tokenizer = train_tokenizer(dataset["train"][args.text_column], args.vocab_size)
+        for warning in caught:
+            print(f"rqlm train-tokenizer: warning: {warning.message}", file=sys.stderr)
     if output_dir is not None:
         tokenizer.save_pretrained(output_dir)
     seconds = time.perf_counter() - start
@@ -192,7 +202,8 @@ def main(args: argparse.Namespace) -> int:
         f"saved at {output_dir or tokenizer.name_or_path}"
     )
     print(
-        f"validation: {stats['documents']} documents, {stats['characters']:,} characters, "
-        f"{stats['tokens']:,} tokens, {stats['chars_per_token']:.2f} chars/token ({seconds:.1f} s)"
+        f"held out ({held_out_rule(args.dataset)}): {stats['documents']} documents, "
+        f"{stats['characters']:,} characters, {stats['tokens']:,} tokens, "
+        f"{stats['chars_per_token']:.2f} chars/token ({seconds:.1f} s)"
     )
     return 0
