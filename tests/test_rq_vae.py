@@ -51,14 +51,16 @@ def test_shapes_and_exact_code_round_trip():
 
 @pytest.mark.parametrize("sees_previous", [False, True])
 def test_chunk_causality(sees_previous):
-    model = make_model(decoder_sees_previous_tokens=sees_previous).eval()
+    # non-identity layers everywhere (encoder, latent, decoder), so every causal mask is exercised
+    model = make_model(decoder_sees_previous_tokens=sees_previous, zero_init_residual_branches=False).eval()
     ids = random_ids(length=16)
     changed = ids.clone()
     changed[:, 9] = (changed[:, 9] + 1) % 96  # a token in chunk 2
     with torch.no_grad():
         a, b = model.encode(ids), model.encode(changed)
-    assert torch.equal(a.codes[:, :2], b.codes[:, :2]), "codes of chunks 0..1 moved when chunk 2 changed"
-    assert not torch.equal(a.quantized[:, 2:], b.quantized[:, 2:]) or not torch.equal(a.latents[:, 2], b.latents[:, 2])
+    assert torch.equal(a.latents[:, :2], b.latents[:, :2]), "latents of chunks 0..1 moved when chunk 2 changed"
+    assert torch.equal(a.codes[:, :2], b.codes[:, :2])
+    assert not torch.allclose(a.latents[:, 2:], b.latents[:, 2:])
 
     codes = a.codes.clone()
     codes[:, 2] = (codes[:, 2] + 1) % 16
@@ -68,26 +70,52 @@ def test_chunk_causality(sees_previous):
     assert torch.equal(la[:, : 2 * C], lb[:, : 2 * C]), "logits of chunks 0..1 moved when codes of chunk 2 changed"
     assert not torch.allclose(la[:, 2 * C :], lb[:, 2 * C :])
 
-    if sees_previous:  # the tokens of chunk 2 may reach chunks 3.. only
+    if sees_previous:  # the tokens of chunk 2 may reach chunks 3.. only, and all of chunk 3
         with torch.no_grad():
             lc = model.decode(a.codes, input_ids=changed)
         assert torch.equal(la[:, : 3 * C], lc[:, : 3 * C])
-        assert not torch.allclose(la[:, 3 * C :], lc[:, 3 * C :])
+        assert not torch.allclose(la[:, 3 * C], lc[:, 3 * C]), "chunk 3's first position misses chunk 2's tokens"
+
+
+def test_decoder_is_block_causal():
+    """Every position of chunk l sees every position of chunks <= l, under sdpa and eager alike."""
+    model = make_model(zero_init_residual_branches=False).eval()
+    hidden = torch.randn(2, 16, 32)
+    moved = hidden.clone()
+    moved[:, 2 * C + C - 1] += 1.0  # the last position of chunk 2
+    with torch.no_grad():
+        a, b = model.decoder(hidden), model.decoder(moved)
+        model.config.backbone_config._attn_implementation_internal = "eager"
+        eager = model.decoder(hidden)
+    assert torch.equal(a[:, : 2 * C], b[:, : 2 * C]), "chunks 0..1 see chunk 2"
+    assert not torch.allclose(a[:, 2 * C], b[:, 2 * C]), "chunk 2's first position misses its chunk's last"
+    torch.testing.assert_close(eager, a)
+    causal = make_model(zero_init_residual_branches=False, decoder_block_causal=False).eval()
+    with torch.no_grad():
+        a, b = causal.decoder(hidden), causal.decoder(moved)
+    assert torch.equal(a[:, : 3 * C - 1], b[:, : 3 * C - 1])
 
 
 def test_padding_never_enters_loss():
-    model = make_model().eval()
-    ids = random_ids(length=16)
+    # left padding, right padding and a full row in one batch; padding is chunk-aligned (T a multiple of C)
+    model = make_model(zero_init_residual_branches=False).eval()
+    ids = random_ids(batch=3, length=16)
     mask = torch.ones_like(ids)
-    mask[:, 12:] = 0
-    noisy = ids.clone()
-    noisy[:, 12:] = 5
+    mask[1, :8] = 0  # left-padded: 8 real tokens
+    mask[2, 12:] = 0  # right-padded: 12 real tokens
+    noisy = ids.masked_fill(mask == 0, 5)
+    rows = [ids[0], ids[1, 8:], ids[2, :12]]
     with torch.no_grad():
-        a = model(ids, attention_mask=mask)
-        b = model(noisy, attention_mask=mask)
-        c = model(ids[:, :12], attention_mask=mask[:, :12])
-    torch.testing.assert_close(a.recon_loss, b.recon_loss)
-    torch.testing.assert_close(a.recon_loss, c.recon_loss)
+        batched = model(ids, attention_mask=mask)
+        noised = model(noisy, attention_mask=mask)
+        alone = [model(row[None]) for row in rows]
+    torch.testing.assert_close(batched.recon_loss, noised.recon_loss)
+    real = [batched.logits[0], batched.logits[1, 8:], batched.logits[2, :12]]
+    for row_logits, single in zip(real, alone, strict=True):
+        torch.testing.assert_close(row_logits, single.logits[0], rtol=1e-5, atol=1e-5)
+    per_token = sum(out.recon_loss * row.numel() for out, row in zip(alone, rows, strict=True)) / mask.sum()
+    torch.testing.assert_close(batched.recon_loss, per_token, rtol=1e-5, atol=1e-5)
+    assert (batched.codes[1, :2] == -1).all() and (batched.codes[2, 3:] == -1).all()
 
 
 def test_save_and_load_identical(tmp_path):
@@ -131,10 +159,10 @@ def test_remote_code_load_without_rqlm(tmp_path):
     assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
 
 
-def _train_steps(model, steps, lr=1e-2):
+def _train_steps(model, steps, lr=1e-2, start=0):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     ids = random_ids(batch=4, length=16)
-    for step in range(steps):
+    for step in range(start, start + steps):
         model.on_step_begin(step)
         loss = model(ids).loss
         loss.backward()
@@ -142,18 +170,39 @@ def _train_steps(model, steps, lr=1e-2):
         optimizer.zero_grad(set_to_none=True)
 
 
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+# the per-chunk path's ends: they train under freezing and under LoRA alike
+ALWAYS_TRAINED = ("embed_tokens.weight", "encoder.norm.weight", "decoder.norm.weight", "lm_head.weight",
+                  "downsample.convs.0.weight", "upsample.convs.0.weight")
+
+
+def assert_ends_train(model, before):
+    params = dict(model.named_parameters())
+    for name in ALWAYS_TRAINED:
+        assert params[name].requires_grad, f"{name} is frozen"
+        assert not torch.equal(params[name], before[name]), f"{name} did not change in training"
+
+
 def test_frozen_then_unfrozen_backbone():
-    model = make_model(freeze_backbone_steps=3).train()
-    layer = model.encoder.layers[0].self_attn.q_proj.weight
-    head, conv = model.lm_head.weight, model.downsample.convs[0].weight
-    start = {n: t.detach().clone() for n, t in (("layer", layer), ("head", head), ("conv", conv))}
+    # non-zero residual branches: every layer weight gets a gradient once it is trainable
+    model = make_model(freeze_backbone_steps=3, zero_init_residual_branches=False).train()
+    before = snapshot(model)
+    layer_names = [n for n, p in model.named_parameters() if any(p is q for q in model.backbone_parameters())]
+    assert layer_names and not any(p.requires_grad for p in model.backbone_parameters()), "frozen from the start"
     _train_steps(model, 3)
-    assert torch.equal(layer, start["layer"]), "frozen backbone layer moved"
-    assert not torch.equal(conv, start["conv"]), "non-backbone weights must train while the backbone is frozen"
-    assert not torch.equal(head, start["head"]), "the LM head (per-chunk path) trains while the layers are frozen"
-    assert not any(p.requires_grad for p in model.backbone_parameters())
-    model.on_step_begin(3)
+    after = snapshot(model)
+    for name in layer_names:
+        assert torch.equal(after[name], before[name]), f"frozen backbone weight {name} moved"
+    assert_ends_train(model, before)
+
+    _train_steps(model, 1, start=3)
     assert all(p.requires_grad for p in model.backbone_parameters())
+    params = dict(model.named_parameters())
+    for name in ("encoder.layers.0.self_attn.q_proj.weight", "decoder.layers.1.mlp.down_proj.weight"):
+        assert not torch.equal(params[name], after[name]), f"{name} did not train after unfreezing"
 
 
 def test_zero_init_layers_start_as_identity():
@@ -183,21 +232,62 @@ def test_backbone_trains_after_unfreezing():
     assert not torch.equal(layer, start)
 
 
-def test_lora_only_adapters_change_in_backbone(tmp_path):
-    model = make_model(lora_r=4, lora_alpha=8).train()
-    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
-    _train_steps(model, 3)
+def without_lora(model: RQVAEModel, **overrides) -> RQVAEModel:
+    """A model without adapters holding `model`'s base weights."""
+    plain = make_model(**{**overrides, "lora_r": 0})
+    state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    plain.load_state_dict(state)
+    return plain.eval()
+
+
+def test_lora_starts_equal_to_its_base_model():
+    overrides = {"lora_r": 4, "lora_alpha": 8, "zero_init_residual_branches": False}
+    model = make_model(**overrides).eval()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    lora_a = [p for n, p in model.named_parameters() if "lora_A" in n]
+    assert lora_b and all(p.abs().sum() == 0 for p in lora_b), "lora_B must start at zero, as peft starts it"
+    assert all(p.abs().sum() > 0 for p in lora_a)
+    ids = random_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, without_lora(model, **overrides)(ids).logits, rtol=0, atol=0)
+
+
+def test_lora_from_backbone_starts_equal_to_the_pretrained_model(tmp_path):
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(3)
+    Qwen3ForCausalLM(tiny_qwen3_config()).save_pretrained(tmp_path)
+    kwargs = {"compression_factor": C, "num_quantizers": 2, "codebook_size": 16, "latent_dim": 16}
+    model = RQVAEModel.from_backbone(str(tmp_path), lora_r=4, lora_alpha=8, **kwargs).eval()
+    plain = RQVAEModel.from_backbone(str(tmp_path), **kwargs).eval()
+    state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    layer_keys = [k for k in state if ".layers." in k and "coder." in k and "latent" not in k]
+    assert layer_keys and all(torch.equal(state[k], plain.state_dict()[k]) for k in layer_keys)
+    plain.load_state_dict(state)  # the parts from_backbone leaves random (convs, quantizer) agree too
+    ids = random_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=0, atol=0)
+
+
+def test_lora_trains_adapters_and_the_ends_only(tmp_path):
+    model = make_model(lora_r=4, lora_alpha=8, zero_init_residual_branches=False).train()
+    assert not any(p.requires_grad for p in model.backbone_parameters())
+    assert all(p.requires_grad for p in model.adapter_parameters())
+    before = snapshot(model)
+    _train_steps(model, 1)
+    after = snapshot(model)
     backbone_ids = {id(p) for p in model.backbone_parameters()}
     for name, param in model.named_parameters():
         if id(param) in backbone_ids:
-            assert torch.equal(param, base[name]), f"backbone weight {name} changed under LoRA"
-    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "LoRA adapters did not train"
+            assert torch.equal(after[name], before[name]), f"backbone weight {name} changed under LoRA"
+    assert any(not torch.equal(after[n], before[n]) for n in after if "lora_B" in n), "LoRA adapters did not train"
+    assert_ends_train(model, before)
 
     model.eval()
     ids = random_ids()
     with torch.no_grad():
         expected = model(ids).logits
+        assert not torch.allclose(expected, without_lora(model, zero_init_residual_branches=False)(ids).logits)
     model.save_pretrained(tmp_path / "adapters")
     reloaded = RQVAEModel.from_pretrained(tmp_path / "adapters").eval()
     with torch.no_grad():
@@ -212,44 +302,65 @@ def test_lora_only_adapters_change_in_backbone(tmp_path):
         torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_lora_frozen_then_adapters_train():
+    model = make_model(lora_r=4, freeze_backbone_steps=2, zero_init_residual_branches=False).train()
+    assert not any(p.requires_grad for p in model.adapter_parameters())
+    before = snapshot(model)
+    _train_steps(model, 2)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)
+    assert_ends_train(model, before)
+    _train_steps(model, 1, start=2)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def test_from_backbone_loads_pretrained_layers(tmp_path):
     from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(3)
     qwen = Qwen3ForCausalLM(tiny_qwen3_config(num_hidden_layers=3))
     qwen.save_pretrained(tmp_path)
-    model = RQVAEModel.from_backbone(
-        str(tmp_path), num_encoder_layers=2, num_decoder_layers=1,
-        compression_factor=C, num_quantizers=2, codebook_size=16, latent_dim=16,
-    )
+    kwargs = {"compression_factor": C, "num_quantizers": 2, "codebook_size": 16, "latent_dim": 16}
+    model = RQVAEModel.from_backbone(str(tmp_path), num_encoder_layers=2, num_decoder_layers=1, **kwargs)
     assert len(model.encoder.layers) == 2 and len(model.decoder.layers) == 1
     assert torch.equal(model.embed_tokens.weight, qwen.model.embed_tokens.weight)
     assert torch.equal(model.encoder.layers[1].self_attn.k_proj.weight, qwen.model.layers[1].self_attn.k_proj.weight)
-    assert torch.equal(model.decoder.layers[0].mlp.up_proj.weight, qwen.model.layers[0].mlp.up_proj.weight)
+    # by default the decoder takes the LAST layers, whose features the final norm and LM head expect
+    assert torch.equal(model.decoder.layers[0].mlp.up_proj.weight, qwen.model.layers[2].mlp.up_proj.weight)
+    assert torch.equal(model.decoder.norm.weight, qwen.model.norm.weight)
     assert torch.equal(model.lm_head.weight, qwen.lm_head.weight)
+    flipped = RQVAEModel.from_backbone(
+        str(tmp_path), num_encoder_layers=1, num_decoder_layers=2, encoder_layers="last", decoder_layers="first", **kwargs
+    )
+    assert torch.equal(flipped.encoder.layers[0].mlp.up_proj.weight, qwen.model.layers[2].mlp.up_proj.weight)
+    assert torch.equal(flipped.decoder.layers[1].mlp.up_proj.weight, qwen.model.layers[1].mlp.up_proj.weight)
     with pytest.raises(ValueError, match="exceeds the backbone"):
         RQVAEModel.from_backbone(str(tmp_path), num_encoder_layers=4)
+    with pytest.raises(ValueError, match="decoder_layers must be 'first' or 'last'"):
+        RQVAEModel.from_backbone(str(tmp_path), decoder_layers="middle")
 
 
 def test_gradient_checkpointing_matches():
-    model = make_model().train()
+    # non-zero residual branches, so the checked weights get a non-zero gradient
+    model = make_model(zero_init_residual_branches=False).train()
     model.quantizer.eval()  # no codebook update between the two passes (and no straight-through to the encoder)
     ids = random_ids()
-    weight = model.decoder.layers[0].self_attn.q_proj.weight
+    weights = [model.decoder.layers[0].self_attn.q_proj.weight, model.decoder.layers[1].mlp.down_proj.weight]
 
-    def loss_and_grad():
-        loss = model(ids).recon_loss
+    def loss_and_grads():
+        loss = model(ids).loss
         loss.backward()
-        grad = weight.grad.clone()
+        grads = [w.grad.clone() for w in weights]
         model.zero_grad(set_to_none=True)
-        return loss.detach(), grad
+        return loss.detach(), grads
 
-    loss, grad = loss_and_grad()
+    loss, grads = loss_and_grads()
+    assert all(g.abs().sum() > 0 for g in grads)
     model.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in model.decoder.layers)
-    loss_ckpt, grad_ckpt = loss_and_grad()
+    loss_ckpt, grads_ckpt = loss_and_grads()
     torch.testing.assert_close(loss, loss_ckpt)
-    torch.testing.assert_close(grad, grad_ckpt)
+    for grad, grad_ckpt in zip(grads, grads_ckpt, strict=True):
+        torch.testing.assert_close(grad, grad_ckpt)
 
 
 def test_bad_input_one_line_errors(tmp_path):

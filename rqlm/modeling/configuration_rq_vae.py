@@ -5,9 +5,8 @@ from __future__ import annotations
 from transformers import PreTrainedConfig, Qwen3Config
 from transformers.configuration_utils import SubConfigSpec
 
+from .lora import LORA_TARGETS
 from .quantizer_registry import QUANTIZER_CLASSES
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class RQVAEConfig(PreTrainedConfig):
@@ -40,6 +39,10 @@ class RQVAEConfig(PreTrainedConfig):
         decoder_sees_previous_tokens (`bool`, defaults to `False`):
             Add the embeddings of the tokens C positions back to the decoder input, so chunk l is
             decoded from codes 0..l and the (already known) tokens of chunks 0..l-1.
+        decoder_block_causal (`bool`, defaults to `True`):
+            Block-causal decoder attention: every position of chunk l sees every position of chunks 0..l
+            (so with `decoder_sees_previous_tokens` all tokens of earlier chunks, not only the one C back).
+            Within a chunk every position derives from the same codes, so chunk causality holds either way.
         quantizer_loss_weight (`float`, defaults to 1.0): weight of the quantizer's own losses.
         zero_init_residual_branches (`bool`, defaults to `True`):
             Initialise the attention and MLP output projections of the backbone layers at zero, so a
@@ -47,9 +50,14 @@ class RQVAEConfig(PreTrainedConfig):
             convs -> quantizer -> convs -> LM head) learns token identity before the layers add context.
             Pretrained weights loaded by `from_backbone` / `from_pretrained` overwrite it.
         freeze_backbone_steps (`int`, defaults to 0):
-            Optimizer steps during which the backbone's Qwen3 layers are frozen (embeddings, norms and the
-            LM head keep training); with zero-initialised layers they stay the identity meanwhile.
-        lora_r (`int`, defaults to 0): LoRA rank on the backbone layers; 0 trains them fully instead.
+            Optimizer steps during which the backbone's Qwen3 layers are frozen; with zero-initialised
+            layers they stay the identity meanwhile. Everything outside the layers (embeddings, the stacks'
+            final norms, the LM head, convs, latent layers, quantizer) always trains.
+        lora_r (`int`, defaults to 0):
+            LoRA rank on the backbone layers; 0 trains them fully instead. Under LoRA the layers' own
+            weights (norms included) stay frozen for good, the adapters train once the backbone unfreezes
+            (they start at zero, so the model starts equal to its base), and everything outside the layers
+            trains as without LoRA.
         lora_alpha (`int`, defaults to 16): LoRA scaling numerator.
         lora_dropout (`float`, defaults to 0.0): LoRA dropout.
         lora_target_modules (`list[str]`, *optional*): modules given adapters (default q/k/v/o/gate/up/down).
@@ -71,6 +79,7 @@ class RQVAEConfig(PreTrainedConfig):
     quantizer_type: str = "residual_vq"
     quantizer_kwargs: dict | None = None
     decoder_sees_previous_tokens: bool = False
+    decoder_block_causal: bool = True
     quantizer_loss_weight: float = 1.0
     zero_init_residual_branches: bool = True
     freeze_backbone_steps: int = 0

@@ -1,7 +1,7 @@
 """Building blocks shared by the rqlm models, built on transformers' own Qwen3 pieces.
 
-`Qwen3Stack` is a run of Qwen3 decoder layers (causal attention, SwiGLU MLP, RoPE,
-final RMSNorm) over embeddings the caller provides; `Downsample` / `Upsample`
+`Qwen3Stack` is a run of Qwen3 decoder layers (causal or block-causal attention, SwiGLU MLP,
+RoPE, final RMSNorm) over embeddings the caller provides; `Downsample` / `Upsample`
 change the sequence length by a power of two with kernel-2 stride-2 convolutions,
 which act inside one chunk only (so they keep chunk causality).
 """
@@ -18,15 +18,31 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 
-class Qwen3Stack(nn.Module):
-    """The first `num_layers` causal Qwen3 layers + final norm over given embeddings: (B, T, H) -> (B, T, H).
+def same_block(block_size: int):
+    """A transformers mask function: query and key positions lie in the same block of `block_size` positions.
 
-    The stack shares `config` (not a copy), so a change of attention implementation reaches it.
+    OR-ed with the causal mask it gives block-causal attention: every position of block l sees every
+    position of blocks 0..l (positions are absolute, so it holds with a cache too).
     """
 
-    def __init__(self, config: Qwen3Config, num_layers: int | None = None):
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        return q_idx // block_size == kv_idx // block_size
+
+    return inner_mask
+
+
+class Qwen3Stack(nn.Module):
+    """`num_layers` Qwen3 layers + final norm over given embeddings: (B, T, H) -> (B, T, H).
+
+    Attention is causal, or block-causal with `block_size` (position t sees every position of the blocks
+    up to its own, t // block_size). The stack shares `config` (not a copy), so a change of attention
+    implementation reaches it.
+    """
+
+    def __init__(self, config: Qwen3Config, num_layers: int | None = None, block_size: int | None = None):
         super().__init__()
         self.config = config
+        self.block_size = block_size
         num_layers = config.num_hidden_layers if num_layers is None else num_layers
         self.layers = nn.ModuleList([Qwen3DecoderLayer(config, i) for i in range(num_layers)])
         self.norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -48,6 +64,7 @@ class Qwen3Stack(nn.Module):
             "attention_mask": attention_mask,
             "cache": cache,
             "position_ids": position_ids,
+            "or_mask_function": same_block(self.block_size) if self.block_size else None,
         }
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
         if "sliding_attention" in self.config.layer_types:

@@ -6,7 +6,7 @@
       -> quantizer (fp32)               codes (B, L, D), quantized   (B, L, d)
       -> latent layers -> linear d->H -> upsample                    (B, T, H)
       [+ embeddings of the tokens C positions back]
-      -> decoder Qwen3 layers (causal) -> lm_head                    (B, T, V)
+      -> decoder Qwen3 layers (block-causal) -> lm_head              (B, T, V)
 
 Codes of chunk l depend on tokens of chunks 0..l only; logits of chunk l depend on
 codes 0..l (and tokens of chunks 0..l-1) only, so the model streams chunk by chunk.
@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_rq_vae import RQVAEConfig
 from .layers import Downsample, Qwen3Stack, Upsample
+from .lora import add_lora, is_lora_parameter, lora_parameters, merge_lora
 from .quantizer_registry import _codebook_size, build_quantizer, code_depth, codes_to_quantized, quantize
 
 IGNORE_INDEX = -100
@@ -149,21 +150,28 @@ class RQVAEModel(RQVAEPreTrainedModel):
         self.decoder_embed_tokens = (
             nn.Embedding(vocab, hidden, backbone.pad_token_id) if config.decoder_sees_previous_tokens else None
         )
-        self.decoder = Qwen3Stack(backbone, config.num_decoder_layers)
+        block_size = config.compression_factor if config.decoder_block_causal else None
+        self.decoder = Qwen3Stack(backbone, config.num_decoder_layers, block_size=block_size)
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
         if config.zero_init_residual_branches:
             for stack in (self.encoder, self.decoder):
                 for layer in stack.layers:
                     layer.self_attn.o_proj._zero_init = layer.mlp.down_proj._zero_init = True
-        self._backbone_frozen = None
         if config.lora_r > 0:
-            self._add_lora_adapters()
-        self.post_init()
+            for stack in (self.encoder, self.decoder):
+                add_lora(stack.layers, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+        self.post_init()  # leaves the adapters as peft made them (lora_B = 0)
+        self.set_backbone_frozen(config.freeze_backbone_steps > 0)
 
     # ----------------------------------------------------------------- checks
     def _check_input_ids(self, input_ids: torch.LongTensor) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            kind = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor of token ids, got {kind}; pass tokenizer output or .long()")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one row of C tokens")
         c = self.compression_factor
         if input_ids.shape[1] % c:
             raise ValueError(
@@ -178,9 +186,19 @@ class RQVAEModel(RQVAEPreTrainedModel):
             )
 
     def _check_codes(self, codes: torch.LongTensor) -> None:
-        depth = self.quantizer_depth
+        depth, size = self.quantizer_depth, self.quantizer_size
+        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            kind = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise ValueError(f"codes must be an integer tensor, got {kind}; pass the codes encode() returned")
         if codes.dim() != 3 or codes.shape[-1] != depth:
             raise ValueError(f"codes must have shape (batch, latent_length, {depth}), got {tuple(codes.shape)}")
+        if codes.numel() == 0:
+            raise ValueError(f"codes are empty (shape {tuple(codes.shape)}); pass at least one latent position")
+        if codes.min() < -1 or codes.max() >= size:
+            raise ValueError(
+                f"codes must lie in [0, {size}) (or be -1 for padding); got values in "
+                f"[{codes.min().item()}, {codes.max().item()}] (are they from this model's quantizer?)"
+            )
 
     @property
     def quantizer_depth(self) -> int:
@@ -294,27 +312,25 @@ class RQVAEModel(RQVAEPreTrainedModel):
 
     # ----------------------------------------------------------------- backbone
     def backbone_parameters(self):
-        """The Qwen3 layers of encoder and decoder (what freezing and LoRA act on); embeddings, norms and
-        the LM head are the per-chunk path's ends and always train."""
+        """The weights of the encoder's and decoder's Qwen3 layers, adapters excluded: what freezing and LoRA
+        act on. Everything else (embeddings, the stacks' final norms, the LM head, convs, latent layers,
+        quantizer) is the per-chunk path and always trains."""
         for stack in (self.encoder, self.decoder):
             for name, param in stack.layers.named_parameters():
-                if "lora_" not in name:
+                if not is_lora_parameter(name):
                     yield param
 
     def adapter_parameters(self):
         """LoRA adapter parameters (empty without LoRA)."""
-        return (p for n, p in self.named_parameters() if "lora_" in n)
+        return lora_parameters(self)
 
     def set_backbone_frozen(self, frozen: bool) -> None:
-        """Freeze or unfreeze the backbone; with LoRA the base weights stay frozen and the adapters toggle."""
-        if self.config.lora_r > 0:
-            for param in self.backbone_parameters():
-                param.requires_grad_(False)
-            for param in self.adapter_parameters():
-                param.requires_grad_(not frozen)
-        else:
-            for param in self.backbone_parameters():
-                param.requires_grad_(not frozen)
+        """Freeze or unfreeze the backbone; under LoRA the layers' weights stay frozen and the adapters toggle."""
+        lora = self.config.lora_r > 0
+        for param in self.backbone_parameters():
+            param.requires_grad_(not frozen and not lora)
+        for param in self.adapter_parameters():
+            param.requires_grad_(not frozen)
         self._backbone_frozen = frozen
 
     def on_step_begin(self, step: int) -> None:
@@ -323,31 +339,14 @@ class RQVAEModel(RQVAEPreTrainedModel):
         if frozen != self._backbone_frozen:
             self.set_backbone_frozen(frozen)
 
-    def _add_lora_adapters(self) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        lora = LoraConfig(
-            r=self.config.lora_r,
-            lora_alpha=self.config.lora_alpha,
-            lora_dropout=self.config.lora_dropout,
-            target_modules=self.config.lora_target_modules,
-        )
-        self.encoder = inject_adapter_in_model(lora, self.encoder)
-        self.decoder = inject_adapter_in_model(lora, self.decoder)
-
     def merge_lora(self) -> RQVAEModel:
         """Fold LoRA adapters into the base weights; the model then saves and loads without peft (lora_r=0)."""
         if self.config.lora_r == 0:
             return self
-        from peft.tuners.lora import LoraLayer
-
         for stack in (self.encoder, self.decoder):
-            for name, module in list(stack.named_modules()):
-                if isinstance(module, LoraLayer):
-                    module.merge()
-                    parent = stack.get_submodule(name.rsplit(".", 1)[0]) if "." in name else stack
-                    setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+            merge_lora(stack.layers)
         self.config.lora_r = 0
+        self.set_backbone_frozen(bool(self._backbone_frozen))
         return self
 
     # ----------------------------------------------------------------- builders
@@ -357,13 +356,20 @@ class RQVAEModel(RQVAEPreTrainedModel):
         name_or_path: str,
         num_encoder_layers: int = 2,
         num_decoder_layers: int = 2,
+        encoder_layers: str = "first",
+        decoder_layers: str = "last",
         **config_kwargs,
     ) -> RQVAEModel:
         """Build an RQ-VAE whose encoder and decoder start from a pretrained Qwen3 (hub name or folder).
 
-        The encoder takes the first `num_encoder_layers` layers and the embeddings, the decoder the
-        first `num_decoder_layers` layers, the final norm and the LM head.
+        The encoder takes the embeddings and `num_encoder_layers` layers, the decoder `num_decoder_layers`
+        layers, the final norm and the LM head. `encoder_layers` / `decoder_layers` say which layers:
+        `"first"` (0..N-1) or `"last"` (the final N). The defaults match what each end expects: the
+        first layers read embeddings, the last layers feed the final norm and LM head.
         """
+        for name, which in (("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers)):
+            if which not in ("first", "last"):
+                raise ValueError(f"{name} must be 'first' or 'last', got {which!r}")
         from transformers import AutoModelForCausalLM
 
         pretrained = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
@@ -380,9 +386,14 @@ class RQVAEModel(RQVAEPreTrainedModel):
         model.embed_tokens.load_state_dict(source.embed_tokens.state_dict())
         if model.decoder_embed_tokens is not None:
             model.decoder_embed_tokens.load_state_dict(source.embed_tokens.state_dict())
-        for stack, n in ((model.encoder, num_encoder_layers), (model.decoder, num_decoder_layers)):
+        total = len(source.layers)
+        for stack, n, which in (
+            (model.encoder, num_encoder_layers, encoder_layers),
+            (model.decoder, num_decoder_layers, decoder_layers),
+        ):
+            offset = 0 if which == "first" else total - n
             for i in range(n):
-                _load_base_weights(stack.layers[i], source.layers[i])
+                _load_base_weights(stack.layers[i], source.layers[offset + i])
             stack.norm.load_state_dict(source.norm.state_dict())
         model.lm_head.weight.data.copy_(pretrained.get_output_embeddings().weight.data)
         return model
