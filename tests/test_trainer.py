@@ -7,8 +7,10 @@ an interrupted-then-resumed run reaches the weights of an uninterrupted one; the
 """
 
 import importlib.util
+import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,7 +59,8 @@ class HookedQwen3(Qwen3ForCausalLM):
     """A Qwen3 that records `on_step_begin`, unfreezes its first layer at a step, and can be interrupted."""
 
     unfreeze_at_step = None  # step at which layer 0 (frozen by the test) becomes trainable
-    interrupt_at_forward = None  # raise KeyboardInterrupt at this training forward (1-based)
+    interrupt_at_forward = None  # send this process a SIGINT (Ctrl-C) at this training forward (1-based)
+    raise_at_forward = None  # raise KeyboardInterrupt at this training forward, as a second Ctrl-C does
 
     def on_step_begin(self, step: int) -> None:
         self.calls = [*getattr(self, "calls", []), step]
@@ -69,6 +72,8 @@ class HookedQwen3(Qwen3ForCausalLM):
         if self.training:
             self.forwards = getattr(self, "forwards", 0) + 1
             if self.forwards == self.interrupt_at_forward:
+                os.kill(os.getpid(), signal.SIGINT)
+            if self.forwards == self.raise_at_forward:
                 raise KeyboardInterrupt
         return super().forward(*args, **kwargs)
 
@@ -237,23 +242,25 @@ def resume_args(output_dir, **overrides) -> TrainingArguments:
     return TrainingArguments(**values)
 
 
-def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path):
+def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, capsys):
     train_blocks, eval_blocks = synthetic_blocks(14), synthetic_blocks(4, seed=1)
 
     reference = make_model(HookedQwen3)
     full = train(reference, train_blocks, eval_blocks, resume_args(tmp_path / "full"))
     assert full.step == 7
 
-    # interrupted in the middle of step 5's gradient accumulation (forward 12 = its 2nd of 3 micro-batches):
-    # the loop saves step 4, with accelerate's micro-batch counter as it was then, and drops the partial step
+    # Ctrl-C in the middle of step 5's gradient accumulation (forward 12 = its 2nd of 3 micro-batches):
+    # the loop finishes step 5, saves it like a periodic checkpoint, then raises KeyboardInterrupt
     interrupted = make_model(HookedQwen3)
     interrupted.interrupt_at_forward = 12
     with pytest.raises(KeyboardInterrupt):
         train(interrupted, train_blocks, eval_blocks, resume_args(tmp_path / "run"))
+    assert interrupted.forwards == 13
     checkpoints = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-3", "step-4"]
-    state = json.loads((checkpoints / "step-4" / TRAINER_STATE_NAME).read_text())
-    assert (state["step"], state["epoch"], state["batches_done"]) == (4, 1, 3)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-3", "step-5"]
+    state = json.loads((checkpoints / "step-5" / TRAINER_STATE_NAME).read_text())
+    assert (state["step"], state["epoch"], state["batches_done"]) == (5, 1, 6)
+    capsys.readouterr()
 
     # resume from the interrupt ("latest") and from the end-of-epoch checkpoint (step 3), to step 7
     for resume_from, output_dir in (("latest", "run"), (str(checkpoints / "step-3"), "from-step-3")):
@@ -264,10 +271,20 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path):
             eval_blocks,
             resume_args(tmp_path / output_dir, resume_from_checkpoint=resume_from),
         )
-        assert result.step == 7 and resumed.calls[0] == (4 if resume_from == "latest" else 3)
+        first_step = 5 if resume_from == "latest" else 3
+        assert f"resumed from step {first_step} of 7" in capsys.readouterr().out
+        assert result.step == 7 and resumed.calls[0] == first_step
         assert_same_weights(weights(resumed), weights(reference))
         assert result.eval_metrics == pytest.approx(full.eval_metrics, abs=1e-6)
         assert [r["step"] for r in result.history] == [r["step"] for r in full.history]
+
+    # a second Ctrl-C stops at once, in the middle of step 5, and saves nothing of it
+    hard = make_model(HookedQwen3)
+    hard.raise_at_forward = 12
+    with pytest.raises(KeyboardInterrupt):
+        train(hard, train_blocks, eval_blocks, resume_args(tmp_path / "hard"))
+    assert sorted(p.name for p in (tmp_path / "hard" / "checkpoints").iterdir()) == ["step-3"]
+    assert "interrupted during step 5: not saved" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------
@@ -309,6 +326,38 @@ def test_on_step_begin_and_unfrozen_parameters_are_trained(tmp_path):
     assert all(not torch.equal(final[k], initial[k]) for k in others)
 
 
+class UnfreezingQwen3(Qwen3ForCausalLM):
+    """A Qwen3 whose layer 0 is its `backbone_parameters()`, frozen for `config.freeze_backbone_steps` steps."""
+
+    def backbone_parameters(self):
+        return self.model.layers[0].parameters()
+
+    def on_step_begin(self, step: int) -> None:
+        self.model.layers[0].requires_grad_(step >= self.config.freeze_backbone_steps)
+
+
+def test_unfrozen_backbone_gets_its_own_warmup(tmp_path):
+    model = make_model(UnfreezingQwen3)
+    model.config.freeze_backbone_steps = 3
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "unfreeze"),
+        max_steps=9,
+        per_device_train_batch_size=2,
+        lr_scheduler="constant",
+        warmup_steps=2,
+        unfreeze_warmup_steps=4,
+        logging_steps=1,
+        eval_steps=0,
+        save_steps=0,
+    )
+    result = train(model, synthetic_blocks(8), None, args)
+    # steps 1-2 warm up every group; the backbone is frozen (rate 0) for steps 1-3, then ramps over 4 steps
+    assert [r["lr"] / args.learning_rate for r in result.history] == pytest.approx([0.5] + [1] * 8)
+    assert [r["lr_backbone"] / args.learning_rate for r in result.history] == pytest.approx(
+        [0, 0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
+    )
+
+
 def test_time_budget_stops_cleanly_and_saves(tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path / "budget"),
@@ -319,10 +368,63 @@ def test_time_budget_stops_cleanly_and_saves(tmp_path):
         save_steps=0,
     )
     result = train(make_model(), synthetic_blocks(8), synthetic_blocks(4, seed=1), args)
-    assert result.step == 1 and result.stopped_by_time and "eval_loss" in result.eval_metrics
-    assert (tmp_path / "budget" / "checkpoints" / "step-1" / TRAINER_STATE_NAME).is_file()
+    # the first step has no step time to project from; after it the next step is projected past the budget
+    assert result.step == 2 and result.stopped_by_time and "eval_loss" in result.eval_metrics
+    assert (tmp_path / "budget" / "checkpoints" / "step-2" / TRAINER_STATE_NAME).is_file()
     assert "time budget" in (tmp_path / "budget" / "README.md").read_text()
     Qwen3ForCausalLM.from_pretrained(tmp_path / "budget")
+
+
+def budget_args(output_dir, max_minutes, **overrides) -> TrainingArguments:
+    values = {
+        "output_dir": str(output_dir),
+        "max_steps": 100_000,
+        "max_minutes": max_minutes,
+        "per_device_train_batch_size": 2,
+        "warmup_steps": 2,
+        "logging_steps": 1,
+        "eval_steps": 0,
+        "save_steps": 0,
+    }
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def test_time_budget_decays_to_the_floor_and_resumes_with_the_time_left(tmp_path, capsys):
+    budget = 2.4 / 60  # minutes
+    model, blocks = make_model(), synthetic_blocks(8)
+    args = budget_args(tmp_path / "run", budget)
+    assert args.lr_scheduler == "wsd"  # the default under --max_minutes
+    result = train(model, blocks, None, args)
+    train_records = [r for r in result.history if "lr" in r]
+    lrs = [r["lr"] / args.learning_rate for r in train_records]
+    assert result.stopped_by_time and result.step == train_records[-1]["step"] > 4
+    assert lrs[-1] == pytest.approx(args.min_lr_ratio)  # the last step is at the floor, whatever the speed
+    assert max(lrs) == 1.0 and lrs.index(1.0) == 1  # warmup, then stable at the peak
+    assert all(b <= a for a, b in itertools.pairwise(lrs[1:]))
+    # the decay spans the last 20% of the training time (not counting evaluation or saving), give or take
+    # the step-time projection's error of about a step
+    seconds = [r["train_seconds"] for r in train_records]
+    longest_step = max(b - a for a, b in itertools.pairwise([0.0, *seconds]))
+    first_decaying = next(i for i, lr in enumerate(lrs) if i >= args.warmup_steps and lr < 1)
+    assert abs(seconds[first_decaying] - 0.8 * 60 * budget) < 2 * longest_step
+    spent = train_records[-1]["train_seconds"]
+    assert 60 * budget <= spent
+
+    # resumed with a budget twice as long: it trains for the time left, starting at the saved training time
+    capsys.readouterr()
+    longer = budget_args(tmp_path / "run", 2 * budget, resume_from_checkpoint="latest")
+    resumed = train(make_model(seed=1), blocks, None, longer)
+    assert (
+        f"resumed from step {result.step} of 100000, 0.0 of {2 * budget:g} minutes" in capsys.readouterr().out
+    )
+    new_records = [r for r in resumed.history if "lr" in r][len(train_records) :]
+    assert new_records[0]["train_seconds"] > spent
+    assert 2 * 60 * budget <= new_records[-1]["train_seconds"] < 2 * 60 * budget + 1.0
+    assert new_records[-1]["lr"] == pytest.approx(args.min_lr_ratio * args.learning_rate)
+    # and a run resumed once its budget is spent trains no further
+    done = train(make_model(seed=1), blocks, None, longer)
+    assert done.step == resumed.step and done.stopped_by_time
 
 
 @pytest.mark.parametrize("streaming", [False, True])

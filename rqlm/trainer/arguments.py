@@ -19,7 +19,7 @@ import torch
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 REPORT_TO_CHOICES = ("none", "tensorboard", "wandb")
-LR_SCHEDULER_CHOICES = ("cosine", "constant")
+LR_SCHEDULER_CHOICES = ("auto", "wsd", "cosine", "constant")
 
 
 @dataclass
@@ -31,7 +31,11 @@ class TrainingArguments:
     )
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train for"})
     max_minutes: float | None = field(
-        default=None, metadata={"help": "wall-clock budget; stops cleanly and saves when reached"}
+        default=None,
+        metadata={
+            "help": "budget of training time (evaluation and saving not counted): the learning rate decays to "
+            "its floor as it runs out, then the run stops, saves and can be resumed with the time it has left"
+        },
     )
     per_device_train_batch_size: int = field(
         default=8, metadata={"help": "training blocks per device per micro-batch"}
@@ -48,11 +52,29 @@ class TrainingArguments:
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     lr_scheduler: str = field(
-        default="cosine",
-        metadata={"help": "learning-rate schedule after the linear warmup", "choices": LR_SCHEDULER_CHOICES},
+        default="auto",
+        metadata={
+            "help": "learning-rate schedule after the linear warmup, decaying to its floor at --max_steps or at "
+            "the end of --max_minutes, whichever comes first; wsd: warmup-stable-decay (constant, then a "
+            "linear decay over the last --decay_fraction); auto: wsd with --max_minutes, else cosine",
+            "choices": LR_SCHEDULER_CHOICES,
+        },
+    )
+    decay_fraction: float = field(
+        default=0.2,
+        metadata={"help": "wsd: the final fraction of the steps or the time budget spent decaying"},
     )
     warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps from 0 to the peak rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of the peak rate"})
+    min_lr_ratio: float = field(
+        default=0.1, metadata={"help": "the schedule's floor as a fraction of the peak rate"}
+    )
+    unfreeze_warmup_steps: int = field(
+        default=100,
+        metadata={
+            "help": "a frozen-then-unfrozen backbone's own linear warmup after the model's freeze_backbone_steps "
+            "(its learning rate is 0 while frozen)"
+        },
+    )
     max_grad_norm: float = field(
         default=1.0, metadata={"help": "gradient clipping norm; 0 turns clipping off"}
     )
@@ -99,6 +121,7 @@ class TrainingArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         non_negative = (
             "warmup_steps",
+            "unfreeze_warmup_steps",
             "eval_steps",
             "save_steps",
             "max_grad_norm",
@@ -114,6 +137,8 @@ class TrainingArguments:
             raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"--max_minutes must be > 0, got {self.max_minutes}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"--decay_fraction must be in (0, 1], got {self.decay_fraction}")
         for name, choices in (
             ("mixed_precision", MIXED_PRECISION_CHOICES),
             ("report_to", REPORT_TO_CHOICES),
@@ -121,6 +146,8 @@ class TrainingArguments:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.lr_scheduler == "auto":
+            self.lr_scheduler = "wsd" if self.max_minutes is not None else "cosine"
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
             raise ValueError(
                 f"--report_to {self.report_to} needs the {self.report_to} package: pip install {self.report_to}"

@@ -1,22 +1,44 @@
 """One explicit Accelerate training loop shared by every rqlm model.
 
-    Accelerator -> set_seed -> DataLoaders -> AdamW (all parameters) -> warmup + cosine -> prepare
-    for each micro-batch: accumulate -> forward -> backward -> clip -> step -> schedule -> zero_grad
-    every eval_steps: evaluate on the held-out split; every save_steps: save_state + data position
+    Accelerator -> set_seed -> DataLoaders -> AdamW (backbone in its own groups) -> prepare
+    for each optimizer step: set the learning rates -> for each micro-batch: accumulate -> forward ->
+    backward -> clip -> step -> zero_grad; every eval_steps: evaluate; every save_steps: save_state
     at the end: save_pretrained (safetensors) + tokenizer + README.md model card + metrics.jsonl + plot
 
 A model plugs in with `forward(input_ids=, attention_mask=, labels=) -> output with .loss` and,
-optionally, `on_step_begin(step)` (called before the first forward of every optimizer step).
+optionally, `on_step_begin(step)` (called before the first forward of every optimizer step),
+`backbone_parameters()` (weights frozen for `config.freeze_backbone_steps` steps, then trained) and
+`logged_output_keys` (scalar output fields logged besides `loss` and every `*_loss`).
+
+Schedule. The learning rate of optimizer step s (0-based) is peak x warmup x decay x unfreeze:
+warmup = min(1, (s + 1) / warmup_steps); decay goes from 1 to `min_lr_ratio` as the run's progress
+goes from 0 to 1 (cosine, or wsd: constant, then linear over the last `decay_fraction`); progress is
+the later of the steps' (s + 1 - warmup) / (max_steps - warmup) and, under `--max_minutes`, the time
+budget's t / budget, where t is the TRAINING time (evaluation and saving not counted) projected to
+the end of step s from the recent step time. The step projected to reach the budget is the last one,
+so a time-budgeted run ends at the schedule's floor whatever the machine's speed. Rank 0 measures the
+time and every rank uses its figure. `trainer_state.json` keeps the training time, so a resumed run
+continues the same budget. Backbone groups get `unfreeze = 0` while frozen, then a linear ramp over
+`unfreeze_warmup_steps`, so newly unfrozen weights do not start at the full rate.
+
+Ctrl-C. The first SIGINT finishes the optimizer step in progress, saves a checkpoint exactly like a
+periodic one (a forward of a half-done step would already have moved EMA codebooks, dead-code
+counters and RNG states) and raises KeyboardInterrupt; a second one, a moment later, stops at once
+without saving. Each checkpoint also holds the model's class and config, so resuming a different
+model is a one-line error instead of a load_state traceback.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,20 +47,24 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
-from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
 from rqlm.evaluation.plots import plot_training_curves, training_title
 from rqlm.trainer.arguments import TrainingArguments, resolve_mixed_precision
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_NAME = "trainer_state.json"
+MODEL_SIGNATURE_NAME = "model_signature.json"  # class and config of the model a checkpoint holds
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "training_curves.png"
-# scalar tensors read from the model output and logged as training metrics
-LOGGED_OUTPUT_KEYS = ("loss", "recon_loss", "quantizer_loss")
+STEP_TIME_SMOOTHING = 0.8  # weight of the running step time against the last step's, for the time projection
+SECOND_INTERRUPT_SECONDS = (
+    1.0  # a Ctrl-C sooner after the first is the launcher forwarding it, not a second one
+)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,15 +106,136 @@ def evaluate_loss(model, eval_dataloader, accelerator: Accelerator) -> dict[str,
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
 
 
+def logged_output_keys(model, outputs) -> list[str]:
+    """Scalar tensor fields of a model output to log: `loss`, every `*_loss`, and the model's `logged_output_keys`."""
+    extra = set(getattr(model, "logged_output_keys", ()))
+    fields = outputs.items() if hasattr(outputs, "items") else vars(outputs).items()
+    return [
+        key
+        for key, value in fields
+        if (key == "loss" or key.endswith("_loss") or key in extra)
+        and isinstance(value, torch.Tensor)
+        and value.numel() == 1
+    ]
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups over ALL parameters (frozen ones too, so unfreezing trains them); no decay on norms, biases, embeddings."""
-    decay, no_decay = [], []
+    """AdamW groups over ALL parameters (frozen ones too, so unfreezing trains them): decay / no decay (norms,
+    biases, embeddings), each split into the model's `backbone_parameters()` (marked backbone=True) and the rest."""
+    backbone = set()
+    for method in (
+        "backbone_parameters",
+        "adapter_parameters",
+    ):  # adapters toggle in place of the weights under LoRA
+        if callable(getattr(model, method, None)):
+            backbone.update(id(p) for p in getattr(model, method)())
+    groups = {(is_backbone, decays): [] for is_backbone in (False, True) for decays in (True, False)}
     for name, param in model.named_parameters():
-        if param.ndim < 2 or "norm" in name or "embed" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (param.ndim < 2 or "norm" in name or "embed" in name)
+        groups[(id(param) in backbone, decays)].append(param)
+    return [
+        {"params": params, "weight_decay": weight_decay if decays else 0.0, "backbone": is_backbone}
+        for (is_backbone, decays), params in groups.items()
+        if params
+    ]
+
+
+def schedule_multiplier(args: TrainingArguments, step: int, train_seconds: float) -> float:
+    """Fraction of the peak learning rate for optimizer step `step` (0-based) ending at `train_seconds` of training."""
+    warmup = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+    progress = (step + 1 - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    if args.max_minutes is not None:
+        progress = max(progress, train_seconds / (60 * args.max_minutes))
+    progress = min(max(progress, 0.0), 1.0)
+    floor = args.min_lr_ratio
+    if args.lr_scheduler == "cosine":
+        decay = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif args.lr_scheduler == "wsd":
+        decay = min(1.0, floor + (1 - floor) * (1 - progress) / args.decay_fraction)
+    else:
+        decay = 1.0
+    return warmup * decay
+
+
+def unfreeze_multiplier(step: int, freeze_steps: int, warmup_steps: int) -> float:
+    """Learning-rate fraction of a backbone frozen for `freeze_steps`: 0, then a linear ramp over `warmup_steps`."""
+    if step < freeze_steps:
+        return 0.0
+    if freeze_steps == 0 or warmup_steps == 0:
+        return 1.0
+    return min(1.0, (step + 1 - freeze_steps) / warmup_steps)
+
+
+def model_signature(model) -> dict:
+    """{'class', 'config'}: what a checkpoint's weights fit; the config flattened to dotted keys, private ones dropped."""
+
+    def flatten(value: dict, prefix: str = "") -> dict:
+        flat = {}
+        for key, item in value.items():
+            if key.startswith("_") or key in (
+                "transformers_version",
+                "architectures",
+                "dtype",
+                "torch_dtype",
+            ):
+                continue
+            if isinstance(item, dict) and key.endswith("_config"):
+                flat.update(flatten(item, f"{prefix}{key}."))
+            else:
+                flat[f"{prefix}{key}"] = item
+        return flat
+
+    config = getattr(model, "config", None)
+    config = json.loads(config.to_json_string(use_diff=False)) if hasattr(config, "to_json_string") else {}
+    return {"class": type(model).__name__, "config": flatten(config)}
+
+
+def check_model_signature(checkpoint: Path, model) -> None:
+    """Raise a one-line ValueError if `checkpoint` was saved from another model class or config."""
+    path = checkpoint / MODEL_SIGNATURE_NAME
+    if not path.is_file():
+        return
+    saved, current = json.loads(path.read_text()), json.loads(json.dumps(model_signature(model)))
+    advice = "resume with the model settings it was trained with, or train into a new --output_dir"
+    if saved["class"] != current["class"]:
+        raise ValueError(
+            f"checkpoint {checkpoint} holds a {saved['class']}, this run trains a {current['class']}; {advice}"
+        )
+    for key in sorted(saved["config"].keys() | current["config"].keys()):
+        was, now = saved["config"].get(key, "unset"), current["config"].get(key, "unset")
+        if was != now:
+            raise ValueError(
+                f"checkpoint {checkpoint} was trained with {key}={was!r}, this run has {key}={now!r}; {advice}"
+            )
+
+
+class DeferredInterrupt:
+    """While active, a first Ctrl-C (SIGINT) only sets `requested`, so the loop can stop at a step boundary;
+    another one more than SECOND_INTERRUPT_SECONDS later raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested_at = None
+        self.previous_handler = None
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+    def handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.requested_at is None:
+            self.requested_at = now
+        elif now - self.requested_at > SECOND_INTERRUPT_SECONDS:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            self.previous_handler = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGINT, self.previous_handler)
 
 
 def find_checkpoint(resume_from_checkpoint: str, output_dir: Path) -> Path:
@@ -111,13 +258,15 @@ def find_checkpoint(resume_from_checkpoint: str, output_dir: Path) -> Path:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, state: dict, save_total_limit: int | None
+    accelerator: Accelerator, output_dir: Path, state: dict, signature: dict, save_total_limit: int | None
 ) -> Path:
-    """save_state (model, optimizer, scheduler, RNG) + trainer_state.json (step, data position, history)."""
+    """save_state (model, optimizer, RNG) + trainer_state.json (step, data position, training time, history)
+    + the model's class and config."""
     path = output_dir / CHECKPOINTS_DIR / f"step-{state['step']}"
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
         (path / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=1))
+        (path / MODEL_SIGNATURE_NAME).write_text(json.dumps(signature, indent=1))
         if save_total_limit is not None:
             found = sorted(path.parent.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
             for old in found[:-save_total_limit]:
@@ -212,28 +361,27 @@ def train(
             generator=torch.Generator().manual_seed(args.seed),
         )
 
-    # 3. Optimizer over every parameter and a schedule counted in optimizer steps. Accelerate steps a
-    #    prepared scheduler once per process per optimizer step, hence the num_processes factors.
+    # 3. Optimizer over every parameter; the learning rates are set before every step (see the docstring).
     optimizer = torch.optim.AdamW(
         parameter_groups(model, args.weight_decay),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
     )
-    warmup = args.warmup_steps * accelerator.num_processes
-    if args.lr_scheduler == "cosine":
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, warmup, args.max_steps * accelerator.num_processes, min_lr_rate=args.min_lr_ratio
-        )
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+    freeze_steps = getattr(getattr(model, "config", None), "freeze_backbone_steps", 0) or 0
+    budget_seconds = None if args.max_minutes is None else 60 * args.max_minutes
+
+    def set_learning_rates(step: int, train_seconds: float) -> None:
+        peak = args.learning_rate * schedule_multiplier(args, step, train_seconds)
+        backbone = unfreeze_multiplier(step, freeze_steps, args.unfreeze_warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = peak * backbone if group["backbone"] else peak
 
     # 4. prepare (with every parameter trainable while DDP wraps it, see 1.)
+    signature = model_signature(model)
     for p in frozen:
         p.requires_grad_(True)
-    model, optimizer, train_dataloader, scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, scheduler
-    )
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     for p in frozen:
         p.requires_grad_(False)
     if eval_dataloader is not None:
@@ -253,14 +401,26 @@ def train(
     unwrapped = accelerator.unwrap_model(model)
     on_step_begin = getattr(unwrapped, "on_step_begin", None)
 
-    # 5. Resume: weights, optimizer, scheduler, RNG, then step and data position.
-    step, epoch, batches_done, tokens_seen, history = 0, 0, 0, 0, []
+    # 5. Resume: weights, optimizer, RNG, then step, data position and training time.
+    step, epoch, batches_done, tokens_seen, train_seconds, history = 0, 0, 0, 0, 0.0, []
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
+        check_model_signature(resume_dir, unwrapped)
+        try:
+            accelerator.load_state(str(resume_dir))
+        except (
+            RuntimeError
+        ) as e:  # a checkpoint without a signature (or one it does not catch) that does not fit
+            first_lines = " ".join(str(e).split("\n")[:2]).strip()
+            raise ValueError(f"checkpoint {resume_dir} does not fit this model ({first_lines})") from None
         state = json.loads((resume_dir / TRAINER_STATE_NAME).read_text())
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
         tokens_seen, history = state["tokens_seen"], state["history"]
-    accumulation_counter = accelerator.step  # accelerate's micro-batch counter at the last optimizer step
+        train_seconds = state.get("train_seconds", 0.0)
+        resumed = f"resumed from step {step} of {args.max_steps}"
+        if budget_seconds is not None:
+            resumed += f", {train_seconds / 60:.1f} of {args.max_minutes:g} minutes of training time spent"
+        logger.info(resumed)
+        accelerator.print(f"{resumed} ({resume_dir})")
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -298,121 +458,170 @@ def train(
             "epoch": epoch,
             "batches_done": batches_done,
             "tokens_seen": tokens_seen,
+            "train_seconds": train_seconds,
             "history": history,
         }
 
+    def save() -> Path:
+        nonlocal last_saved_step
+        path = save_checkpoint(accelerator, output_dir, trainer_state(), signature, args.save_total_limit)
+        last_saved_step = step
+        return path
+
+    # a time-budgeted run counts training seconds, a step-budgeted one steps
     progress = tqdm(
-        total=args.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process
+        total=args.max_steps if budget_seconds is None else budget_seconds,
+        initial=step if budget_seconds is None else min(train_seconds, budget_seconds),
+        desc="train",
+        unit="step" if budget_seconds is None else "s",
+        bar_format=None
+        if budget_seconds is None
+        else "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of training time [{elapsed}<{remaining}{postfix}]",
+        disable=not accelerator.is_local_main_process,
     )
     eval_metrics, stopped_by_time, last_saved_step = {}, False, None
-    start = window_start = time.perf_counter()
-    window_sums = torch.zeros(len(LOGGED_OUTPUT_KEYS), device=accelerator.device)
-    window_micro_batches, window_tokens = 0, 0
-    step_tokens, step_begun, last_eval_step, grad_norm = 0, False, None, None
+    # rank 0's training time at the projected end of the next step, and whether that step is the budget's last
+    projected_seconds, step_seconds_estimate, last_by_time = train_seconds, None, False
+    if budget_seconds is not None and train_seconds >= budget_seconds:
+        stopped_by_time = True  # a resumed run whose budget is already spent
+    window_sums: dict[str, torch.Tensor] = {}
+    window_micro_batches, window_tokens, window_train_seconds = 0, 0, 0.0
+    step_tokens, step_begun, last_eval_step, grad_norm, logged_keys = 0, False, None, None, None
     model.train()
 
     # 6. The loop.
     try:
-        while step < args.max_steps and not stopped_by_time:
-            train_dataloader.set_epoch(epoch)
-            batches = (
-                accelerator.skip_first_batches(train_dataloader, batches_done)
-                if batches_done
-                else train_dataloader
-            )
-            for batch_index, batch in enumerate(batches, start=batches_done):
-                if not step_begun:
-                    if on_step_begin is not None:
-                        on_step_begin(step)
-                    step_begun = True
-                with accelerator.accumulate(model):
-                    outputs = model(**model_inputs(batch))
-                    accelerator.backward(outputs.loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
+        with DeferredInterrupt() as interrupt:
+            tick = time.perf_counter()  # training time runs from here; evaluation and saving reset it
+            while step < args.max_steps and not stopped_by_time:
+                train_dataloader.set_epoch(epoch)
+                batches = (
+                    accelerator.skip_first_batches(train_dataloader, batches_done)
+                    if batches_done
+                    else train_dataloader
+                )
+                for batch_index, batch in enumerate(batches, start=batches_done):
+                    if not step_begun:
+                        if on_step_begin is not None:
+                            on_step_begin(step)
+                        set_learning_rates(step, projected_seconds)
+                        step_begun = True
+                    with accelerator.accumulate(model):
+                        outputs = model(**model_inputs(batch))
+                        accelerator.backward(outputs.loss)
+                        if accelerator.sync_gradients and args.max_grad_norm > 0:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
 
-                for i, key in enumerate(LOGGED_OUTPUT_KEYS):
-                    value = getattr(outputs, key, None)
-                    if isinstance(value, torch.Tensor):
-                        window_sums[i] += value.detach().float()
-                window_micro_batches += 1
-                window_tokens += batch["input_ids"].numel() * accelerator.num_processes
-                step_tokens += batch["input_ids"].numel() * accelerator.num_processes
-                if not accelerator.sync_gradients:
-                    continue
+                    if logged_keys is None:
+                        logged_keys = logged_output_keys(unwrapped, outputs)
+                    for key in logged_keys:
+                        window_sums[key] = window_sums.get(key, 0.0) + getattr(outputs, key).detach().float()
+                    window_micro_batches += 1
+                    window_tokens += batch["input_ids"].numel() * accelerator.num_processes
+                    step_tokens += batch["input_ids"].numel() * accelerator.num_processes
+                    if not accelerator.sync_gradients:
+                        continue
 
-                # one optimizer step done
-                step += 1
-                batches_done = batch_index + 1
-                tokens_seen, step_tokens = tokens_seen + step_tokens, 0
-                accumulation_counter = accelerator.step
-                step_begun = False
-                progress.update(1)
+                    # one optimizer step done
+                    step_seconds = time.perf_counter() - tick
+                    train_seconds += step_seconds
+                    window_train_seconds += step_seconds
+                    step += 1
+                    batches_done = batch_index + 1
+                    tokens_seen, step_tokens = tokens_seen + step_tokens, 0
+                    step_begun = False
+                    stopped_by_time = last_by_time
 
-                if step % args.logging_steps == 0 or step == args.max_steps:
-                    means = accelerator.reduce(window_sums / window_micro_batches, reduction="mean")
-                    elapsed = time.perf_counter() - window_start
-                    record = {
-                        "step": step,
-                        "lr": scheduler.get_last_lr()[0],
-                        "tokens_seen": tokens_seen,
-                        "tokens_per_second": window_tokens / elapsed,
-                        "elapsed_s": time.perf_counter() - start,
-                    }
-                    if grad_norm is not None:
-                        record["grad_norm"] = float(grad_norm)
-                    record.update(
-                        {
-                            k: means[i].item()
-                            for i, k in enumerate(LOGGED_OUTPUT_KEYS)
-                            if isinstance(getattr(outputs, k, None), torch.Tensor)
+                    if step % args.logging_steps == 0 or step == args.max_steps or stopped_by_time:
+                        means = accelerator.reduce(
+                            torch.stack([window_sums[k] for k in logged_keys]) / window_micro_batches,
+                            reduction="mean",
+                        )
+                        lrs = {"lr": optimizer.param_groups[0]["lr"]}
+                        backbone_lrs = [g["lr"] for g in optimizer.param_groups if g["backbone"]]
+                        if backbone_lrs and not all(g["backbone"] for g in optimizer.param_groups):
+                            lrs["lr_backbone"] = backbone_lrs[0]
+                        record = {
+                            "step": step,
+                            **lrs,
+                            "tokens_seen": tokens_seen,
+                            "tokens_per_second": window_tokens / window_train_seconds,
+                            "train_seconds": train_seconds,
                         }
-                    )
-                    log(record)
-                    progress.set_postfix(
-                        loss=f"{record['loss']:.4f}",
-                        lr=f"{record['lr']:.2e}",
-                        tok_s=f"{record['tokens_per_second']:.0f}",
-                    )
-                    window_sums.zero_()
-                    window_micro_batches, window_tokens, window_start = 0, 0, time.perf_counter()
+                        if grad_norm is not None:
+                            record["grad_norm"] = float(grad_norm)
+                        record.update({k: means[i].item() for i, k in enumerate(logged_keys)})
+                        log(record)
+                        progress.set_postfix_str(
+                            f"step {step}, loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                            f"tok/s {record['tokens_per_second']:.0f}"
+                        )
+                        window_sums.clear()
+                        window_micro_batches, window_tokens, window_train_seconds = 0, 0, 0.0
+                    if budget_seconds is None:
+                        progress.update(1)
+                    else:
+                        progress.update(min(train_seconds, budget_seconds) - progress.n)
 
-                paused = time.perf_counter()  # evaluation and saving do not count in tokens_per_second
-                if eval_dataloader is not None and args.eval_steps and step % args.eval_steps == 0:
-                    eval_metrics = run_evaluation()
-                if args.save_steps and step % args.save_steps == 0:
-                    save_checkpoint(accelerator, output_dir, trainer_state(), args.save_total_limit)
-                    last_saved_step = step
-                window_start += time.perf_counter() - paused
+                    if eval_dataloader is not None and args.eval_steps and step % args.eval_steps == 0:
+                        eval_metrics = run_evaluation()
+                    if args.save_steps and step % args.save_steps == 0:
+                        save()
 
-                if args.max_minutes is not None:
-                    out_of_time = torch.tensor(
-                        [time.perf_counter() - start >= 60 * args.max_minutes],
-                        dtype=torch.float32,
-                        device=accelerator.device,
+                    # Every rank takes rank 0's training time (so all use one learning rate and stop together)
+                    # and learns whether any of them was interrupted.
+                    step_seconds_estimate = (
+                        step_seconds
+                        if step_seconds_estimate is None
+                        else STEP_TIME_SMOOTHING * step_seconds_estimate
+                        + (1 - STEP_TIME_SMOOTHING) * step_seconds
                     )
-                    stopped_by_time = bool(broadcast(out_of_time).item())
-                if step >= args.max_steps or stopped_by_time:
-                    break
-            else:
-                epoch, batches_done = epoch + 1, 0
+                    is_main = accelerator.is_main_process
+                    shared = accelerator.reduce(
+                        torch.tensor(
+                            [
+                                train_seconds if is_main else 0.0,
+                                train_seconds + step_seconds_estimate if is_main else 0.0,
+                                float(interrupt.requested),
+                            ],
+                            dtype=torch.float64,
+                            device=accelerator.device,
+                        ),
+                        reduction="sum",
+                    ).tolist()
+                    train_seconds, projected_seconds, interrupted = shared[0], shared[1], shared[2] > 0
+                    last_by_time = budget_seconds is not None and projected_seconds >= budget_seconds
+                    if interrupted:
+                        path = (
+                            save()
+                            if last_saved_step != step
+                            else output_dir / CHECKPOINTS_DIR / f"step-{step}"
+                        )
+                        if accelerator.is_main_process:
+                            progress.write(
+                                f"interrupted: saved {path} after step {step}; resume with "
+                                "--resume_from_checkpoint latest"
+                            )
+                        raise KeyboardInterrupt
+                    if step >= args.max_steps or stopped_by_time:
+                        break
+                    tick = time.perf_counter()
+                else:
+                    epoch, batches_done = epoch + 1, 0
     except KeyboardInterrupt:
-        # keep what the completed optimizer steps reached; a half-accumulated step is redone on resume
-        if step > 0 and last_saved_step != step:
-            accelerator.step = accumulation_counter
-            path = save_checkpoint(accelerator, output_dir, trainer_state(), args.save_total_limit)
-            if accelerator.is_main_process:
-                progress.write(f"interrupted: saved {path}; resume with --resume_from_checkpoint latest")
+        if step_begun and accelerator.is_main_process:
+            # a second Ctrl-C (or one outside the loop's handler) stopped a half-done step: saving it would
+            # keep the quantizer and RNG state of the half-done step
+            progress.write(f"interrupted during step {step + 1}: not saved; resume from the last checkpoint")
         raise
     finally:
         progress.close()
 
     # 7. Final evaluation and save.
     if stopped_by_time and last_saved_step != step:
-        save_checkpoint(accelerator, output_dir, trainer_state(), args.save_total_limit)
+        save()
     if eval_dataloader is not None and last_eval_step != step:
         eval_metrics = run_evaluation()
     result = TrainResult(
