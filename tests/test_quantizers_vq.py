@@ -167,6 +167,55 @@ def test_channel_first_single_vectors_and_spatial_input():
     assert quantized.shape == grid.shape and indices.shape == (BATCH, 3, 4)
 
 
+FMAP_CASES = {
+    "vq_image": (VectorQuantize, {"dim": DIM, "codebook_size": CODES}, "accept_image_fmap", (3, 4)),
+    "vq_video_heads": (
+        VectorQuantize,
+        {"dim": DIM, "codebook_size": CODES, "heads": 2, "separate_codebook_per_head": True, "codebook_dim": 4},
+        "accept_3d_fmap",
+        (2, 3, 4),
+    ),
+    "rvq_image": (ResidualVQ, {"dim": DIM, "codebook_size": CODES, "num_quantizers": 3}, "accept_image_fmap", (3, 4)),
+    "rvq_video_projection": (
+        ResidualVQ,
+        {"dim": DIM, "codebook_size": CODES, "num_quantizers": 2, "codebook_dim": 8},
+        "accept_3d_fmap",
+        (2, 3, 4),
+    ),
+    "grouped_image": (
+        GroupedResidualVQ,
+        {"dim": DIM, "codebook_size": CODES, "num_quantizers": 2, "groups": 2},
+        "accept_image_fmap",
+        (3, 5),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FMAP_CASES.values(), ids=FMAP_CASES.keys())
+def test_feature_maps_equal_channel_last_input(case):
+    """A (B, dim, *spatial) feature map quantizes exactly as its channel-last (B, *spatial, dim) view."""
+    cls, kwargs, flag, spatial = case
+    torch.manual_seed(0)
+    fmap = cls(**kwargs, **{flag: True})
+    twin = cls(**kwargs)
+    twin.load_state_dict(fmap.state_dict())
+    x = torch.randn(BATCH, DIM, *spatial)
+    for training in (True, False):  # training: the same EMA step; eval: exact decoding
+        fmap.train(training), twin.train(training)
+        quantized, indices, loss = fmap(x)
+        twin_quantized, twin_indices, twin_loss = twin(x.movedim(1, -1))
+        assert quantized.shape == x.shape
+        assert torch.equal(quantized, twin_quantized.movedim(-1, 1))
+        assert torch.equal(indices, twin_indices) and torch.equal(loss, twin_loss)
+        position_axis = 1 if cls is GroupedResidualVQ else 0  # grouped indices are (G, B, *spatial, Q)
+        assert indices.shape[position_axis + 1 : position_axis + 1 + len(spatial)] == spatial
+        for key, value in twin.state_dict().items():
+            assert torch.equal(fmap.state_dict()[key], value), key
+    assert torch.equal(fmap.get_output_from_indices(indices), quantized)
+    with pytest.raises(ValueError, match="expected a feature map"):
+        fmap(torch.randn(BATCH, DIM, *spatial, 2))
+
+
 def test_quantize_dropout_decodes_fewer_depths():
     torch.manual_seed(0)
     rvq = ResidualVQ(dim=DIM, num_quantizers=4, codebook_size=CODES, quantize_dropout=True)
