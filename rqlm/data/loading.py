@@ -99,7 +99,9 @@ def load_text_dataset(
             return type(splits)(
                 {
                     "train": train.filter(_has_text, input_columns=text_column, batched=True),
-                    "validation": splits[validation_name].filter(_has_text, input_columns=text_column, batched=True),
+                    "validation": splits[validation_name].filter(
+                        _has_text, input_columns=text_column, batched=True
+                    ),
                 }
             )
         train = train.select_columns([text_column])
@@ -107,7 +109,9 @@ def load_text_dataset(
     if isinstance(train, IterableDataset):
         return _hold_out_stream(train, text_column, validation_fraction, seed)
     if len(train) == 0:
-        raise ValueError(f"dataset {where} holds no text in column {text_column!r}; check the files' contents")
+        raise ValueError(
+            f"dataset {where} holds no text in column {text_column!r}; check the files' contents"
+        )
     return _hold_out(train[text_column], text_column, validation_fraction, seed)
 
 
@@ -118,7 +122,9 @@ def held_out_rule(name_or_path: str | os.PathLike | None) -> str:
         f"topped up to {MIN_HELD_OUT_CHARS:,} characters but at most {MAX_HELD_OUT_SHARE:.0%} of the text"
     )
     if name_or_path is None:
-        return f"the embedded corpus's validation split, {VALIDATION_FRACTION:.0%} of documents by a seeded hash"
+        return (
+            f"the embedded corpus's validation split, {VALIDATION_FRACTION:.0%} of documents by a seeded hash"
+        )
     if looks_like_local_path(name_or_path):
         return hashed
     return f"the dataset's validation split, or else {hashed}"
@@ -291,7 +297,9 @@ def _hold_out(texts: list[str], text_column: str, validation_fraction: float, se
         splits["train"] += train
         splits["validation"] += validation
         start += len(pieces)
-    return DatasetDict({split: Dataset.from_dict({text_column: split_texts}) for split, split_texts in splits.items()})
+    return DatasetDict(
+        {split: Dataset.from_dict({text_column: split_texts}) for split, split_texts in splits.items()}
+    )
 
 
 def _hold_out_stream(
@@ -308,7 +316,9 @@ def _hold_out_stream(
                 out += _held_out_runs(pieces, held)[is_validation]
             return {text_column: out}
 
-        return train.map(pieces_on_side, input_columns=text_column, batched=True, remove_columns=[text_column])
+        return train.map(
+            pieces_on_side, input_columns=text_column, batched=True, remove_columns=[text_column]
+        )
 
     return IterableDatasetDict({"train": side(False), "validation": side(True)})
 
@@ -431,8 +441,11 @@ def get_lm_datasets(
                 raise ValueError(
                     f"{where} is too small: its {split} split's {tokens:,} tokens make {len(blocks)} blocks of "
                     f"{block_size}; {what} {needed} ({needed * block_size:,} tokens); give more text"
-                    + (", or lower --block_size or --per_device_train_batch_size" if split == "train"
-                       else " or lower --block_size")
+                    + (
+                        ", or lower --block_size or --per_device_train_batch_size"
+                        if split == "train"
+                        else " or lower --block_size"
+                    )
                 )
     if max_eval_blocks is not None:
         evaluation = (
@@ -446,4 +459,6 @@ def get_lm_datasets(
 def _count_tokens(texts: list[str], tokenizer) -> int:
     """Tokens that `tokenize_and_pack` makes of `texts`, eos included."""
     texts = list(texts)
-    return sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
+    return (
+        sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
+    )

@@ -24,6 +24,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .arguments import DATASET_HELP
 from .corpus import (
     CORPUS_VERSION,
     PYTHON_VERSION,
@@ -31,7 +32,6 @@ from .corpus import (
     corpus_statistics,
     default_cache_dir,
 )
-from .arguments import DATASET_HELP
 from .loading import held_out_rule, load_text_dataset, looks_like_local_path
 
 BOS_TOKEN = "<|bos|>"
