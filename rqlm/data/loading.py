@@ -280,16 +280,19 @@ def _held_out_runs(pieces: list[str], held: list[bool]) -> tuple[list[str], list
 
 def _hold_out(texts: list[str], text_column: str, validation_fraction: float, seed: int) -> DatasetDict:
     """Hold out pieces by their hash score (topped up to `MIN_HELD_OUT_CHARS`, see the module
-    docstring); at least one piece is held out when there are two."""
+    docstring); at least one piece is held out when there are two, and copies of a text stay together."""
     documents = [split_into_pieces(text) for text in texts]
     scores = np.array([split_score(piece, seed) for pieces in documents for piece in pieces])
     lengths = np.array([len(piece) for pieces in documents for piece in pieces])
     held = scores < validation_fraction
     target = min(MIN_HELD_OUT_CHARS, MAX_HELD_OUT_SHARE * lengths.sum())
     if lengths[held].sum() < target or (not held.any() and len(scores) > 1):
-        order = np.argsort(scores)  # lowest scores first: still order-independent
-        count = int(np.searchsorted(np.cumsum(lengths[order]), target)) + 1
-        held[order[: min(max(count, 1), len(scores) - 1)]] = True
+        order = np.argsort(scores, kind="stable")  # lowest scores first: still order-independent
+        count = min(int(np.searchsorted(np.cumsum(lengths[order]), target)) + 1, len(scores) - 1)
+        threshold = scores[order[max(count, 1) - 1]]
+        held |= scores <= threshold  # copies of a text share its score, so they stay on one side
+        if held.all():  # the text is one piece repeated: hold out some copies rather than none
+            held[order[count:]] = False
     splits: dict[str, list[str]] = {"train": [], "validation": []}
     start = 0
     for pieces in documents:
