@@ -4,9 +4,11 @@ Importing rqlm registers its configurations and models with transformers' Auto c
 and marks them for `trust_remote_code` saving (a saved folder carries the modeling files).
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .modeling.configuration_rq_transformer import RQTransformerConfig
 from .modeling.configuration_rq_vae import RQVAEConfig
+from .modeling.modeling_rq_transformer import RQTransformerForCausalLM, RQTransformerOutput
 from .modeling.modeling_rq_vae import RQVAEEncoderOutput, RQVAEModel, RQVAEOutput
 
 __version__ = "0.1.0"
@@ -16,4 +18,17 @@ AutoModel.register(RQVAEConfig, RQVAEModel, exist_ok=True)
 RQVAEConfig.register_for_auto_class()
 RQVAEModel.register_for_auto_class("AutoModel")
 
-__all__ = ["RQVAEConfig", "RQVAEEncoderOutput", "RQVAEModel", "RQVAEOutput"]
+AutoConfig.register(RQTransformerConfig.model_type, RQTransformerConfig, exist_ok=True)
+AutoModelForCausalLM.register(RQTransformerConfig, RQTransformerForCausalLM, exist_ok=True)
+RQTransformerConfig.register_for_auto_class()
+RQTransformerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "RQTransformerConfig",
+    "RQTransformerForCausalLM",
+    "RQTransformerOutput",
+    "RQVAEConfig",
+    "RQVAEEncoderOutput",
+    "RQVAEModel",
+    "RQVAEOutput",
+]

@@ -1,0 +1,114 @@
+"""RQTransformerConfig: the configuration of the latent language model over RQ-VAE codes."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig, Qwen3Config
+from transformers.configuration_utils import SubConfigSpec
+
+from .configuration_rq_vae import LORA_TARGETS, RQVAEConfig
+
+SPATIAL_INPUTS = ("quantized", "code_embeddings")
+DEPTH_MODES = ("autoregressive", "parallel")
+
+
+class RQTransformerConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`RQTransformerForCausalLM`]: a Qwen3 spatial transformer over latent positions and a
+    small depth transformer over the D codes of each position, on top of a frozen [`RQVAEModel`].
+
+    Args:
+        backbone_config (`Qwen3Config` or `dict`):
+            The spatial transformer: its layers run over latent positions (C tokens each). Its `vocab_size`
+            is unused (the spatial input is a latent, not a token).
+        vae_config (`RQVAEConfig` or `dict`):
+            The frozen RQ-VAE whose codes the model predicts and whose decoder turns them back into tokens.
+        spatial_input (`str`, defaults to `"quantized"`):
+            What represents a latent position at the spatial input: `"quantized"`, the VAE's exact quantized
+            vector of the codes (d wide, projected to H), or `"code_embeddings"`, a sum of learned per-depth
+            code embeddings (H wide).
+        depth_mode (`str`, defaults to `"autoregressive"`):
+            `"autoregressive"`: a causal depth transformer reads the spatial output and the codes already
+            chosen (D sequential steps per position at generation). `"parallel"`: every depth is predicted at
+            once from the spatial output (one step, codes of one position independent given the context).
+        depth_num_layers (`int`, defaults to 1): layers of the depth transformer.
+        depth_hidden_size (`int`, defaults to 256): width of the depth transformer.
+        depth_num_attention_heads (`int`, defaults to 4): attention heads of the depth transformer.
+        depth_intermediate_size (`int`, *optional*): SwiGLU width of the depth transformer (default 3 x width).
+        aux_token_loss_weight (`float`, defaults to 0.0):
+            Weight of an auxiliary loss: C linear heads on the spatial output predict the next chunk's tokens
+            (cross-entropy), a learning signal as direct as the token baseline's. 0 turns the heads off.
+        freeze_backbone_steps (`int`, defaults to 0):
+            Optimizer steps during which the spatial Qwen3 layers stay frozen while the input projection and the
+            depth transformer learn (meant for a pretrained backbone from `from_backbone`).
+        lora_r (`int`, defaults to 0): LoRA rank on the spatial layers; 0 trains them fully.
+        lora_alpha (`int`, defaults to 16): LoRA scaling numerator.
+        lora_dropout (`float`, defaults to 0.0): LoRA dropout.
+        lora_target_modules (`list[str]`, *optional*): modules given adapters (default q/k/v/o/gate/up/down).
+    """
+
+    model_type = "rq_transformer"
+    sub_configs_defaults = {  # noqa: RUF012 (transformers ClassVar)
+        "backbone_config": SubConfigSpec(Qwen3Config),
+        "vae_config": SubConfigSpec(RQVAEConfig),
+    }
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    vae_config: dict | PreTrainedConfig | None = None
+    spatial_input: str = "quantized"
+    depth_mode: str = "autoregressive"
+    depth_num_layers: int = 1
+    depth_hidden_size: int = 256
+    depth_num_attention_heads: int = 4
+    depth_intermediate_size: int | None = None
+    aux_token_loss_weight: float = 0.0
+    freeze_backbone_steps: int = 0
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.lora_target_modules = list(self.lora_target_modules or LORA_TARGETS)
+        if self.depth_intermediate_size is None:
+            self.depth_intermediate_size = 3 * self.depth_hidden_size
+        self.validate_values()
+
+    @property
+    def compression_factor(self) -> int:
+        """C: tokens per latent position (the VAE's)."""
+        return self.vae_config.compression_factor
+
+    @property
+    def num_quantizers(self) -> int:
+        """D: codes per latent position (the VAE's)."""
+        return self.vae_config.num_quantizers
+
+    @property
+    def codebook_size(self) -> int:
+        """K: codes per codebook (the VAE's)."""
+        return self.vae_config.codebook_size
+
+    def validate_values(self) -> None:
+        """Fail early, in one line, on combinations the model cannot build."""
+        if self.spatial_input not in SPATIAL_INPUTS:
+            raise ValueError(f"spatial_input must be one of {', '.join(SPATIAL_INPUTS)}, got {self.spatial_input!r}")
+        if self.depth_mode not in DEPTH_MODES:
+            raise ValueError(f"depth_mode must be one of {', '.join(DEPTH_MODES)}, got {self.depth_mode!r}")
+        for name in ("depth_hidden_size", "depth_num_attention_heads", "depth_num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("freeze_backbone_steps", "lora_r"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.depth_hidden_size % self.depth_num_attention_heads:
+            raise ValueError(
+                f"depth_hidden_size {self.depth_hidden_size} is not divisible by depth_num_attention_heads "
+                f"{self.depth_num_attention_heads}"
+            )
+        if self.aux_token_loss_weight < 0:
+            raise ValueError(f"aux_token_loss_weight must be >= 0, got {self.aux_token_loss_weight}")
+
+
+__all__ = ["RQTransformerConfig"]

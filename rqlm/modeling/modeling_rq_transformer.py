@@ -1,0 +1,414 @@
+"""RQTransformerForCausalLM: a language model over the residual codes of a frozen RQ-VAE.
+
+    codes (B, L, D) -> latent of each position (the VAE's quantized vector, or summed
+                       per-depth code embeddings) -> linear               (B, L, H)
+      shifted right by one, a learned start position first
+      -> SPATIAL Qwen3 layers (causal over positions, KV cache)       h (B, L, H)
+      -> DEPTH transformer per position over [h_l, e(c_l,0), ..,
+         e(c_l,0..D-2)] (causal over depth)                  logits (B, L, D, K)
+    loss = cross-entropy over the codes, averaged over depth
+         [+ aux: C heads on h_l predict the tokens of chunk l]
+
+h_l is computed from the codes of positions < l, and the logits of depth d from h_l and
+the codes of depths < d at position l, so sampling goes position by position and, inside
+a position, depth by depth (see generation_rq_transformer.py). The frozen RQ-VAE is a
+submodule: `encode` turns text into codes for training, its decoder turns sampled codes
+back into C tokens at once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel, Qwen3Config
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_rq_transformer import RQTransformerConfig
+from .generation_rq_transformer import RQTransformerGenerationMixin
+from .layers import Qwen3Stack
+from .lora import add_lora, is_lora_parameter, lora_parameters, merge_lora
+from .modeling_rq_vae import IGNORE_INDEX, RQVAEModel, _load_base_weights
+
+
+@dataclass
+class RQTransformerOutput(ModelOutput):
+    """What `forward` returns.
+
+    `loss` = `code_loss` (+ weighted `aux_loss`); `code_loss` is the mean code NLL (nats) per code;
+    `depth_nll` and `depth_accuracy` are (D,) per-depth means; `logits` (B, L, D, K); `num_codes` the
+    number of codes scored per depth.
+    """
+
+    loss: torch.FloatTensor | None = None
+    code_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    depth_nll: torch.FloatTensor | None = None
+    depth_accuracy: torch.FloatTensor | None = None
+    codes: torch.LongTensor | None = None
+    num_codes: torch.LongTensor | None = None
+    hidden_states: torch.FloatTensor | None = None
+
+
+def depth_stack_config(config: RQTransformerConfig) -> Qwen3Config:
+    """A small Qwen3 config of width `depth_hidden_size` for the depth transformer (D positions)."""
+    heads = config.depth_num_attention_heads
+    depth = Qwen3Config(
+        vocab_size=1,
+        hidden_size=config.depth_hidden_size,
+        intermediate_size=config.depth_intermediate_size,
+        num_hidden_layers=config.depth_num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=config.depth_hidden_size // heads,
+        max_position_embeddings=max(config.num_quantizers, 8),
+        rms_norm_eps=config.backbone_config.rms_norm_eps,
+    )
+    depth._attn_implementation_internal = config.backbone_config._attn_implementation
+    return depth
+
+
+class RQTransformerPreTrainedModel(PreTrainedModel):
+    config_class = RQTransformerConfig
+    config: RQTransformerConfig
+    base_model_prefix = "rq_transformer"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen3DecoderLayer"]  # noqa: RUF012 (transformers convention)
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` with a one-line error for a checkpoint of another model."""
+        config = kwargs.get("config")
+        if config is None or isinstance(config, (str, os.PathLike)):
+            saved = PreTrainedConfig.get_config_dict(config or pretrained_model_name_or_path)[0]
+            model_type = saved.get("model_type")
+            if model_type != cls.config_class.model_type:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path!s} holds a {model_type!r} checkpoint, not "
+                    f"{cls.config_class.model_type!r}; a latent LM is trained with `rqlm train-lm --vae VAE_DIR`"
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def _init_weights(self, module):
+        """Standard init; the frozen VAE keeps its trained weights (loaded after construction)."""
+        if getattr(module, "_owns_its_init", False):
+            return
+        super()._init_weights(module)
+        if isinstance(module, RQTransformerForCausalLM):
+            std = self.config.backbone_config.initializer_range
+            init.normal_(module.start, std=std)
+            init.normal_(module.depth_position, std=std)
+
+
+class RQTransformerForCausalLM(RQTransformerGenerationMixin, RQTransformerPreTrainedModel):
+    """Spatial + depth transformers over a frozen RQ-VAE's codes (see the module docstring)."""
+
+    def __init__(self, config: RQTransformerConfig):
+        super().__init__(config)
+        backbone = config.backbone_config
+        for sub in (backbone, config.vae_config, config.vae_config.backbone_config):
+            if sub._attn_implementation is None:
+                sub._attn_implementation_internal = config._attn_implementation
+        hidden, depth_hidden = backbone.hidden_size, config.depth_hidden_size
+        num_codes, codebook = config.num_quantizers, config.codebook_size
+
+        self.vae = RQVAEModel(config.vae_config)
+        for module in self.vae.modules():
+            module._owns_its_init = True
+        self.vae.requires_grad_(False)
+        self.vae.eval()
+        if self.vae.quantizer_depth != num_codes or self.vae.quantizer_size != codebook:
+            raise ValueError(
+                f"the VAE's quantizer gives {self.vae.quantizer_depth} codes of {self.vae.quantizer_size}, "
+                f"not D={num_codes} of K={codebook}"
+            )
+
+        # spatial input: one vector of width H per latent position
+        if config.spatial_input == "quantized":
+            self.code_embed = None
+            self.latent_proj = nn.Linear(config.vae_config.latent_dim, hidden)
+        else:
+            self.code_embed = nn.ModuleList([nn.Embedding(codebook, hidden) for _ in range(num_codes)])
+            self.latent_proj = None
+        self.start = nn.Parameter(torch.zeros(hidden))
+        self.spatial = Qwen3Stack(backbone)
+
+        # depth transformer: D positions per latent position
+        depth_config = depth_stack_config(config)
+        self.depth_in = nn.Linear(hidden, depth_hidden)
+        self.depth_position = nn.Parameter(torch.zeros(num_codes, depth_hidden))
+        self.depth_code_embed = (
+            nn.ModuleList([nn.Embedding(codebook, depth_hidden) for _ in range(num_codes - 1)])
+            if config.depth_mode == "autoregressive"
+            else None
+        )
+        self.depth = Qwen3Stack(depth_config)
+        self.depth_heads = nn.ModuleList([nn.Linear(depth_hidden, codebook, bias=False) for _ in range(num_codes)])
+
+        # optional auxiliary next-chunk token heads
+        if config.aux_token_loss_weight > 0:
+            self.aux_proj = nn.Linear(hidden, config.compression_factor * hidden)
+            self.aux_head = nn.Linear(hidden, config.vae_config.backbone_config.vocab_size, bias=False)
+        else:
+            self.aux_proj = self.aux_head = None
+
+        # the VAE never trains: DDP neither syncs nor broadcasts it, the trainer leaves it out of the optimizer
+        self._ddp_params_and_buffers_to_ignore = [f"vae.{name}" for name, _ in self.vae.named_parameters()] + [
+            f"vae.{name}" for name, _ in self.vae.named_buffers()
+        ]
+        self._backbone_frozen = None
+        if config.lora_r > 0:
+            self._add_lora_adapters()
+        self.post_init()
+        self._default_special_tokens()
+
+    def _default_special_tokens(self) -> None:
+        """generate() stops at the tokenizer's EOS and pads with its pad token unless told otherwise."""
+        tokens = self.config.vae_config.backbone_config
+        if self.generation_config is None:
+            self.generation_config = GenerationConfig()
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self.generation_config, name) is None:
+                setattr(self.generation_config, name, getattr(tokens, name))
+
+    # ----------------------------------------------------------------- the frozen VAE
+    def train(self, mode: bool = True):
+        """Train or eval mode for the LM; the VAE stays in eval mode (no codebook EMA, kmeans or expiry)."""
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    @property
+    def compression_factor(self) -> int:
+        return self.config.compression_factor
+
+    @property
+    def num_quantizers(self) -> int:
+        return self.config.num_quantizers
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+        """Tokens (B, T) -> the frozen VAE's codes (B, L, D) (-1 where a position holds only padding)."""
+        return self.vae.encode(input_ids, attention_mask).codes
+
+    # ----------------------------------------------------------------- spatial
+    def embed_codes(self, codes: torch.LongTensor) -> torch.FloatTensor:
+        """Codes (B, L, D) -> spatial inputs (B, L, H); -1 (padding) codes give any finite vector."""
+        codes = codes.clamp(min=0)
+        if self.code_embed is None:
+            with torch.no_grad():
+                quantized = self.vae.codes_to_quantized(codes)  # (B, L, d), exact
+            return self.latent_proj(quantized.to(self.latent_proj.weight.dtype))
+        return sum(embed(codes[..., i]) for i, embed in enumerate(self.code_embed))
+
+    def spatial_forward(
+        self,
+        inputs_embeds: torch.FloatTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+    ) -> torch.FloatTensor:
+        """Spatial inputs (B, S, H) -> hidden states (B, S, H), causal over positions."""
+        return self.spatial(inputs_embeds, attention_mask, cache=cache, position_ids=position_ids)
+
+    def spatial_inputs(self, codes: torch.LongTensor) -> torch.FloatTensor:
+        """Codes (B, L, D) -> [start, x_0 .. x_{L-2}] (B, L, H): position l sees the codes of positions < l."""
+        x = self.embed_codes(codes[:, :-1])  # (B, L-1, H)
+        start = repeat(self.start, "h -> b 1 h", b=codes.shape[0]).to(x.dtype)
+        return torch.cat([start, x], dim=1)
+
+    # ----------------------------------------------------------------- depth
+    def depth_inputs(self, hidden: torch.FloatTensor, codes: torch.LongTensor | None) -> torch.FloatTensor:
+        """h (N, H) and the codes already chosen (N, d) -> depth inputs (N, d+1, Dh).
+
+        Input j holds the spatial output, the depth position j and the sum of the embeddings of
+        codes 0..j-1 (the partial residual, as in the RQ-Transformer paper); `parallel` mode uses
+        the spatial output and the position only.
+        """
+        h = self.depth_in(hidden)[:, None]  # (N, 1, Dh)
+        length = 1 if codes is None else codes.shape[1] + 1
+        if self.depth_code_embed is None:
+            length = self.num_quantizers
+        x = h + self.depth_position[:length]  # (N, length, Dh)
+        if self.depth_code_embed is not None and codes is not None and codes.shape[1]:
+            embedded = torch.stack([self.depth_code_embed[j](codes[:, j]) for j in range(codes.shape[1])], dim=1)
+            x = x + F.pad(embedded.cumsum(dim=1), (0, 0, 1, 0))
+        return x
+
+    def depth_logits(self, hidden: torch.FloatTensor, codes: torch.LongTensor) -> torch.FloatTensor:
+        """Teacher-forced depth logits: h (B, L, H), codes (B, L, D) -> (B, L, D, K)."""
+        b = hidden.shape[0]
+        flat_h = rearrange(hidden, "b l h -> (b l) h")
+        flat_codes = rearrange(codes.clamp(min=0), "b l d -> (b l) d")[:, :-1]
+        x = self.depth_inputs(flat_h, None if self.depth_code_embed is None else flat_codes)
+        y = self.depth(x)  # (N, D, Dh)
+        logits = torch.stack([head(y[:, j]) for j, head in enumerate(self.depth_heads)], dim=1)
+        return rearrange(logits, "(b l) d k -> b l d k", b=b)
+
+    def depth_step(self, hidden: torch.FloatTensor, codes: torch.LongTensor, cache) -> torch.FloatTensor:
+        """One depth step at generation: h (N, H), codes chosen so far (N, j) -> logits of code j (N, K).
+
+        With a depth cache, only the newest depth input is run through the depth layers.
+        """
+        j = codes.shape[1]
+        x = self.depth_inputs(hidden, codes)[:, -1:]  # (N, 1, Dh)
+        y = self.depth(x, cache=cache, position_ids=torch.full((1, 1), j, device=x.device))
+        return self.depth_heads[j](y[:, -1])
+
+    def parallel_depth_logits(self, hidden: torch.FloatTensor) -> torch.FloatTensor:
+        """`parallel` depth mode: h (N, H) -> logits of every depth at once (N, D, K)."""
+        y = self.depth(self.depth_inputs(hidden, None))
+        return torch.stack([head(y[:, j]) for j, head in enumerate(self.depth_heads)], dim=1)
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        codes: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> RQTransformerOutput:
+        """Code NLL of text (B, T) or of its precomputed codes (B, L, D): teacher-forced logits (B, L, D, K).
+
+        Padding (attention_mask 0, or code -1) never enters the loss. `labels` is accepted for the
+        trainer's interface; the targets are the codes themselves.
+        """
+        if codes is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (B, T) or their codes (B, L, D)")
+            codes = self.encode(input_ids, attention_mask)
+        self._check_codes(codes)
+        hidden = self.spatial_forward(self.spatial_inputs(codes))  # (B, L, H)
+        logits = self.depth_logits(hidden, codes)  # (B, L, D, K)
+
+        valid = codes >= 0  # (B, L, D)
+        targets = codes.masked_fill(~valid, IGNORE_INDEX)
+        nll = F.cross_entropy(
+            rearrange(logits.float(), "b l d k -> b k l d"), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (B, L, D)
+        count = valid.sum(dim=(0, 1))  # (D,)
+        depth_nll = nll.sum(dim=(0, 1)) / count.clamp(min=1)
+        code_loss = depth_nll.mean()
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == codes) & valid
+            depth_accuracy = correct.sum(dim=(0, 1)) / count.clamp(min=1)
+
+        aux_loss = None
+        loss = code_loss
+        if self.aux_head is not None and input_ids is not None:
+            aux_loss = self._aux_token_loss(hidden, input_ids, attention_mask)
+            loss = loss + self.config.aux_token_loss_weight * aux_loss
+        return RQTransformerOutput(
+            loss=loss,
+            code_loss=code_loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            depth_nll=depth_nll.detach(),
+            depth_accuracy=depth_accuracy,
+            codes=codes,
+            num_codes=count,
+            hidden_states=hidden,
+        )
+
+    def _aux_token_loss(self, hidden, input_ids, attention_mask) -> torch.FloatTensor:
+        """C heads on h_l predict the C tokens of chunk l: mean token cross-entropy."""
+        c = self.compression_factor
+        per_token = rearrange(self.aux_proj(hidden), "b l (c h) -> b (l c) h", c=c)
+        logits = self.aux_head(per_token)  # (B, T, V)
+        targets = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+    def _check_codes(self, codes: torch.LongTensor) -> None:
+        d, k = self.num_quantizers, self.config.codebook_size
+        if codes.dim() != 3 or codes.shape[-1] != d:
+            raise ValueError(f"codes must have shape (batch, latent_length, {d}), got {tuple(codes.shape)}")
+        if codes.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"codes must be integer indices, got {codes.dtype}")
+        if codes.numel() == 0:
+            raise ValueError("codes are empty; pass at least one latent position")
+        if codes.max() >= k or codes.min() < -1:
+            raise ValueError(f"codes must lie in [0, {k}) (or -1 for padding); got [{codes.min()}, {codes.max()}]")
+
+    # ----------------------------------------------------------------- backbone
+    def backbone_parameters(self):
+        """The spatial Qwen3 layers (what freezing and LoRA act on); the final norm, input projection,
+        start position and depth transformer always train."""
+        for name, param in self.spatial.layers.named_parameters():
+            if not is_lora_parameter(name):
+                yield param
+
+    def adapter_parameters(self):
+        """LoRA adapter parameters (empty without LoRA)."""
+        return lora_parameters(self.spatial)
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        """Freeze or unfreeze the spatial layers; with LoRA the base weights stay frozen and adapters toggle."""
+        for param in self.backbone_parameters():
+            param.requires_grad_(not frozen and self.config.lora_r == 0)
+        for param in self.adapter_parameters():
+            param.requires_grad_(not frozen)
+        self._backbone_frozen = frozen
+
+    def on_step_begin(self, step: int) -> None:
+        """Training hook: the spatial layers are frozen for the first `freeze_backbone_steps` steps."""
+        frozen = step < self.config.freeze_backbone_steps
+        if frozen != self._backbone_frozen:
+            self.set_backbone_frozen(frozen)
+
+    def _add_lora_adapters(self) -> None:
+        """Adapters on the spatial layers only (lora_B = 0: the model starts as without them)."""
+        c = self.config
+        add_lora(self.spatial.layers, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules)
+
+    def merge_lora(self) -> RQTransformerForCausalLM:
+        """Fold LoRA adapters into the spatial weights; the model then saves and loads without peft."""
+        if self.config.lora_r > 0:
+            merge_lora(self.spatial.layers)
+            self.config.lora_r = 0
+        return self
+
+    # ----------------------------------------------------------------- builders
+    @classmethod
+    def from_vae(cls, vae: RQVAEModel | str | os.PathLike, backbone_config: Qwen3Config | dict, **config_kwargs):
+        """A fresh latent LM over a trained RQ-VAE (a model or its folder); the VAE is copied in, frozen."""
+        if not isinstance(vae, RQVAEModel):
+            vae = RQVAEModel.from_pretrained(vae)
+        config = RQTransformerConfig(backbone_config=backbone_config, vae_config=vae.config.to_dict(), **config_kwargs)
+        model = cls(config)
+        model.vae.load_state_dict(vae.state_dict())
+        model.vae.eval()
+        return model
+
+    @classmethod
+    def from_backbone(
+        cls, name_or_path: str | os.PathLike, vae: RQVAEModel | str | os.PathLike, **config_kwargs
+    ) -> RQTransformerForCausalLM:
+        """A latent LM whose spatial layers start from a pretrained Qwen3 (hub name or folder), over `vae`.
+
+        The Qwen3's layers and final norm are copied in; its token embeddings and LM head are not used
+        (the spatial input is a latent). Freeze them for `freeze_backbone_steps` or train LoRA adapters.
+        """
+        from transformers import AutoModelForCausalLM
+
+        pretrained = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        if pretrained.config.model_type != "qwen3":
+            raise ValueError(f"{name_or_path!s} is a {pretrained.config.model_type!r} model; a Qwen3 backbone is needed")
+        model = cls.from_vae(vae, pretrained.config, **config_kwargs)
+        source = pretrained.model
+        for target, layer in zip(model.spatial.layers, source.layers):
+            _load_base_weights(target, layer)
+        model.spatial.norm.load_state_dict(source.norm.state_dict())
+        return model
+
+
+__all__ = ["RQTransformerForCausalLM", "RQTransformerOutput", "RQTransformerPreTrainedModel"]

@@ -1,0 +1,368 @@
+"""RQTransformerForCausalLM on tiny configs: causality, generate() invariants, save/load, freezing, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config, TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
+
+from rqlm import RQTransformerForCausalLM, RQVAEConfig, RQVAEModel
+
+VOCAB, EOS, PAD = 50, 1, 0
+C, D, K = 4, 3, 16
+
+
+def backbone(**overrides) -> Qwen3Config:
+    values = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, vocab_size=VOCAB, eos_token_id=EOS, pad_token_id=PAD, max_position_embeddings=64,
+    )
+    return Qwen3Config(**{**values, **overrides})
+
+
+def make_vae(layers: int = 0, **overrides) -> RQVAEModel:
+    config = RQVAEConfig(
+        backbone_config=backbone(), compression_factor=C, num_quantizers=D, codebook_size=K, latent_dim=8,
+        num_encoder_layers=layers, num_decoder_layers=layers, num_latent_layers=layers,
+        latent_num_attention_heads=2, zero_init_residual_branches=False, **overrides,
+    )
+    torch.manual_seed(0)
+    return RQVAEModel(config).eval()
+
+
+def make_lm(vae: RQVAEModel | None = None, **overrides) -> RQTransformerForCausalLM:
+    torch.manual_seed(1)
+    kwargs = dict(depth_hidden_size=16, depth_num_attention_heads=2)
+    model = RQTransformerForCausalLM.from_vae(vae or make_vae(), backbone_config=backbone(), **{**kwargs, **overrides})
+    return model.eval()
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB, (n,), generator=g) for n in lengths]
+
+
+def left_pad(rows):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+VAE_KINDS = {
+    "per-chunk": {},
+    "layers+previous-tokens": {"layers": 1, "decoder_sees_previous_tokens": True},
+}
+
+
+@pytest.fixture(params=list(VAE_KINDS), scope="module")
+def lm(request):
+    return make_lm(make_vae(**VAE_KINDS[request.param]))
+
+
+# ----------------------------------------------------------------- causality
+def test_depth_transformer_is_causal_over_depth(lm):
+    codes = torch.randint(0, K, (2, 5, D))
+    base = lm(codes=codes).logits
+    for d in range(D):
+        changed = codes.clone()
+        changed[:, 2, d] = (changed[:, 2, d] + 1) % K  # code d of position 2
+        logits = lm(codes=changed).logits
+        torch.testing.assert_close(logits[:, :2], base[:, :2])
+        torch.testing.assert_close(logits[:, 2, : d + 1], base[:, 2, : d + 1])
+        if d < D - 1:
+            assert not torch.allclose(logits[:, 2, d + 1 :], base[:, 2, d + 1 :])
+
+
+def test_spatial_transformer_is_causal_over_positions(lm):
+    codes = torch.randint(0, K, (2, 6, D))
+    base = lm(codes=codes).logits
+    for position in range(6):
+        changed = codes.clone()
+        changed[:, position] = (changed[:, position] + 3) % K
+        logits = lm(codes=changed).logits
+        # position l is predicted from positions < l: logits up to l (its own depth-0) unchanged
+        torch.testing.assert_close(logits[:, : position + 1, 0], base[:, : position + 1, 0])
+        torch.testing.assert_close(logits[:, :position], base[:, :position])
+        if position < 5:
+            assert not torch.allclose(logits[:, position + 1 :], base[:, position + 1 :])
+
+
+def test_loss_is_mean_code_nll_and_padding_is_ignored():
+    model = make_lm()
+    codes = torch.randint(0, K, (2, 5, D))
+    out = model(codes=codes)
+    log_probs = out.logits.log_softmax(-1)
+    nll = -log_probs.gather(-1, codes[..., None]).squeeze(-1)  # (B, L, D)
+    torch.testing.assert_close(out.loss, nll.mean())
+    torch.testing.assert_close(out.depth_nll, nll.mean(dim=(0, 1)))
+    padded = codes.clone()
+    padded[0, 4] = -1  # a padding position is not scored
+    out = model(codes=padded)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[0, 4] = False
+    torch.testing.assert_close(out.loss, nll[keep].mean())
+
+
+# ----------------------------------------------------------------- generate
+def reference_greedy(model, prompt: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """Greedy decoding with nothing but full teacher-forced forward passes and `vae.decode`."""
+    c = model.compression_factor
+    pad = (-len(prompt)) % c
+    tokens = torch.cat([torch.full((pad,), EOS), prompt])[None]
+    codes = model.encode(tokens)  # (1, L, D)
+    for _ in range(num_chunks):
+        new = torch.zeros(1, 1, D, dtype=torch.long)
+        for d in range(D):
+            logits = model(codes=torch.cat([codes, new], dim=1)).logits  # (1, L+1, D, K)
+            new[0, 0, d] = logits[0, -1, d].argmax()
+        codes = torch.cat([codes, new], dim=1)
+        placeholder = torch.cat([tokens, torch.zeros(1, c, dtype=torch.long)], dim=1)
+        chunk = model.vae.decode(codes, placeholder).argmax(-1)[:, -c:]
+        tokens = torch.cat([tokens, chunk], dim=1)
+    return tokens[0, pad:]
+
+
+@pytest.mark.parametrize("prompt_length", [8, 7])
+def test_cached_generation_equals_full_forward_greedy(lm, prompt_length):
+    prompt = prompts([prompt_length])[0]
+    expected = reference_greedy(lm, prompt, num_chunks=4)
+    for use_cache in (True, False):
+        out = lm.generate(prompt[None], max_new_tokens=4 * C, do_sample=False, eos_token_id=None, use_cache=use_cache)
+        assert torch.equal(out[0], expected), use_cache
+
+
+def test_batched_left_padded_equals_one_by_one(lm):
+    rows = prompts([5, 12, 8, 1], seed=3)
+    ids, mask = left_pad(rows)
+    batched = lm.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    assert torch.equal(batched[:, : ids.shape[1]], ids)
+    for i, row in enumerate(rows):
+        single = lm.generate(row[None], max_new_tokens=10, do_sample=False, eos_token_id=None)
+        assert torch.equal(batched[i, ids.shape[1]:], single[0, len(row):]), i
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).clone())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_exactly_the_returned_tokens(lm):
+    prompt = prompts([6])[0][None]
+    streamer = Collect()
+    out = lm.generate(prompt, max_new_tokens=9, do_sample=False, eos_token_id=None, streamer=streamer)
+    assert streamer.ended
+    assert torch.equal(torch.cat(streamer.chunks), out[0])
+    assert out.shape[1] == 6 + 9
+
+
+def test_text_iterator_streamer_gives_the_decoded_text(lm):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", pad_token="t0")
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    prompt = prompts([4])[0][None]
+    out = lm.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, streamer=streamer)
+    assert "".join(streamer) == tokenizer.decode(out[0, 4:])
+
+
+def test_eos_stops_a_row_inside_its_chunk_and_pads_the_rest(lm):
+    prompt = prompts([8])[0][None]
+    free = lm.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, 8:]
+    stop = int(free[5])  # make the 6th new token the EOS
+    out = lm.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=stop, pad_token_id=PAD)[0, 8:]
+    first = int((free == stop).nonzero()[0])
+    assert torch.equal(out[: first + 1], free[: first + 1])
+    assert len(out) == first + 1  # the only row stopped: nothing after its EOS
+    rows = torch.cat([prompt, prompts([8], seed=9)[0][None]])
+    batched = lm.generate(rows, max_new_tokens=12, do_sample=False, eos_token_id=stop, pad_token_id=PAD)[:, 8:]
+    assert torch.equal(batched[0, : first + 1], free[: first + 1])
+    assert (batched[0, first + 1 :] == PAD).all()
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 3, 4, 10])
+def test_max_new_tokens_is_exact(lm, max_new_tokens):
+    out = lm.generate(prompts([5])[0][None], max_new_tokens=max_new_tokens, eos_token_id=None)
+    assert out.shape == (1, 5 + max_new_tokens)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(lm):
+    prompt = prompts([8])[0][None]
+    kwargs = dict(max_new_tokens=12, eos_token_id=None, return_dict_in_generate=True)
+    greedy = lm.generate(prompt, do_sample=False, **kwargs)
+    assert greedy.codes.shape == (1, 3, D)
+    torch.manual_seed(0)
+    a = lm.generate(prompt, do_sample=True, temperature=1.5, top_k=0, **kwargs)
+    torch.manual_seed(0)
+    b = lm.generate(prompt, do_sample=True, temperature=1.5, top_k=0, **kwargs)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.codes, b.codes)
+    assert not torch.equal(a.codes, greedy.codes)  # 9 codes of 16 at temperature 1.5: all greedy is unlikely
+    top1 = lm.generate(prompt, do_sample=True, top_k=1, **kwargs)
+    assert torch.equal(top1.codes, greedy.codes) and torch.equal(top1.sequences, greedy.sequences)
+    # a per-depth override: top_k=1 on every depth equals greedy too
+    per_depth = lm.generate(prompt, do_sample=True, top_k=0, depth_top_k=[1] * D, **kwargs)
+    assert torch.equal(per_depth.codes, greedy.codes)
+    # and an override on depth 0 alone changes only what follows from depth 0
+    torch.manual_seed(0)
+    hot = lm.generate(prompt, do_sample=True, top_k=1, depth_top_k=[0, 1, 1], depth_temperature=[3.0, 1, 1], **kwargs)
+    assert not torch.equal(hot.codes[:, :, 0], greedy.codes[:, :, 0])
+
+
+def test_parallel_depth_mode_generates_and_is_causal_over_positions():
+    model = make_lm(depth_mode="parallel")
+    codes = torch.randint(0, K, (1, 4, D))
+    base = model(codes=codes).logits
+    changed = codes.clone()
+    changed[:, 2] = (changed[:, 2] + 1) % K
+    torch.testing.assert_close(model(codes=changed).logits[:, :3], base[:, :3])
+    prompt = prompts([7])[0]
+    expected = reference_greedy(model, prompt, num_chunks=2)
+    assert torch.equal(model.generate(prompt[None], max_new_tokens=8, do_sample=False, eos_token_id=None)[0], expected)
+
+
+def test_code_embedding_input_and_aux_heads_train():
+    model = make_lm(spatial_input="code_embeddings", aux_token_loss_weight=0.5).train()
+    ids = torch.randint(2, VOCAB, (2, 16))
+    out = model(input_ids=ids)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    torch.testing.assert_close(out.loss, out.code_loss + 0.5 * out.aux_loss)
+    out.loss.backward()
+    assert model.aux_head.weight.grad.abs().sum() > 0
+    assert model.code_embed[0].weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------- the frozen VAE, freezing, LoRA
+def test_vae_stays_frozen_and_in_eval_mode():
+    vae = make_vae(quantizer_kwargs={"kmeans_init": True, "threshold_ema_dead_code": 2, "decay": 0.5})
+    vae.train()(torch.randint(2, VOCAB, (4, 32)))  # a trained VAE: codebooks initialised by kmeans
+    model = make_lm(vae.eval())
+    before = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    model.train()
+    assert not model.vae.training and all(not m.training for m in model.vae.modules())
+    assert not any(p.requires_grad for p in model.vae.parameters())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(input_ids=torch.randint(2, VOCAB, (2, 16))).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for key, value in model.vae.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert set(model._ddp_params_and_buffers_to_ignore) >= {f"vae.{k}" for k in before}
+
+
+def test_spatial_backbone_moves_only_after_unfreezing():
+    model = make_lm(freeze_backbone_steps=2).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    weight = model.spatial.layers[0].self_attn.q_proj.weight
+    snapshots = [weight.detach().clone()]
+    depth_weight = model.depth_heads[0].weight
+    depth_before = depth_weight.detach().clone()
+    for step in range(4):
+        model.on_step_begin(step)
+        model(input_ids=torch.randint(2, VOCAB, (2, 16))).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        snapshots.append(weight.detach().clone())
+    assert torch.equal(snapshots[0], snapshots[1]) and torch.equal(snapshots[1], snapshots[2])
+    assert not torch.equal(snapshots[2], snapshots[3])
+    assert not torch.equal(depth_weight, depth_before)
+
+
+def test_lora_starts_as_the_plain_model_and_only_adapters_move():
+    vae = make_vae()
+    plain = make_lm(vae)
+    lora = make_lm(vae, lora_r=4)
+    target = lora.state_dict()
+    for key, value in plain.state_dict().items():  # same base weights; adapters as peft starts them
+        name = key if key in target else key.replace(".weight", ".base_layer.weight")
+        target[name].copy_(value)
+    assert all(torch.equal(p, torch.zeros_like(p)) for n, p in lora.named_parameters() if "lora_B" in n)
+    codes = torch.randint(0, K, (2, 5, D))
+    torch.testing.assert_close(lora(codes=codes).logits, plain(codes=codes).logits)
+    lora.train()
+    base = {n: p.detach().clone() for n, p in lora.spatial.named_parameters() if "lora_" not in n and "norm" not in n}
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    lora.on_step_begin(0)
+    for _ in range(2):
+        lora(codes=codes).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in lora.spatial.named_parameters():
+        if name in base:
+            assert torch.equal(p, base[name]), name
+    assert any(p.abs().sum() > 0 for n, p in lora.spatial.named_parameters() if "lora_B" in n)
+
+
+# ----------------------------------------------------------------- save / load
+def test_save_load_and_remote_code_give_identical_generations(tmp_path):
+    model = make_lm(make_vae(layers=1, decoder_sees_previous_tokens=True))
+    prompt = prompts([6])[0][None]
+    expected = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is RQTransformerForCausalLM
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None), expected)
+    torch.save({"prompt": prompt, "expected": expected}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.modules["rqlm"] = None  # rqlm is not installed for this user
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        assert "rqlm" not in type(model).__module__.split(".")[0], type(model).__module__
+        data = torch.load({str(tmp_path / "expected.pt")!r})
+        out = model.generate(data["prompt"], max_new_tokens=8, do_sample=False, eos_token_id=None)
+        assert torch.equal(out, data["expected"]), (out, data["expected"])
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_loading_a_vae_folder_as_the_lm_is_a_one_line_error(tmp_path):
+    make_vae().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a 'rq_vae' checkpoint"):
+        RQTransformerForCausalLM.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: m.generate(torch.zeros(1, 0, dtype=torch.long)), "non-empty"),
+        (lambda m: m.generate(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.zeros(1, 4)), "empty"),
+        (lambda m: m.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=0), "max_new_tokens"),
+        (lambda m: m.generate(torch.ones(1, 64 * C, dtype=torch.long), max_new_tokens=4), "latent positions"),
+        (lambda m: m.generate(torch.ones(1, 4)), "integer"),
+        (lambda m: m.generate(torch.full((1, 4), VOCAB)), "lie in"),
+        (lambda m: m.generate(torch.ones(1, 4, dtype=torch.long), depth_temperature=[1.0]), "D=3"),
+        (lambda m: m.generate(torch.ones(1, 4, dtype=torch.long), bogus_flag=3), "does not use"),
+        (lambda m: m(codes=torch.full((1, 2, D), K)), "lie in"),
+        (lambda m: m(codes=torch.zeros(1, 2, D + 1, dtype=torch.long)), "shape"),
+        (lambda m: m(), "input_ids"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(call, message):
+    model = make_lm()
+    with pytest.raises(ValueError, match=message) as error:
+        call(model)
+    assert "\n" not in str(error.value)
