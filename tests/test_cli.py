@@ -5,7 +5,7 @@ Every command runs through `rqlm.cli.main` on a tiny test-preset model and a cor
 """
 
 import json
-import subprocess
+import re
 
 import pytest
 import torch
@@ -18,13 +18,17 @@ from rqlm.evaluation.plots import plot_training_curves, training_title
 C = 4
 
 
+PROGRESS_BAR = re.compile(r"\d+%\||\d+ examples \[|/s\]$")  # tqdm lines of datasets / transformers
+
+
 def one_line_error(capsys, argv: list[str]) -> str:
-    """Run `rqlm ARGV`, expect exit status 1 and exactly one line on stderr; return that line."""
+    """Run `rqlm ARGV`, expect exit status 1 and one line on stderr besides progress bars; return that line."""
     rc = cli.main([str(a) for a in argv])
     err = capsys.readouterr().err.strip()
     assert rc == 1, f"exit status {rc}, stderr: {err[-2000:]}"
-    assert len(err.splitlines()) == 1, f"expected one line, got:\n{err[-3000:]}"
-    return err
+    lines = [line for line in re.split(r"[\r\n]+", err) if line.strip() and not PROGRESS_BAR.search(line)]
+    assert len(lines) == 1 and lines[0].startswith(f"rqlm {argv[0]}: error: "), f"expected one line:\n{err[-3000:]}"
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +126,54 @@ def test_training_title_of_the_baseline():
     assert training_title(tiny_qwen3_config(vocab_size=300)) == (
         "Qwen3 causal LM (baseline): 2 layers, hidden 32, vocab 300"
     )
+
+
+# ----------------------------------------------------------------------------
+# (2, 3, 5) inspect: flags out of range, or contradicting the checkpoint
+
+
+def test_inspect_reads_c_from_the_checkpoint(vae_dir, text_corpus, capsys):  # noqa: F811
+    assert cli.main([str(a) for a in inspect_flags(vae_dir, text_corpus, "--max_batches", "1")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out reconstruction accuracy" in out
+    assert len(out.split("accuracy by position in chunk:")[1].splitlines()[0].split()) == C
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max_batches", "0"], "--max_batches must be at least 1"),
+        (["--max_batches", "-1"], "--max_batches must be at least 1"),
+        (["--batch_size", "0"], "--batch_size must be at least 1"),
+        (["--num_examples", "-1"], "--num_examples must be >= 0"),
+        (["--compression_factor", "8", "--block_size", "64"], "--compression_factor 8 differs from the checkpoint's C=4"),
+        (["--block_size", "30"], "block size 30 is not a multiple of compression 4"),
+        (["--block_size", "4096"], "make 0 blocks of 4096"),
+        (["--max_eval_blocks", "0"], "--max_eval_blocks"),
+    ],
+    ids=["max_batches=0", "max_batches<0", "batch_size=0", "num_examples<0", "compression_factor", "block_size",
+         "no_held_out_block", "max_eval_blocks=0"],
+)  # fmt: skip
+def test_inspect_bad_flags_are_one_line(vae_dir, text_corpus, capsys, flags, message):  # noqa: F811
+    err = one_line_error(capsys, inspect_flags(vae_dir, text_corpus, *flags))
+    assert message in err, err
+
+
+def test_inspect_refuses_a_baseline_checkpoint(tmp_path, vae_dir, text_corpus, capsys):  # noqa: F811
+    from transformers import Qwen3ForCausalLM
+
+    Qwen3ForCausalLM(tiny_qwen3_config(vocab_size=300)).save_pretrained(tmp_path)
+    err = one_line_error(capsys, inspect_flags(tmp_path, text_corpus))
+    assert "holds a 'qwen3' checkpoint, not an RQ-VAE" in err, err
+
+
+def test_reconstruction_figures_need_a_batch(vae_dir):
+    from rqlm.evaluation.reconstruction import evaluate_reconstruction
+
+    model = RQVAEModel.from_pretrained(vae_dir)
+    batch = {"input_ids": torch.randint(3, 100, (2, 16))}
+    with pytest.raises(ValueError, match="max_batches must be at least 1"):
+        evaluate_reconstruction(model, [batch], max_batches=0)
+    with pytest.raises(ValueError, match="yielded no batch"):
+        evaluate_reconstruction(model, [])
+    assert evaluate_reconstruction(model, [batch, batch], max_batches=1)["codes_replaced"] >= 0

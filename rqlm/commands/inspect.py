@@ -21,10 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("checkpoint", help="a folder saved by `rqlm train-vae` (model + tokenizer)")
     add_data_arguments(parser)
-    parser.set_defaults(block_size=128)  # train-vae's default: the positions the model was trained on
-    parser.add_argument("--num_examples", type=int, default=3, help="held-out blocks shown as text")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_batches", type=int, default=None, help="held-out batches for the figures")
+    # C is the checkpoint's; the flag may only repeat it. 128 is train-vae's block size.
+    parser.set_defaults(block_size=128, compression_factor=None)
+    parser._option_string_actions["--compression_factor"].help = "C; read from the checkpoint (a different value is an error)"
+    parser._option_string_actions["--tokenizer"].help = "tokenizer folder or hub name (default: the checkpoint's)"
+    parser.add_argument("--num_examples", type=int, default=3, help="held-out blocks shown as text (0: none)")
+    parser.add_argument("--batch_size", type=int, default=16, help="held-out blocks per batch")
+    parser.add_argument("--max_batches", type=int, default=None,
+                        help="held-out batches for the figures (default: the whole held-out split)")
     parser.add_argument("--output", default=None, help="HTML report path (default: CHECKPOINT/inspect.html)")
     parser.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
                         help="terminal colours (default: when stdout is a terminal)")
@@ -43,32 +47,62 @@ def marked_text(tokenizer, original: list[int], reconstructed: list[int], style:
     return "".join(parts)
 
 
-def load_checkpoint(path: str):
-    """A saved RQ-VAE folder -> (model in eval mode, tokenizer)."""
-    from transformers import AutoTokenizer
+def load_config(path: str):
+    """The RQVAEConfig of a saved folder, read before any weights so bad flags fail fast."""
+    from transformers import AutoConfig
 
-    from rqlm import RQVAEModel
+    import rqlm  # noqa: F401  (registers rq_vae with AutoConfig)
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{path!r} holds no saved model (config.json missing); pass a `rqlm train-vae` output")
-    model = RQVAEModel.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model, tokenizer
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type != "rq_vae":
+        raise ValueError(f"{path!r} holds a {config.model_type!r} checkpoint, not an RQ-VAE ('rq_vae'); "
+                         "pass a `rqlm train-vae` output")
+    return config
+
+
+def check_arguments(args: argparse.Namespace, config) -> None:
+    """One-line errors for flags that are out of range or contradict the checkpoint (its C, its vocabulary)."""
+    from rqlm.data.loading import check_block_size
+
+    c = config.compression_factor
+    if args.compression_factor is not None and args.compression_factor != c:
+        raise ValueError(f"--compression_factor {args.compression_factor} differs from the checkpoint's C={c}; "
+                         "omit the flag (C is read from the checkpoint)")
+    check_block_size(args.block_size, c)
+    if args.num_examples < 0:
+        raise ValueError(f"--num_examples must be >= 0, got {args.num_examples}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.max_eval_blocks is not None and args.max_eval_blocks < 1:
+        raise ValueError(f"--max_eval_blocks must be at least 1 (or omitted for all), got {args.max_eval_blocks}")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ValueError(f"--max_batches must be at least 1 (or omitted for the whole held-out split), "
+                         f"got {args.max_batches}")
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
+    from rqlm import RQVAEModel
     from rqlm.data.loading import get_lm_datasets
+    from rqlm.data.tokenizer import load_tokenizer
     from rqlm.evaluation.reconstruction import evaluate_reconstruction
 
-    model, tokenizer = load_checkpoint(args.checkpoint)
-    c = model.config.compression_factor
+    config = load_config(args.checkpoint)
+    check_arguments(args, config)
+    c = config.compression_factor
+    tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+    if len(tokenizer) > config.backbone_config.vocab_size:
+        raise ValueError(f"tokenizer {args.tokenizer!r} has {len(tokenizer)} entries, more than the checkpoint's "
+                         f"vocab_size {config.backbone_config.vocab_size}; omit --tokenizer to use the checkpoint's")
     _, eval_blocks = get_lm_datasets(args.dataset, tokenizer, block_size=args.block_size, compression_factor=c,
                                      text_column=args.text_column, streaming=args.streaming,
                                      max_eval_blocks=args.max_eval_blocks)
+    model = RQVAEModel.from_pretrained(args.checkpoint).eval()
     color = sys.stdout.isatty() if args.color is None else args.color
     html_parts = [f"<h1>RQ-VAE reconstruction: {html.escape(args.checkpoint)}</h1>"]
     examples = eval_blocks[: args.num_examples]["input_ids"] if args.num_examples > 0 else torch.zeros(0, c)

@@ -11,7 +11,10 @@ from rqlm.modeling.quantizer_registry import codebook_stats
 @torch.no_grad()
 def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: int | None = None) -> dict[str, float]:
     """Held-out blocks -> {'accuracy', 'recon_loss', 'accuracy_pos{i}', 'usage_perplexity_d{j}', 'dead_fraction_d{j}',
-    'usage_perplexity_mean', 'dead_fraction_mean'}; codes are gathered over data-parallel ranks."""
+    'usage_perplexity_mean', 'dead_fraction_mean', 'codes_replaced'}; codes are gathered over data-parallel ranks.
+    At most `max_batches` batches (>= 1; None: all); a dataloader without a batch is a ValueError."""
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be at least 1 or None (the whole split), got {max_batches}")
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     was_training = unwrapped.training
     unwrapped.eval()
@@ -45,20 +48,21 @@ def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: in
         loss_tokens += loss[1].item()
         all_codes.append(codes.reshape(-1, codes.shape[-1]).cpu())
     unwrapped.train(was_training)
+    if not all_codes:
+        raise ValueError("the held-out dataloader yielded no batch; reconstruction needs at least one block")
     metrics = {
         "accuracy": (correct.sum() / counted.sum().clamp(min=1)).item(),
         "recon_loss": loss_sum / max(loss_tokens, 1.0),
     }
     for pos in range(c):
         metrics[f"accuracy_pos{pos}"] = (correct[pos] / counted[pos].clamp(min=1)).item()
-    if all_codes:
-        usage = codebook_stats(unwrapped.quantizer, torch.cat(all_codes))
-        for depth, (ppl, dead) in enumerate(zip(usage["perplexity"], usage["dead_fraction"])):
-            metrics[f"usage_perplexity_d{depth}"] = ppl
-            metrics[f"dead_fraction_d{depth}"] = dead
-        metrics["usage_perplexity_mean"] = sum(usage["perplexity"]) / len(usage["perplexity"])
-        metrics["dead_fraction_mean"] = sum(usage["dead_fraction"]) / len(usage["dead_fraction"])
-        metrics["codes_replaced"] = float(usage["codes_replaced"])
+    usage = codebook_stats(unwrapped.quantizer, torch.cat(all_codes))
+    for depth, (ppl, dead) in enumerate(zip(usage["perplexity"], usage["dead_fraction"])):
+        metrics[f"usage_perplexity_d{depth}"] = ppl
+        metrics[f"dead_fraction_d{depth}"] = dead
+    metrics["usage_perplexity_mean"] = sum(usage["perplexity"]) / len(usage["perplexity"])
+    metrics["dead_fraction_mean"] = sum(usage["dead_fraction"]) / len(usage["dead_fraction"])
+    metrics["codes_replaced"] = float(usage["codes_replaced"])
     return metrics
 
 
