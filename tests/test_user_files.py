@@ -16,6 +16,7 @@ import pytest
 
 from rqlm import cli
 from rqlm.data import load_text_dataset, train_tokenizer
+from rqlm.data.corpus import split_score
 
 WORDS = [
     "the",
@@ -143,6 +144,16 @@ def test_split_is_order_independent(files, tmp_path):
     (tmp_path / "shuffled.txt").write_text("\n".join(shuffled) + "\n")
     validation = texts(load_text_dataset(tmp_path / "shuffled.txt")["validation"])
     assert sorted(validation) == sorted(texts(load_text_dataset(files["lines"])["validation"]))
+
+
+def test_repeated_lines_never_straddle_the_split(files, tmp_path):
+    lines = [line for line in files["lines_list"] if split_score(line) > 0.05][
+        :8
+    ]  # held out only by the top-up
+    (tmp_path / "repeated.txt").write_text("\n".join(lines * 30) + "\n")
+    splits = load_text_dataset(tmp_path / "repeated.txt")
+    train, validation = texts(splits["train"]), texts(splits["validation"])
+    assert len(train + validation) == 240 and validation and set(train).isdisjoint(validation)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
