@@ -54,7 +54,8 @@ def is_preset(name_or_path: str) -> bool:
 
 
 def backbone_config(name_or_preset: str = "tiny", vocab_size: int | None = None, **overrides) -> Qwen3Config:
-    """A `Qwen3Config` from a preset name (needs `vocab_size`) or from a hub name / local folder."""
+    """A `Qwen3Config` from a preset name (needs `vocab_size`) or from a hub name / local folder holding a Qwen3
+    (anything else, e.g. an RQ-VAE folder, is a one-line ValueError)."""
     if is_preset(name_or_preset):
         if vocab_size is None:
             raise ValueError(f"backbone preset {name_or_preset!r} needs vocab_size (the tokenizer's length)")
@@ -63,11 +64,16 @@ def backbone_config(name_or_preset: str = "tiny", vocab_size: int | None = None,
         )
     try:
         config = AutoConfig.from_pretrained(name_or_preset, **overrides)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise ValueError(
             f"backbone {name_or_preset!r} is neither a preset ({', '.join(PRESETS)}) "
-            f"nor a loadable model: {str(e).splitlines()[0]}"
+            f"nor a loadable model: {str(e).strip().splitlines()[0]}"
         ) from None
+    if config.model_type != "qwen3":
+        raise ValueError(
+            f"backbone {name_or_preset!r} holds a model of type {config.model_type!r}, not a Qwen3 causal LM; "
+            f"pass a Qwen3 model (e.g. Qwen/Qwen3-0.6B) or a preset ({', '.join(PRESETS)})"
+        )
     if vocab_size is not None and config.vocab_size < vocab_size:
         raise ValueError(
             f"backbone {name_or_preset!r} has vocab_size {config.vocab_size} < tokenizer length {vocab_size}; "

@@ -177,3 +177,31 @@ def test_reconstruction_figures_need_a_batch(vae_dir):
     with pytest.raises(ValueError, match="yielded no batch"):
         evaluate_reconstruction(model, [])
     assert evaluate_reconstruction(model, [batch, batch], max_batches=1)["codes_replaced"] >= 0
+
+
+# ----------------------------------------------------------------------------
+# (4, 5) train-vae and train-baseline: a backbone that is not a Qwen3, flags out of range
+
+
+@pytest.mark.parametrize("command", ["train-baseline", "train-vae"])
+def test_an_rq_vae_folder_is_not_a_backbone(command, vae_dir, text_corpus, tmp_path, capsys):  # noqa: F811
+    flags = (baseline_flags if command == "train-baseline" else vae_flags)(text_corpus, tmp_path / "out")
+    err = one_line_error(capsys, [*flags, "--backbone", vae_dir])
+    assert f"backbone '{vae_dir}' holds a model of type 'rq_vae', not a Qwen3 causal LM" in err, err
+    assert not (tmp_path / "out").exists(), "it trained anyway"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--backbone", "no-such-org/no-such-model"], "is neither a preset (test, tiny, small) nor a loadable model"),
+        (["--quantizer_kwargs", '{"bogus_kw": 1}'], "bogus_kw"),
+        (["--latent_dim", "0"], "latent_dim must be >= 1"),
+        (["--compression_factor", "3", "--block_size", "30"], "power of two"),
+        (["--max_steps", "0"], "--max_steps must be at least 1"),
+    ],
+    ids=["backbone", "quantizer_kwargs", "latent_dim", "compression_factor", "max_steps"],
+)
+def test_train_vae_bad_flags_are_one_line(text_corpus, tmp_path, capsys, flags, message):  # noqa: F811
+    err = one_line_error(capsys, vae_flags(text_corpus, tmp_path / "out", *flags))
+    assert message in err, err

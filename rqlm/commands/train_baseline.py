@@ -87,6 +87,8 @@ def main(args: argparse.Namespace) -> int:
     train_args = training_arguments_from_namespace(args)
     if train_args.resume_from_checkpoint:  # fail before the data is built
         find_checkpoint(train_args.resume_from_checkpoint, Path(train_args.output_dir))
+    if not is_preset(args.backbone):  # a Qwen3 to load: refuse anything else before the data is built
+        backbone_config(args.backbone)
     default_tokenizer = None if is_preset(args.backbone) else args.backbone
     tokenizer, train_blocks, eval_blocks = load_blocks(args, default_tokenizer=default_tokenizer)
     set_seed(train_args.seed)  # the weights of a from-scratch backbone
