@@ -88,6 +88,8 @@ def model_inputs(batch: dict) -> dict:
         inputs["attention_mask"] = batch["attention_mask"]
         labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
     inputs["labels"] = labels
+    if "codes" in batch:  # codes the frozen VAE computed once (`rqlm encode`), stored as small integers
+        inputs["codes"] = batch["codes"].long()
     return inputs
 
 
@@ -119,6 +121,11 @@ def logged_output_keys(model, outputs) -> list[str]:
     ]
 
 
+def ignored_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names in the model's `_ddp_params_and_buffers_to_ignore`: left out of the optimizer, DDP and unfreezing."""
+    return set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups over ALL parameters (frozen ones too, so unfreezing trains them): decay / no decay (norms,
     biases, embeddings), each split into the model's `backbone_parameters()` (marked backbone=True) and the rest."""
@@ -130,7 +137,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if callable(getattr(model, method, None)):
             backbone.update(id(p) for p in getattr(model, method)())
     groups = {(is_backbone, decays): [] for is_backbone in (False, True) for decays in (True, False)}
+    ignored = ignored_parameter_names(model)
     for name, param in model.named_parameters():
+        if name in ignored:  # never trains (e.g. a frozen submodule DDP also skips)
+            continue
         decays = not (param.ndim < 2 or "norm" in name or "embed" in name)
         groups[(id(param) in backbone, decays)].append(param)
     return [
@@ -323,7 +333,8 @@ def train(
     # 1. Accelerator. DDP registers only parameters that require grad when it wraps the model, and a
     #    parameter frozen now may be unfrozen by on_step_begin later: register all of them and let DDP
     #    skip the ones that get no gradient in a step (find_unused_parameters).
-    frozen = [p for p in model.parameters() if not p.requires_grad]
+    ignored = ignored_parameter_names(model)
+    frozen = [p for name, p in model.named_parameters() if not p.requires_grad and name not in ignored]
     may_change_trainable = bool(frozen) or callable(getattr(model, "on_step_begin", None))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
