@@ -1,0 +1,218 @@
+"""`rqlm evaluate`: the RQ model's perplexity bound against the Qwen3 baseline on the same held-out tokens.
+
+    held-out blocks (LM folder's tokenizer) -> RQ bound = exp((code NLL + recon NLL) / tokens)
+                                            -> baseline perplexity (every token, from the block's start)
+                                            -> ratio bound / baseline
+    held-out prompts -> RQ samples, baseline samples -> the baseline's perplexity on each (judged quality)
+
+The bound's terms come from rqlm/evaluation/bound.py, the baseline's and the judged figures from
+rqlm/evaluation/perplexity.py. A readable table goes to stdout, every figure to `--output_json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+# train-lm's block size: the bound is read on blocks of the length the LM learned
+DEFAULT_BLOCK_SIZE = 128
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rqlm.data.arguments import add_data_arguments
+
+    parser.add_argument("--model", required=True, help="a `rqlm train-lm` output folder (RQ-Transformer + tokenizer)")
+    parser.add_argument("--baseline", required=True, help="a `rqlm train-baseline` output folder (Qwen3ForCausalLM)")
+    add_data_arguments(parser)
+    parser.set_defaults(block_size=DEFAULT_BLOCK_SIZE, compression_factor=None)
+    parser._option_string_actions["--compression_factor"].help = "C; read from --model (a different value is an error)"
+    parser._option_string_actions["--tokenizer"].help = "tokenizer folder (default: the --model folder's)"
+    parser.add_argument("--batch_size", type=int, default=8, help="held-out blocks per forward pass")
+    judged = parser.add_argument_group("judged quality of free generation")
+    judged.add_argument("--num_prompts", type=int, default=16, help="held-out prompts to continue (0: skip)")
+    judged.add_argument("--prompt_tokens", type=int, default=64, help="tokens of each prompt (a block's start)")
+    judged.add_argument("--new_tokens", type=int, default=64, help="tokens each model samples per prompt")
+    judged.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for both models")
+    judged.add_argument("--top_k", type=int, default=0, help="top-k for both models (0: no limit)")
+    judged.add_argument("--top_p", type=float, default=1.0, help="nucleus mass for both models")
+    judged.add_argument("--seed", type=int, default=0, help="seed of the sampling (the same for both models)")
+    parser.add_argument("--output_json", default=None, help="write every figure to this JSON file")
+
+
+def check_arguments(args: argparse.Namespace, config) -> None:
+    """One-line errors for flags that are out of range or contradict the LM, before any weights load."""
+    from rqlm.data.loading import check_block_size
+
+    c = config.compression_factor
+    if args.streaming:
+        raise ValueError("evaluate reads a fixed held-out split to score both models on it; omit --streaming")
+    if args.compression_factor is not None and args.compression_factor != c:
+        raise ValueError(f"--compression_factor {args.compression_factor} differs from the model's C={c}; "
+                         "omit the flag (C is read from --model)")
+    check_block_size(args.block_size, c)
+    for name in ("batch_size", "prompt_tokens", "new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_eval_blocks is not None and args.max_eval_blocks < 1:
+        raise ValueError(f"--max_eval_blocks must be at least 1 (or omitted for all), got {args.max_eval_blocks}")
+    if args.num_prompts < 0:
+        raise ValueError(f"--num_prompts must be >= 0 (0 skips the judged quality), got {args.num_prompts}")
+    if args.num_prompts and args.prompt_tokens > args.block_size:
+        raise ValueError(f"--prompt_tokens {args.prompt_tokens} is longer than a held-out block ({args.block_size}); "
+                         "lower it or raise --block_size")
+    from rqlm.commands.generate import check_arguments as check_sampling
+
+    check_sampling(argparse.Namespace(prompt="-", max_new_tokens=args.new_tokens, do_sample=True,
+                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
+
+
+def check_positions(args: argparse.Namespace, config, baseline_config) -> None:
+    """Blocks, and prompts with their continuations, must fit both models' positions."""
+    from rqlm.commands.generate import token_limit
+
+    latent = config.backbone_config.max_position_embeddings
+    if args.block_size // config.compression_factor > latent:
+        raise ValueError(f"--block_size {args.block_size} makes {args.block_size // config.compression_factor} latent "
+                         f"positions, more than --model's {latent}; lower --block_size")
+    if args.block_size + 1 > baseline_config.max_position_embeddings:  # + the separator each block is read after
+        raise ValueError(f"--block_size {args.block_size} (+1 separator) exceeds --baseline's "
+                         f"{baseline_config.max_position_embeddings} positions; lower --block_size")
+    if args.num_prompts:
+        needed = args.prompt_tokens + args.new_tokens
+        for role, cfg in (("--model", config), ("--baseline", baseline_config)):
+            if needed > token_limit(cfg):
+                raise ValueError(f"--prompt_tokens + --new_tokens = {needed} exceeds the {token_limit(cfg)} positions "
+                                 f"of {role}; lower them")
+
+
+def held_out_figures(model, baseline, eval_blocks, batch_size: int, separator_id: int) -> dict[str, float]:
+    """The bound's terms and the baseline's NLL, summed over the same held-out blocks -> figures."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from rqlm.evaluation.bound import bound_terms, perplexity_bound
+    from rqlm.evaluation.perplexity import block_nll, safe_exp
+
+    totals: dict[str, torch.Tensor] = {}
+    baseline_nll, baseline_tokens = 0.0, 0.0
+    for batch in DataLoader(eval_blocks, batch_size=batch_size):
+        input_ids = batch["input_ids"].long()
+        for name, value in bound_terms(model, input_ids).items():
+            totals[name] = totals[name] + value if name in totals else value
+        scored = block_nll(baseline, input_ids, separator_id)
+        baseline_nll += float(scored["nll"])
+        baseline_tokens += float(scored["num_tokens"])
+    if not totals:
+        raise ValueError("the held-out split holds no block; give more text or lower --block_size")
+    tokens = float(totals["num_tokens"])
+    if baseline_tokens != tokens:  # both read every token of the same blocks
+        raise RuntimeError(f"the bound scored {tokens:.0f} tokens, the baseline {baseline_tokens:.0f}")
+    bound = perplexity_bound(totals)
+    baseline_perplexity = safe_exp(baseline_nll / tokens)
+    figures = {
+        "perplexity_bound": bound,
+        "baseline_perplexity": baseline_perplexity,
+        "ratio": bound / baseline_perplexity,
+        "nll_codes_per_token": float(totals["nll_codes"]) / tokens,
+        "nll_recon_per_token": float(totals["nll_recon"]) / tokens,
+        "nll_bound_per_token": (float(totals["nll_codes"]) + float(totals["nll_recon"])) / tokens,
+        "nll_baseline_per_token": baseline_nll / tokens,
+        "num_tokens": tokens,
+        "num_blocks": float(len(eval_blocks)),
+    }
+    figures["bits_per_token"] = figures["nll_bound_per_token"] / math.log(2)
+    figures["baseline_bits_per_token"] = figures["nll_baseline_per_token"] / math.log(2)
+    per_depth = totals["nll_codes_depth"] / totals["num_codes_depth"].clamp(min=1)
+    accuracy = totals["correct_depth"] / totals["num_codes_depth"].clamp(min=1)
+    for d, (nll, acc) in enumerate(zip(per_depth.tolist(), accuracy.tolist())):
+        figures[f"nll_codes_depth_{d}"] = nll
+        figures[f"code_accuracy_depth_{d}"] = acc
+    return figures
+
+
+def judged_figures(model, baseline, eval_blocks, args: argparse.Namespace, tokenizer) -> dict[str, float]:
+    """The baseline's perplexity on the RQ model's and on its own sampled continuations of held-out prompts."""
+    from rqlm.commands.generate import sampling_kwargs
+    from rqlm.evaluation.perplexity import judged_perplexity
+
+    count = min(args.num_prompts, len(eval_blocks))
+    prompts = eval_blocks[:count]["input_ids"][:, : args.prompt_tokens].long()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings = dict(
+        max_new_tokens=args.new_tokens, seed=args.seed, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+        batch_size=args.batch_size, **sampling_kwargs(True, args.temperature, args.top_k, args.top_p),
+    )
+    rq = judged_perplexity(baseline, model, prompts, **settings)
+    own = judged_perplexity(baseline, baseline, prompts, **settings)
+    return {
+        "judged_perplexity_rq_samples": rq["perplexity"],
+        "judged_perplexity_baseline_samples": own["perplexity"],
+        "judged_mean_length_rq_samples": rq["mean_length"],
+        "judged_mean_length_baseline_samples": own["mean_length"],
+        "judged_num_prompts": float(count),
+    }
+
+
+def print_table(figures: dict[str, float], args: argparse.Namespace, config) -> None:
+    """The figures as a readable table on stdout."""
+    c, d, k = config.compression_factor, config.num_quantizers, config.codebook_size
+    print(f"\nheld-out: {int(figures['num_blocks'])} blocks of {args.block_size} tokens "
+          f"({int(figures['num_tokens']):,} tokens), C={c}, D={d}, K={k}")
+    print(f"{'':32}{'nats/token':>12}{'bits/token':>12}{'perplexity':>14}")
+    rows = [
+        ("RQ perplexity bound", figures["nll_bound_per_token"]),
+        ("  code NLL term", figures["nll_codes_per_token"]),
+        ("  reconstruction NLL term", figures["nll_recon_per_token"]),
+        ("baseline perplexity", figures["nll_baseline_per_token"]),
+    ]
+    for name, nats in rows:
+        print(f"{name:32}{nats:12.4f}{nats / math.log(2):12.4f}{_number(math.exp(min(nats, 700))):>14}")
+    print(f"{'ratio bound / baseline':32}{'':24}{_number(figures['ratio']):>14}")
+    depths = "  ".join(f"{figures[f'nll_codes_depth_{j}']:.3f}" for j in range(d))
+    accuracies = "  ".join(f"{figures[f'code_accuracy_depth_{j}']:.1%}" for j in range(d))
+    print(f"code NLL per depth (nats per code; uniform = ln K = {math.log(k):.3f}): {depths}")
+    print(f"code accuracy per depth (argmax): {accuracies}")
+    if "judged_perplexity_rq_samples" in figures:
+        print(f"judged quality: the baseline's perplexity on sampled continuations of "
+              f"{int(figures['judged_num_prompts'])} held-out prompts ({args.prompt_tokens} tokens, "
+              f"{args.new_tokens} new, temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, "
+              f"seed {args.seed})")
+        for who in ("rq", "baseline"):
+            print(f"  {who + ' samples':30}{_number(figures[f'judged_perplexity_{who}_samples']):>14}"
+                  f"   (mean length {figures[f'judged_mean_length_{who}_samples']:.1f} tokens)")
+
+
+def _number(value: float) -> str:
+    """A figure with a precision that suits its size: 1.234, 136.2, 486,747."""
+    if math.isinf(value):
+        return "inf"
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.1f}" if value >= 100 else f"{value:.3f}"
+
+
+def main(args: argparse.Namespace) -> int:
+    from rqlm.commands.generate import check_same_vocabulary, load_folder_tokenizer, load_model, read_config
+    from rqlm.data.loading import get_lm_datasets
+
+    config = read_config(args.model, "--model", ("rq_transformer",))
+    baseline_config = read_config(args.baseline, "--baseline", ("qwen3",))
+    check_arguments(args, config)
+    check_positions(args, config, baseline_config)
+    tokenizer = load_folder_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
+    check_same_vocabulary(tokenizer, args.model, config, "--model")
+    check_same_vocabulary(tokenizer, args.baseline, baseline_config, "--baseline")
+    _, eval_blocks = get_lm_datasets(
+        args.dataset, tokenizer, block_size=args.block_size, compression_factor=config.compression_factor,
+        text_column=args.text_column, max_eval_blocks=args.max_eval_blocks,
+    )
+    model, baseline = load_model(args.model, config), load_model(args.baseline, baseline_config)
+    figures = held_out_figures(model, baseline, eval_blocks, args.batch_size, tokenizer.eos_token_id)
+    if args.num_prompts:
+        figures.update(judged_figures(model, baseline, eval_blocks, args, tokenizer))
+    print_table(figures, args, config)
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(figures, indent=1))
+        print(f"figures written to {args.output_json}")
+    return 0

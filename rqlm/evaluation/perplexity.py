@@ -1,0 +1,112 @@
+"""A token LM's perplexity on the blocks the RQ bound is measured on, and the judged quality of free generation.
+
+Baseline perplexity: every token of a block is scored, the first one too, so the count matches
+the bound's `num_tokens`. The block is read from its start, like the RQ model reads it (its first
+position comes from a learned start vector): the token LM gets the document separator (EOS, what
+packing puts between documents) as its only context for the first token.
+
+Judged quality: a judge LM (the baseline) scores continuations that a model sampled from held-out
+prompts; the lower the judge's perplexity, the more the samples read like the text the judge
+learned. The judge scoring its own samples gives the reference figure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import set_seed
+
+
+def safe_exp(nats: float) -> float:
+    """exp(nats), inf instead of an overflow."""
+    return math.exp(nats) if nats < 700 else float("inf")
+
+
+@torch.no_grad()
+def block_nll(model, input_ids: torch.LongTensor, separator_id: int) -> dict[str, torch.Tensor]:
+    """Summed NLL (nats, float64) of every token of blocks (B, T) under a causal token LM, each block read from
+    its start after one separator token -> {'nll', 'num_tokens'}."""
+    separator = input_ids.new_full((input_ids.shape[0], 1), separator_id)
+    logits = model(input_ids=torch.cat([separator, input_ids], dim=1)).logits[:, :-1]  # (B, T, V)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), input_ids.flatten(), reduction="sum")
+    return {"nll": nll.double(), "num_tokens": torch.tensor(float(input_ids.numel()), dtype=torch.float64)}
+
+
+def continuation_mask(continuations: torch.LongTensor, eos_token_id: int | None) -> torch.Tensor:
+    """Continuations (B, N) -> mask (B, N) of their tokens up to and including the first EOS (padding after it)."""
+    if eos_token_id is None:
+        return torch.ones_like(continuations, dtype=torch.bool)
+    is_eos = continuations == eos_token_id
+    before = is_eos.long().cumsum(1) - is_eos.long()  # EOS seen strictly before each position
+    return before == 0
+
+
+@torch.no_grad()
+def continuation_nll(
+    judge, prompts: torch.LongTensor, continuations: torch.LongTensor, eos_token_id: int | None
+) -> dict[str, torch.Tensor]:
+    """Summed NLL (float64) of continuations (B, N) given their prompts (B, P) under a causal token LM;
+    tokens after a row's first EOS are padding and are not scored -> {'nll', 'num_tokens'}."""
+    mask = continuation_mask(continuations, eos_token_id)
+    logits = judge(input_ids=torch.cat([prompts, continuations], dim=1)).logits  # (B, P + N, V)
+    logits = logits[:, prompts.shape[1] - 1 : -1]  # (B, N, V): the predictions of the continuation
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), continuations.flatten(), reduction="none")
+    return {"nll": (nll * mask.flatten()).sum().double(), "num_tokens": mask.sum().double()}
+
+
+@torch.no_grad()
+def sample_continuations(
+    model,
+    prompts: torch.LongTensor,
+    max_new_tokens: int,
+    seed: int,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    **sampling,
+) -> torch.LongTensor:
+    """`model.generate` from prompts (B, P) (no padding) with a fixed seed -> continuations (B, <= max_new_tokens)."""
+    set_seed(seed)
+    sequences = model.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        **sampling,
+    )
+    return sequences[:, prompts.shape[1] :]
+
+
+def judged_perplexity(
+    judge,
+    model,
+    prompts: torch.LongTensor,
+    max_new_tokens: int,
+    seed: int,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    batch_size: int = 16,
+    **sampling,
+) -> dict[str, float]:
+    """The judge's perplexity on `model`'s sampled continuations of prompts (B, P) ->
+    {'perplexity', 'num_tokens', 'mean_length'} (length: continuation tokens up to the first EOS)."""
+    nll, tokens = 0.0, 0.0
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        continuations = sample_continuations(
+            model, batch, max_new_tokens, seed + start, eos_token_id, pad_token_id, **sampling
+        )
+        terms = continuation_nll(judge, batch, continuations, eos_token_id)
+        nll += float(terms["nll"])
+        tokens += float(terms["num_tokens"])
+    return {
+        "perplexity": safe_exp(nll / max(tokens, 1.0)),
+        "num_tokens": tokens,
+        "mean_length": tokens / max(len(prompts), 1),
+    }
+
+
+__all__ = ["block_nll", "continuation_mask", "continuation_nll", "judged_perplexity", "safe_exp",
+           "sample_continuations"]
