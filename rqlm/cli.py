@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "demo": ("rqlm.commands.demo", "run the whole pipeline on the embedded default corpus"),
     "train-tokenizer": ("rqlm.data.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
     "train-vae": ("rqlm.commands.train_vae", "train the RQ-VAE (text -> residual codes -> text)"),
+    "encode": ("rqlm.commands.encode", "compute a trained RQ-VAE's codes of a dataset once, for train-lm"),
     "train-lm": ("rqlm.commands.train_lm", "train the RQ-Transformer over RQ-VAE codes"),
     "train-baseline": ("rqlm.commands.train_baseline", "train the plain Qwen3 baseline on the same data"),
     "evaluate": ("rqlm.commands.evaluate", "perplexity (bound), reconstruction and codebook usage"),

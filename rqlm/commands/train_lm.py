@@ -1,0 +1,254 @@
+"""`rqlm train-lm`: train the latent LM (RQTransformerForCausalLM) over a trained RQ-VAE's codes.
+
+    VAE_DIR (model + tokenizer) -> blocks of block_size tokens -> codes (B, L, D), computed once
+      (`--codes DIR` from `rqlm encode`, or a `datasets` cache keyed by the VAE's weights)
+    -> spatial Qwen3 (a preset from scratch, or a pretrained Qwen3's layers) + depth transformer
+    -> the shared Accelerate loop; every eval: code NLL per depth against each depth's marginal
+       entropy, and the perplexity bound exp((NLL_codes + NLL_recon) / tokens)
+
+The tokenizer and C come from the VAE folder: another `--tokenizer` or `--compression_factor` is a
+one-line error, as is a `--block_size` that is not a multiple of C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from rqlm.presets import PRESETS, backbone_config, is_preset
+from rqlm.trainer.arguments import add_training_arguments, training_arguments_from_namespace
+
+LM_FIELDS = (
+    "depth_num_layers", "depth_hidden_size", "depth_num_attention_heads", "spatial_input", "depth_mode",
+    "aux_token_loss_weight", "freeze_backbone_steps", "lora_r", "lora_alpha",
+)  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rqlm.data.arguments import add_data_arguments
+
+    add_data_arguments(parser)
+    parser.set_defaults(block_size=128, compression_factor=None)  # C: the VAE's
+    add_vae_arguments(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument("--codes", default=None, help="codes folder written by `rqlm encode` (default: encode here, "
+                       "cached by `datasets` under a fingerprint of the data and the VAE's weights)")
+    model.add_argument("--backbone", default="tiny",
+                       help=f"spatial transformer: a preset trained from scratch ({', '.join(PRESETS)}) "
+                       "or a pretrained Qwen3 (folder or hub name) whose layers it starts from")
+    model.add_argument("--depth_num_layers", type=int, default=1, help="layers of the depth transformer")
+    model.add_argument("--depth_hidden_size", type=int, default=256, help="width of the depth transformer")
+    model.add_argument("--depth_num_attention_heads", type=int, default=4)
+    model.add_argument("--spatial_input", default="quantized", choices=("quantized", "code_embeddings"),
+                       help="each position's input: the VAE's quantized latent, or summed per-depth code embeddings")
+    model.add_argument("--depth_mode", default="autoregressive", choices=("autoregressive", "parallel"),
+                       help="depth transformer over the codes chosen so far, or all depths at once")
+    model.add_argument("--aux_token_loss_weight", type=float, default=0.0,
+                       help="weight of C heads on the spatial output predicting the next chunk's tokens")
+    model.add_argument("--freeze_backbone_steps", type=int, default=0, help="steps the spatial layers stay frozen")
+    model.add_argument("--lora_r", type=int, default=0, help="LoRA rank on the spatial layers; 0 trains them fully")
+    model.add_argument("--lora_alpha", type=int, default=16)
+    add_training_arguments(
+        parser,
+        output_dir="runs/lm",
+        max_steps=100_000,  # the time budget ends a default run
+        max_minutes=10,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=16,
+        learning_rate=1e-3,
+        warmup_steps=50,
+        eval_steps=200,
+        eval_batches=10,
+        save_steps=500,
+    )
+
+
+def add_vae_arguments(parser: argparse.ArgumentParser) -> None:
+    """--vae VAE_DIR and --encode_batch_size (shared with `rqlm encode`)."""
+    group = parser.add_argument_group("vae")
+    group.add_argument("--vae", required=True, help="folder of a trained RQ-VAE (`rqlm train-vae --output_dir`)")
+    group.add_argument("--encode_batch_size", type=int, default=64, help="blocks per VAE forward when encoding")
+
+
+def load_vae(path: str):
+    """A trained RQVAEModel from its folder, in eval mode; a missing folder or another model is one line."""
+    from rqlm import RQVAEModel
+
+    folder = Path(path).expanduser()
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"VAE folder '{folder}' not found (no config.json); train one with `rqlm train-vae --output_dir {folder}`"
+        )
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != "rq_vae":
+        raise ValueError(f"'{folder}' holds a {model_type!r} model, not an RQ-VAE ('rq_vae'); pass --vae a folder "
+                         "written by `rqlm train-vae`")
+    return RQVAEModel.from_pretrained(folder).eval()
+
+
+def vae_tokenizer(args: argparse.Namespace):
+    """The tokenizer saved in the VAE folder; `--tokenizer` must be the same one."""
+    from rqlm.data.codes import tokenizer_hash
+    from rqlm.data.tokenizer import load_tokenizer
+
+    folder = Path(args.vae).expanduser()
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"VAE folder '{folder}' holds no tokenizer; re-save it with the tokenizer it was "
+                                "trained with (`tokenizer.save_pretrained`)")
+    tokenizer = load_tokenizer(folder)
+    if args.tokenizer is not None and tokenizer_hash(load_tokenizer(args.tokenizer)) != tokenizer_hash(tokenizer):
+        raise ValueError(f"--tokenizer {args.tokenizer} is not the tokenizer the VAE in {folder} was trained with; "
+                         "omit --tokenizer (the VAE folder's is used)")
+    return tokenizer
+
+
+def resolve_compression_factor(args: argparse.Namespace, vae) -> None:
+    """C is the VAE's: fill `args.compression_factor`, or refuse another one; check block_size against it."""
+    from rqlm.data.loading import check_block_size
+
+    c = vae.compression_factor
+    if args.compression_factor is not None and args.compression_factor != c:
+        raise ValueError(f"--compression_factor {args.compression_factor} differs from the VAE's C={c}; "
+                         "omit it (the VAE's is used)")
+    args.compression_factor = c
+    check_block_size(args.block_size, c)
+
+
+def encoded_splits(args: argparse.Namespace, vae, tokenizer):
+    """(train, eval) datasets with "input_ids" (T,) and "codes" (L, D): from `--codes`, or encoded here (cached)."""
+    from accelerate import PartialState
+
+    from rqlm.data.arguments import load_blocks
+    from rqlm.data.codes import check_provenance, codes_provenance, default_cache_dir, encode_blocks, load_codes
+
+    if args.codes is not None:
+        splits, provenance = load_codes(args.codes)
+        check_provenance(provenance, codes_provenance(vae, tokenizer, args.vae), f"'{args.codes}'")
+        train, evaluation = splits["train"], splits["validation"]
+        if args.max_eval_blocks is not None:
+            evaluation = evaluation.select(range(min(args.max_eval_blocks, len(evaluation))))
+        print(f"data: codes from {args.codes} (made by `rqlm encode` from {provenance.get('vae')}): "
+              f"train {len(train):,} blocks, held out {len(evaluation):,} blocks of {train[0]['input_ids'].shape[0]}")
+        return train, evaluation
+    if args.streaming:
+        raise ValueError("train-lm encodes the data once and caches it; --streaming is not supported, "
+                         "run `rqlm encode` on a local copy instead")
+    _, train_blocks, eval_blocks = load_blocks(args, default_tokenizer=args.vae)
+    with PartialState().main_process_first():  # rank 0 writes the cache, the others read it
+        train = encode_blocks(vae, train_blocks, args.encode_batch_size, default_cache_dir(), desc="encode train")
+        evaluation = encode_blocks(vae, eval_blocks, args.encode_batch_size, default_cache_dir(), desc="encode held-out")
+    return train, evaluation
+
+
+def build_model(args: argparse.Namespace, vae, tokenizer):
+    """An RQTransformerForCausalLM over `vae`: spatial layers from a preset (from scratch) or a pretrained Qwen3."""
+    from rqlm import RQTransformerForCausalLM
+
+    fields = {name: getattr(args, name) for name in LM_FIELDS}
+    if not is_preset(args.backbone):
+        return RQTransformerForCausalLM.from_backbone(args.backbone, vae=vae, **fields)
+    tokens = vae.config.backbone_config
+    spatial = backbone_config(
+        args.backbone,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokens.bos_token_id,
+        eos_token_id=tokens.eos_token_id,
+        pad_token_id=tokens.pad_token_id,
+    )
+    return RQTransformerForCausalLM.from_vae(vae, backbone_config=spatial, **fields)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def lm_evaluate_fn(model, eval_dataloader, accelerator) -> dict[str, float]:
+    """The loop's `evaluate_fn`: held-out code NLL and accuracy per depth, each depth's marginal entropy,
+    code and reconstruction NLL per token and the perplexity bound, summed over batches and ranks."""
+    from rqlm.evaluation.bound import bound_terms
+
+    unwrapped = accelerator.unwrap_model(model)
+    d, k = unwrapped.num_quantizers, unwrapped.config.codebook_size
+    sums, counts = None, torch.zeros(d, k, dtype=torch.float64, device=accelerator.device)
+    for batch in eval_dataloader:
+        codes = batch["codes"].long() if "codes" in batch else None
+        terms = bound_terms(unwrapped, batch["input_ids"], batch.get("attention_mask"), codes=codes)
+        sums = terms if sums is None else {name: sums[name] + value for name, value in terms.items()}
+        codes = unwrapped.encode(batch["input_ids"], batch.get("attention_mask")) if codes is None else codes
+        flat = codes.reshape(-1, d)  # (N, D)
+        for depth in range(d):
+            kept = flat[:, depth][flat[:, depth] >= 0]
+            counts[depth] += torch.bincount(kept, minlength=k).double()
+    if sums is None:
+        raise ValueError("the held-out split gave no evaluation batch; pass more data or a smaller eval batch size")
+    sums = {name: accelerator.reduce(value.to(accelerator.device), "sum").cpu() for name, value in sums.items()}
+    counts = accelerator.reduce(counts, "sum").cpu()
+    return bound_metrics(sums, counts, unwrapped.compression_factor)
+
+
+def marginal_entropy(counts: torch.Tensor) -> torch.Tensor:
+    """Code counts (D, K) -> entropy in nats of each depth's empirical code distribution (D,)."""
+    p = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
+    return -(p * p.clamp(min=1e-30).log()).sum(dim=-1)
+
+
+def bound_metrics(sums: dict, counts: torch.Tensor, compression_factor: int) -> dict[str, float]:
+    """Summed bound terms and code counts -> the evaluation's named figures (nats unless 'bits')."""
+    from rqlm.evaluation.bound import perplexity_bound
+
+    tokens = float(sums["num_tokens"])
+    nll_depth = sums["nll_codes_depth"] / sums["num_codes_depth"].clamp(min=1)
+    accuracy_depth = sums["correct_depth"] / sums["num_codes_depth"].clamp(min=1)
+    entropy = marginal_entropy(counts)
+    metrics = {"code_nll": nll_depth.mean().item()}
+    for depth in range(len(nll_depth)):
+        metrics[f"nll_d{depth}"] = nll_depth[depth].item()
+        metrics[f"marginal_entropy_d{depth}"] = entropy[depth].item()
+        metrics[f"accuracy_d{depth}"] = accuracy_depth[depth].item()
+    nats = (float(sums["nll_codes"]) + float(sums["nll_recon"])) / max(tokens, 1.0)
+    metrics.update(
+        nll_codes_per_token=float(sums["nll_codes"]) / max(tokens, 1.0),
+        marginal_entropy_per_token=entropy.sum().item() / compression_factor,
+        nll_recon_per_token=float(sums["nll_recon"]) / max(tokens, 1.0),
+        bits_per_token=nats / math.log(2),
+        perplexity_bound=perplexity_bound(sums),
+        num_tokens=tokens,
+    )
+    return metrics
+
+
+def main(args: argparse.Namespace) -> int:
+    from accelerate.utils import set_seed
+
+    from rqlm.trainer.loop import find_checkpoint, train
+
+    train_args = training_arguments_from_namespace(args)
+    if train_args.resume_from_checkpoint:  # fail before the data is built
+        find_checkpoint(train_args.resume_from_checkpoint, Path(train_args.output_dir))
+    if not is_preset(args.backbone):  # a Qwen3 to load: refuse anything else before the data is built
+        backbone_config(args.backbone)
+    vae = load_vae(args.vae)
+    resolve_compression_factor(args, vae)
+    tokenizer = vae_tokenizer(args)
+    train_data, eval_data = encoded_splits(args, vae, tokenizer)
+    set_seed(train_args.seed)  # the weights of the from-scratch parts
+    model = build_model(args, vae, tokenizer)
+    trained = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("vae."))
+    print(f"RQ-Transformer: {trained / 1e6:.2f}M parameters besides the frozen VAE "
+          f"({sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M), C={vae.compression_factor} "
+          f"D={model.num_quantizers} K={model.config.codebook_size}, backbone {args.backbone}")
+    card = (
+        "## Data\n\n"
+        f"- VAE: {args.vae} (frozen inside this checkpoint)\n"
+        f"- codes: {args.codes or 'encoded by train-lm (datasets cache)'}\n"
+        f"- dataset: {args.dataset or 'embedded corpus'}; block size {args.block_size} tokens\n"
+        f"- spatial backbone: {args.backbone}\n"
+    )
+    result = train(model, train_data, eval_data, train_args, tokenizer=tokenizer, evaluate_fn=lm_evaluate_fn,
+                   model_card_extra=card)
+    summary = {k: round(v, 4) for k, v in result.eval_metrics.items()}
+    print(f"finished at step {result.step} ({result.tokens_seen:,} tokens): {json.dumps(summary)}")
+    return 0
