@@ -205,3 +205,24 @@ def test_an_rq_vae_folder_is_not_a_backbone(command, vae_dir, text_corpus, tmp_p
 def test_train_vae_bad_flags_are_one_line(text_corpus, tmp_path, capsys, flags, message):  # noqa: F811
     err = one_line_error(capsys, vae_flags(text_corpus, tmp_path / "out", *flags))
     assert message in err, err
+
+
+# ----------------------------------------------------------------------------
+# (7) summaries state the conditions a figure depends on
+
+
+def test_train_vae_and_demo_summaries_state_steps_time_and_speed(text_corpus, tmp_path, capsys):  # noqa: F811
+    from rqlm.commands.demo import demo_summary
+
+    out = tmp_path / "run"
+    assert cli.main([str(a) for a in vae_flags(text_corpus, out, "--max_steps", "3", "--logging_steps", "1")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    summary = next(line for line in lines if line.startswith("held-out reconstruction accuracy"))
+    assert re.search(r"accuracy \d+\.\d% after 3 steps \(of --max_steps 3\), 384 tokens, \d+ s wall clock, "
+                     r"[\d,]+ training tokens/s on this machine$", summary), summary  # fmt: skip
+
+    assert cli.main([str(a) for a in inspect_flags(out, text_corpus, "--output", out / "inspect.html")]) == 0
+    line = demo_summary(str(out), train_seconds=90)
+    accuracy = json.loads((out / "inspect.json").read_text())["accuracy"]
+    assert line.startswith(f"demo: {accuracy:.1%} of held-out tokens reconstructed"), line
+    assert "after 3 steps and 384 tokens in 1.5 minutes at " in line and "training tokens/s on this machine" in line

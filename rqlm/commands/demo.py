@@ -9,6 +9,7 @@ next to the model). The RQ-Transformer steps join here as they land.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from rqlm.data import build_embedded_corpus, corpus_statistics, load_tokenizer
@@ -48,12 +49,39 @@ def main(args: argparse.Namespace) -> int:
     from rqlm.cli import main as rqlm_main
 
     print(f"\ntraining the RQ-VAE for {args.minutes:g} minutes (rqlm train-vae --max_minutes {args.minutes:g})")
+    start = time.perf_counter()
     status = rqlm_main(["train-vae", "--max_minutes", str(args.minutes), "--output_dir", args.output_dir,
                         "--tokenizer", str(tokenizer.name_or_path)])
     if status:
         return status
+    train_seconds = time.perf_counter() - start
     print(f"\nheld-out reconstruction (rqlm inspect {args.output_dir})")
-    return rqlm_main(["inspect", args.output_dir, "--num_examples", "2", "--max_batches", "8"])
+    status = rqlm_main(["inspect", args.output_dir, "--num_examples", "2", "--max_batches", str(INSPECT_BATCHES)])
+    if status:
+        return status
+    print("\n" + demo_summary(args.output_dir, train_seconds))
+    return 0
+
+
+INSPECT_BATCHES = 8
+
+
+def demo_summary(output_dir: str, train_seconds: float) -> str:
+    """The demo's figure with the conditions it depends on, read from the run's metrics.jsonl and inspect.json."""
+    from pathlib import Path
+
+    from rqlm.evaluation.plots import read_metrics
+
+    accuracy = json.loads((Path(output_dir) / "inspect.json").read_text())["accuracy"]
+    trained = [r for r in read_metrics(output_dir) if "tokens_seen" in r]
+    speeds = sorted(r["tokens_per_second"] for r in trained if "tokens_per_second" in r)
+    speed = f" at {speeds[len(speeds) // 2]:,.0f} training tokens/s" if speeds else ""
+    steps, tokens = (trained[-1]["step"], trained[-1]["tokens_seen"]) if trained else (0, 0)
+    return (
+        f"demo: {accuracy:.1%} of held-out tokens reconstructed (rqlm inspect, {INSPECT_BATCHES} batches) after "
+        f"{steps:,} steps and {tokens:,} tokens in {train_seconds / 60:.1f} minutes{speed} on this machine; "
+        "a slower or busier machine trains fewer steps in the same budget and reaches less"
+    )
 
 
 def print_corpus_statistics(stats: dict) -> None:
