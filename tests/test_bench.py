@@ -27,7 +27,7 @@ def table_rows(text: str) -> dict[str, list[float]]:
 def test_model_bench_table_and_json(tmp_path, capsys):
     output = tmp_path / "bench.json"
     flags = ["--backbone", "test", "--num_quantizers", "2", "--codebook_size", "16", "--output", str(output)]
-    assert cli.main(["bench", *TINY, *flags]) == 0, capsys.readouterr().err
+    assert cli.main(["bench", "--vae", *TINY, *flags]) == 0, capsys.readouterr().err
     rows = table_rows(capsys.readouterr().out)
     expected = [
         "train step tokens/s",
@@ -67,6 +67,49 @@ def test_quantizer_bench_table(capsys):
     ],
 )
 def test_bad_input_is_one_line_error(capsys, flags, message):
-    assert cli.main(["bench", "--backbone", "test", *flags]) == 1
+    assert cli.main(["bench", "--vae", "--backbone", "test", *flags]) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------- generation (the default mode)
+SUMMARY = re.compile(r"speedup batch (\d+) C=4: (\d+\.\d\d)x \(RQ (\d+) tok/s, baseline (\d+) tok/s\)")
+
+
+def test_generation_bench_quick(tmp_path, capsys):
+    output, plot = tmp_path / "generation.json", tmp_path / "generation.png"
+    flags = ["--quick", "--threads", "1", "--no_memory", "--output_json", str(output), "--plot", str(plot)]
+    assert cli.main(["bench", *flags]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(output.read_text())
+
+    # last: one summary line per batch size, exactly in the documented form, with the JSON's figures
+    summary = [SUMMARY.fullmatch(line) for line in out[-2:]]
+    assert all(summary), out[-2:]
+    shape = result["shapes"][0]
+    for match, batch in zip(summary, (1, 8)):
+        rq, base = int(match.group(3)), int(match.group(4))
+        assert int(match.group(1)) == batch
+        rows = [r for r in shape["rows"] if r["batch_size"] == batch]
+        rq_row = next(r for r in rows if r["model"] == "RQ C=4")
+        fastest = max(r["tokens_per_second"] for r in rows if r["way"])
+        assert rq == round(rq_row["tokens_per_second"]) and base == round(fastest)
+        assert float(match.group(2)) == pytest.approx(rq_row["tokens_per_second"] / fastest, abs=0.006)
+    assert result["summary"] == out[-2:]
+
+    # the speed table: every model at both batch sizes, each with the requested 8 new tokens
+    names = ["Qwen3 baseline (default)", "Qwen3 baseline (static)", "RQ C=4", "RQ C=4 parallel-depth"]
+    speed_rows = [
+        line.split("|")[2:5] for line in out if line.startswith("| test |") and line.count("|") == 12
+    ]
+    assert sorted((name.strip(), int(batch), int(new)) for name, batch, new in speed_rows) == sorted(
+        (name, batch, 8) for name in names for batch in (1, 8)
+    )
+    # the RQ split of the step time: five shares per RQ row
+    split = [line for line in out if line.startswith("| test | RQ") and line.count("%") == 5]
+    assert len(split) == 4, out
+    for row in shape["rows"]:
+        assert row["new_tokens"] == 8 and row["tokens_per_second"] > 0
+        if row["model"].startswith("RQ"):
+            assert set(row["parts_ms"]) == {"spatial", "depth", "decoder", "sampling", "other"}
+    assert plot.stat().st_size > 0 and len(result["sweep"]["points"]) == 4

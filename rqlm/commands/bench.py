@@ -1,81 +1,335 @@
-"""`rqlm bench`: speed and memory of the RQ-VAE against the plain Qwen3 baseline, in one run.
+"""`rqlm bench`: speed and memory of the RQ models against the plain Qwen3 baseline, in one run.
 
-Default: training tokens/s and peak memory of RQVAEModel vs Qwen3ForCausalLM on the same backbone
-preset, tokens, dtype and threads, plus RQ-VAE encode and decode tokens/s (see
-rqlm/evaluation/speed.py). `--quantizers`: rqlm's quantizers against vector-quantize-pytorch (see
-rqlm/evaluation/quantizer_bench.py). Prints a markdown table; `--output` also writes it as JSON.
+Default: generation tokens/s of RQTransformerForCausalLM against Qwen3ForCausalLM.generate at the
+Qwen3-0.6B shape and the demo's `tiny` shape (see rqlm/evaluation/generation_speed.py), then one
+summary line per batch size. `--vae`: training tokens/s and peak memory of the RQ-VAE vs the baseline,
+plus encode / decode tokens/s (rqlm/evaluation/speed.py). `--quantizers`: rqlm's quantizers against
+vector-quantize-pytorch (rqlm/evaluation/quantizer_bench.py). Prints markdown tables; `--output_json`
+also writes every figure as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from rqlm.presets import PRESETS
 
+HEADLINE_C = 4
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in str(text).split(",") if v.strip()]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quantizers", action="store_true",
-                        help="the quantizers against vector-quantize-pytorch instead of the models")
-    parser.add_argument("--backbone", default="tiny",
-                        help=f"a preset ({', '.join(PRESETS)}) or a pretrained Qwen3 (its config only)")
-    parser.add_argument("--vocab_size", type=int, default=8192,
-                        help="vocabulary of a preset backbone (default: the embedded tokenizer's)")
-    parser.add_argument("--batch_size", type=int, default=8, help="B, blocks per batch (quantizers: rows)")
-    parser.add_argument("--block_size", type=int, default=256,
-                        help="T: tokens per block, a multiple of C (quantizers: N vectors per row)")
-    parser.add_argument("--compression_factor", type=int, default=4, help="C, tokens per latent position")
-    parser.add_argument("--num_quantizers", type=int, default=4, help="D, residual depth")
-    parser.add_argument("--codebook_size", type=int, default=1024, help="K, codes per codebook")
-    parser.add_argument("--quantizer_type", default="residual_vq", help="the RQ-VAE's quantizer family")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="autocast dtype of both sides")
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps per side (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--vae",
+        action="store_true",
+        help="RQ-VAE training / encoding speed against the baseline instead of generation",
+    )
+    mode.add_argument(
+        "--quantizers",
+        action="store_true",
+        help="the quantizers against vector-quantize-pytorch instead of the models",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="dtype of both sides (generation: weights and caches; --vae: autocast)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--output", default=None, help="also write the table as JSON to this file")
+    parser.add_argument(
+        "--output_json",
+        "--output",
+        dest="output_json",
+        default=None,
+        help="also write every figure as JSON to this file",
+    )
+
+    gen = parser.add_argument_group("generation (the default mode)")
+    gen.add_argument(
+        "--quick",
+        action="store_true",
+        help="a seconds-long smoke run: the 'test' shape, 16-token prompts, 8 new tokens",
+    )
+    gen.add_argument(
+        "--shapes",
+        type=_names,
+        default=["qwen3-0.6b", "tiny"],
+        help="comma-separated: qwen3-0.6b and/or presets; the first is the headline",
+    )
+    gen.add_argument("--prompt_length", type=int, default=64, help="T0, tokens per prompt")
+    gen.add_argument("--new_tokens", type=int, default=256, help="new tokens per run (EOS ignored)")
+    gen.add_argument(
+        "--large_new_tokens",
+        type=int,
+        default=64,
+        help="new tokens at the qwen3-0.6b shape (its steps take seconds on a CPU)",
+    )
+    gen.add_argument("--batch_sizes", type=_ints, default=[1, 8], help="comma-separated batch sizes")
+    gen.add_argument(
+        "--compression_factors",
+        type=_ints,
+        default=[4, 2, 8],
+        help=f"comma-separated C of the RQ models; C={HEADLINE_C} is the headline",
+    )
+    gen.add_argument(
+        "--parallel_depth",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also time depth_mode='parallel' at C={HEADLINE_C}",
+    )
+    gen.add_argument(
+        "--compile_shapes",
+        type=_names,
+        default=["tiny"],
+        help="shapes where the baseline also runs static cache + torch.compile ('' for none)",
+    )
+    gen.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (median reported)")
+    gen.add_argument(
+        "--no_memory",
+        dest="memory",
+        action="store_false",
+        help="skip the extra profiled run per measurement that gives peak memory",
+    )
+    gen.add_argument(
+        "--model", default=None, help="a trained RQ LM folder: measured at the tiny shape's place"
+    )
+    gen.add_argument("--baseline", default=None, help="the trained baseline folder to go with --model")
+    gen.add_argument(
+        "--evaluation_json",
+        default=None,
+        help="`rqlm evaluate --output_json` of --model: its perplexity bound is printed beside it",
+    )
+    gen.add_argument(
+        "--plot",
+        default=None,
+        help="also sweep context length and batch size at the last shape and save a PNG here",
+    )
+    gen.add_argument("--sweep_contexts", type=_ints, default=[64, 256, 512, 1024, 2048])
+    gen.add_argument("--sweep_batches", type=_ints, default=[1, 2, 4, 8, 16, 32])
+    gen.add_argument("--sweep_new_tokens", type=int, default=64)
+
+    vae = parser.add_argument_group("--vae and --quantizers")
+    vae.add_argument(
+        "--backbone",
+        default="tiny",
+        help=f"a preset ({', '.join(PRESETS)}) or a pretrained Qwen3 (its config only)",
+    )
+    vae.add_argument(
+        "--vocab_size",
+        type=int,
+        default=8192,
+        help="vocabulary of a preset backbone (default: the embedded tokenizer's)",
+    )
+    vae.add_argument("--batch_size", type=int, default=8, help="B, blocks per batch (quantizers: rows)")
+    vae.add_argument(
+        "--block_size",
+        type=int,
+        default=256,
+        help="T: tokens per block, a multiple of C (quantizers: N vectors per row)",
+    )
+    vae.add_argument("--compression_factor", type=int, default=4, help="C, tokens per latent position")
+    vae.add_argument("--num_quantizers", type=int, default=4, help="D, residual depth")
+    vae.add_argument("--codebook_size", type=int, default=1024, help="K, codes per codebook")
+    vae.add_argument("--quantizer_type", default="residual_vq", help="the RQ-VAE's quantizer family")
+    vae.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from rqlm.evaluation.speed import DTYPES, resolve_device
+    from rqlm.evaluation.speed import resolve_device
 
-    if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1 or args.block_size < 1:
-        raise ValueError("--repeats, --batch_size and --block_size must be >= 1 and --warmup >= 0")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.quantizers or args.vae:
+        result, table = _model_or_quantizer_bench(args, device)
+        print(table)
+        _write_json(args.output_json, result)
+        return 0
+    result, text, summary = _generation_bench(args, device)
+    print(text)
+    _write_json(args.output_json, result)
+    if args.plot:
+        print(f"wrote {args.plot}")
+    print("\n".join(summary))
+    return 0
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {path}")
+
+
+def _model_or_quantizer_bench(args, device):
+    from rqlm.evaluation.speed import DTYPES
+
+    if args.warmup < 0 or args.batch_size < 1 or args.block_size < 1:
+        raise ValueError("--batch_size and --block_size must be >= 1 and --warmup >= 0")
     if args.quantizers:
         from rqlm.evaluation.quantizer_bench import benchmark_quantizers, format_quantizer_table
 
         result = benchmark_quantizers(
             args.batch_size, args.block_size, device, args.repeats, args.warmup, DTYPES[args.dtype]
         )
-        table = format_quantizer_table(result)
-    else:
-        from rqlm.evaluation.speed import benchmark_models, format_model_table
+        return result, format_quantizer_table(result)
+    from rqlm.evaluation.speed import benchmark_models, format_model_table
 
-        result = benchmark_models(
-            backbone=args.backbone,
-            vocab_size=args.vocab_size,
-            batch_size=args.batch_size,
-            block_size=args.block_size,
-            compression_factor=args.compression_factor,
-            num_quantizers=args.num_quantizers,
-            codebook_size=args.codebook_size,
-            quantizer_type=args.quantizer_type,
+    result = benchmark_models(
+        backbone=args.backbone,
+        vocab_size=args.vocab_size,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        compression_factor=args.compression_factor,
+        num_quantizers=args.num_quantizers,
+        codebook_size=args.codebook_size,
+        quantizer_type=args.quantizer_type,
+        dtype=args.dtype,
+        device=device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+    )
+    return result, format_model_table(result)
+
+
+def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
+    """Every shape's runs (and the sweep) -> (JSON result, tables, summary lines)."""
+    import torch
+
+    from rqlm.evaluation import generation_speed as gs
+
+    if args.quick:
+        args.shapes, args.prompt_length, args.new_tokens, args.large_new_tokens = ["test"], 16, 8, 8
+        args.compression_factors, args.compile_shapes = [HEADLINE_C], []
+        args.sweep_contexts, args.sweep_batches, args.sweep_new_tokens = [16, 32], [1, 2], 8
+    for shape in args.shapes:
+        gs.shape_config(shape)  # one-line error for an unknown shape, before any model is built
+    if args.prompt_length < 1 or args.new_tokens < 1 or args.large_new_tokens < 1:
+        raise ValueError("--prompt_length, --new_tokens and --large_new_tokens must be >= 1")
+    if (args.model is None) != (args.baseline is None):
+        raise ValueError("--model and --baseline go together: pass both trained folders, or neither")
+    if HEADLINE_C not in args.compression_factors:
+        args.compression_factors = [HEADLINE_C, *args.compression_factors]
+    variants = [gs.Variant(c) for c in sorted(args.compression_factors, key=lambda c: c != HEADLINE_C)]
+    if args.parallel_depth:
+        variants.append(gs.Variant(HEADLINE_C, "parallel"))
+    trained = _load_trained(args) if args.model else None
+
+    result = {
+        "setup": {
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "cpu_count": os.cpu_count(),
+            "dtype": args.dtype,
+            "prompt_length": args.prompt_length,
+            "batch_sizes": args.batch_sizes,
+            "repeats": args.repeats,
+            "load_average_before": os.getloadavg()[0],
+        },
+        "shapes": [],
+    }
+    for shape in args.shapes:
+        large = shape == "qwen3-0.6b"
+        replace = trained is not None and shape == "tiny"
+        ways = [*gs.BASELINE_WAYS[:2], *(gs.BASELINE_WAYS[2:] if shape in args.compile_shapes else [])]
+        print(f"measuring {shape}{' (trained models)' if replace else ''} ...", flush=True)
+        result["shapes"].append(
+            gs.benchmark_shape(
+                shape=shape,
+                variants=variants if not replace else [gs.Variant(trained[0].compression_factor)],
+                batch_sizes=args.batch_sizes,
+                prompt_length=args.prompt_length,
+                new_tokens=args.large_new_tokens if large else args.new_tokens,
+                ways=ways,
+                dtype=args.dtype,
+                device=device,
+                repeats=args.repeats,
+                memory=args.memory,
+                models=trained if replace else None,
+            )
+        )
+        if replace and args.evaluation_json:
+            result["shapes"][-1]["evaluation"] = _read_evaluation(args.evaluation_json)
+    if args.plot:
+        shape = args.shapes[-1]
+        print(f"sweeping context length and batch size at {shape} ...", flush=True)
+        fastest = gs.best_baseline(result["shapes"][-1]["rows"], shape, args.batch_sizes[0])["way"]
+        result["sweep"] = gs.sweep(
+            shape=shape,
+            contexts=args.sweep_contexts,
+            batch_sizes=args.sweep_batches,
+            new_tokens=args.sweep_new_tokens,
+            baseline_way=fastest,
             dtype=args.dtype,
             device=device,
-            repeats=args.repeats,
-            warmup=args.warmup,
         )
-        table = format_model_table(result)
-    print(table)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.output}")
-    return 0
+        gs.plot_sweep(result["sweep"], args.plot)
+    result["setup"]["load_average_after"] = os.getloadavg()[0]
+    headline = result["shapes"][0]
+    summary = gs.summary_lines(headline, headline["shape"], HEADLINE_C)
+    result["summary"] = summary
+    return result, gs.format_tables(result), summary
+
+
+def _load_trained(args):
+    """(RQ LM, baseline) from the trained folders; a one-line error for a missing or mismatched pair."""
+    from transformers import AutoModelForCausalLM
+
+    from rqlm import RQTransformerForCausalLM
+
+    for name in ("model", "baseline"):
+        if not Path(getattr(args, name)).is_dir():
+            raise FileNotFoundError(
+                f"--{name} {getattr(args, name)!r} is not a folder; pass a trained model folder"
+            )
+    model = RQTransformerForCausalLM.from_pretrained(args.model)
+    baseline = AutoModelForCausalLM.from_pretrained(args.baseline)
+    if baseline.config.model_type != "qwen3":
+        raise ValueError(
+            f"--baseline {args.baseline!r} holds a {baseline.config.model_type!r} model, not a Qwen3"
+        )
+    vocab = model.config.vae_config.backbone_config.vocab_size
+    if baseline.config.vocab_size != vocab:
+        raise ValueError(
+            f"--baseline has vocab {baseline.config.vocab_size}, the RQ model {vocab}; train both on one tokenizer"
+        )
+    return model, baseline
+
+
+def _read_evaluation(path: str) -> dict:
+    """perplexity_bound and baseline_perplexity from `rqlm evaluate --output_json`."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"--evaluation_json {path!r} not found; write it with `rqlm evaluate --output_json`"
+        ) from None
+    missing = [k for k in ("perplexity_bound", "baseline_perplexity") if k not in values]
+    if missing:
+        raise ValueError(
+            f"--evaluation_json {path!r} lacks {missing}; is it `rqlm evaluate --output_json` output?"
+        )
+    return {k: values[k] for k in ("perplexity_bound", "baseline_perplexity")}
