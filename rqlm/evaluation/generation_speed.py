@@ -355,7 +355,7 @@ def benchmark_shape(
     memory: bool = True,
     vocab_size: int = 8192,
     models: tuple | None = None,
-    warmup_tokens: int = 8,
+    other_batch_sizes: list[int] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """All runs at one shape -> {'shape', 'baseline_parameters', 'rows': [...], ...}.
@@ -363,6 +363,7 @@ def benchmark_shape(
     The first variant (the headline, C=4) is built beside the baseline and measured right after it at
     each batch size, so both see the same machine load; the other variants follow one at a time.
     `models` = (rq_model, baseline) measures given (trained) models instead of random ones.
+    `other_batch_sizes` replaces `batch_sizes` for the variants after the first.
     """
     device, torch_dtype = torch.device(device), DTYPES[dtype]
     backbone = shape_config(shape, vocab_size) if models is None else models[1].config
@@ -405,7 +406,7 @@ def benchmark_shape(
             generate = baseline_generate(baseline, new_tokens, way)
             start = time.perf_counter()
             # compiled graphs are specialised to the static cache's length: warm up with the full run
-            _warm(generate, input_ids, new_tokens if way == "static+compile" else warmup_tokens)
+            _warm(generate, input_ids, new_tokens if way == "static+compile" else 1)
             warmup = time.perf_counter() - start
             if way == "static+compile":
                 result.setdefault("compile_seconds", {})[str(batch)] = warmup
@@ -416,7 +417,7 @@ def benchmark_shape(
 
     def measure_rq(model, variant: Variant, batch: int, input_ids: torch.LongTensor) -> None:
         generate = rq_generate(model, new_tokens)
-        _warm(generate, input_ids, warmup_tokens)
+        _warm(generate, input_ids, variant.compression_factor)
         run = measure(generate, input_ids, new_tokens, device, model=model, repeats=repeats)
         peak = run_peak_mb(generate, input_ids, model, device) if memory else None
         cache = rq_cache_bytes(model, prompt_length, new_tokens, batch, torch_dtype)
@@ -434,7 +435,7 @@ def benchmark_shape(
             "spatial": count_parameters(model.spatial),
             "vae": count_parameters(model.vae),
         }
-        for batch in batch_sizes:
+        for batch in batch_sizes if i == 0 or other_batch_sizes is None else other_batch_sizes:
             input_ids = prompts(batch, prompt_length, vocab, device)
             if i == 0:
                 measure_baseline(batch, input_ids)
