@@ -302,6 +302,31 @@ def test_lora_trains_adapters_and_the_ends_only(tmp_path):
         torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_add_lora_freezes_only_the_wrapped_base_weights():
+    from rqlm.modeling.layers import Qwen3Stack
+    from rqlm.modeling.lora import add_lora, lora_parameters, merge_lora
+
+    stack = Qwen3Stack(tiny_qwen3_config(), 1)
+    stack.layers[0].mlp.up_proj.weight.requires_grad_(False)  # the caller's choice survives
+    x = torch.randn(1, 8, 32)
+    with torch.no_grad():
+        expected = stack(x)
+    add_lora(stack, r=2, target_modules=["q_proj", "down_proj"])
+    flags = {n: p.requires_grad for n, p in stack.named_parameters()}
+    assert flags["norm.weight"] and flags["layers.0.input_layernorm.weight"] and flags["layers.0.self_attn.k_proj.weight"]
+    assert not flags["layers.0.self_attn.q_proj.base_layer.weight"] and not flags["layers.0.mlp.up_proj.weight"]
+    assert len(list(lora_parameters(stack))) == 4 and all(p.requires_grad for p in lora_parameters(stack))
+    with torch.no_grad():
+        torch.testing.assert_close(stack(x), expected, rtol=0, atol=0)
+        for p in lora_parameters(stack):
+            p.normal_()
+        changed = stack(x)
+    merge_lora(stack)
+    assert not list(lora_parameters(stack)) and isinstance(stack.layers[0].self_attn.q_proj, torch.nn.Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(stack(x), changed, rtol=1e-5, atol=1e-5)
+
+
 def test_lora_frozen_then_adapters_train():
     model = make_model(lora_r=4, freeze_backbone_steps=2, zero_init_residual_branches=False).train()
     assert not any(p.requires_grad for p in model.adapter_parameters())
@@ -374,7 +399,23 @@ def test_bad_input_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="power of two"):
         make_model(compression_factor=3)
     with pytest.raises(ValueError, match="codes must have shape"):
-        model.decode(torch.zeros(1, 4, 3, dtype=torch.long))
+        model.decode(torch.zeros(1, 4, 3, dtype=torch.long))  # depth 3, the model has 2
+    for call in (model, model.encode):
+        with pytest.raises(ValueError, match="must be an integer tensor"):
+            call(random_ids().float())
+        for empty in (torch.zeros(0, 8, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long)):
+            with pytest.raises(ValueError, match="input_ids is empty"):
+                call(empty)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
+        model.decode(torch.full((1, 2, 2), 16))
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
+        model.decode(torch.full((1, 2, 2), -2))
+    with pytest.raises(ValueError, match="codes must be an integer tensor"):
+        model.decode(torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match="codes are empty"):
+        model.decode(torch.zeros(1, 0, 2, dtype=torch.long))
+    codes = torch.tensor([[[-1, -1], [3, 15]]])  # -1: a padded position, decoded from a zero latent
+    assert model.decode(codes).shape == (1, 2 * C, 96)
     model.save_pretrained(tmp_path / "small")
     with pytest.raises(ValueError, match="does not fit this RQVAEModel configuration"):
         RQVAEModel.from_pretrained(tmp_path / "small", latent_dim=32)
