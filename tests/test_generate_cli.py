@@ -29,11 +29,12 @@ def tiny_backbone(tokenizer, **overrides) -> Qwen3Config:
 def save_rq_model(folder, tokenizer, seed: int = 0, **vae_overrides) -> RQTransformerForCausalLM:
     """A random tiny RQ-Transformer (C=4, D=2, K=16) saved with the tokenizer into `folder`."""
     torch.manual_seed(seed)
-    vae_config = RQVAEConfig(
+    values = dict(
         backbone_config=tiny_backbone(tokenizer), compression_factor=C, num_quantizers=2, codebook_size=16,
         latent_dim=8, num_encoder_layers=0, num_decoder_layers=0, num_latent_layers=0,
-        zero_init_residual_branches=False, **vae_overrides,
+        zero_init_residual_branches=False,
     )
+    vae_config = RQVAEConfig(**{**values, **vae_overrides})
     model = RQTransformerForCausalLM.from_vae(
         RQVAEModel(vae_config).eval(), backbone_config=tiny_backbone(tokenizer, max_position_embeddings=64),
         depth_hidden_size=16, depth_num_attention_heads=2,
