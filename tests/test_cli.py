@@ -226,3 +226,19 @@ def test_train_vae_and_demo_summaries_state_steps_time_and_speed(text_corpus, tm
     accuracy = json.loads((out / "inspect.json").read_text())["accuracy"]
     assert line.startswith(f"demo: {accuracy:.1%} of held-out tokens reconstructed"), line
     assert "after 3 steps and 384 tokens in 1.5 minutes at " in line and "training tokens/s on this machine" in line
+
+
+# ----------------------------------------------------------------------------
+# --help: every option says what it does
+
+
+@pytest.mark.parametrize("command", ["train-vae", "train-baseline", "inspect"])
+def test_every_option_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    # an option alone on its line, without its help indented on the next one
+    bare = [line.split()[0] for line, following in zip(lines, lines[1:])
+            if re.fullmatch(r"  --\w+( [A-Z_]+)?", line) and not following.startswith(" " * 10)]
+    assert not bare, f"options without help in `rqlm {command} --help`: {bare}"

@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(block_size=128, compression_factor=None)
     parser._option_string_actions["--compression_factor"].help = "C; read from the checkpoint (a different value is an error)"
     parser._option_string_actions["--tokenizer"].help = "tokenizer folder or hub name (default: the checkpoint's)"
+    parser._option_string_actions["--block_size"].help = "tokens per held-out block, a multiple of C (default: 128)"
     parser.add_argument("--num_examples", type=int, default=3, help="held-out blocks shown as text (0: none)")
     parser.add_argument("--batch_size", type=int, default=16, help="held-out blocks per batch")
     parser.add_argument("--max_batches", type=int, default=None,

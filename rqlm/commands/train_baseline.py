@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--backbone",
         default="tiny",
-        help=f"a preset trained from scratch ({', '.join(PRESETS)}) or a pretrained Qwen3 to fine-tune",
+        help=f"a preset trained from scratch ({', '.join(PRESETS)}) or a pretrained Qwen3 to fine-tune "
+        "(hub name or folder) (default: %(default)s)",
     )
     add_training_arguments(
         parser,

@@ -40,24 +40,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="tiny",
-                       help=f"a preset trained from scratch ({', '.join(PRESETS)}) or a pretrained Qwen3")
+                       help=f"a preset trained from scratch ({', '.join(PRESETS)}) or a pretrained Qwen3 "
+                       "(hub name or folder) (default: %(default)s)")
     model.add_argument("--num_encoder_layers", type=int, default=0,
-                       help="Qwen3 layers of the encoder (0: embeddings only; see the README's research table)")
-    model.add_argument("--num_decoder_layers", type=int, default=0, help="Qwen3 layers of the decoder")
-    model.add_argument("--num_latent_layers", type=int, default=0, help="latent transformer layers each side")
-    model.add_argument("--latent_dim", type=int, default=64, help="d, the codebook dimension")
-    model.add_argument("--latent_num_attention_heads", type=int, default=2)
-    model.add_argument("--num_quantizers", type=int, default=8, help="D, residual depth")
-    model.add_argument("--codebook_size", type=int, default=1024, help="K, codes per codebook")
-    model.add_argument("--quantizer_type", default="residual_vq", help="quantizer family (see rqlm.quantizers)")
+                       help="Qwen3 layers of the encoder (0: embeddings only; see the README's research table) "
+                       "(default: %(default)s)")
+    model.add_argument("--num_decoder_layers", type=int, default=0,
+                       help="Qwen3 layers of the decoder (default: %(default)s)")
+    model.add_argument("--num_latent_layers", type=int, default=0,
+                       help="latent transformer layers each side of the quantizer (default: %(default)s)")
+    model.add_argument("--latent_dim", type=int, default=64, help="d, the codebook dimension (default: %(default)s)")
+    model.add_argument("--latent_num_attention_heads", type=int, default=2,
+                       help="attention heads of the latent layers; must divide d (default: %(default)s)")
+    model.add_argument("--num_quantizers", type=int, default=8, help="D, residual depth (default: %(default)s)")
+    model.add_argument("--codebook_size", type=int, default=1024,
+                       help="K, codes per codebook (default: %(default)s)")
+    model.add_argument("--quantizer_type", default="residual_vq",
+                       help="quantizer family, see rqlm.quantizers (default: %(default)s)")
     model.add_argument("--quantizer_kwargs", type=_mapping, default=dict(CPU_QUANTIZER_KWARGS),
-                       help="JSON keyword arguments of the quantizer, e.g. '{\"kmeans_init\": true}'")
-    model.add_argument("--quantizer_loss_weight", type=float, default=1.0)
+                       help="JSON keyword arguments of the quantizer, vector-quantize-pytorch's names "
+                       f"(default: '{json.dumps(CPU_QUANTIZER_KWARGS)}')")
+    model.add_argument("--quantizer_loss_weight", type=float, default=1.0,
+                       help="weight of the quantizer losses (commitment, aux) in the loss (default: %(default)s)")
     model.add_argument("--decoder_sees_previous_tokens", action=argparse.BooleanOptionalAction, default=False,
-                       help="feed the decoder the tokens of earlier chunks (known at generation time)")
-    model.add_argument("--freeze_backbone_steps", type=int, default=0)
-    model.add_argument("--lora_r", type=int, default=0, help="LoRA rank on the backbone; 0 trains it fully")
-    model.add_argument("--lora_alpha", type=int, default=16)
+                       help="feed the decoder the tokens of earlier chunks (known at generation time) "
+                       "(default: %(default)s)")
+    model.add_argument("--freeze_backbone_steps", type=int, default=0,
+                       help="optimizer steps the Qwen3 layers stay frozen before they train (default: %(default)s)")
+    model.add_argument("--lora_r", type=int, default=0,
+                       help="LoRA rank on the Qwen3 layers; 0 trains them fully (default: %(default)s)")
+    model.add_argument("--lora_alpha", type=int, default=16, help="LoRA scaling alpha (default: %(default)s)")
     add_training_arguments(
         parser,
         output_dir="runs/vae",
