@@ -4,6 +4,7 @@ checkpoint are refused; printed summaries state their conditions; training plots
 Every command runs through `rqlm.cli.main` on a tiny test-preset model and a corpus the test writes.
 """
 
+import itertools
 import json
 import re
 
@@ -239,6 +240,6 @@ def test_every_option_has_help(command, capsys):
     assert exit_info.value.code == 0
     lines = capsys.readouterr().out.splitlines()
     # an option alone on its line, without its help indented on the next one
-    bare = [line.split()[0] for line, following in zip(lines, lines[1:])
+    bare = [line.split()[0] for line, following in itertools.pairwise(lines)
             if re.fullmatch(r"  --\w+( [A-Z_]+)?", line) and not following.startswith(" " * 10)]
     assert not bare, f"options without help in `rqlm {command} --help`: {bare}"
