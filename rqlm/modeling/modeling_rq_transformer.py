@@ -123,7 +123,8 @@ class RQTransformerForCausalLM(RQTransformerGenerationMixin, RQTransformerPreTra
 
         self.vae = RQVAEModel(config.vae_config)
         for module in self.vae.modules():
-            module._owns_its_init = True
+            if not hasattr(module, "original_inv_freq"):  # rotary buffers: in no checkpoint; init computes them
+                module._owns_its_init = True
         self.vae.requires_grad_(False)
         self.vae.eval()
         if self.vae.quantizer_depth != num_codes or self.vae.quantizer_size != codebook:
@@ -222,9 +223,11 @@ class RQTransformerForCausalLM(RQTransformerGenerationMixin, RQTransformerPreTra
 
     def spatial_inputs(self, codes: torch.LongTensor) -> torch.FloatTensor:
         """Codes (B, L, D) -> [start, x_0 .. x_{L-2}] (B, L, H): position l sees the codes of positions < l."""
+        start = repeat(self.start, "h -> b 1 h", b=codes.shape[0])
+        if codes.shape[1] == 1:  # one position: only the start (the VAE refuses empty codes)
+            return start
         x = self.embed_codes(codes[:, :-1])  # (B, L-1, H)
-        start = repeat(self.start, "h -> b 1 h", b=codes.shape[0]).to(x.dtype)
-        return torch.cat([start, x], dim=1)
+        return torch.cat([start.to(x.dtype), x], dim=1)
 
     # ----------------------------------------------------------------- depth
     def depth_inputs(self, hidden: torch.FloatTensor, codes: torch.LongTensor | None) -> torch.FloatTensor:
