@@ -155,7 +155,7 @@ def check_provenance(provenance: dict, expected: dict, where: str) -> None:
         if provenance.get(key) != expected[key]:
             made_by = provenance.get("vae") or "another VAE"
             raise ValueError(
-                f"the codes in {where} were made by {made_by} with another {what} than {expected['vae']} "
+                f"the codes in {where} were made by {made_by}, whose {what} differs from {expected['vae']}'s "
                 f"({key} {provenance.get(key)} != {expected[key]}); re-run `rqlm encode --vae {expected['vae']}` "
                 "or pass the VAE they were made with"
             )

@@ -1,0 +1,349 @@
+"""`rqlm encode` and `rqlm train-lm` on a tiny VAE trained here, CPU, offline.
+
+Covers: train-lm lowers held-out code NLL and the perplexity bound; the bound never falls below the
+exact NLL of a one-chunk toy; `rqlm encode`'s codes give the same first step as codes encoded inline,
+and codes of another VAE are refused; inline codes are cached by the VAE's weights; a real
+two-process run ends with identical weights on both ranks and the VAE untouched; a resumed run
+reaches the uninterrupted weights; one-line errors for bad input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Qwen3Config
+
+from rqlm import RQTransformerForCausalLM, RQVAEConfig, RQVAEModel, cli
+from rqlm.evaluation.bound import bound_terms, perplexity_bound
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+
+
+def reset_accelerate():
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state(monkeypatch, tmp_path):
+    """A clean Accelerate state per run, and inline codes cached in the test's own folder."""
+    import rqlm.data.codes
+
+    monkeypatch.setattr(rqlm.data.codes, "default_cache_dir", lambda: tmp_path / "codes_cache")
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A repetitive text file, a small BPE trained on it, another BPE, and a tiny RQ-VAE trained for 20 steps."""
+    from rqlm.data.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("corpus")
+    docs = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(24)) + "." for i in range(240)]
+    (folder / "corpus.txt").write_text("\n".join(docs) + "\n")
+    with warnings.catch_warnings():  # the corpus supports fewer merges than asked
+        warnings.simplefilter("ignore", UserWarning)
+        train_tokenizer(docs, vocab_size=300, output_dir=folder / "tokenizer")
+        train_tokenizer([d.upper() for d in docs], vocab_size=300, output_dir=folder / "other_tokenizer")
+    reset_accelerate()
+    rc = cli.main(["train-vae", "--backbone", "test", "--tokenizer", str(folder / "tokenizer"),
+                   "--dataset", str(folder / "corpus.txt"), "--block_size", "32", "--num_quantizers", "2",
+                   "--codebook_size", "32", "--latent_dim", "8", "--max_steps", "20", "--max_minutes", "none",
+                   "--per_device_train_batch_size", "4", "--eval_steps", "0", "--save_steps", "0",
+                   "--mixed_precision", "no", "--output_dir", str(folder / "vae")])  # fmt: skip
+    reset_accelerate()
+    assert rc == 0
+    return folder
+
+
+def lm_flags(corpus, output_dir, **overrides) -> list[str]:
+    """`rqlm train-lm` flags for a test-preset spatial transformer over the corpus's VAE."""
+    values = {
+        "vae": corpus / "vae",
+        "dataset": corpus / "corpus.txt",
+        "backbone": "test",
+        "depth_hidden_size": 16,
+        "depth_num_attention_heads": 2,
+        "block_size": 32,
+        "max_steps": 60,
+        "max_minutes": "none",
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 1e-2,
+        "warmup_steps": 2,
+        "eval_steps": 20,
+        "eval_batches": 2,
+        "save_steps": 0,
+        "logging_steps": 1,
+        "mixed_precision": "no",
+        "output_dir": output_dir,
+    }
+    values.update(overrides)
+    return [item for name, value in values.items() if value is not None for item in (f"--{name}", str(value))]
+
+
+def records(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without progress bars (loading weights, encoding): what the user reads as the error."""
+    return [line for line in stderr.strip().splitlines() if "%|" not in line and line.strip()]
+
+
+def vae_weights(output_dir) -> dict[str, torch.Tensor]:
+    """The VAE's weights inside a train-lm folder, under the VAE folder's own names."""
+    return {k.removeprefix("vae."): v for k, v in load_file(output_dir / "model.safetensors").items() if k.startswith("vae.")}
+
+
+# ----------------------------------------------------------------------------
+# (1) learning, and the bound
+
+
+def test_train_lm_lowers_held_out_code_nll_and_the_bound(corpus, tmp_path, capsys):
+    out = tmp_path / "lm"
+    rc = cli.main(["train-lm", *lm_flags(corpus, out)])
+    assert rc == 0, capsys.readouterr().err
+    evals = [r for r in records(out) if "eval_code_nll" in r]
+    assert [r["step"] for r in evals] == [20, 40, 60]
+    first, last = evals[0], evals[-1]
+    assert last["eval_code_nll"] < first["eval_code_nll"] - 0.2, (first, last)
+    assert last["eval_perplexity_bound"] < 0.9 * first["eval_perplexity_bound"], (first, last)
+    for depth in range(2):
+        assert last[f"eval_nll_d{depth}"] < first[f"eval_nll_d{depth}"]
+        assert 0 <= last[f"eval_marginal_entropy_d{depth}"] <= math.log(32)
+        assert 0 <= last[f"eval_accuracy_d{depth}"] <= 1
+    # the bound is its two terms: exp(code NLL per token + reconstruction NLL per token)
+    assert last["eval_perplexity_bound"] == pytest.approx(
+        math.exp(last["eval_nll_codes_per_token"] + last["eval_nll_recon_per_token"]), rel=1e-6
+    )
+    assert last["eval_nll_codes_per_token"] == pytest.approx(
+        (last["eval_nll_d0"] + last["eval_nll_d1"]) / 4, rel=1e-6  # the held-out blocks are whole: L*D codes / (L*C) tokens
+    )
+    # text in, text out: the folder loads through the auto class, with the trained VAE inside, untouched
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model, RQTransformerForCausalLM)
+    saved_vae = load_file(corpus / "vae" / "model.safetensors")
+    inside = vae_weights(out)
+    assert inside.keys() == saved_vae.keys() and all(torch.equal(inside[k], saved_vae[k]) for k in saved_vae)
+
+
+def tiny_lm(codebook_size=6, num_quantizers=2, compression_factor=2, vocab=12) -> RQTransformerForCausalLM:
+    backbone = Qwen3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=8, vocab_size=vocab, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    vae = RQVAEModel(RQVAEConfig(backbone_config=backbone, compression_factor=compression_factor,
+                                 num_quantizers=num_quantizers, codebook_size=codebook_size, latent_dim=4,
+                                 num_encoder_layers=0, num_decoder_layers=0, num_latent_layers=0,
+                                 zero_init_residual_branches=False))
+    with torch.no_grad():  # a decoder less flat than its init, so the bound's slack is visible
+        for p in vae.parameters():
+            p.mul_(8)
+    return RQTransformerForCausalLM.from_vae(vae, backbone_config=backbone, depth_hidden_size=8,
+                                             depth_num_attention_heads=2).eval()
+
+
+def test_bound_is_never_below_the_exact_nll_of_a_one_chunk_toy():
+    """One chunk: -log p(x) = -log sum_z p(z) p(x | z) over all K^D code sequences, against the bound."""
+    lm = tiny_lm()
+    k, d, c = 6, 2, 2
+    all_codes = torch.cartesian_prod(*[torch.arange(k)] * d).view(-1, 1, d)  # (K^D, 1, D)
+    with torch.no_grad():
+        log_p_z = lm(codes=all_codes).logits.log_softmax(-1).gather(-1, all_codes[..., None])[..., 0].sum((1, 2))
+        log_p_x_given_z = lm.vae.decode(all_codes).log_softmax(-1)  # (K^D, C, V)
+    texts = torch.cartesian_prod(*[torch.arange(2, 8)] * c)  # chunks of 2 tokens (ids 2..7)
+    gaps = []
+    for x in texts:
+        exact = -torch.logsumexp(log_p_z + log_p_x_given_z[:, torch.arange(c), x].sum(-1), dim=0)
+        terms = bound_terms(lm, x[None])
+        bound = terms["nll_codes"] + terms["nll_recon"]
+        assert bound >= exact - 1e-5, (x, bound, exact)
+        gaps.append(float(bound - exact))
+        assert math.log(perplexity_bound(terms)) == pytest.approx(float(bound) / c, rel=1e-6)
+    assert max(gaps) > 1e-3  # the encoder's codes are one z of many: the bound is not trivially exact
+
+
+# ----------------------------------------------------------------------------
+# (2) codes computed once
+
+
+def test_encode_output_gives_the_same_first_step_as_inline_codes(corpus, tmp_path, capsys):
+    from datasets import load_from_disk
+
+    codes_dir = tmp_path / "codes"
+    rc = cli.main(["encode", "--vae", str(corpus / "vae"), "--dataset", str(corpus / "corpus.txt"),
+                   "--block_size", "32", "--output_dir", str(codes_dir)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    saved = load_from_disk(str(codes_dir))
+    assert set(saved) == {"train", "validation"}
+    assert saved["train"].features["codes"].feature.feature.dtype == "int16"  # stored small
+    row = saved["train"].with_format("torch")[0]
+    assert row["input_ids"].shape == (32,) and row["codes"].shape == (8, 2)
+    vae = RQVAEModel.from_pretrained(corpus / "vae").eval()
+    with torch.no_grad():
+        assert torch.equal(vae.encode(row["input_ids"][None]).codes[0], row["codes"].long())
+
+    first = {}
+    for name, extra in (("inline", {}), ("from_codes", {"codes": codes_dir, "dataset": None})):
+        out = tmp_path / name
+        assert cli.main(["train-lm", *lm_flags(corpus, out, max_steps=2, eval_steps=0, **extra)]) == 0
+        first[name] = records(out)[0]
+    assert first["inline"]["step"] == first["from_codes"]["step"] == 1
+    assert first["from_codes"]["loss"] == pytest.approx(first["inline"]["loss"], abs=1e-6)
+
+    # codes made by another VAE are refused in one line
+    other = RQVAEModel.from_pretrained(corpus / "vae")
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    other.save_pretrained(tmp_path / "other_vae")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "other_vae" / name).write_bytes((corpus / "vae" / name).read_bytes())
+    capsys.readouterr()
+    rc = cli.main(["train-lm", *lm_flags(corpus, tmp_path / "x", vae=tmp_path / "other_vae", codes=codes_dir)])
+    err = error_lines(capsys.readouterr().err)
+    assert rc == 1 and "made by" in err[0] and "rqlm encode" in err[0] and len(err) == 1, err
+
+
+def test_inline_codes_are_cached_by_the_vae_weights(corpus, tmp_path):
+    from datasets import Dataset
+
+    from rqlm.data.codes import encode_blocks
+
+    vae = RQVAEModel.from_pretrained(corpus / "vae").eval()
+    blocks = Dataset.from_dict({"input_ids": torch.randint(2, 200, (10, 32)).tolist()}).with_format("torch")
+    cache = tmp_path / "cache"
+    first = encode_blocks(vae, blocks, batch_size=4, cache_dir=cache)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("encoded again instead of reading the cache")
+
+    real_encode, vae.encode = vae.encode, refuse
+    again = encode_blocks(vae, blocks, batch_size=4, cache_dir=cache)  # same blocks, same VAE: the cache
+    assert torch.equal(again[:]["codes"], first[:]["codes"])
+    with torch.no_grad():
+        next(vae.parameters()).add_(0.01)  # another VAE: another fingerprint, so it must encode
+    with pytest.raises(AssertionError, match="encoded again"):
+        encode_blocks(vae, blocks, batch_size=4, cache_dir=cache)
+    vae.encode = real_encode
+
+
+# ----------------------------------------------------------------------------
+# (3) two processes, and resume
+
+TWO_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, sys
+    from accelerate import PartialState
+    import rqlm.trainer.loop
+    from rqlm import cli
+
+    trained = []
+    real_train = rqlm.trainer.loop.train
+
+    def train(model, *args, **kwargs):  # train-lm imports `train` when it runs, so it gets this one
+        trained.append(model)
+        return real_train(model, *args, **kwargs)
+
+    rqlm.trainer.loop.train = train
+    out, flags = sys.argv[1], sys.argv[2:]
+    rc = cli.main(["train-lm", *flags])
+    state = PartialState()
+    with open(f"{out}/rank{state.process_index}.json", "w") as f:
+        json.dump({
+            "rc": rc,
+            "num_processes": state.num_processes,
+            "digests": {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()
+                        for k, v in trained[0].state_dict().items()},
+        }, f)
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def test_accelerate_launch_two_processes_end_with_identical_weights_and_the_vae_untouched(corpus, tmp_path):
+    script = tmp_path / "two_process.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(script), str(out), *lm_flags(corpus, out, max_steps=4, eval_steps=2, save_steps=2),
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(r["rc"] == 0 and r["num_processes"] == 2 for r in ranks)
+    differing = [k for k in ranks[0]["digests"] if ranks[0]["digests"][k] != ranks[1]["digests"].get(k)]
+    assert not differing, f"the ranks ended with different {differing}"
+    saved, halfway = load_file(out / "model.safetensors"), load_file(out / "checkpoints" / "step-2" / "model.safetensors")
+    assert any(not torch.equal(saved[k], halfway[k]) for k in saved if not k.startswith("vae.")), "nothing trained"
+    vae = load_file(corpus / "vae" / "model.safetensors")
+    assert {k: digest(v) for k, v in vae_weights(out).items()} == {k: digest(v) for k, v in vae.items()}
+    assert all(ranks[0]["digests"][f"vae.{k}"] == digest(v) for k, v in vae.items())
+    assert [r["step"] for r in records(out) if "eval_code_nll" in r] == [2, 4]
+
+
+def test_resume_reaches_the_weights_of_an_uninterrupted_run(corpus, tmp_path, capsys):
+    common = {"eval_steps": 0, "save_steps": 3, "lr_scheduler": "constant"}
+    assert cli.main(["train-lm", *lm_flags(corpus, tmp_path / "straight", max_steps=6, **common)]) == 0
+    resumed = tmp_path / "resumed"
+    assert cli.main(["train-lm", *lm_flags(corpus, resumed, max_steps=3, **common)]) == 0
+    reset_accelerate()
+    capsys.readouterr()
+    assert cli.main(["train-lm", *lm_flags(corpus, resumed, max_steps=6, resume_from_checkpoint="latest", **common)]) == 0
+    assert "resumed from step 3" in capsys.readouterr().out
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    early = load_file(resumed / "checkpoints" / "step-3" / "model.safetensors")
+    assert any(not torch.equal(early[k], a[k]) for k in early if not k.startswith("vae."))
+
+
+# ----------------------------------------------------------------------------
+# (4) bad input
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"vae": "{tmp}/missing"}, "VAE folder"),
+        ({"vae": "{tmp}/qwen"}, "not an RQ-VAE"),
+        ({"tokenizer": "{corpus}/other_tokenizer"}, "is not the tokenizer the VAE"),
+        ({"block_size": 30}, "not a multiple of compression 4"),
+        ({"compression_factor": 2}, "differs from the VAE's C=4"),
+        ({"codes": "{tmp}/no_codes"}, "codes folder"),
+    ],
+)
+def test_bad_input_is_one_line_error(corpus, tmp_path, capsys, overrides, message):
+    Qwen3Config(vocab_size=8).save_pretrained(tmp_path / "qwen")
+    overrides = {k: str(v).format(tmp=tmp_path, corpus=corpus) for k, v in overrides.items()}
+    rc = cli.main(["train-lm", *lm_flags(corpus, tmp_path / "out", **overrides)])
+    err = error_lines(capsys.readouterr().err)
+    assert rc == 1 and message in err[0] and len(err) == 1, err
