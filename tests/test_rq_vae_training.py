@@ -197,3 +197,29 @@ def test_save_and_load_every_quantizer_family(quantizer_type, tmp_path):
     assert torch.equal(before.codes, after.codes), f"{quantizer_type}: codes changed by save/load"
     assert torch.equal(before.logits, after.logits), f"{quantizer_type}: logits changed by save/load"
     torch.testing.assert_close(decoded, after.logits, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# (4) LoRA through train-vae's loop: adapters and the per-chunk path's ends train, layer weights do not
+
+
+def test_train_vae_lora_trains_adapters_and_ends_not_layers(text_corpus, tmp_path, monkeypatch):  # noqa: F811
+    import rqlm.trainer.loop
+
+    seen = {}
+    real_train = rqlm.trainer.loop.train
+
+    def train(model, *args, **kwargs):  # train-vae imports `train` when it runs, so it gets this one
+        seen["model"], seen["before"] = model, {n: p.detach().clone() for n, p in model.named_parameters()}
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(rqlm.trainer.loop, "train", train)
+    flags = vae_flags(text_corpus, tmp_path / "out", max_steps=3, lora_r=2, freeze_backbone_steps=1)
+    assert cli.main(["train-vae", *flags]) == 0
+    model, before = seen["model"], seen["before"]
+    after = dict(model.named_parameters())
+    layers = [n for n in after if ".layers." in n and n.startswith(("encoder.", "decoder.")) and "lora_" not in n]
+    assert layers and all(torch.equal(after[n], before[n]) for n in layers), "a backbone layer weight moved under LoRA"
+    assert any(not torch.equal(after[n], before[n]) for n in after if "lora_B" in n), "no LoRA adapter trained"
+    for name in ("embed_tokens.weight", "encoder.norm.weight", "decoder.norm.weight", "lm_head.weight"):
+        assert not torch.equal(after[name], before[name]), f"{name} did not train under LoRA"
