@@ -3,6 +3,7 @@ Only the plumbing is tested; the figures themselves depend on the machine."""
 
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -113,3 +114,57 @@ def test_generation_bench_quick(tmp_path, capsys):
         if row["model"].startswith("RQ"):
             assert set(row["parts_ms"]) == {"spatial", "depth", "decoder", "sampling", "other"}
     assert plot.stat().st_size > 0 and len(result["sweep"]["points"]) == 4
+
+
+def test_part_timers_split_the_steps_and_leave_the_model_as_it_was():
+    from rqlm.evaluation import generation_speed as gs
+
+    model = gs.build_rq_model(gs.shape_config("test", vocab_size=64), compression_factor=4)
+    prompt = gs.prompts(2, 8, 64, torch.device("cpu"))
+    generate = gs.rq_generate(model, new_tokens=10)
+    plain = generate(prompt)
+    with gs.part_timers(model, torch.device("cpu")) as times:
+        start = time.perf_counter()
+        timed = generate(prompt)
+        wall = time.perf_counter() - start
+    torch.testing.assert_close(timed, plain)
+    assert times.steps == 3  # ceil(10 / C=4) spatial positions, each one _sample_codes call
+    assert min(times.parts.values()) > 0, times.parts
+    # no call is counted twice: the parts fit in the time after the prefill
+    assert sum(times.parts.values()) <= wall - (times.first_step_at - start), (times.parts, wall)
+    wrapped = [("spatial_forward", model), ("codes_to_quantized", model.vae), ("forward", model.vae.lm_head)]
+    assert not [name for name, owner in wrapped if name in owner.__dict__]
+
+
+def test_kv_cache_bytes_match_the_baseline_cache():
+    from rqlm.evaluation import generation_speed as gs
+
+    config = gs.shape_config("test", vocab_size=64)
+    baseline = gs.build_baseline(config)
+    prompt = gs.prompts(3, 8, 64, torch.device("cpu"))
+    out = baseline.generate(
+        prompt,
+        max_new_tokens=5,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+    )
+    cache = out.past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert held == gs.baseline_cache_bytes(config, 8, 5, 3, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--shapes", "huge"], "unknown shape 'huge'"),
+        (["--model", "somewhere"], "--model and --baseline go together"),
+        (["--batch_sizes", "1,0"], "integers >= 1"),
+    ],
+)
+def test_generation_bad_input_is_one_line_error(capsys, flags, message):
+    code = cli.main(["bench", *flags])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) <= 2, err

@@ -25,8 +25,6 @@ def _ints(text: str) -> list[int]:
         values = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
     return values
 
 
@@ -229,6 +227,10 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
         gs.shape_config(shape)  # one-line error for an unknown shape, before any model is built
     if args.prompt_length < 1 or args.new_tokens < 1 or args.large_new_tokens < 1:
         raise ValueError("--prompt_length, --new_tokens and --large_new_tokens must be >= 1")
+    for name in ("batch_sizes", "compression_factors", "sweep_contexts", "sweep_batches"):
+        values = getattr(args, name)
+        if not values or min(values) < 1:
+            raise ValueError(f"--{name} must be comma-separated integers >= 1, got {values}")
     if (args.model is None) != (args.baseline is None):
         raise ValueError("--model and --baseline go together: pass both trained folders, or neither")
     if HEADLINE_C not in args.compression_factors:
