@@ -24,10 +24,10 @@ TOY_VOCAB, TOY_C, TOY_D, TOY_K = 6, 2, 2, 4  # 36 texts of one chunk, 16 code se
 
 
 def toy_backbone(**overrides) -> Qwen3Config:
-    values = dict(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=8, vocab_size=TOY_VOCAB, eos_token_id=1, pad_token_id=0, max_position_embeddings=8,
-    )
+    values = {
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 8, "vocab_size": TOY_VOCAB, "eos_token_id": 1, "pad_token_id": 0, "max_position_embeddings": 8,
+    }
     return Qwen3Config(**{**values, **overrides})
 
 

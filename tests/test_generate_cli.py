@@ -18,22 +18,22 @@ PROMPT = "def main():\n    return"
 
 def tiny_backbone(tokenizer, **overrides) -> Qwen3Config:
     """A 2-layer h32 Qwen3 config over the tokenizer's vocabulary."""
-    values = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=16, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, max_position_embeddings=128,
-    )
+    values = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 16, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id, "max_position_embeddings": 128,
+    }
     return Qwen3Config(**{**values, **overrides})
 
 
 def save_rq_model(folder, tokenizer, seed: int = 0, **vae_overrides) -> RQTransformerForCausalLM:
     """A random tiny RQ-Transformer (C=4, D=2, K=16) saved with the tokenizer into `folder`."""
     torch.manual_seed(seed)
-    values = dict(
-        backbone_config=tiny_backbone(tokenizer), compression_factor=C, num_quantizers=2, codebook_size=16,
-        latent_dim=8, num_encoder_layers=0, num_decoder_layers=0, num_latent_layers=0,
-        zero_init_residual_branches=False,
-    )
+    values = {
+        "backbone_config": tiny_backbone(tokenizer), "compression_factor": C, "num_quantizers": 2, "codebook_size": 16,
+        "latent_dim": 8, "num_encoder_layers": 0, "num_decoder_layers": 0, "num_latent_layers": 0,
+        "zero_init_residual_branches": False,
+    }
     vae_config = RQVAEConfig(**{**values, **vae_overrides})
     model = RQTransformerForCausalLM.from_vae(
         RQVAEModel(vae_config).eval(), backbone_config=tiny_backbone(tokenizer, max_position_embeddings=64),
