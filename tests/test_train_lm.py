@@ -246,8 +246,7 @@ def test_inline_codes_are_cached_by_the_vae_weights(corpus, tmp_path):
 
 TWO_PROCESS_SCRIPT = textwrap.dedent(
     """
-    import hashlib, json, sys
-    from accelerate import PartialState
+    import hashlib, json, os, sys
     import rqlm.trainer.loop
     from rqlm import cli
 
@@ -260,12 +259,12 @@ TWO_PROCESS_SCRIPT = textwrap.dedent(
 
     rqlm.trainer.loop.train = train
     out, flags = sys.argv[1], sys.argv[2:]
+    rank, num_processes = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])  # as the launcher set them
     rc = cli.main(["train-lm", *flags])
-    state = PartialState()
-    with open(f"{out}/rank{state.process_index}.json", "w") as f:
+    with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({
             "rc": rc,
-            "num_processes": state.num_processes,
+            "num_processes": num_processes,
             "digests": {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()
                         for k, v in trained[0].state_dict().items()},
         }, f)
@@ -306,7 +305,9 @@ def test_accelerate_launch_two_processes_end_with_identical_weights_and_the_vae_
     vae = load_file(corpus / "vae" / "model.safetensors")
     assert {k: digest(v) for k, v in vae_weights(out).items()} == {k: digest(v) for k, v in vae.items()}
     assert all(ranks[0]["digests"][f"vae.{k}"] == digest(v) for k, v in vae.items())
-    assert [r["step"] for r in records(out) if "eval_code_nll" in r] == [2, 4]
+    evals = [r for r in records(out) if "eval_code_nll" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert evals[-1]["eval_num_tokens"] == 2 * 2 * 8 * 32  # both ranks' eval batches (2 of 8 blocks of 32 each)
 
 
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(corpus, tmp_path, capsys):

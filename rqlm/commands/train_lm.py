@@ -122,6 +122,7 @@ def resolve_compression_factor(args: argparse.Namespace, vae) -> None:
 def encoded_splits(args: argparse.Namespace, vae, tokenizer):
     """(train, eval) datasets with "input_ids" (T,) and "codes" (L, D): from `--codes`, or encoded here (cached)."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from rqlm.data.arguments import load_blocks
     from rqlm.data.codes import check_provenance, codes_provenance, default_cache_dir, encode_blocks, load_codes
@@ -139,7 +140,9 @@ def encoded_splits(args: argparse.Namespace, vae, tokenizer):
         raise ValueError("train-lm encodes the data once and caches it; --streaming is not supported, "
                          "run `rqlm encode` on a local copy instead")
     _, train_blocks, eval_blocks = load_blocks(args, default_tokenizer=args.vae)
-    with PartialState().main_process_first():  # rank 0 writes the cache, the others read it
+    # rank 0 writes the cache, the others read it; the state is made as the loop's Accelerator will make it
+    # (a plain PartialState() ignores `accelerate launch --cpu` and would turn a 2-process CPU run into two 1-process runs)
+    with PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).main_process_first():
         train = encode_blocks(vae, train_blocks, args.encode_batch_size, default_cache_dir(), desc="encode train")
         evaluation = encode_blocks(vae, eval_blocks, args.encode_batch_size, default_cache_dir(), desc="encode held-out")
     return train, evaluation
