@@ -319,6 +319,8 @@ def test_save_load_and_remote_code_give_identical_generations(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(loaded) is RQTransformerForCausalLM
+    assert not any(p.requires_grad for p in loaded.vae.parameters()) and not loaded.train().vae.training
+    loaded.eval()
     assert torch.equal(loaded.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None), expected)
     torch.save({"prompt": prompt, "expected": expected}, tmp_path / "expected.pt")
     script = textwrap.dedent(

@@ -96,7 +96,9 @@ class RQTransformerPreTrainedModel(PreTrainedModel):
                     f"{pretrained_model_name_or_path!s} holds a {model_type!r} checkpoint, not "
                     f"{cls.config_class.model_type!r}; a latent LM is trained with `rqlm train-lm --vae VAE_DIR`"
                 )
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model.vae.requires_grad_(False)  # loading re-creates parameters trainable; the VAE never trains
+        return model
 
     def _init_weights(self, module):
         """Standard init; the frozen VAE keeps its trained weights (loaded after construction)."""
