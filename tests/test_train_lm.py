@@ -340,11 +340,38 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(corpus, tmp_path, ca
         ({"block_size": 30}, "not a multiple of compression 4"),
         ({"compression_factor": 2}, "differs from the VAE's C=4"),
         ({"codes": "{tmp}/no_codes"}, "codes folder"),
+        ({"vae": None}, "pass --vae VAE_DIR"),
     ],
 )
 def test_bad_input_is_one_line_error(corpus, tmp_path, capsys, overrides, message):
     Qwen3Config(vocab_size=8).save_pretrained(tmp_path / "qwen")
-    overrides = {k: str(v).format(tmp=tmp_path, corpus=corpus) for k, v in overrides.items()}
+    overrides = {k: v if v is None else str(v).format(tmp=tmp_path, corpus=corpus) for k, v in overrides.items()}
     rc = cli.main(["train-lm", *lm_flags(corpus, tmp_path / "out", **overrides)])
     err = error_lines(capsys.readouterr().err)
     assert rc == 1 and message in err[0] and len(err) == 1, err
+
+
+def test_the_loop_hands_precomputed_codes_to_forward():
+    from rqlm.trainer.loop import model_inputs
+
+    batch = {"input_ids": torch.ones(2, 8, dtype=torch.long), "codes": torch.ones(2, 2, 3, dtype=torch.int16)}
+    codes = model_inputs(batch)["codes"]
+    assert codes.dtype == torch.long and torch.equal(codes, batch["codes"].long())
+
+
+def test_shipped_cpu_recipe_is_the_commands_defaults():
+    import argparse
+    from pathlib import Path
+
+    from rqlm.commands import train_lm
+
+    def parse(argv):
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--config")
+        train_lm.add_arguments(parser)
+        cli._load_yaml_defaults(parser, argv)
+        return vars(parser.parse_args(argv))
+
+    recipe = str(Path(__file__).parents[1] / "configs" / "lm_cpu.yaml")
+    from_yaml, defaults = parse(["--config", recipe]), parse(["--vae", "runs/vae"])
+    assert {k: v for k, v in from_yaml.items() if k != "config"} == {k: v for k, v in defaults.items() if k != "config"}

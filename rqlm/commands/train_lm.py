@@ -70,14 +70,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_vae_arguments(parser: argparse.ArgumentParser) -> None:
     """--vae VAE_DIR and --encode_batch_size (shared with `rqlm encode`)."""
     group = parser.add_argument_group("vae")
-    group.add_argument("--vae", required=True, help="folder of a trained RQ-VAE (`rqlm train-vae --output_dir`)")
+    group.add_argument("--vae", default=None, help="folder of a trained RQ-VAE (`rqlm train-vae --output_dir`); required")
     group.add_argument("--encode_batch_size", type=int, default=64, help="blocks per VAE forward when encoding")
 
 
-def load_vae(path: str):
+def load_vae(path: str | None):
     """A trained RQVAEModel from its folder, in eval mode; a missing folder or another model is one line."""
     from rqlm import RQVAEModel
 
+    if path is None:
+        raise ValueError("pass --vae VAE_DIR, the folder of a trained RQ-VAE (`rqlm train-vae --output_dir VAE_DIR`)")
     folder = Path(path).expanduser()
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -125,7 +127,13 @@ def encoded_splits(args: argparse.Namespace, vae, tokenizer):
     from accelerate.utils import parse_flag_from_env
 
     from rqlm.data.arguments import load_blocks
-    from rqlm.data.codes import check_provenance, codes_provenance, default_cache_dir, encode_blocks, load_codes
+    from rqlm.data.codes import (
+        check_provenance,
+        codes_provenance,
+        default_cache_dir,
+        encode_blocks,
+        load_codes,
+    )
 
     if args.codes is not None:
         splits, provenance = load_codes(args.codes)
