@@ -74,10 +74,12 @@ def test_bad_input_is_one_line_error(capsys, flags, message):
 
 
 # ----------------------------------------------------------------------------- generation (the default mode)
-SUMMARY = re.compile(r"speedup batch (\d+) C=4: (\d+\.\d\d)x \(RQ (\d+) tok/s, baseline (\d+) tok/s\)")
+SUMMARY = re.compile(r"speedup batch (\d+) C=4: (\d+\.\d\d)x \(RQ ([\d.]+) tok/s, baseline ([\d.]+) tok/s\)")
 
 
 def test_generation_bench_quick(tmp_path, capsys):
+    from rqlm.evaluation import generation_speed as gs
+
     output, plot = tmp_path / "generation.json", tmp_path / "generation.png"
     flags = ["--quick", "--threads", "1", "--no_memory", "--output_json", str(output), "--plot", str(plot)]
     assert cli.main(["bench", *flags]) == 0, capsys.readouterr().err
@@ -89,12 +91,12 @@ def test_generation_bench_quick(tmp_path, capsys):
     assert all(summary), out[-2:]
     shape = result["shapes"][0]
     for match, batch in zip(summary, (1, 8)):
-        rq, base = int(match.group(3)), int(match.group(4))
+        rq, base = match.group(3), match.group(4)
         assert int(match.group(1)) == batch
         rows = [r for r in shape["rows"] if r["batch_size"] == batch]
         rq_row = next(r for r in rows if r["model"] == "RQ C=4")
         fastest = max(r["tokens_per_second"] for r in rows if r["way"])
-        assert rq == round(rq_row["tokens_per_second"]) and base == round(fastest)
+        assert rq == gs.rate(rq_row["tokens_per_second"]) and base == gs.rate(fastest)
         assert float(match.group(2)) == pytest.approx(rq_row["tokens_per_second"] / fastest, abs=0.006)
     assert result["summary"] == out[-2:]
 

@@ -472,9 +472,14 @@ def summary_lines(result: dict, shape: str, compression_factor: int = 4) -> list
         base = best_baseline(rows, shape, batch)
         lines.append(
             f"speedup batch {batch} C={compression_factor}: {rq[0]['tokens_per_second'] / base['tokens_per_second']:.2f}x "
-            f"(RQ {rq[0]['tokens_per_second']:.0f} tok/s, baseline {base['tokens_per_second']:.0f} tok/s)"
+            f"(RQ {rate(rq[0]['tokens_per_second'])} tok/s, baseline {rate(base['tokens_per_second'])} tok/s)"
         )
     return lines
+
+
+def rate(tokens_per_second: float) -> str:
+    """Whole tokens/s, with one decimal below 10 so a slow CPU run does not print 0."""
+    return f"{tokens_per_second:.0f}" if tokens_per_second >= 10 else f"{tokens_per_second:.1f}"
 
 
 # ----------------------------------------------------------------------------- growth with the work
