@@ -18,10 +18,10 @@ C, D, K = 4, 3, 16
 
 
 def backbone(**overrides) -> Qwen3Config:
-    values = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=16, vocab_size=VOCAB, eos_token_id=EOS, pad_token_id=PAD, max_position_embeddings=64,
-    )
+    values = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 16, "vocab_size": VOCAB, "eos_token_id": EOS, "pad_token_id": PAD, "max_position_embeddings": 64,
+    }
     return Qwen3Config(**{**values, **overrides})
 
 
@@ -37,7 +37,7 @@ def make_vae(layers: int = 0, **overrides) -> RQVAEModel:
 
 def make_lm(vae: RQVAEModel | None = None, **overrides) -> RQTransformerForCausalLM:
     torch.manual_seed(1)
-    kwargs = dict(depth_hidden_size=16, depth_num_attention_heads=2)
+    kwargs = {"depth_hidden_size": 16, "depth_num_attention_heads": 2}
     model = RQTransformerForCausalLM.from_vae(vae or make_vae(), backbone_config=backbone(), **{**kwargs, **overrides})
     return model.eval()
 
@@ -206,7 +206,7 @@ def test_max_new_tokens_is_exact(lm, max_new_tokens):
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(lm):
     prompt = prompts([8])[0][None]
-    kwargs = dict(max_new_tokens=12, eos_token_id=None, return_dict_in_generate=True)
+    kwargs = {"max_new_tokens": 12, "eos_token_id": None, "return_dict_in_generate": True}
     greedy = lm.generate(prompt, do_sample=False, **kwargs)
     assert greedy.codes.shape == (1, 3, D)
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ from transformers import DynamicCache, GenerationConfig, GenerationMixin
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.utils import ModelOutput
 
+
 @dataclass
 class RQGenerateOutput(ModelOutput):
     """`generate(..., return_dict_in_generate=True)`: the ids (B, T0 + new) and the sampled codes (B, steps, D)."""
