@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
-from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel, Qwen3Config
+from transformers import GenerationConfig, PreTrainedModel, Qwen3Config
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -33,7 +33,7 @@ from .configuration_rq_transformer import RQTransformerConfig
 from .generation_rq_transformer import RQTransformerGenerationMixin
 from .layers import Qwen3Stack
 from .lora import add_lora, is_lora_parameter, lora_parameters, merge_lora
-from .modeling_rq_vae import IGNORE_INDEX, RQVAEModel, _load_base_weights
+from .modeling_rq_vae import IGNORE_INDEX, CheckedLoading, RQVAEModel, _load_base_weights
 
 
 @dataclass
@@ -74,7 +74,7 @@ def depth_stack_config(config: RQTransformerConfig) -> Qwen3Config:
     return depth
 
 
-class RQTransformerPreTrainedModel(PreTrainedModel):
+class RQTransformerPreTrainedModel(CheckedLoading, PreTrainedModel):
     config_class = RQTransformerConfig
     config: RQTransformerConfig
     base_model_prefix = "rq_transformer"
@@ -83,19 +83,11 @@ class RQTransformerPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Qwen3DecoderLayer"]  # noqa: RUF012 (transformers convention)
     _supports_sdpa = True
     _supports_flash_attn = True
+    _other_type_hint = "a latent LM is trained with `rqlm train-lm --vae VAE_DIR`"
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained` with a one-line error for a checkpoint of another model."""
-        config = kwargs.get("config")
-        if config is None or isinstance(config, (str, os.PathLike)):
-            saved = PreTrainedConfig.get_config_dict(config or pretrained_model_name_or_path)[0]
-            model_type = saved.get("model_type")
-            if model_type != cls.config_class.model_type:
-                raise ValueError(
-                    f"{pretrained_model_name_or_path!s} holds a {model_type!r} checkpoint, not "
-                    f"{cls.config_class.model_type!r}; a latent LM is trained with `rqlm train-lm --vae VAE_DIR`"
-                )
+        """`PreTrainedModel.from_pretrained` with one-line errors; the VAE inside stays frozen."""
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model.vae.requires_grad_(False)  # loading re-creates parameters trainable; the VAE never trains
         return model

@@ -75,27 +75,23 @@ def latent_stack_config(config: RQVAEConfig) -> Qwen3Config:
     return latent
 
 
-class RQVAEPreTrainedModel(PreTrainedModel):
-    config_class = RQVAEConfig
-    config: RQVAEConfig
-    base_model_prefix = "rq_vae"
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen3DecoderLayer"]  # noqa: RUF012 (transformers convention)
-    _supports_sdpa = True
-    _supports_flash_attn = True
+class CheckedLoading:
+    """`from_pretrained` with one-line errors for a folder of another model type or of other weight shapes.
+
+    Mixed into the rqlm `PreTrainedModel`s; `_other_type_hint` says what to do instead."""
+
+    _other_type_hint = "load it with the matching class"
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained` with one-line errors for checkpoints of another model or shape."""
         config = kwargs.get("config")
         if config is None or isinstance(config, (str, os.PathLike)):
             saved = PreTrainedConfig.get_config_dict(config or pretrained_model_name_or_path)[0]
             model_type = saved.get("model_type")
             if model_type != cls.config_class.model_type:
                 raise ValueError(
-                    f"{pretrained_model_name_or_path!s} holds a {model_type!r} checkpoint, not {cls.config_class.model_type!r}; "
-                    f"load it with the matching class (or build an RQ-VAE from it with RQVAEModel.from_backbone)"
+                    f"{pretrained_model_name_or_path!s} holds a {model_type!r} checkpoint, not "
+                    f"{cls.config_class.model_type!r}; {cls._other_type_hint}"
                 )
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
@@ -106,6 +102,18 @@ class RQVAEPreTrainedModel(PreTrainedModel):
                 f"checkpoint {pretrained_model_name_or_path!s} does not fit this {cls.__name__} configuration "
                 "(weight shapes differ); load it without overriding its config fields"
             ) from None
+
+
+class RQVAEPreTrainedModel(CheckedLoading, PreTrainedModel):
+    config_class = RQVAEConfig
+    config: RQVAEConfig
+    base_model_prefix = "rq_vae"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen3DecoderLayer"]  # noqa: RUF012 (transformers convention)
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _other_type_hint = "load it with the matching class (or build an RQ-VAE from it with RQVAEModel.from_backbone)"
 
     def _init_weights(self, module):
         """Standard init for Qwen3 parts, with the layers' residual branches (o_proj, down_proj) at zero when
@@ -410,4 +418,4 @@ def _load_base_weights(target: nn.Module, source: nn.Module) -> None:
         target_state[name].copy_(value)
 
 
-__all__ = ["RQVAEEncoderOutput", "RQVAEModel", "RQVAEOutput", "RQVAEPreTrainedModel"]
+__all__ = ["CheckedLoading", "RQVAEEncoderOutput", "RQVAEModel", "RQVAEOutput", "RQVAEPreTrainedModel"]
