@@ -104,7 +104,7 @@ class Downsample(nn.Module):
             x = conv(x)
             if i < len(self.convs) - 1:
                 x = self.act(x)
-        return rearrange(x, "b h l -> b l h")
+        return rearrange(x, "b h l -> b l h").contiguous()
 
 
 class Upsample(nn.Module):
@@ -124,4 +124,5 @@ class Upsample(nn.Module):
             x = conv(x)
             if i < len(self.convs) - 1:
                 x = self.act(x)
-        return rearrange(x, "b h t -> b t h")
+        # contiguous: a strided (B, T, H) view sends the LM head after it down a GEMM path ~10x slower on CPU
+        return rearrange(x, "b h t -> b t h").contiguous()
