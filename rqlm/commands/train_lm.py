@@ -234,13 +234,11 @@ def bound_metrics(sums: dict, counts: torch.Tensor, compression_factor: int) -> 
 def main(args: argparse.Namespace) -> int:
     from accelerate.utils import set_seed
 
-    from rqlm.trainer.loop import find_checkpoint, train
+    from rqlm.commands.preflight import check_before_data
+    from rqlm.trainer.loop import train
 
     train_args = training_arguments_from_namespace(args)
-    if train_args.resume_from_checkpoint:  # fail before the data is built
-        find_checkpoint(train_args.resume_from_checkpoint, Path(train_args.output_dir))
-    if not is_preset(args.backbone):  # a Qwen3 to load: refuse anything else before the data is built
-        backbone_config(args.backbone)
+    check_before_data(train_args, args.backbone)
     vae = load_vae(args.vae)
     resolve_compression_factor(args, vae)
     tokenizer = vae_tokenizer(args)

@@ -112,19 +112,16 @@ def build_model(args: argparse.Namespace, tokenizer):
 
 
 def main(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from accelerate.utils import set_seed
 
+    from rqlm.commands.preflight import check_before_data
     from rqlm.data.arguments import load_blocks
     from rqlm.evaluation.reconstruction import reconstruction_evaluate_fn
-    from rqlm.trainer.loop import find_checkpoint, train
+    from rqlm.trainer.loop import train
 
     train_args = training_arguments_from_namespace(args)
-    if train_args.resume_from_checkpoint:  # fail before the data is built
-        find_checkpoint(train_args.resume_from_checkpoint, Path(train_args.output_dir))
-    if not is_preset(args.backbone):  # a Qwen3 to load: refuse anything else before the data is built
-        backbone_config(args.backbone)
+    check_before_data(train_args, args.backbone)
     tokenizer, train_blocks, eval_blocks = load_blocks(args, default_tokenizer=None if is_preset(args.backbone) else args.backbone)
     set_seed(train_args.seed)
     model = build_model(args, tokenizer)

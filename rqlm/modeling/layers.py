@@ -31,6 +31,26 @@ def same_block(block_size: int):
     return inner_mask
 
 
+def small_stack_config(
+    width: int, intermediate_size: int, num_layers: int, num_heads: int, max_positions: int, like: Qwen3Config
+) -> Qwen3Config:
+    """A Qwen3 config for a small stack at its own width (the VAE's latent layers, the LM's depth transformer),
+    with the norm epsilon and attention implementation of the backbone config `like`."""
+    config = Qwen3Config(
+        vocab_size=1,
+        hidden_size=width,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        head_dim=width // num_heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=like.rms_norm_eps,
+    )
+    config._attn_implementation_internal = like._attn_implementation
+    return config
+
+
 class Qwen3Stack(nn.Module):
     """`num_layers` Qwen3 layers + final norm over given embeddings: (B, T, H) -> (B, T, H).
 

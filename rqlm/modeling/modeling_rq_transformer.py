@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_rq_transformer import RQTransformerConfig
 from .generation_rq_transformer import RQTransformerGenerationMixin
-from .layers import Qwen3Stack
+from .layers import Qwen3Stack, small_stack_config
 from .lora import add_lora, is_lora_parameter, lora_parameters, merge_lora
 from .modeling_rq_vae import IGNORE_INDEX, CheckedLoading, RQVAEModel, _load_base_weights
 
@@ -58,20 +58,10 @@ class RQTransformerOutput(ModelOutput):
 
 def depth_stack_config(config: RQTransformerConfig) -> Qwen3Config:
     """A small Qwen3 config of width `depth_hidden_size` for the depth transformer (D positions)."""
-    heads = config.depth_num_attention_heads
-    depth = Qwen3Config(
-        vocab_size=1,
-        hidden_size=config.depth_hidden_size,
-        intermediate_size=config.depth_intermediate_size,
-        num_hidden_layers=config.depth_num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=config.depth_hidden_size // heads,
-        max_position_embeddings=max(config.num_quantizers, 8),
-        rms_norm_eps=config.backbone_config.rms_norm_eps,
+    return small_stack_config(
+        config.depth_hidden_size, config.depth_intermediate_size, config.depth_num_layers,
+        config.depth_num_attention_heads, max(config.num_quantizers, 8), like=config.backbone_config,
     )
-    depth._attn_implementation_internal = config.backbone_config._attn_implementation
-    return depth
 
 
 class RQTransformerPreTrainedModel(CheckedLoading, PreTrainedModel):

@@ -26,7 +26,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_rq_vae import RQVAEConfig
-from .layers import Downsample, Qwen3Stack, Upsample
+from .layers import Downsample, Qwen3Stack, Upsample, small_stack_config
 from .lora import add_lora, is_lora_parameter, lora_parameters, merge_lora
 from .quantizer_registry import _codebook_size, build_quantizer, code_depth, codes_to_quantized, quantize
 
@@ -59,20 +59,11 @@ class RQVAEOutput(ModelOutput):
 
 def latent_stack_config(config: RQVAEConfig) -> Qwen3Config:
     """A small Qwen3 config of width d for the latent layers."""
-    heads = config.latent_num_attention_heads
-    latent = Qwen3Config(
-        vocab_size=1,
-        hidden_size=config.latent_dim,
-        intermediate_size=config.latent_intermediate_size,
-        num_hidden_layers=config.num_latent_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=config.latent_dim // heads,
-        max_position_embeddings=config.backbone_config.max_position_embeddings,
-        rms_norm_eps=config.backbone_config.rms_norm_eps,
+    backbone = config.backbone_config
+    return small_stack_config(
+        config.latent_dim, config.latent_intermediate_size, config.num_latent_layers,
+        config.latent_num_attention_heads, backbone.max_position_embeddings, like=backbone,
     )
-    latent._attn_implementation_internal = config.backbone_config._attn_implementation
-    return latent
 
 
 class CheckedLoading:
