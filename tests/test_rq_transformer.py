@@ -61,11 +61,12 @@ VAE_KINDS = {
     "per-chunk": {},
     "layers+previous-tokens": {"layers": 1, "decoder_sees_previous_tokens": True},
 }
+SPATIAL_INPUTS = {"per-chunk": "code_embeddings", "layers+previous-tokens": "quantized"}  # both inputs exercised
 
 
 @pytest.fixture(params=list(VAE_KINDS), scope="module")
 def lm(request):
-    return make_lm(make_vae(**VAE_KINDS[request.param]))
+    return make_lm(make_vae(**VAE_KINDS[request.param]), spatial_input=SPATIAL_INPUTS[request.param])
 
 
 # ----------------------------------------------------------------- causality

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--depth_num_layers", type=int, default=1, help="layers of the depth transformer")
     model.add_argument("--depth_hidden_size", type=int, default=256, help="width of the depth transformer")
     model.add_argument("--depth_num_attention_heads", type=int, default=4)
-    model.add_argument("--spatial_input", default="quantized", choices=("quantized", "code_embeddings"),
+    model.add_argument("--spatial_input", default="code_embeddings", choices=("quantized", "code_embeddings"),
                        help="each position's input: the VAE's quantized latent, or summed per-depth code embeddings")
     model.add_argument("--depth_mode", default="autoregressive", choices=("autoregressive", "parallel"),
                        help="depth transformer over the codes chosen so far, or all depths at once")

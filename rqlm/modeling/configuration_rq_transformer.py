@@ -22,10 +22,10 @@ class RQTransformerConfig(PreTrainedConfig):
             is unused (the spatial input is a latent, not a token).
         vae_config (`RQVAEConfig` or `dict`):
             The frozen RQ-VAE whose codes the model predicts and whose decoder turns them back into tokens.
-        spatial_input (`str`, defaults to `"quantized"`):
-            What represents a latent position at the spatial input: `"quantized"`, the VAE's exact quantized
-            vector of the codes (d wide, projected to H), or `"code_embeddings"`, a sum of learned per-depth
-            code embeddings (H wide).
+        spatial_input (`str`, defaults to `"code_embeddings"`):
+            What represents a latent position at the spatial input: `"code_embeddings"`, a sum of learned
+            per-depth code embeddings (H wide; measured slightly ahead at equal steps), or `"quantized"`, the
+            VAE's exact quantized vector of the codes (d wide, projected to H).
         depth_mode (`str`, defaults to `"autoregressive"`):
             `"autoregressive"`: a causal depth transformer reads the spatial output and the codes already
             chosen (D sequential steps per position at generation). `"parallel"`: every depth is predicted at
@@ -54,7 +54,7 @@ class RQTransformerConfig(PreTrainedConfig):
 
     backbone_config: dict | PreTrainedConfig | None = None
     vae_config: dict | PreTrainedConfig | None = None
-    spatial_input: str = "quantized"
+    spatial_input: str = "code_embeddings"
     depth_mode: str = "autoregressive"
     depth_num_layers: int = 1
     depth_hidden_size: int = 256
