@@ -29,10 +29,10 @@ from transformers import GenerationConfig, PreTrainedModel, Qwen3Config
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .backbone import TrainableBackbone
 from .configuration_rq_transformer import RQTransformerConfig
 from .generation_rq_transformer import RQTransformerGenerationMixin
 from .layers import Qwen3Stack, small_stack_config
-from .lora import add_lora, is_lora_parameter, lora_parameters, merge_lora
 from .modeling_rq_vae import IGNORE_INDEX, CheckedLoading, RQVAEModel, _load_base_weights
 
 
@@ -93,7 +93,7 @@ class RQTransformerPreTrainedModel(CheckedLoading, PreTrainedModel):
             init.normal_(module.depth_position, std=std)
 
 
-class RQTransformerForCausalLM(RQTransformerGenerationMixin, RQTransformerPreTrainedModel):
+class RQTransformerForCausalLM(TrainableBackbone, RQTransformerGenerationMixin, RQTransformerPreTrainedModel):
     """Spatial + depth transformers over a frozen RQ-VAE's codes (see the module docstring)."""
 
     def __init__(self, config: RQTransformerConfig):
@@ -150,10 +150,9 @@ class RQTransformerForCausalLM(RQTransformerGenerationMixin, RQTransformerPreTra
         self._ddp_params_and_buffers_to_ignore = [f"vae.{name}" for name, _ in self.vae.named_parameters()] + [
             f"vae.{name}" for name, _ in self.vae.named_buffers()
         ]
-        self._backbone_frozen = None
-        if config.lora_r > 0:
-            self._add_lora_adapters()
+        self._add_backbone_lora()
         self.post_init()
+        self.set_backbone_frozen(config.freeze_backbone_steps > 0)
         self._default_special_tokens()
 
     def _default_special_tokens(self) -> None:
@@ -327,42 +326,10 @@ class RQTransformerForCausalLM(RQTransformerGenerationMixin, RQTransformerPreTra
             raise ValueError(f"codes must lie in [0, {k}) (or -1 for padding); got [{codes.min()}, {codes.max()}]")
 
     # ----------------------------------------------------------------- backbone
-    def backbone_parameters(self):
-        """The spatial Qwen3 layers (what freezing and LoRA act on); the final norm, input projection,
-        start position and depth transformer always train."""
-        for name, param in self.spatial.layers.named_parameters():
-            if not is_lora_parameter(name):
-                yield param
-
-    def adapter_parameters(self):
-        """LoRA adapter parameters (empty without LoRA)."""
-        return lora_parameters(self.spatial)
-
-    def set_backbone_frozen(self, frozen: bool) -> None:
-        """Freeze or unfreeze the spatial layers; with LoRA the base weights stay frozen and adapters toggle."""
-        for param in self.backbone_parameters():
-            param.requires_grad_(not frozen and self.config.lora_r == 0)
-        for param in self.adapter_parameters():
-            param.requires_grad_(not frozen)
-        self._backbone_frozen = frozen
-
-    def on_step_begin(self, step: int) -> None:
-        """Training hook: the spatial layers are frozen for the first `freeze_backbone_steps` steps."""
-        frozen = step < self.config.freeze_backbone_steps
-        if frozen != self._backbone_frozen:
-            self.set_backbone_frozen(frozen)
-
-    def _add_lora_adapters(self) -> None:
-        """Adapters on the spatial layers only (lora_B = 0: the model starts as without them)."""
-        c = self.config
-        add_lora(self.spatial.layers, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules)
-
-    def merge_lora(self) -> RQTransformerForCausalLM:
-        """Fold LoRA adapters into the spatial weights; the model then saves and loads without peft."""
-        if self.config.lora_r > 0:
-            merge_lora(self.spatial.layers)
-            self.config.lora_r = 0
-        return self
+    def backbone_stacks(self) -> list[nn.Module]:
+        """The spatial Qwen3 stack: its layers are what freezing and LoRA act on; its final norm, the input
+        projection, start position and depth transformer always train."""
+        return [self.spatial]
 
     # ----------------------------------------------------------------- builders
     @classmethod

@@ -25,9 +25,9 @@ from transformers import PreTrainedConfig, PreTrainedModel, Qwen3Config
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .backbone import TrainableBackbone
 from .configuration_rq_vae import RQVAEConfig
 from .layers import Downsample, Qwen3Stack, Upsample, small_stack_config
-from .lora import add_lora, is_lora_parameter, lora_parameters, merge_lora
 from .quantizer_registry import _codebook_size, build_quantizer, code_depth, codes_to_quantized, quantize
 
 IGNORE_INDEX = -100
@@ -117,7 +117,7 @@ class RQVAEPreTrainedModel(CheckedLoading, PreTrainedModel):
             init.zeros_(module.weight)
 
 
-class RQVAEModel(RQVAEPreTrainedModel):
+class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
     """Residual-quantized chunk autoencoder over a Qwen3 backbone (see the module docstring)."""
 
     def __init__(self, config: RQVAEConfig):
@@ -156,9 +156,7 @@ class RQVAEModel(RQVAEPreTrainedModel):
             for stack in (self.encoder, self.decoder):
                 for layer in stack.layers:
                     layer.self_attn.o_proj._zero_init = layer.mlp.down_proj._zero_init = True
-        if config.lora_r > 0:
-            for stack in (self.encoder, self.decoder):
-                add_lora(stack.layers, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+        self._add_backbone_lora()
         self.post_init()  # leaves the adapters as peft made them (lora_B = 0)
         self.set_backbone_frozen(config.freeze_backbone_steps > 0)
 
@@ -310,43 +308,11 @@ class RQVAEModel(RQVAEPreTrainedModel):
         )
 
     # ----------------------------------------------------------------- backbone
-    def backbone_parameters(self):
-        """The weights of the encoder's and decoder's Qwen3 layers, adapters excluded: what freezing and LoRA
-        act on. Everything else (embeddings, the stacks' final norms, the LM head, convs, latent layers,
-        quantizer) is the per-chunk path and always trains."""
-        for stack in (self.encoder, self.decoder):
-            for name, param in stack.layers.named_parameters():
-                if not is_lora_parameter(name):
-                    yield param
-
-    def adapter_parameters(self):
-        """LoRA adapter parameters (empty without LoRA)."""
-        return lora_parameters(self)
-
-    def set_backbone_frozen(self, frozen: bool) -> None:
-        """Freeze or unfreeze the backbone; under LoRA the layers' weights stay frozen and the adapters toggle."""
-        lora = self.config.lora_r > 0
-        for param in self.backbone_parameters():
-            param.requires_grad_(not frozen and not lora)
-        for param in self.adapter_parameters():
-            param.requires_grad_(not frozen)
-        self._backbone_frozen = frozen
-
-    def on_step_begin(self, step: int) -> None:
-        """Training hook: the backbone is frozen for the first `freeze_backbone_steps` optimizer steps."""
-        frozen = step < self.config.freeze_backbone_steps
-        if frozen != self._backbone_frozen:
-            self.set_backbone_frozen(frozen)
-
-    def merge_lora(self) -> RQVAEModel:
-        """Fold LoRA adapters into the base weights; the model then saves and loads without peft (lora_r=0)."""
-        if self.config.lora_r == 0:
-            return self
-        for stack in (self.encoder, self.decoder):
-            merge_lora(stack.layers)
-        self.config.lora_r = 0
-        self.set_backbone_frozen(bool(self._backbone_frozen))
-        return self
+    def backbone_stacks(self) -> list[nn.Module]:
+        """The encoder's and decoder's Qwen3 stacks: their layers are what freezing and LoRA act on. Everything
+        else (embeddings, the stacks' final norms, the LM head, convs, latent layers, quantizer) is the
+        per-chunk path and always trains."""
+        return [self.encoder, self.decoder]
 
     # ----------------------------------------------------------------- builders
     @classmethod
