@@ -43,15 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace, config) -> None:
     """One-line errors for flags that are out of range or contradict the LM, before any weights load."""
-    from rqlm.data.loading import check_block_size
+    from rqlm.data.arguments import adopt_compression_factor
 
     c = config.compression_factor
     if args.streaming:
         raise ValueError("evaluate reads a fixed held-out split to score both models on it; omit --streaming")
-    if args.compression_factor is not None and args.compression_factor != c:
-        raise ValueError(f"--compression_factor {args.compression_factor} differs from the model's C={c}; "
-                         "omit the flag (C is read from --model)")
-    check_block_size(args.block_size, c)
+    adopt_compression_factor(args, c, "the model's", "omit the flag (C is read from --model)")
     for name in ("batch_size", "prompt_tokens", "new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")

@@ -66,13 +66,10 @@ def load_config(path: str):
 
 def check_arguments(args: argparse.Namespace, config) -> None:
     """One-line errors for flags that are out of range or contradict the checkpoint (its C, its vocabulary)."""
-    from rqlm.data.loading import check_block_size
+    from rqlm.data.arguments import adopt_compression_factor
 
-    c = config.compression_factor
-    if args.compression_factor is not None and args.compression_factor != c:
-        raise ValueError(f"--compression_factor {args.compression_factor} differs from the checkpoint's C={c}; "
-                         "omit the flag (C is read from the checkpoint)")
-    check_block_size(args.block_size, c)
+    adopt_compression_factor(args, config.compression_factor, "the checkpoint's",
+                             "omit the flag (C is read from the checkpoint)")
     if args.num_examples < 0:
         raise ValueError(f"--num_examples must be >= 0, got {args.num_examples}")
     if args.batch_size < 1:

@@ -111,14 +111,9 @@ def vae_tokenizer(args: argparse.Namespace):
 
 def resolve_compression_factor(args: argparse.Namespace, vae) -> None:
     """C is the VAE's: fill `args.compression_factor`, or refuse another one; check block_size against it."""
-    from rqlm.data.loading import check_block_size
+    from rqlm.data.arguments import adopt_compression_factor
 
-    c = vae.compression_factor
-    if args.compression_factor is not None and args.compression_factor != c:
-        raise ValueError(f"--compression_factor {args.compression_factor} differs from the VAE's C={c}; "
-                         "omit it (the VAE's is used)")
-    args.compression_factor = c
-    check_block_size(args.block_size, c)
+    adopt_compression_factor(args, vae.compression_factor, "the VAE's", "omit it (the VAE's is used)")
 
 
 def encoded_splits(args: argparse.Namespace, vae, tokenizer):

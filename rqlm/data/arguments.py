@@ -58,3 +58,15 @@ def load_blocks(args: argparse.Namespace, default_tokenizer: str | None = None):
 def _size(blocks, block_size: int) -> str:
     """'12 blocks of 32 (384 tokens)'."""
     return f"{len(blocks):,} blocks of {block_size} ({len(blocks) * block_size:,} tokens)"
+
+
+def adopt_compression_factor(args: argparse.Namespace, compression_factor: int, source: str, hint: str) -> None:
+    """C comes from a trained model (`source`, e.g. "the VAE's"): fill `args.compression_factor`, refuse a
+    different one in one line (`hint` says what to do), and check `args.block_size` against it."""
+    from rqlm.data.loading import check_block_size
+
+    c = compression_factor
+    if args.compression_factor is not None and args.compression_factor != c:
+        raise ValueError(f"--compression_factor {args.compression_factor} differs from {source} C={c}; {hint}")
+    args.compression_factor = c
+    check_block_size(args.block_size, c)
