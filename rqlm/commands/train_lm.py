@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from rqlm.modeling.configuration_rq_transformer import DEPTH_MODES, SPATIAL_INPUTS
 from rqlm.presets import PRESETS, backbone_config, is_preset
 from rqlm.trainer.arguments import add_training_arguments, training_arguments_from_namespace
 
@@ -43,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--depth_num_layers", type=int, default=1, help="layers of the depth transformer")
     model.add_argument("--depth_hidden_size", type=int, default=256, help="width of the depth transformer")
     model.add_argument("--depth_num_attention_heads", type=int, default=4)
-    model.add_argument("--spatial_input", default="code_embeddings", choices=("quantized", "code_embeddings"),
+    model.add_argument("--spatial_input", default="code_embeddings", choices=SPATIAL_INPUTS,
                        help="each position's input: the VAE's quantized latent, or summed per-depth code embeddings")
-    model.add_argument("--depth_mode", default="autoregressive", choices=("autoregressive", "parallel"),
+    model.add_argument("--depth_mode", default="autoregressive", choices=DEPTH_MODES,
                        help="depth transformer over the codes chosen so far, or all depths at once")
     model.add_argument("--aux_token_loss_weight", type=float, default=0.0,
                        help="weight of C heads on the spatial output predicting the next chunk's tokens")
