@@ -12,6 +12,7 @@ import time
 
 import torch
 from safetensors.torch import load_file
+from test_rq_vae_training import vae_flags as rq_vae_training_flags
 from test_trainer import fresh_accelerate_state, text_corpus  # noqa: F401  (fixtures)
 
 from rqlm import cli
@@ -21,33 +22,9 @@ SIGINT_AFTER_STEP = 3  # the interrupt comes once this step is in metrics.jsonl
 
 
 def vae_flags(corpus, output_dir, **overrides) -> list[str]:
-    """`rqlm train-vae` flags: a test-preset RQ-VAE with kmeans init and dead-code expiry, on a step schedule."""
-    values = {
-        "dataset": corpus / "docs.jsonl",
-        "tokenizer": corpus / "tokenizer",
-        "backbone": "test",
-        "block_size": 32,
-        "num_encoder_layers": 1,
-        "num_decoder_layers": 1,
-        "latent_dim": 16,
-        "num_quantizers": 2,
-        "codebook_size": 16,
-        "quantizer_kwargs": json.dumps({"kmeans_init": True, "threshold_ema_dead_code": 2, "decay": 0.8}),
-        "freeze_backbone_steps": 5,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 3e-3,
-        "warmup_steps": 2,
-        "max_steps": STEPS,
-        "max_minutes": "none",
-        "eval_steps": 0,
-        "eval_batches": 1,
-        "save_steps": 0,
-        "logging_steps": 1,
-        "mixed_precision": "no",
-        "output_dir": output_dir,
-    }
-    values.update(overrides)
-    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
+    """test_rq_vae_training's train-vae flags (kmeans init, dead-code expiry) on a step schedule of STEPS."""
+    values = {"freeze_backbone_steps": 5, "warmup_steps": 2, "max_steps": STEPS, "max_minutes": "none", **overrides}
+    return rq_vae_training_flags(corpus, output_dir, **values)
 
 
 def logged_steps(output_dir) -> list[int]:
