@@ -1,6 +1,8 @@
 """The `rqlm` command: one subcommand per job, each defined in its own module.
 
-Every subcommand module exposes `add_arguments(parser)` and `main(args) -> int`.
+Every subcommand module exposes `add_arguments(parser)` and `main(args) -> int`; a module that
+hands its arguments unchanged to another program's command line (`rqlm lm-eval`) exposes
+`main_argv(argv) -> int` instead.
 Modules are imported lazily so `rqlm --help` stays fast. A YAML file given with
 `--config` supplies defaults; flags given on the command line override it.
 Bad input (ValueError, FileNotFoundError, KeyError from our own checks) is
@@ -25,6 +27,8 @@ SUBCOMMANDS = {
     "bench": ("rqlm.commands.bench", "speed and memory against the baseline or the reference quantizers"),
     "generate": ("rqlm.commands.generate", "generate text from a checkpoint"),
     "inspect": ("rqlm.commands.inspect", "show held-out text beside its RQ-VAE reconstruction"),
+    "sweep": ("rqlm.commands.sweep", "train and evaluate a grid of recipes from a YAML file, with plots"),
+    "lm-eval": ("rqlm.commands.lm_eval", "lm-evaluation-harness with the rqlm model adapter registered"),
 }
 
 
@@ -90,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rqlm {name}: not available yet ({module_name} does not exist in this version)", file=sys.stderr)
             return 2
         raise
+    if hasattr(module, "main_argv"):
+        try:
+            return int(module.main_argv(rest) or 0)
+        except (CLIError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+            print(f"rqlm {name}: error: {e}", file=sys.stderr)
+            return 1
     parser = argparse.ArgumentParser(prog=f"rqlm {name}", description=help_text)
     parser.add_argument("--config", default=None, help="YAML file of option: value defaults")
     module.add_arguments(parser)
