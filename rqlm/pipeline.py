@@ -103,6 +103,7 @@ def run_stage(
         return False
     if force and output_dir.exists():
         shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)  # for commands that write into it without creating it
     argv = [str(a) for a in argv]
     if argv[0] in TRAINING_COMMANDS and has_checkpoint(output_dir) and "--resume_from_checkpoint" not in argv:
         argv += ["--resume_from_checkpoint", "latest"]
