@@ -10,7 +10,13 @@ from conftest import tiny_qwen3_config
 from test_rq_transformer import make_lm
 from transformers import Qwen3ForCausalLM
 
-from rqlm.evaluation.brier import ENDED, brier_lm_from_generate, brier_lm_from_samples, mark_ended, sample_pairs
+from rqlm.evaluation.brier import (
+    ENDED,
+    brier_lm_from_generate,
+    brier_lm_from_samples,
+    mark_ended,
+    sample_pairs,
+)
 
 SIGMAS = 5  # tolerance in standard errors of the mean; the draws are seeded, so a test never flakes
 
@@ -105,7 +111,7 @@ def test_brier_lm_from_generate_runs_on_both_model_kinds_and_is_seeded(kind):
     g = torch.Generator().manual_seed(0)
     prefixes = torch.randint(2, 50, (5, 6), generator=g)  # 6 tokens: not a multiple of the RQ model's C = 4
     references = torch.randint(2, 50, (5, 4), generator=g)
-    settings = dict(batch_size=2, seed=3, eos_token_id=1, pad_token_id=0)
+    settings = {"batch_size": 2, "seed": 3, "eos_token_id": 1, "pad_token_id": 0}
     first = sample_pairs(model, prefixes, **settings)
     assert first[0].shape == first[1].shape == (5, 4)
     assert not torch.equal(first[0], first[1])  # two independent draws

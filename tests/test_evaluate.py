@@ -212,3 +212,23 @@ def test_evaluate_errors_are_one_line(folders, tokenizer, tmp_path, capsys):
         captured = capsys.readouterr()
         assert message in captured.err, (argv, captured.err)
         assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+def test_evaluate_writes_brier_lm_of_both_models_on_the_same_prefixes(folders, capsys):
+    root, _, _ = folders
+    output = root / "brier.json"
+    argv = ["evaluate", "--model", str(root / "rq"), "--baseline", str(root / "base"), "--block_size", "32",
+            "--max_eval_blocks", "3", "--batch_size", "3", "--num_prompts", "0", "--prompt_tokens", "6",
+            "--brier_prefixes", "2", "--output_json", str(output)]
+    assert main(argv) == 0
+    assert "BrierLM on 2 held-out prefixes" in capsys.readouterr().out
+    figures = json.loads(output.read_text())
+    assert figures["brier_num_prefixes"] == 2
+    for prefix in ("", "baseline_"):
+        assert 0 <= figures[f"{prefix}brier_lm"] <= 100
+        for n in range(1, 5):  # a per-n mean may be negative (a confidently wrong model); the estimate is in [-1, 1]
+            assert -100 <= figures[f"{prefix}brier_{n}"] <= 100
+    assert main([*argv, "--brier_prefixes", "0"]) == 0  # skipped
+    assert not any("brier" in name for name in json.loads(output.read_text()))
+    assert main([*argv, "--prompt_tokens", "30"]) == 1
+    assert "the next 4 tokens of a held-out block (32)" in capsys.readouterr().err

@@ -4,9 +4,11 @@
                                             -> baseline perplexity (every token, from the block's start)
                                             -> ratio bound / baseline
     held-out prompts -> RQ samples, baseline samples -> the baseline's perplexity on each (judged quality)
+    held-out prefixes -> two samples of 4 tokens per prefix from each model -> BrierLM of both (likelihood-free)
 
 The bound's terms come from rqlm/evaluation/bound.py, the baseline's and the judged figures from
-rqlm/evaluation/perplexity.py. A readable table goes to stdout, every figure to `--output_json`.
+rqlm/evaluation/perplexity.py, BrierLM from rqlm/evaluation/brier.py. A readable table goes to stdout, every
+figure to `--output_json`.
 """
 
 from __future__ import annotations
@@ -38,12 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     judged.add_argument("--top_k", type=int, default=0, help="top-k for both models (0: no limit)")
     judged.add_argument("--top_p", type=float, default=1.0, help="nucleus mass for both models")
     judged.add_argument("--seed", type=int, default=0, help="seed of the sampling (the same for both models)")
+    brier = parser.add_argument_group("BrierLM (CALM's likelihood-free score, 0-100, higher is better)")
+    brier.add_argument("--brier_prefixes", type=int, default=64,
+                       help="held-out prefixes (block starts, --prompt_tokens long; the next 4 tokens are the "
+                            "reference) each model samples twice at temperature 1, seeded by --seed (0: skip)")
     parser.add_argument("--output_json", default=None, help="write every figure to this JSON file")
 
 
 def check_arguments(args: argparse.Namespace, config) -> None:
     """One-line errors for flags that are out of range or contradict the LM, before any weights load."""
     from rqlm.data.arguments import adopt_compression_factor
+    from rqlm.evaluation.brier import BRIER_ORDERS
 
     c = config.compression_factor
     if args.streaming:
@@ -59,6 +66,12 @@ def check_arguments(args: argparse.Namespace, config) -> None:
     if args.num_prompts and args.prompt_tokens > args.block_size:
         raise ValueError(f"--prompt_tokens {args.prompt_tokens} is longer than a held-out block ({args.block_size}); "
                          "lower it or raise --block_size")
+    if args.brier_prefixes < 0:
+        raise ValueError(f"--brier_prefixes must be >= 0 (0 skips BrierLM), got {args.brier_prefixes}")
+    if args.brier_prefixes and args.prompt_tokens + BRIER_ORDERS > args.block_size:
+        raise ValueError(f"BrierLM reads --prompt_tokens {args.prompt_tokens} + the next {BRIER_ORDERS} tokens of a "
+                         f"held-out block ({args.block_size}); lower --prompt_tokens, raise --block_size or pass "
+                         "--brier_prefixes 0")
     from rqlm.commands.generate import check_arguments as check_sampling
 
     check_sampling(argparse.Namespace(prompt="-", max_new_tokens=args.new_tokens, do_sample=True,
@@ -68,6 +81,7 @@ def check_arguments(args: argparse.Namespace, config) -> None:
 def check_positions(args: argparse.Namespace, config, baseline_config) -> None:
     """Blocks, and prompts with their continuations, must fit both models' positions."""
     from rqlm.commands.generate import token_limit
+    from rqlm.evaluation.brier import BRIER_ORDERS
 
     latent = config.backbone_config.max_position_embeddings
     if args.block_size // config.compression_factor > latent:
@@ -76,12 +90,12 @@ def check_positions(args: argparse.Namespace, config, baseline_config) -> None:
     if args.block_size + 1 > baseline_config.max_position_embeddings:  # + the separator each block is read after
         raise ValueError(f"--block_size {args.block_size} (+1 separator) exceeds --baseline's "
                          f"{baseline_config.max_position_embeddings} positions; lower --block_size")
-    if args.num_prompts:
-        needed = args.prompt_tokens + args.new_tokens
-        for role, cfg in (("--model", config), ("--baseline", baseline_config)):
-            if needed > token_limit(cfg):
-                raise ValueError(f"--prompt_tokens + --new_tokens = {needed} exceeds the {token_limit(cfg)} positions "
-                                 f"of {role}; lower them")
+    needed = max(args.prompt_tokens + args.new_tokens if args.num_prompts else 0,
+                 args.prompt_tokens + BRIER_ORDERS if args.brier_prefixes else 0)
+    for role, cfg in (("--model", config), ("--baseline", baseline_config)):
+        if needed > token_limit(cfg):
+            raise ValueError(f"--prompt_tokens + the new tokens = {needed} exceeds the {token_limit(cfg)} positions "
+                             f"of {role}; lower them")
 
 
 def held_out_figures(model, baseline, eval_blocks, batch_size: int, separator_id: int) -> dict[str, float]:
@@ -152,6 +166,25 @@ def judged_figures(model, baseline, eval_blocks, args: argparse.Namespace, token
     }
 
 
+def brier_figures(model, baseline, eval_blocks, args: argparse.Namespace, tokenizer) -> dict[str, float]:
+    """BrierLM of both models on the same held-out prefixes and seed: 'brier_*' (RQ) and 'baseline_brier_*'."""
+    from rqlm.evaluation.brier import BRIER_ORDERS, brier_lm_from_generate
+
+    count = min(args.brier_prefixes, len(eval_blocks))
+    rows = eval_blocks[:count]["input_ids"].long()
+    prefixes = rows[:, : args.prompt_tokens]  # (N, P)
+    references = rows[:, args.prompt_tokens : args.prompt_tokens + BRIER_ORDERS]  # (N, 4)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings = {"batch_size": args.batch_size, "temperature": 1.0, "seed": args.seed,
+                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad}
+    figures = {}
+    for prefix, who in (("", model), ("baseline_", baseline)):
+        scores = brier_lm_from_generate(who, prefixes, references, **settings)
+        figures.update({f"{prefix}{name}": value for name, value in scores.items() if name != "num_prefixes"})
+    figures["brier_num_prefixes"] = float(count)
+    return figures
+
+
 def print_table(figures: dict[str, float], args: argparse.Namespace, config) -> None:
     """The figures as a readable table on stdout."""
     c, d, k = config.compression_factor, config.num_quantizers, config.codebook_size
@@ -181,6 +214,18 @@ def print_table(figures: dict[str, float], args: argparse.Namespace, config) -> 
                   f"   (mean length {figures[f'judged_mean_length_{who}_samples']:.1f} tokens)")
 
 
+def print_brier(figures: dict[str, float], args: argparse.Namespace) -> None:
+    """BrierLM and its Brier-n of both models, one row each."""
+    from rqlm.evaluation.brier import BRIER_ORDERS
+
+    print(f"BrierLM on {int(figures['brier_num_prefixes'])} held-out prefixes ({args.prompt_tokens} tokens, "
+          f"temperature 1, seed {args.seed}; 0-100, higher is better)")
+    print(f"{'':32}{'BrierLM':>10}" + "".join(f"{f'Brier-{n}':>10}" for n in range(1, BRIER_ORDERS + 1)))
+    for name, prefix in (("RQ model", ""), ("baseline", "baseline_")):
+        print(f"{name:32}{figures[prefix + 'brier_lm']:10.2f}"
+              + "".join(f"{figures[f'{prefix}brier_{n}']:10.2f}" for n in range(1, BRIER_ORDERS + 1)))
+
+
 def _number(value: float) -> str:
     """A figure with a precision that suits its size: 1.234, 136.2, 486,747."""
     if math.isinf(value):
@@ -207,7 +252,11 @@ def main(args: argparse.Namespace) -> int:
     figures = held_out_figures(model, baseline, eval_blocks, args.batch_size, tokenizer.eos_token_id)
     if args.num_prompts:
         figures.update(judged_figures(model, baseline, eval_blocks, args, tokenizer))
+    if args.brier_prefixes:
+        figures.update(brier_figures(model, baseline, eval_blocks, args, tokenizer))
     print_table(figures, args, config)
+    if args.brier_prefixes:
+        print_brier(figures, args)
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(figures, indent=1))
