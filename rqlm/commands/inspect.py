@@ -42,7 +42,7 @@ def marked_text(tokenizer, original: list[int], reconstructed: list[int], style:
         piece = tokenizer.decode([got])
         if style == "html":
             piece = html.escape(piece)
-            parts.append(piece if want == got else f"<mark title={html.escape(repr(tokenizer.decode([want])))}>{piece}</mark>")
+            parts.append(piece if want == got else f"<mark title=\"{html.escape(repr(tokenizer.decode([want])))}\">{piece}</mark>")
         else:
             parts.append(piece if want == got else f"{RED}{piece}{RESET}")
     return "".join(parts)
