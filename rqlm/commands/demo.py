@@ -1,94 +1,175 @@
-"""`rqlm demo`: the whole pipeline on the embedded default corpus.
+"""`rqlm demo`: the whole pipeline on the embedded corpus, one `rqlm` command per stage, then a report.
 
-It builds (or reuses) the embedded corpus and its tokenizer and prints their statistics,
-trains the RQ-VAE with the CPU defaults of `rqlm train-vae` for `--minutes`, and shows
-held-out text beside its reconstruction with `rqlm inspect` (an HTML report is written
-next to the model). The RQ-Transformer steps join here as they land.
+    tokenizer   rqlm train-tokenizer                       -> DIR/tokenizer   (BPE on the embedded corpus)
+    baseline    rqlm train-baseline (Qwen3, preset tiny)   -> DIR/baseline    (the offline stand-in for a
+                                                                               pretrained Qwen3)
+    vae         rqlm train-vae                             -> DIR/vae
+    codes       rqlm encode                                -> DIR/codes
+    lm          rqlm train-lm --backbone DIR/baseline      -> DIR/lm          (spatial layers copied from the
+                  --freeze_backbone_steps N                                    baseline, frozen, then unfrozen)
+    evaluation  rqlm evaluate                              -> DIR/evaluation/evaluation.json
+    reconstruction  rqlm inspect DIR/vae                   -> DIR/reconstruction/inspect.json
+    benchmark   rqlm bench --model DIR/lm --baseline DIR/baseline (batch 1 and 8) -> DIR/benchmark/bench.json
+    report      rqlm/evaluation/report.py                  -> DIR/report.md, DIR/metrics.json, DIR/plots/*.png
+
+Every stage runs through rqlm.pipeline.run_stage: it is skipped when its output is finished (`--force`
+redoes it) and a killed training resumes from its last checkpoint. The report is rewritten every run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from rqlm.data import build_embedded_corpus, corpus_statistics, load_tokenizer
-from rqlm.data.tokenizer import DEFAULT_VOCAB_SIZE
+from rqlm.pipeline import TRAINED
+
+# minutes of training time (`--max_minutes`) per training stage: 10 in all, plus about 3 minutes of
+# data loading, evaluation, encoding and benchmarking keep the default demo under 15 minutes on 2 cores
+DEFAULT_MINUTES = {"baseline": 3.0, "vae": 3.0, "lm": 4.0}
+BLOCK_SIZE = 128  # the VAE's and the LM's block size; the baseline reads the same blocks
+FREEZE_BACKBONE_STEPS = 50  # the LM's spatial layers (copied from the baseline) stay frozen this long
+BENCH_BATCH_SIZES = "1,8"
+
+
+@dataclass
+class Settings:
+    """What differs between the full demo and `--quick` (besides the time budgets)."""
+
+    vocab_size: int = 8192
+    backbone: str = "tiny"  # the baseline's preset, hence the LM's spatial stack
+    step_limits: dict | None = None  # stage -> --max_steps (None: the time budget ends the run)
+    freeze_backbone_steps: int = FREEZE_BACKBONE_STEPS
+    unfreeze_warmup_steps: int = 50
+    eval_steps: int = 100
+    save_steps: int = 100
+    eval_batches: int = 10
+    logging_steps: int = 10
+    max_eval_blocks: int | None = None  # held-out blocks of evaluate and inspect (None: all)
+    num_prompts: int = 8  # judged quality of free generation in `evaluate`
+    brier_prefixes: int = 64
+    bench_prompt_length: int = 64
+    bench_new_tokens: int = 64
+
+
+QUICK = Settings(
+    vocab_size=1024, backbone="test", step_limits={"baseline": 8, "vae": 8, "lm": 8}, freeze_backbone_steps=4,
+    unfreeze_warmup_steps=2, eval_steps=4, save_steps=4, eval_batches=1, logging_steps=2, max_eval_blocks=8, num_prompts=2,
+    brier_prefixes=4, bench_prompt_length=16, bench_new_tokens=8,
+)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE, help="tokenizer entries, specials included"
+    parser.description = (
+        "Run the whole pipeline on the embedded corpus: tokenizer -> baseline Qwen3 -> RQ-VAE -> codes -> "
+        "RQ-Transformer (spatial layers from the baseline) -> evaluation -> reconstruction -> benchmark -> "
+        f"report. Default budgets: baseline {DEFAULT_MINUTES['baseline']:g}, RQ-VAE {DEFAULT_MINUTES['vae']:g} and "
+        f"RQ-Transformer {DEFAULT_MINUTES['lm']:g} minutes of training time, plus about 3 minutes of data, "
+        "evaluation and benchmark: at most 15 minutes on a 2-core CPU. --quick: a few steps per stage, "
+        "about a minute. Finished stages are skipped on a rerun; a killed training stage resumes."
     )
-    parser.add_argument(
-        "--rebuild", action="store_true", help="rebuild the cached corpus instead of reusing it"
-    )
-    parser.add_argument("--minutes", type=float, default=3.0, help="wall-clock budget of the RQ-VAE training")
-    parser.add_argument("--output_dir", default="runs/demo-vae", help="where the trained RQ-VAE is saved")
-    parser.add_argument("--data_only", action="store_true", help="stop after the corpus and tokenizer")
+    parser.add_argument("--output_dir", default="runs/demo", help="where every stage's output and the report go "
+                        "(default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="redo every stage, even the finished ones")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in about a minute: test-size models, 8 steps per stage, few held-out blocks")
+    for stage, minutes in DEFAULT_MINUTES.items():
+        parser.add_argument(f"--{stage}_minutes", type=float, default=None,
+                            help=f"training time of the {stage} stage (default: {minutes:g}; --quick: 8 steps)")
+
+
+def stages(args: argparse.Namespace, settings: Settings) -> list[tuple[str, Path, list, str]]:
+    """(name, output folder, `rqlm` argv, file that marks it finished) of every command stage, in order."""
+    from rqlm.commands.bench import HEADLINE_C
+
+    out = Path(args.output_dir)
+    tokenizer, baseline, vae, codes, lm = (out / n for n in ("tokenizer", "baseline", "vae", "codes", "lm"))
+    blocks = ["--block_size", BLOCK_SIZE]
+    held_out = [] if settings.max_eval_blocks is None else ["--max_eval_blocks", settings.max_eval_blocks]
+
+    def training(stage: str) -> list:
+        minutes = getattr(args, f"{stage}_minutes")
+        limit = (settings.step_limits or {}).get(stage)
+        budget = ["--max_minutes", minutes if minutes is not None else "none" if limit else DEFAULT_MINUTES[stage]]
+        steps = ["--max_steps", limit] if limit else []
+        return [*blocks, *held_out, *budget, *steps, "--eval_steps", settings.eval_steps,
+                "--eval_batches", settings.eval_batches, "--save_steps", settings.save_steps,
+                "--logging_steps", settings.logging_steps]
+
+    evaluate = ["evaluate", "--model", lm, "--baseline", baseline, *held_out, "--num_prompts", settings.num_prompts,
+                "--new_tokens", 32, "--prompt_tokens", 32, "--output_json", out / "evaluation" / "evaluation.json"]
+    if command_accepts("evaluate", "--brier_prefixes"):  # BrierLM, where `rqlm evaluate` has it
+        evaluate += ["--brier_prefixes", settings.brier_prefixes]
+    inspect = ["inspect", vae, *held_out, "--num_examples", 2, "--no-color",
+               "--output", out / "reconstruction" / "inspect.html"]
+    bench = ["bench", "--model", lm, "--baseline", baseline, "--shapes", "tiny", "--compile_shapes", "",
+             "--no-parallel_depth", "--compression_factors", HEADLINE_C, "--batch_sizes", BENCH_BATCH_SIZES,
+             "--prompt_length", settings.bench_prompt_length, "--new_tokens", settings.bench_new_tokens,
+             "--evaluation_json", out / "evaluation" / "evaluation.json", "--output_json", out / "benchmark" / "bench.json"]
+    return [
+        ("tokenizer", tokenizer, ["train-tokenizer", "--vocab_size", settings.vocab_size, "--output_dir", tokenizer],
+         "tokenizer.json"),
+        ("baseline", baseline, ["train-baseline", "--tokenizer", tokenizer, "--backbone", settings.backbone,
+                                "--output_dir", baseline, *training("baseline")], TRAINED),
+        ("vae", vae, ["train-vae", "--tokenizer", tokenizer, "--backbone", settings.backbone, "--output_dir", vae,
+                      *training("vae")], TRAINED),
+        ("codes", codes, ["encode", "--vae", vae, *blocks, "--output_dir", codes], "dataset_dict.json"),
+        ("lm", lm, ["train-lm", "--vae", vae, "--codes", codes, "--backbone", baseline,
+                    "--freeze_backbone_steps", settings.freeze_backbone_steps,
+                    "--unfreeze_warmup_steps", settings.unfreeze_warmup_steps, "--output_dir", lm, *training("lm")],
+         TRAINED),
+        ("evaluation", out / "evaluation", evaluate, "evaluation.json"),
+        ("reconstruction", out / "reconstruction", inspect, "inspect.json"),
+        ("benchmark", out / "benchmark", bench, "bench.json"),
+    ]
+
+
+def command_accepts(command: str, flag: str) -> bool:
+    """Whether `rqlm <command>` has `flag` (a stage passes an optional flag only where it exists)."""
+    import importlib
+
+    from rqlm.cli import SUBCOMMANDS
+
+    parser = argparse.ArgumentParser(add_help=False)
+    importlib.import_module(SUBCOMMANDS[command][0]).add_arguments(parser)
+    return flag in parser._option_string_actions
 
 
 def main(args: argparse.Namespace) -> int:
-    """Build (or reuse) the embedded corpus and tokenizer; print their size and compression."""
-    start = time.perf_counter()
-    corpus = build_embedded_corpus(rebuild=args.rebuild)
-    corpus_seconds = time.perf_counter() - start
-    tokenizer = load_tokenizer(None, vocab_size=args.vocab_size)
-    tokenizer_seconds = time.perf_counter() - start - corpus_seconds
-    print_corpus_statistics(corpus_statistics(corpus, tokenizer))
-    print(
-        f"tokenizer: byte-level BPE, vocab size {len(tokenizer)}, eos {tokenizer.eos_token!r} "
-        f"(id {tokenizer.eos_token_id}), at {tokenizer.name_or_path}"
-    )
-    print(
-        f"time: corpus {corpus_seconds:.1f} s, tokenizer {tokenizer_seconds:.1f} s "
-        "(cached after the first run; --rebuild to redo the corpus)"
-    )
-    if args.data_only:
-        return 0
-    from rqlm.cli import main as rqlm_main
+    from rqlm.evaluation.report import write_report
+    from rqlm.pipeline import StageLog, run_stage
 
-    print(f"\ntraining the RQ-VAE for {args.minutes:g} minutes (rqlm train-vae --max_minutes {args.minutes:g})")
-    start = time.perf_counter()
-    status = rqlm_main(["train-vae", "--max_minutes", str(args.minutes), "--output_dir", args.output_dir,
-                        "--tokenizer", str(tokenizer.name_or_path)])
-    if status:
-        return status
-    train_seconds = time.perf_counter() - start
-    print(f"\nheld-out reconstruction (rqlm inspect {args.output_dir})")
-    status = rqlm_main(["inspect", args.output_dir, "--num_examples", "2", "--max_batches", str(INSPECT_BATCHES)])
-    if status:
-        return status
-    print("\n" + demo_summary(args.output_dir, train_seconds))
+    settings = QUICK if args.quick else Settings()
+    for stage in DEFAULT_MINUTES:
+        minutes = getattr(args, f"{stage}_minutes")
+        if minutes is not None and minutes <= 0:
+            raise ValueError(f"--{stage}_minutes must be > 0, got {minutes:g}")
+    out = Path(args.output_dir)
+    log = StageLog()
+    for name, folder, argv, done_file in stages(args, settings):
+        run_stage(name, folder, argv, force=args.force, done_file=done_file, log=log)
+        record_stage_seconds(out, log)
+    with log.timed("report", out / "report.md"):
+        budgets = {stage: (getattr(args, f"{stage}_minutes") or DEFAULT_MINUTES[stage]) if not args.quick
+                   else getattr(args, f"{stage}_minutes") for stage in DEFAULT_MINUTES}
+        report = write_report(out, stage_seconds=record_stage_seconds(out, log), budgets=budgets, quick=args.quick)
+    log.print_summary()
+    print(f"\nreport: {report} (figures in {out / 'metrics.json'}, plots in {out / 'plots'})")
     return 0
 
 
-INSPECT_BATCHES = 8
+STAGES_FILE = "stages.json"
 
 
-def demo_summary(output_dir: str, train_seconds: float) -> str:
-    """The demo's figure with the conditions it depends on, read from the run's metrics.jsonl and inspect.json."""
-    from pathlib import Path
-
-    from rqlm.evaluation.plots import read_metrics
-
-    accuracy = json.loads((Path(output_dir) / "inspect.json").read_text())["accuracy"]
-    trained = [r for r in read_metrics(output_dir) if "tokens_seen" in r]
-    speeds = sorted(r["tokens_per_second"] for r in trained if "tokens_per_second" in r)
-    speed = f" at {speeds[len(speeds) // 2]:,.0f} training tokens/s" if speeds else ""
-    steps, tokens = (trained[-1]["step"], trained[-1]["tokens_seen"]) if trained else (0, 0)
-    return (
-        f"demo: {accuracy:.1%} of held-out tokens reconstructed (rqlm inspect, {INSPECT_BATCHES} batches) after "
-        f"{steps:,} steps and {tokens:,} tokens in {train_seconds / 60:.1f} minutes{speed} on this machine; "
-        "a slower or busier machine trains fewer steps in the same budget and reaches less"
-    )
-
-
-def print_corpus_statistics(stats: dict) -> None:
-    """One line per split: documents, characters, tokens, characters per token."""
-    print("embedded corpus (CPython docs topics and stdlib docstrings):")
-    for split, s in stats.items():
-        print(
-            f"  {split:<10} {s['documents']:>6,} documents {s['characters']:>11,} characters "
-            f"{s['tokens']:>9,} tokens {s['chars_per_token']:6.2f} chars/token"
-        )
+def record_stage_seconds(out: Path, log) -> dict:
+    """DIR/stages.json: seconds of each stage's last run that did the work (a skipped stage keeps its earlier
+    figure, so the report of a rerun still says what each stage took)."""
+    path = out / STAGES_FILE
+    seconds = json.loads(path.read_text()) if path.is_file() else {}
+    for record in log.records:
+        if record.ran:
+            seconds[record.name] = round(record.seconds, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(seconds, indent=1))
+    return seconds

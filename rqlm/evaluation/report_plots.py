@@ -1,0 +1,92 @@
+"""The demo report's plots (matplotlib, PNG): the training curves of every stage side by side, codebook
+usage per depth, and reconstruction accuracy by position inside a chunk."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from rqlm.evaluation.plots import _save, plt, read_metrics
+
+# stage -> (title, held-out metric drawn under its training loss, its axis label, log scale)
+STAGE_CURVES = {
+    "baseline": ("Qwen3 baseline", "eval_perplexity", "held-out perplexity", True),
+    "vae": ("RQ-VAE", "eval_accuracy", "held-out reconstruction accuracy", False),
+    "lm": ("RQ-Transformer", "eval_perplexity_bound", "held-out perplexity bound", True),
+}
+
+
+def _points(history: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of the records holding a finite `key`."""
+    pairs = [(r["step"], r[key]) for r in history if key in r and math.isfinite(r[key])]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def plot_stage_curves(run_dirs: dict[str, str | Path], path: str | Path) -> Path:
+    """One column per training stage (keys of STAGE_CURVES): training loss over steps, and under it the
+    stage's held-out figure; a stage whose folder has no metrics.jsonl is left out."""
+    histories = {}
+    for stage, run_dir in run_dirs.items():
+        try:
+            histories[stage] = read_metrics(run_dir)
+        except FileNotFoundError:
+            continue
+    if not histories:
+        raise ValueError(f"no training run to plot: none of {[str(d) for d in run_dirs.values()]} has metrics.jsonl")
+    fig, axes = plt.subplots(2, len(histories), figsize=(4.5 * len(histories), 6.4), squeeze=False)
+    for column, (stage, history) in enumerate(histories.items()):
+        title, key, label, log_scale = STAGE_CURVES[stage]
+        loss_ax, eval_ax = axes[0, column], axes[1, column]
+        steps, losses = _points(history, "loss")
+        loss_ax.plot(steps, losses, marker="o" if len(steps) < 30 else None, markersize=3)
+        loss_ax.set_title(f"{title}: training loss")
+        steps, values = _points(history, key)
+        eval_ax.plot(steps, values, marker="o", markersize=4)
+        for step, value in zip(steps[-1:], values[-1:]):  # the final figure, written beside its point
+            eval_ax.annotate(f"{value:.4g}", (step, value), xytext=(-6, 6), textcoords="offset points",
+                             ha="right", fontsize=8)
+        if log_scale and values and min(values) > 0:
+            eval_ax.set_yscale("log")
+        eval_ax.set_title(label)
+        for ax in (loss_ax, eval_ax):
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_codebook_usage(usage_perplexity: list[float], dead_fraction: list[float], codebook_size: int,
+                        path: str | Path) -> Path:
+    """Per depth: usage perplexity as a fraction of K (bars) and the fraction of codes never used (bars)."""
+    depths = list(range(len(usage_perplexity)))
+    width = 0.4
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(depths) + 2), 4))
+    ax.bar([d - width / 2 for d in depths], [p / codebook_size for p in usage_perplexity], width,
+           label=f"usage perplexity / K (K={codebook_size})")
+    ax.bar([d + width / 2 for d in depths], dead_fraction, width, label="codes unused on held-out text")
+    ax.set_xticks(depths)
+    ax.set_xlabel("residual depth")
+    ax.set_ylabel("fraction of the codebook")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("RQ-VAE codebook usage per depth (held-out)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_position_accuracy(accuracy_by_position: list[float], accuracy: float, path: str | Path) -> Path:
+    """Reconstruction accuracy of each token position inside a chunk of C tokens, and the overall one."""
+    positions = list(range(len(accuracy_by_position)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(positions) + 2), 4))
+    ax.bar(positions, accuracy_by_position)
+    ax.axhline(accuracy, color="black", linestyle="--", linewidth=1, label=f"all positions {accuracy:.1%}")
+    for position, value in zip(positions, accuracy_by_position):
+        ax.annotate(f"{value:.1%}", (position, value), xytext=(0, 3), textcoords="offset points", ha="center",
+                    fontsize=8)
+    ax.set_xticks(positions)
+    ax.set_xlabel("token position inside a chunk")
+    ax.set_ylabel("held-out tokens reconstructed")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("RQ-VAE reconstruction accuracy by position")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
