@@ -1,11 +1,58 @@
 """RQ-VAE reconstruction figures: token accuracy (overall and per position inside a chunk),
-reconstruction loss, and per-depth codebook usage over a held-out split."""
+reconstruction loss, and per-depth codebook usage over a held-out split.
+
+The figures come from small pure functions over tensors (`position_accuracy_counts` -> `accuracy_figures`,
+`codebook_usage_figures` / `usage_figures`), called both by the trainer's `evaluate_reconstruction` and by the
+`evaluate` metric modules in rqlm/metrics, so each is computed in one place.
+"""
 
 from __future__ import annotations
 
 import torch
+from einops import reduce
 
 from rqlm.modeling.quantizer_registry import codebook_stats
+from rqlm.modeling.quantizer_utils import codebook_usage
+
+
+def position_accuracy_counts(
+    predictions: torch.LongTensor, references: torch.LongTensor, valid: torch.Tensor | None, compression_factor: int
+) -> torch.Tensor:
+    """Predicted and reference tokens (B, T), valid mask (B, T) or None -> (2, C) float64: tokens right and tokens
+    counted at each position inside a chunk of C tokens (T a multiple of C)."""
+    if predictions.shape != references.shape or predictions.shape[-1] % compression_factor:
+        raise ValueError(f"predictions {tuple(predictions.shape)} and references {tuple(references.shape)} must have "
+                         f"one shape whose length is a multiple of compression {compression_factor}")
+    valid = torch.ones_like(references, dtype=torch.bool) if valid is None else valid.bool()
+    hits = (predictions == references) & valid
+    both = torch.stack([hits, valid]).double()  # (2, B, T)
+    return reduce(both, "two b (l c) -> two c", "sum", c=compression_factor)
+
+
+def accuracy_figures(counts: torch.Tensor) -> dict[str, float]:
+    """Summed (2, C) `position_accuracy_counts` -> {'accuracy', 'accuracy_pos{i}'}."""
+    correct, counted = counts
+    figures = {"accuracy": (correct.sum() / counted.sum().clamp(min=1)).item()}
+    for pos in range(len(correct)):
+        figures[f"accuracy_pos{pos}"] = (correct[pos] / counted[pos].clamp(min=1)).item()
+    return figures
+
+
+def usage_figures(usage: dict) -> dict[str, float]:
+    """Per-depth usage lists {'perplexity': [D], 'dead_fraction': [D]} -> {'usage_perplexity_d{j}',
+    'dead_fraction_d{j}', 'usage_perplexity_mean', 'dead_fraction_mean'}."""
+    figures = {}
+    for depth, (ppl, dead) in enumerate(zip(usage["perplexity"], usage["dead_fraction"])):
+        figures[f"usage_perplexity_d{depth}"] = ppl
+        figures[f"dead_fraction_d{depth}"] = dead
+    figures["usage_perplexity_mean"] = sum(usage["perplexity"]) / len(usage["perplexity"])
+    figures["dead_fraction_mean"] = sum(usage["dead_fraction"]) / len(usage["dead_fraction"])
+    return figures
+
+
+def codebook_usage_figures(codes: torch.LongTensor, codebook_size: int) -> dict[str, float]:
+    """Codes (..., D) (negative: padding) of a codebook of K entries -> `usage_figures`."""
+    return usage_figures(codebook_usage(codes, codebook_size))
 
 
 @torch.no_grad()
@@ -19,8 +66,7 @@ def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: in
     was_training = unwrapped.training
     unwrapped.eval()
     c = unwrapped.config.compression_factor
-    correct = torch.zeros(c, dtype=torch.float64)
-    counted = torch.zeros(c, dtype=torch.float64)
+    counts = torch.zeros(2, c, dtype=torch.float64)  # right, counted per position inside a chunk
     loss_sum, loss_tokens = 0.0, 0.0
     all_codes = []
     for i, batch in enumerate(dataloader):
@@ -29,12 +75,8 @@ def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: in
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask")
         out = unwrapped(input_ids=input_ids, attention_mask=attention_mask)
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        hits = (out.logits.argmax(-1) == input_ids) & valid
-        stats = torch.stack(
-            [hits.view(hits.shape[0], -1, c).sum((0, 1)).double(), valid.view(valid.shape[0], -1, c).sum((0, 1)).double()]
-        )
-        tokens = valid.sum().double()
+        stats = position_accuracy_counts(out.logits.argmax(-1), input_ids, attention_mask, c)  # (2, C)
+        tokens = stats[1].sum()
         loss = torch.stack([out.recon_loss.double() * tokens, tokens])
         codes = out.codes
         if accelerator is not None:
@@ -42,26 +84,16 @@ def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: in
                 loss.to(accelerator.device), "sum"
             )
             codes = accelerator.gather_for_metrics(codes)
-        correct += stats[0].cpu()
-        counted += stats[1].cpu()
+        counts += stats.cpu()
         loss_sum += loss[0].item()
         loss_tokens += loss[1].item()
         all_codes.append(codes.reshape(-1, codes.shape[-1]).cpu())
     unwrapped.train(was_training)
     if not all_codes:
         raise ValueError("the held-out dataloader yielded no batch; reconstruction needs at least one block")
-    metrics = {
-        "accuracy": (correct.sum() / counted.sum().clamp(min=1)).item(),
-        "recon_loss": loss_sum / max(loss_tokens, 1.0),
-    }
-    for pos in range(c):
-        metrics[f"accuracy_pos{pos}"] = (correct[pos] / counted[pos].clamp(min=1)).item()
+    metrics = {**accuracy_figures(counts), "recon_loss": loss_sum / max(loss_tokens, 1.0)}
     usage = codebook_stats(unwrapped.quantizer, torch.cat(all_codes))
-    for depth, (ppl, dead) in enumerate(zip(usage["perplexity"], usage["dead_fraction"])):
-        metrics[f"usage_perplexity_d{depth}"] = ppl
-        metrics[f"dead_fraction_d{depth}"] = dead
-    metrics["usage_perplexity_mean"] = sum(usage["perplexity"]) / len(usage["perplexity"])
-    metrics["dead_fraction_mean"] = sum(usage["dead_fraction"]) / len(usage["dead_fraction"])
+    metrics.update(usage_figures(usage))
     metrics["codes_replaced"] = float(usage["codes_replaced"])
     return metrics
 
