@@ -281,6 +281,8 @@ def check_flags(config: SweepConfig) -> None:
         placeholders = {"model": "LM_DIR", "baseline": "BASELINE_DIR"} if command == "evaluate" else None
         parse_stage(command, {**data_flags(config, command), **getattr(config, section)}, f"'{section}'",
                     placeholders)
+    parse_stage("train-vae", {**data_flags(config, "train-vae"), **config.vae}, "'vae'")
+    parse_stage("train-lm", lm_values(config, Point("shared"), Path("baseline")), "'lm'")
     for sweep in config.sweeps:
         bits = {}
         for point in sweep.points:
