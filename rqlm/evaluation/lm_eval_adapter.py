@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: it loads them only into an empty registry)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
