@@ -108,9 +108,10 @@ def test_is_greedy_says_whether_greedy_generation_gives_the_continuation(adapter
     ctx = adapter.tok_encode(CONTEXT)
     (greedy,) = adapter._generate([ctx], max_new_tokens=10, do_sample=False)
     assert len(greedy) >= 2, "greedy stopped at EOS at once; pick another context"
-    wrong = [greedy[0], (greedy[1] + 1) % len(tokenizer), *greedy[2:]]
-    pairs = [(ctx, greedy), (ctx, wrong), ([], greedy)]
-    assert adapter.greedy_reproduces(pairs) == [True, False, False]  # an empty context has no prompt
+    last_wrong = [*greedy[:-1], (greedy[-1] + 1) % len(tokenizer)]
+    first_wrong = [(greedy[0] + 1) % len(tokenizer), *greedy[1:]]
+    pairs = [(ctx, greedy), (ctx, last_wrong), (ctx, first_wrong), ([], greedy)]
+    assert adapter.greedy_reproduces(pairs) == [True, False, False, False]  # an empty context has no prompt
 
 
 def test_rolling_windows_are_whole_chunks_and_the_last_reads_a_full_window(folders):
