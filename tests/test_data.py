@@ -315,19 +315,3 @@ def test_cli_reports_a_missing_dataset_in_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code != 0 and err.count("\n") == 1 and "does not exist" in err
-
-
-def test_cli_demo_prints_corpus_statistics(cache_dir, corpus, capsys):
-    assert cli.main(["demo", "--vocab_size", str(SMALL_VOCAB), "--data_only"]) == 0
-    out = capsys.readouterr().out
-    assert "validation" in out and "chars/token" in out and "documents" in out
-    assert "training the RQ-VAE" not in out
-
-
-def test_cli_demo_runs_the_pipeline(cache_dir, corpus, capsys, tmp_path):
-    run = tmp_path / "demo-vae"
-    assert cli.main(["demo", "--vocab_size", str(SMALL_VOCAB), "--minutes", "0.05", "--output_dir", str(run)]) == 0
-    out = capsys.readouterr().out
-    assert "held-out reconstruction accuracy" in out and "usage perplexity" in out
-    assert (run / "model.safetensors").is_file() and (run / "inspect.html").is_file()
-    assert (run / "training_curves.png").is_file()

@@ -13,7 +13,8 @@
     report      rqlm/evaluation/report.py                  -> DIR/report.md, DIR/metrics.json, DIR/plots/*.png
 
 Every stage runs through rqlm.pipeline.run_stage: it is skipped when its output is finished (`--force`
-redoes it) and a killed training resumes from its last checkpoint. The report is rewritten every run.
+redoes it), a killed training resumes from its last checkpoint, and a stage that runs makes every later
+stage run again (their outputs would be stale). The report is rewritten every run.
 """
 
 from __future__ import annotations
@@ -51,12 +52,16 @@ class Settings:
     brier_prefixes: int = 64
     bench_prompt_length: int = 64
     bench_new_tokens: int = 64
+    vae_flags: tuple = ()  # model flags of train-vae (default: its CPU recipe)
+    lm_flags: tuple = ()  # model flags of train-lm (default: its defaults)
 
 
 QUICK = Settings(
     vocab_size=1024, backbone="test", step_limits={"baseline": 8, "vae": 8, "lm": 8}, freeze_backbone_steps=4,
     unfreeze_warmup_steps=2, eval_steps=4, save_steps=4, eval_batches=1, logging_steps=2, max_eval_blocks=8, num_prompts=2,
     brier_prefixes=4, bench_prompt_length=16, bench_new_tokens=8,
+    vae_flags=("--num_quantizers", 4, "--codebook_size", 64, "--latent_dim", 16),
+    lm_flags=("--depth_hidden_size", 64, "--depth_num_attention_heads", 2),
 )  # fmt: skip
 
 
@@ -74,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="redo every stage, even the finished ones")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run in about a minute: test-size models, 8 steps per stage, few held-out blocks")
+    parser.add_argument("--vocab_size", type=int, default=None,
+                        help=f"entries of the BPE tokenizer (default: {Settings.vocab_size}; --quick: {QUICK.vocab_size})")
+    parser.add_argument("--data_only", action="store_true",
+                        help="stop after the tokenizer stage and print the corpus's statistics")
     for stage, minutes in DEFAULT_MINUTES.items():
         parser.add_argument(f"--{stage}_minutes", type=float, default=None,
                             help=f"training time of the {stage} stage (default: {minutes:g}; --quick: 8 steps)")
@@ -108,16 +117,18 @@ def stages(args: argparse.Namespace, settings: Settings) -> list[tuple[str, Path
              "--prompt_length", settings.bench_prompt_length, "--new_tokens", settings.bench_new_tokens,
              "--evaluation_json", out / "evaluation" / "evaluation.json", "--output_json", out / "benchmark" / "bench.json"]
     return [
-        ("tokenizer", tokenizer, ["train-tokenizer", "--vocab_size", settings.vocab_size, "--output_dir", tokenizer],
+        ("tokenizer", tokenizer, ["train-tokenizer", "--vocab_size", args.vocab_size or settings.vocab_size,
+                                  "--output_dir", tokenizer],
          "tokenizer.json"),
         ("baseline", baseline, ["train-baseline", "--tokenizer", tokenizer, "--backbone", settings.backbone,
                                 "--output_dir", baseline, *training("baseline")], TRAINED),
         ("vae", vae, ["train-vae", "--tokenizer", tokenizer, "--backbone", settings.backbone, "--output_dir", vae,
-                      *training("vae")], TRAINED),
+                      *settings.vae_flags, *training("vae")], TRAINED),
         ("codes", codes, ["encode", "--vae", vae, *blocks, "--output_dir", codes], "dataset_dict.json"),
         ("lm", lm, ["train-lm", "--vae", vae, "--codes", codes, "--backbone", baseline,
                     "--freeze_backbone_steps", settings.freeze_backbone_steps,
-                    "--unfreeze_warmup_steps", settings.unfreeze_warmup_steps, "--output_dir", lm, *training("lm")],
+                    "--unfreeze_warmup_steps", settings.unfreeze_warmup_steps, "--output_dir", lm, *settings.lm_flags,
+                    *training("lm")],
          TRAINED),
         ("evaluation", out / "evaluation", evaluate, "evaluation.json"),
         ("reconstruction", out / "reconstruction", inspect, "inspect.json"),
@@ -147,9 +158,15 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--{stage}_minutes must be > 0, got {minutes:g}")
     out = Path(args.output_dir)
     log = StageLog()
+    redo = args.force
     for name, folder, argv, done_file in stages(args, settings):
-        run_stage(name, folder, argv, force=args.force, done_file=done_file, log=log)
+        # a stage that ran makes every later stage's output stale: they run again too
+        redo = run_stage(name, folder, argv, force=redo, done_file=done_file, log=log) or redo
         record_stage_seconds(out, log)
+        if args.data_only:
+            print_corpus_statistics(folder)
+            log.print_summary()
+            return 0
     with log.timed("report", out / "report.md"):
         budgets = {stage: (getattr(args, f"{stage}_minutes") or DEFAULT_MINUTES[stage]) if not args.quick
                    else getattr(args, f"{stage}_minutes") for stage in DEFAULT_MINUTES}
@@ -157,6 +174,16 @@ def main(args: argparse.Namespace) -> int:
     log.print_summary()
     print(f"\nreport: {report} (figures in {out / 'metrics.json'}, plots in {out / 'plots'})")
     return 0
+
+
+def print_corpus_statistics(tokenizer_dir: Path) -> None:
+    """Documents, characters, tokens and characters per token of each split of the embedded corpus."""
+    from rqlm.data import build_embedded_corpus, corpus_statistics, load_tokenizer
+
+    print("embedded corpus (CPython docs topics and stdlib docstrings):")
+    for split, s in corpus_statistics(build_embedded_corpus(), load_tokenizer(tokenizer_dir)).items():
+        print(f"  {split:<10} {s['documents']:>6,} documents {s['characters']:>11,} characters "
+              f"{s['tokens']:>9,} tokens {s['chars_per_token']:6.2f} chars/token")
 
 
 STAGES_FILE = "stages.json"

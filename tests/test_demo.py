@@ -1,0 +1,251 @@
+"""`rqlm demo` and its stages (rqlm/pipeline.py): CPU, offline, the embedded corpus.
+
+Covers: `rqlm demo --quick` end to end in a fresh folder (checkpoints, report.md whose numbers parse and
+are finite and match metrics.json, the plots as PNGs, the LM built on the baseline); a second run skips
+every stage and retrains nothing; a killed training stage (a checkpoint, no final model) resumes from its
+checkpoint; run_stage's skip / force / resume / failure rules with a stand-in command; one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+
+from rqlm import cli, pipeline
+from rqlm.evaluation.report import BASELINE, RQ_MODEL, number
+
+STAGES = ("tokenizer", "baseline", "vae", "codes", "lm", "evaluation", "reconstruction", "benchmark")
+WEIGHTS = ("baseline/model.safetensors", "vae/model.safetensors", "lm/model.safetensors",
+           "codes/dataset_dict.json", "evaluation/evaluation.json", "reconstruction/inspect.json",
+           "benchmark/bench.json")  # fmt: skip
+PLOTS = ("training_curves.png", "codebook_usage.png", "position_accuracy.png")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def reset_accelerate():
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+def run_demo(output_dir, *flags) -> int:
+    reset_accelerate()
+    try:
+        return cli.main(["demo", "--quick", "--output_dir", str(output_dir), *map(str, flags)])
+    finally:
+        reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A finished `rqlm demo --quick` folder (module-wide: it is the slow part)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert run_demo(out) == 0
+    return out
+
+
+def table(report: str) -> dict[str, tuple[str, str]]:
+    """report.md's comparison table: row label -> (RQ cell, baseline cell)."""
+    rows = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 3 and cells[0]:
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def numbers(cell: str) -> list[float]:
+    """Every number written in a table cell ('1,234', '5.08M', '81.8%', 'd0 12')."""
+    return [float(n.replace(",", "")) for n in re.findall(r"-?\d[\d,]*\.?\d*(?:e[+-]?\d+)?", cell)]
+
+
+# ----------------------------------------------------------------------------
+# (1) end to end
+
+
+def test_quick_demo_writes_checkpoints_report_metrics_and_plots(demo):
+    for name in ("tokenizer/tokenizer.json", *WEIGHTS):
+        assert (demo / name).is_file(), name
+    rows = table((demo / "report.md").read_text())
+    required = {  # row label starts with -> whether the baseline has the figure
+        "perplexity": True, "bits per token": True, "BrierLM": True, "reconstruction accuracy": False,
+        "codebook usage perplexity per depth": False, "tokens/s, batch 1": True, "tokens/s, batch 8": True,
+        "time to first token, batch 1": True, "time to first token, batch 8": True, "peak memory, batch 1": True,
+        "peak memory, batch 8": True, "parameters": True,
+    }  # fmt: skip
+    for start, baseline_has_it in required.items():
+        (label,) = [label for label in rows if label.startswith(start)]
+        rq, base = rows[label]
+        if start == "BrierLM" and rq == "n/a":  # before `rqlm evaluate` has BrierLM
+            continue
+        assert numbers(rq), (label, rq)
+        assert bool(numbers(base)) == baseline_has_it, (label, base)
+    for label, cells in rows.items():
+        for value in numbers(" ".join(cells)):
+            assert math.isfinite(value), (label, cells)
+
+    metrics = json.loads((demo / "metrics.json").read_text())
+    for model in (RQ_MODEL, BASELINE):
+        for key in ("perplexity", "bits_per_token", "brier_lm", "tokens_per_second_batch1", "tokens_per_second_batch8",
+                    "time_to_first_token_ms_batch1", "peak_memory_mb_batch8", "parameters"):
+            assert key in metrics[model], (model, key)
+    for key in ("reconstruction_accuracy", "reconstruction_accuracy_by_position", "usage_perplexity_by_depth"):
+        assert key in metrics[RQ_MODEL], key
+    assert len(metrics[RQ_MODEL]["usage_perplexity_by_depth"]) == metrics["conditions"]["num_quantizers"]
+    assert len(metrics[RQ_MODEL]["reconstruction_accuracy_by_position"]) == metrics["conditions"]["compression_factor"]
+    assert {"machine", "budget_minutes", "training", "stage_seconds"} <= set(metrics["conditions"])
+    assert set(metrics["conditions"]["stage_seconds"]) == set(STAGES)
+    # the table shows metrics.json's numbers, which are the stages' own
+    evaluation = json.loads((demo / "evaluation" / "evaluation.json").read_text())
+    assert metrics[RQ_MODEL]["perplexity"] == evaluation["perplexity_bound"]
+    assert rows["perplexity (RQ: upper bound)"] == (number(evaluation["perplexity_bound"]),
+                                                    number(evaluation["baseline_perplexity"]))
+
+    for name in PLOTS:
+        data = (demo / "plots" / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, name
+        assert f"plots/{name}" in (demo / "report.md").read_text()
+    report = (demo / "report.md").read_text()
+    assert "## Sample continuations" in report and "Greedy decoding" in report and "<mark" in report
+
+
+def test_the_lm_is_built_on_the_baseline_frozen_then_unfrozen(demo):
+    config = json.loads((demo / "lm" / "config.json").read_text())
+    assert config["freeze_backbone_steps"] > 0
+    assert f"spatial backbone: {demo / 'baseline'}" in (demo / "lm" / "README.md").read_text()
+    records = [json.loads(line) for line in (demo / "lm" / "metrics.jsonl").read_text().splitlines()]
+    backbone_lrs = [r["lr_backbone"] for r in records if "lr_backbone" in r]
+    assert backbone_lrs[0] == 0 and backbone_lrs[-1] > 0  # frozen at first, trained at the end
+
+
+# ----------------------------------------------------------------------------
+# (2) a second run reuses the finished stages
+
+
+def test_second_run_skips_every_stage_and_retrains_nothing(demo, capsys):
+    before = {name: (demo / name).stat().st_mtime_ns for name in WEIGHTS}
+    capsys.readouterr()
+    assert run_demo(demo) == 0
+    out = capsys.readouterr().out
+    for stage in STAGES:
+        assert f"== {stage}: skipped" in out, stage
+        assert re.search(rf"^{stage}\s+[\d.]+\s+skipped\s", out, re.MULTILINE), stage  # the summary table
+    assert re.search(r"^report\s+[\d.]+\s+ran\s", out, re.MULTILINE)
+    assert {name: (demo / name).stat().st_mtime_ns for name in WEIGHTS} == before
+    # the report of the rerun still gives each stage's seconds from the run that did the work
+    seconds = json.loads((demo / "metrics.json").read_text())["conditions"]["stage_seconds"]
+    assert set(seconds) == set(STAGES) and seconds["lm"] > 0
+
+
+# ----------------------------------------------------------------------------
+# (3) a killed training stage resumes
+
+
+def test_killed_lm_stage_resumes_from_its_checkpoint(demo, tmp_path, capsys):
+    """The LM stage as a kill leaves it: checkpoint step-4, no final weights or model card."""
+    run = tmp_path / "run"
+    for stage in ("tokenizer", "baseline", "vae", "codes", "lm"):
+        shutil.copytree(demo / stage, run / stage)
+    shutil.rmtree(run / "lm" / "checkpoints" / "step-8")
+    for name in ("README.md", "model.safetensors", "config.json"):
+        (run / "lm" / name).unlink()
+    # a mark in the checkpoint's history: a resumed run continues that history, a fresh one starts its own
+    state_file = run / "lm" / "checkpoints" / "step-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["history"][0]["resumed_mark"] = 1
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+
+    assert run_demo(run) == 0
+    out = capsys.readouterr().out
+    for stage in ("tokenizer", "baseline", "vae", "codes"):
+        assert f"== {stage}: skipped" in out, stage
+    assert "== lm: resuming the unfinished run" in out and "resumed from step 4 of 8" in out
+    records = [json.loads(line) for line in (run / "lm" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0].get("resumed_mark") == 1 and records[-1]["step"] == 8
+    for stage in ("evaluation", "reconstruction", "benchmark"):  # after the LM, on the resumed LM
+        assert f"== {stage}: rqlm" in out, stage
+    assert (run / "lm" / "model.safetensors").is_file() and (run / "report.md").is_file()
+
+
+# ----------------------------------------------------------------------------
+# (4) run_stage's rules, with a stand-in for `rqlm` (no training)
+
+
+@pytest.fixture
+def fake_rqlm(monkeypatch):
+    """Replace rqlm.cli.main: record each argv, write a final file into --output_dir, return `status[0]`."""
+    calls, status = [], [0]
+
+    def main(argv):
+        calls.append(list(argv))
+        out = argv[argv.index("--output_dir") + 1]
+        (pipeline.Path(out) / pipeline.TRAINED).write_text("done")
+        return status[0]
+
+    monkeypatch.setattr(cli, "main", main)
+    return calls, status
+
+
+def test_run_stage_runs_skips_forces_and_logs(fake_rqlm, tmp_path):
+    calls, _ = fake_rqlm
+    out, log = tmp_path / "baseline", pipeline.StageLog()
+    argv = ["train-baseline", "--output_dir", out]
+    assert pipeline.run_stage("baseline", out, argv, done_file=pipeline.TRAINED, log=log) is True
+    assert pipeline.run_stage("baseline", out, argv, done_file=pipeline.TRAINED, log=log) is False
+    assert len(calls) == 1
+    (out / "stale.txt").write_text("from an earlier run")
+    assert pipeline.run_stage("baseline", out, argv, done_file=pipeline.TRAINED, force=True, log=log) is True
+    assert len(calls) == 2 and not (out / "stale.txt").exists()  # force starts from an empty folder
+    assert [(r.name, r.ran) for r in log.records] == [("baseline", True), ("baseline", False), ("baseline", True)]
+    assert "skipped" in log.summary() and log.summary().splitlines()[-1].startswith("total")
+
+
+def test_run_stage_resumes_only_a_training_command_with_a_checkpoint(fake_rqlm, tmp_path):
+    calls, _ = fake_rqlm
+    for command in ("train-lm", "encode"):
+        out = tmp_path / command
+        (out / "checkpoints" / "step-2").mkdir(parents=True)
+        pipeline.run_stage(command, out, [command, "--output_dir", out], done_file=pipeline.TRAINED)
+    assert calls[0][-2:] == ["--resume_from_checkpoint", "latest"]
+    assert "--resume_from_checkpoint" not in calls[1]
+    fresh = tmp_path / "fresh"
+    pipeline.run_stage("lm", fresh, ["train-lm", "--output_dir", fresh], done_file=pipeline.TRAINED)
+    assert "--resume_from_checkpoint" not in calls[2]
+
+
+def test_run_stage_failure_is_one_line_naming_the_stage(fake_rqlm, tmp_path):
+    _, status = fake_rqlm
+    status[0] = 1
+    with pytest.raises(RuntimeError) as excinfo:
+        pipeline.run_stage("vae", tmp_path / "vae", ["train-vae", "--output_dir", tmp_path / "vae"])
+    message = str(excinfo.value)
+    assert "\n" not in message and message.startswith("stage vae failed") and "resume" in message
+
+
+# ----------------------------------------------------------------------------
+# (5) flags
+
+
+def test_help_states_the_budgets(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "at most 15 minutes on a 2-core CPU" in text and "--quick" in text and "--lm_minutes" in text
+
+
+def test_a_non_positive_budget_is_one_line(capsys, tmp_path):
+    assert cli.main(["demo", "--lm_minutes", "0", "--output_dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--lm_minutes must be > 0" in err
+
+
+def test_data_only_stops_after_the_tokenizer_with_corpus_statistics(tmp_path, capsys):
+    assert run_demo(tmp_path / "run", "--data_only", "--vocab_size", 512) == 0
+    out = capsys.readouterr().out
+    assert "validation" in out and "chars/token" in out and "documents" in out
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file() and not (tmp_path / "run" / "baseline").exists()
