@@ -16,6 +16,7 @@ import sys
 
 from rqlm.lm_eval_tasks import TASKS_DIR, build_task_data
 
+
 def with_local_tasks(argv: list[str]) -> list[str]:
     """ARGS with `--include_path <rqlm/lm_eval_tasks>` appended, unless they already name one."""
     if any(arg == "--include_path" or arg.startswith("--include_path=") for arg in argv):

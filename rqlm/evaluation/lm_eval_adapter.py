@@ -74,7 +74,7 @@ class RQTransformerLM(TemplateLM):
         batch_size: int | str = 1,
         max_length: int | None = None,
         dtype: str | torch.dtype | None = "float32",
-        max_batch_size: int | None = None,  # noqa: ARG002 (lm-eval passes it; only --batch_size auto uses it)
+        max_batch_size: int | None = None,  # lm-eval passes it; only --batch_size auto (unsupported) would use it
     ):
         super().__init__()
         self.model, self.tokenizer = _load(pretrained, tokenizer)
