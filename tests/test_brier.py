@@ -46,6 +46,8 @@ def test_the_estimate_equals_the_closed_form_on_a_toy_distribution():
         mean, variance = closed_form(q, s**n)  # sum over n-grams of P^2 = (sum P^2)^n
         tolerance = SIGMAS * math.sqrt(variance / count)
         assert figures[f"brier_{n}"] / 100 == pytest.approx(mean, abs=tolerance), n
+        # the reported standard error estimates the closed-form one (its own relative error ~ 1/sqrt(2 count))
+        assert figures[f"brier_{n}_stderr"] / 100 == pytest.approx(math.sqrt(variance / count), rel=0.05), n
         assert s**n > 2 * tolerance  # dropping the collision term would be caught at every n
     assert figures["num_prefixes"] == count
     assert figures["brier_lm"] == pytest.approx(100 * math.prod(figures[f"brier_{n}"] / 100 for n in range(1, 5)) ** 0.25)
@@ -55,7 +57,7 @@ def test_a_sampler_that_always_gives_the_reference_scores_100():
     references = torch.randint(0, 50, (7, 4), generator=torch.Generator().manual_seed(0))
     figures = brier_lm_from_samples(references.clone(), references.clone(), references)
     assert figures == {"brier_1": 100.0, "brier_2": 100.0, "brier_3": 100.0, "brier_4": 100.0, "brier_lm": 100.0,
-                       "num_prefixes": 7.0}
+                       "num_prefixes": 7.0, **{f"brier_{n}_stderr": 0.0 for n in range(1, 5)}}
 
 
 def test_negative_figures_give_zero_and_bad_shapes_are_one_line_errors():
@@ -119,5 +121,5 @@ def test_brier_lm_from_generate_runs_on_both_model_kinds_and_is_seeded(kind):
     assert not torch.equal(first[0], sample_pairs(model, prefixes, **{**settings, "seed": 4})[0])
     figures = brier_lm_from_generate(model, prefixes, references, **settings)
     assert figures == brier_lm_from_samples(*first, references)
-    assert set(figures) == {"brier_lm", "brier_1", "brier_2", "brier_3", "brier_4", "num_prefixes"}
+    assert set(figures) == {"brier_lm", "num_prefixes", *(f"brier_{n}{end}" for n in range(1, 5) for end in ("", "_stderr"))}
     assert 0 <= figures["brier_lm"] <= 100 and figures["num_prefixes"] == 5

@@ -219,16 +219,26 @@ def test_evaluate_writes_brier_lm_of_both_models_on_the_same_prefixes(folders, c
     output = root / "brier.json"
     argv = ["evaluate", "--model", str(root / "rq"), "--baseline", str(root / "base"), "--block_size", "32",
             "--max_eval_blocks", "3", "--batch_size", "3", "--num_prompts", "0", "--prompt_tokens", "6",
-            "--brier_prefixes", "2", "--output_json", str(output)]
+            "--brier_prefixes", "5", "--output_json", str(output)]
     assert main(argv) == 0
-    assert "BrierLM on 2 held-out prefixes" in capsys.readouterr().out
+    assert "BrierLM on 5 held-out prefixes" in capsys.readouterr().out
     figures = json.loads(output.read_text())
-    assert figures["brier_num_prefixes"] == 2
+    assert figures["brier_num_prefixes"] == 5  # 3 block starts, then 2 windows 4 tokens in
     for prefix in ("", "baseline_"):
         assert 0 <= figures[f"{prefix}brier_lm"] <= 100
         for n in range(1, 5):  # a per-n mean may be negative (a confidently wrong model); the estimate is in [-1, 1]
-            assert -100 <= figures[f"{prefix}brier_{n}"] <= 100
+            assert -100 <= figures[f"{prefix}brier_{n}"] <= 100 and figures[f"{prefix}brier_{n}_stderr"] >= 0
     assert main([*argv, "--brier_prefixes", "0"]) == 0  # skipped
     assert not any("brier" in name for name in json.loads(output.read_text()))
     assert main([*argv, "--prompt_tokens", "30"]) == 1
     assert "the next 4 tokens of a held-out block (32)" in capsys.readouterr().err
+
+
+def test_brier_prefixes_are_block_starts_then_windows_further_in():
+    from rqlm.commands.evaluate import held_out_windows
+
+    blocks = torch.arange(2 * 16).view(2, 16)  # two blocks of 16 tokens
+    windows = held_out_windows(blocks, 5, width=10)  # offsets 0 and 4 fit (the next, 8, would run past 16)
+    assert windows[:, 0].tolist() == [0, 16, 4, 20]  # block starts first; only 4 windows exist
+    assert torch.equal(windows[2], torch.arange(4, 14))
+    assert len(held_out_windows(blocks, 3, width=10)) == 3

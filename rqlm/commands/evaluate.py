@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     judged.add_argument("--seed", type=int, default=0, help="seed of the sampling (the same for both models)")
     brier = parser.add_argument_group("BrierLM (CALM's likelihood-free score, 0-100, higher is better)")
     brier.add_argument("--brier_prefixes", type=int, default=64,
-                       help="held-out prefixes (block starts, --prompt_tokens long; the next 4 tokens are the "
-                            "reference) each model samples twice at temperature 1, seeded by --seed (0: skip)")
+                       help="held-out prefixes, --prompt_tokens long (the next 4 tokens are the reference), "
+                            "that each model samples twice at temperature 1, seeded by --seed: every block's start, "
+                            "then windows 4, 8, ... tokens further in when more are asked for (0: skip)")
     parser.add_argument("--output_json", default=None, help="write every figure to this JSON file")
 
 
@@ -170,10 +171,9 @@ def brier_figures(model, baseline, eval_blocks, args: argparse.Namespace, tokeni
     """BrierLM of both models on the same held-out prefixes and seed: 'brier_*' (RQ) and 'baseline_brier_*'."""
     from rqlm.evaluation.brier import BRIER_ORDERS, brier_lm_from_generate
 
-    count = min(args.brier_prefixes, len(eval_blocks))
-    rows = eval_blocks[:count]["input_ids"].long()
-    prefixes = rows[:, : args.prompt_tokens]  # (N, P)
-    references = rows[:, args.prompt_tokens : args.prompt_tokens + BRIER_ORDERS]  # (N, 4)
+    blocks = eval_blocks[:]["input_ids"].long()  # (B, T)
+    windows = held_out_windows(blocks, args.brier_prefixes, args.prompt_tokens + BRIER_ORDERS)  # (N, P + 4)
+    prefixes, references = windows[:, : args.prompt_tokens], windows[:, args.prompt_tokens :]  # (N, P), (N, 4)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings = {"batch_size": args.batch_size, "temperature": 1.0, "seed": args.seed,
                 "eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad}
@@ -181,8 +181,19 @@ def brier_figures(model, baseline, eval_blocks, args: argparse.Namespace, tokeni
     for prefix, who in (("", model), ("baseline_", baseline)):
         scores = brier_lm_from_generate(who, prefixes, references, **settings)
         figures.update({f"{prefix}{name}": value for name, value in scores.items() if name != "num_prefixes"})
-    figures["brier_num_prefixes"] = float(count)
+    figures["brier_num_prefixes"] = float(len(windows))
     return figures
+
+
+def held_out_windows(blocks, count: int, width: int):
+    """Up to `count` windows of `width` tokens from held-out blocks (B, T) -> (N, width): every block's start
+    first, then the windows starting 4, 8, ... tokens in (their last 4 tokens, the references, never overlap)."""
+    import torch
+
+    from rqlm.evaluation.brier import BRIER_ORDERS
+
+    offsets = range(0, blocks.shape[1] - width + 1, BRIER_ORDERS)
+    return torch.cat([blocks[:, start : start + width] for start in offsets])[:count]
 
 
 def print_table(figures: dict[str, float], args: argparse.Namespace, config) -> None:
@@ -220,10 +231,11 @@ def print_brier(figures: dict[str, float], args: argparse.Namespace) -> None:
 
     print(f"BrierLM on {int(figures['brier_num_prefixes'])} held-out prefixes ({args.prompt_tokens} tokens, "
           f"temperature 1, seed {args.seed}; 0-100, higher is better)")
-    print(f"{'':32}{'BrierLM':>10}" + "".join(f"{f'Brier-{n}':>10}" for n in range(1, BRIER_ORDERS + 1)))
+    print(f"{'':32}{'BrierLM':>10}" + "".join(f"{f'Brier-{n} +- s.e.':>18}" for n in range(1, BRIER_ORDERS + 1)))
     for name, prefix in (("RQ model", ""), ("baseline", "baseline_")):
-        print(f"{name:32}{figures[prefix + 'brier_lm']:10.2f}"
-              + "".join(f"{figures[f'{prefix}brier_{n}']:10.2f}" for n in range(1, BRIER_ORDERS + 1)))
+        print(f"{name:32}{figures[prefix + 'brier_lm']:10.2f}" + "".join(
+            f"{figures[f'{prefix}brier_{n}']:10.2f} +- {figures[f'{prefix}brier_{n}_stderr']:4.2f}"
+            for n in range(1, BRIER_ORDERS + 1)))
 
 
 def _number(value: float) -> str:

@@ -15,7 +15,12 @@ As in CALM's evaluation code (`compute_metrics` of train_ar.py / train_calm.py):
     clamped at 0 before the product, which is the same whenever an odd number of the four (or none)
     is negative, and gives 0 instead of a meaningless positive value when two or four are.
   - every figure is reported on the 100 scale: 'brier_n' = 100 * Brier-n (unclamped, in [-100, 100],
-    negative for a model that is confidently wrong), 'brier_lm' in [0, 100].
+    negative for a model that is confidently wrong), 'brier_lm' in [0, 100]; 'brier_n_stderr' is the standard
+    error of 'brier_n' over the prefixes (their estimates' standard deviation / sqrt(N)).
+
+Brier-n is small for a weak model and its two-sample estimate is noisy: a sampled n-gram must match the
+reference (or the other sample) exactly, so a model that rarely does scores 0 on a few dozen prefixes. Read
+'brier_n' against its standard error, and use many prefixes (thousands) to separate two models.
 
 An ended sample (the model emitted EOS) is the n-gram up to its EOS: positions after it hold -1 in
 samples and references alike, so two samples that end at the same place agree there.
@@ -46,7 +51,8 @@ def brier_lm_from_samples(
     samples_a: torch.LongTensor, samples_b: torch.LongTensor, references: torch.LongTensor
 ) -> dict[str, float]:
     """Two independent samples and the reference of the next tokens per prefix, (N, n_max >= 4) each ->
-    {'brier_lm', 'brier_1'..'brier_4', 'num_prefixes'} (100 scale; see the module docstring)."""
+    {'brier_lm', 'brier_1'..'brier_4', 'brier_1_stderr'..'brier_4_stderr', 'num_prefixes'} (100 scale; see the
+    module docstring)."""
     if samples_a.dim() == 2 and samples_a.shape[1] < BRIER_ORDERS:
         raise ValueError(f"BrierLM needs the next {BRIER_ORDERS} tokens of each prefix, got {samples_a.shape[1]}; "
                          f"sample and keep at least {BRIER_ORDERS} new tokens")
@@ -55,6 +61,9 @@ def brier_lm_from_samples(
     estimates = brier_estimates(samples_a, samples_b, references)[:, :BRIER_ORDERS]  # (N, 4)
     briers = estimates.mean(0).tolist()  # corpus means, then the geometric mean
     figures = {f"brier_{n + 1}": 100 * value for n, value in enumerate(briers)}
+    spread = estimates.std(0, correction=1) if len(estimates) > 1 else torch.zeros(BRIER_ORDERS)
+    for n, value in enumerate((100 * spread / math.sqrt(len(estimates))).tolist()):
+        figures[f"brier_{n + 1}_stderr"] = value
     figures["brier_lm"] = 100 * math.prod(max(value, 0.0) for value in briers) ** (1 / BRIER_ORDERS)
     figures["num_prefixes"] = float(len(estimates))
     return figures
