@@ -177,6 +177,7 @@ class RQTransformerLM(TemplateLM):
         """For (context ids, continuation ids) pairs: whether greedy `generate` from the context gives the continuation."""
         out = [False] * len(pairs)
         todo = sorted((i for i, (ctx, cont) in enumerate(pairs) if ctx and cont), key=lambda i: len(pairs[i][0]))
+        todo = [i for i in todo if len(pairs[i][1]) < self.generation_limit]  # else no room for a prompt: False
         for start in range(0, len(todo), self.batch_size):
             rows = todo[start : start + self.batch_size]
             longest = max(len(pairs[i][1]) for i in rows)
