@@ -90,20 +90,22 @@ def sample_pairs(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Two independent samples of `num_tokens` new tokens after each prefix (N, P) -> (N, num_tokens) twice.
+    """Two independent samples of `num_tokens` new tokens after each prefix (N, P) -> (N, num_tokens) twice, on CPU.
 
     Pure ancestral sampling (top_k 0, top_p 1) through the model's own `generate`; each batch and draw has
-    its own seed (seed + 2 * batch + draw), so the pair is reproducible for a fixed seed. Positions after
-    a sample's EOS (or past an early stop) hold ENDED."""
+    its own seed (seed + 2 * batch + draw), so the pair is reproducible for a fixed seed. The prefixes are
+    unpadded rows of one length P (a P that is not a multiple of the RQ model's C is its `generate`'s to handle).
+    Positions after a sample's EOS (or past an early stop) hold ENDED."""
     from rqlm.evaluation.perplexity import sample_continuations
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     was_training = model.training
     model.eval()
+    device = getattr(model, "device", prefixes.device)
     draws: list[list[torch.Tensor]] = [[], []]
     for index, start in enumerate(range(0, len(prefixes), batch_size)):
-        batch = prefixes[start : start + batch_size]
+        batch = prefixes[start : start + batch_size].to(device)
         for draw in range(2):
             new = sample_continuations(
                 model, batch, num_tokens, seed + 2 * index + draw, eos_token_id, pad_token_id,
