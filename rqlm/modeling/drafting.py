@@ -1,0 +1,167 @@
+"""Lossless latent drafting: an RQ-Transformer proposes C tokens per spatial step, a causal LM verifies them.
+
+    accepted text (1, T) -> the drafter's greedy `generate` (re-encoded through the frozen VAE, the
+                            spatial prefill, EOS-left-padded partial chunk)   draft (1, k)
+    -> one forward of the target over the k drafted tokens, in transformers' `_assisted_decoding`
+       (greedy: keep the draft up to the first token the target's argmax disagrees with, then the
+       target's own token; sampling: keep it while it equals the token sampled from the target's
+       processed p at that position, then that sample)                        accepted (1, n + 1)
+
+Why this plumbing. `target.generate(assistant_model=rq)` hands the assistant the target's token
+logits processors and keeps its cache through `DynamicCache.crop` in tokens, and with sampling it
+takes the assistant's per-step token scores as the proposal q of the min(1, p/q) rule. The RQ model
+has none of these: its randomness is over codes, and the tokens of a chunk are the argmax of the VAE
+decoder, so the marginal q of a drafted token is not available. A `CandidateGenerator` that returns
+no logits sends `_assisted_decoding` to its other rule, which is exact for any draft drawn
+independently of the target's sampling: every emitted token is a sample of the target's p given the
+accepted text, and the draft only decides how many come out of one target forward. transformers 5.24
+has no argument that takes a candidate generator, so `generate_with_drafter` passes
+`custom_generate=` a function that runs `_assisted_decoding` with `_get_candidate_generator`
+answered by `RQDraftCandidateGenerator` on the target instance for that call only.
+
+State after a rejection: the drafter keeps no state between rounds; each round drafts from the
+accepted text itself, so an accepted prefix that ends inside a chunk is handled like any prompt
+whose length is not a multiple of C. transformers' assisted decoding is batch 1 only.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationMixin
+from transformers.generation.candidate_generator import CandidateGenerator
+
+
+@dataclass
+class DraftStats:
+    """What one drafted `generate` did, per verification step: the context length, the draft, the tokens kept."""
+
+    compression_factor: int = 1
+    accepted: list[int] = field(default_factory=list)  # drafted tokens the target kept at each step
+    contexts: list[int] = field(default_factory=list)  # length of the accepted ids each draft continued
+    drafts: list[list[int]] = field(default_factory=list)  # the drafted ids of each step
+
+    @property
+    def steps(self) -> int:
+        return len(self.accepted)
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens emitted per target forward: the accepted draft plus the target's own token."""
+        return sum(a + 1 for a in self.accepted) / max(self.steps, 1)
+
+    @property
+    def rejections_inside_a_chunk(self) -> int:
+        """Steps whose first rejected token is not the first token of a drafted chunk."""
+        c = self.compression_factor
+        return sum(1 for draft, a in zip(self.drafts, self.accepted) if a < len(draft) and a % c)
+
+
+class RQDraftCandidateGenerator(CandidateGenerator):
+    """Candidates for transformers' assisted decoding from an RQ model: its greedy continuation, C tokens per step."""
+
+    def __init__(
+        self,
+        drafter,
+        num_draft_tokens: int,
+        max_length: int,
+        eos_token_id=None,
+        pad_token_id: int | None = None,
+        prompt_padding: int = 0,
+        stats: DraftStats | None = None,
+    ):
+        self.drafter = drafter
+        self.num_draft_tokens = num_draft_tokens
+        self.max_length = max_length
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.prompt_padding = prompt_padding  # left padding of the target's prompt: never shown to the drafter
+        self.stats = stats if stats is not None else DraftStats()
+        self.stats.compression_factor = drafter.compression_factor
+        c = drafter.compression_factor
+        # the drafter reads at most its own positions: the start, the context's chunks and the draft's
+        self.window = (drafter.config.backbone_config.max_position_embeddings - 1 - -(-num_draft_tokens // c)) * c
+
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
+        """Accepted ids (1, T) -> (1, T + k): the drafter's next k tokens appended; no logits (see the module docstring)."""
+        k = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        self.stats.contexts.append(input_ids.shape[1])
+        if k <= 0:
+            self.stats.drafts.append([])
+            return input_ids, None
+        context = input_ids[:, self.prompt_padding :][:, -self.window :].to(self.drafter.device)
+        ids = self.drafter.generate(
+            context, max_new_tokens=k, do_sample=False, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id
+        )
+        draft = ids[:, context.shape[1] :].to(input_ids.device)  # (1, <= k): shorter when it drafted EOS
+        self.stats.drafts.append(draft[0].tolist())
+        return torch.cat([input_ids, draft], dim=1), None
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
+        """Record how many drafted tokens the target kept; the draft length stays fixed."""
+        self.stats.accepted.append(int(num_matches))
+
+
+def _assisted_decoding_with(model, input_ids, *, candidate_generator: CandidateGenerator, streamer=None, **kwargs):
+    """`custom_generate` body: transformers' `_assisted_decoding` with `candidate_generator` as its candidate source."""
+    model._get_candidate_generator = lambda **_: candidate_generator  # this call only: removed below
+    try:
+        return GenerationMixin._assisted_decoding(model, input_ids, streamer=streamer, **kwargs)
+    finally:
+        del model._get_candidate_generator
+
+
+@torch.no_grad()
+def generate_with_drafter(
+    target,
+    drafter,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    num_draft_tokens: int | None = None,
+    streamer=None,
+    stats: DraftStats | None = None,
+    **generate_kwargs,
+):
+    """`target.generate(input_ids (1, T0), **generate_kwargs)` with `drafter` (an RQ model) proposing the tokens.
+
+    Returns what `target.generate` returns: under greedy decoding the same ids, under sampling the same
+    distribution. `num_draft_tokens` (default C) tokens are drafted per target forward; `stats` (a
+    DraftStats) is filled with the drafted and accepted count of every step.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(
+            f"drafted generation takes one prompt (1, T), got {tuple(input_ids.shape)}; transformers' assisted "
+            "decoding runs batch 1, so generate one prompt at a time"
+        )
+    target_vocab = target.config.get_text_config().vocab_size
+    drafter_vocab = drafter.config.vae_config.backbone_config.vocab_size
+    if target_vocab != drafter_vocab:
+        raise ValueError(
+            f"the target reads {target_vocab} tokens, the RQ drafter {drafter_vocab}; draft with a model trained "
+            "on the target's tokenizer"
+        )
+    c = drafter.compression_factor
+    num_draft_tokens = c if num_draft_tokens is None else num_draft_tokens
+    if num_draft_tokens < 1:
+        raise ValueError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    config, _ = target._prepare_generation_config(None, **generate_kwargs)
+    max_length = input_ids.shape[1] + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+    candidates = RQDraftCandidateGenerator(
+        drafter,
+        num_draft_tokens,
+        max_length=max_length,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        prompt_padding=int((attention_mask[0] == 0).sum()),
+        stats=stats,
+    )
+    decoding = functools.partial(_assisted_decoding_with, candidate_generator=candidates, streamer=streamer)
+    return target.generate(
+        input_ids, attention_mask=attention_mask, streamer=streamer, custom_generate=decoding, **generate_kwargs
+    )
+
+
+__all__ = ["DraftStats", "RQDraftCandidateGenerator", "generate_with_drafter"]

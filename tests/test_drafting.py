@@ -1,0 +1,161 @@
+"""Lossless latent drafting on tiny models: greedy identity, fresh drafts after rejections, the sampling distribution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import Qwen3ForCausalLM
+from transformers.generation.logits_process import TopKLogitsWarper
+
+from rqlm.modeling.drafting import DraftStats, generate_with_drafter
+from test_rq_transformer import C, EOS, PAD, VOCAB, backbone, make_lm, make_vae
+
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def drafter():
+    """An RQ model whose drafts depend on the context (its VAE decoder sees the previous chunk's tokens)."""
+    return make_lm(make_vae(layers=1, decoder_sees_previous_tokens=True), spatial_input="quantized")
+
+
+@pytest.fixture(scope="module")
+def target(drafter):
+    """A tiny Qwen3 fitted for a few steps to the drafter's continuations: it agrees with some drafted tokens, not all."""
+    g = torch.Generator().manual_seed(0)
+    contexts = [torch.randint(2, VOCAB, (1, 4 + i % 9), generator=g) for i in range(24)]
+    rows = [drafter.generate(ids, max_new_tokens=2 * C, do_sample=False, eos_token_id=None)[0] for ids in contexts]
+    width = max(len(r) for r in rows)
+    text = torch.full((len(rows), width), PAD)
+    labels, mask = torch.full_like(text, -100), torch.zeros_like(text)
+    for i, row in enumerate(rows):
+        text[i, : len(row)], mask[i, : len(row)] = row, 1
+        labels[i, len(row) - 2 * C : len(row)] = row[-2 * C :]  # the loss on the drafter's tokens only
+    torch.manual_seed(5)
+    model = Qwen3ForCausalLM(backbone())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = model(text, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def prompt(length: int, seed: int, with_eos: bool = False) -> torch.LongTensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (1, length), generator=g)
+    if with_eos:
+        ids[0, length // 2] = EOS  # a document separator inside the prompt
+    return ids
+
+
+def plain_and_drafted(target, drafter, ids, num_draft_tokens=None, **kwargs):
+    settings = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD, **kwargs}
+    stats = DraftStats()
+    drafted = generate_with_drafter(target, drafter, ids, num_draft_tokens=num_draft_tokens, stats=stats, **settings)
+    return target.generate(ids, **settings), drafted, stats
+
+
+@pytest.mark.parametrize(
+    ("length", "with_eos", "num_draft_tokens"),
+    [(8, False, C), (5, False, C), (7, True, C), (1, False, C), (6, True, 2 * C + 1)],  # a multiple of C, and not
+)
+def test_greedy_output_is_the_targets(target, drafter, length, with_eos, num_draft_tokens):
+    ids = prompt(length, seed=length, with_eos=with_eos)
+    plain, drafted, stats = plain_and_drafted(target, drafter, ids, eos_token_id=None, num_draft_tokens=num_draft_tokens)
+    assert torch.equal(drafted, plain)
+    assert sum(a + 1 for a in stats.accepted) == NEW and stats.steps < NEW  # some drafted tokens were kept
+
+
+def test_greedy_stops_at_eos_where_the_target_does(target, drafter):
+    ids = prompt(7, seed=3)
+    free = target.generate(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    eos = int(free[0, ids.shape[1] + 9])  # a token the target emits mid-way stands in for EOS
+    plain, drafted, _ = plain_and_drafted(target, drafter, ids, eos_token_id=eos)
+    assert plain.shape[1] < free.shape[1] and int(plain[0, -1]) == eos
+    assert torch.equal(drafted, plain)
+
+
+def test_every_draft_continues_the_accepted_text_after_rejections_inside_chunks(target, drafter):
+    """After a rejection the drafter starts over from the accepted ids, also when they end inside a chunk."""
+    inside = 0
+    for length in (5, 7):
+        ids = prompt(length, seed=10 + length)
+        _, drafted, stats = plain_and_drafted(target, drafter, ids, eos_token_id=None)
+        inside += stats.rejections_inside_a_chunk
+        for start, draft in zip(stats.contexts, stats.drafts):
+            if not draft:
+                continue
+            fresh = drafter.generate(drafted[:, :start], max_new_tokens=len(draft), do_sample=False, eos_token_id=None)
+            assert fresh[0, start:].tolist() == draft, (length, start)
+        assert sum(stats.accepted) > 0  # some drafted tokens were kept: the drafts are exercised
+    assert inside > 0  # an accepted prefix ended inside a drafted chunk
+
+
+def test_batches_and_other_vocabularies_are_one_line_errors(target, drafter):
+    ids = torch.randint(2, VOCAB, (2, 8))
+    with pytest.raises(ValueError, match="batch 1"):
+        generate_with_drafter(target, drafter, ids, max_new_tokens=4)
+    other = Qwen3ForCausalLM(backbone(vocab_size=VOCAB + 2)).eval()
+    with pytest.raises(ValueError, match="draft with a model trained on the target's tokenizer"):
+        generate_with_drafter(other, drafter, ids[:1], max_new_tokens=4)
+
+
+# ----------------------------------------------------------------- sampling keeps the target's distribution
+TOP_K, SAMPLES = 2, 240
+
+
+def first_two_distribution(target, ids) -> dict[tuple[int, int], float]:
+    """The target's exact top-k sampling probability of every pair of first two new tokens."""
+    warp = TopKLogitsWarper(TOP_K)
+    probs = {}
+    first = warp(ids, target(ids).logits[:, -1].detach()).softmax(-1)[0]
+    for a in first.nonzero().flatten().tolist():
+        longer = torch.cat([ids, torch.tensor([[a]])], dim=1)
+        second = warp(longer, target(longer).logits[:, -1].detach()).softmax(-1)[0]
+        for b in second.nonzero().flatten().tolist():
+            probs[(a, b)] = float(first[a] * second[b])
+    return probs
+
+
+def chi_square_p_value(counts: dict, probs: dict, n: int) -> float:
+    """Pearson's chi-square test of observed `counts` against `probs` (upper tail, Wilson-Hilferty)."""
+    stat = sum((counts.get(cell, 0) - n * p) ** 2 / (n * p) for cell, p in probs.items())
+    assert sum(counts.values()) == sum(counts.get(cell, 0) for cell in probs)  # no sample outside the support
+    k = len(probs) - 1
+    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+@torch.no_grad()
+def test_sampling_keeps_the_targets_distribution(target, drafter):
+    """Pearson's test of the first two sampled tokens against the target's exact top-k distribution.
+
+    One token is drafted (max_new_tokens=2 leaves room for it and the target's own): the first token goes
+    through the acceptance rule, the second is the target's token after it.
+    """
+    # a prompt where the drafter's greedy token is likely under the target, so drafts are kept some of the time
+    for seed in range(200):
+        ids = prompt(6, seed=seed)
+        probs = first_two_distribution(target, ids)
+        draft = int(drafter.generate(ids, max_new_tokens=1, do_sample=False, eos_token_id=None)[0, -1])
+        if 0.2 < sum(p for (a, _), p in probs.items() if a == draft) < 0.9:
+            break
+    else:
+        pytest.fail("no prompt where the drafter proposes a likely token")
+    torch.manual_seed(0)
+    counts, kept = {}, 0
+    for _ in range(SAMPLES):
+        stats = DraftStats()
+        out = generate_with_drafter(
+            target, drafter, ids, max_new_tokens=2, do_sample=True, top_k=TOP_K,
+            eos_token_id=None, pad_token_id=PAD, stats=stats,
+        )
+        pair = tuple(out[0, ids.shape[1] : ids.shape[1] + 2].tolist())
+        counts[pair] = counts.get(pair, 0) + 1
+        kept += stats.accepted[0]
+    assert SAMPLES * 0.1 < kept < SAMPLES * 0.95  # drafts were kept and rejected: the acceptance rule is exercised
+    assert chi_square_p_value(counts, probs, SAMPLES) > 1e-3, (counts, probs)
