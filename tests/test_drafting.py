@@ -159,3 +159,35 @@ def test_sampling_keeps_the_targets_distribution(target, drafter):
         kept += stats.accepted[0]
     assert SAMPLES * 0.1 < kept < SAMPLES * 0.95  # drafts were kept and rejected: the acceptance rule is exercised
     assert chi_square_p_value(counts, probs, SAMPLES) > 1e-3, (counts, probs)
+
+
+# ----------------------------------------------------------------- rqlm generate --verify-with
+def continuation(out: str) -> str:
+    """What `rqlm generate` streamed: the text between its header line and the speed lines."""
+    return out.split("---\n", 1)[1].split("\n\nmodel:")[0]
+
+
+def test_generate_verify_with_prints_the_targets_greedy_text(tmp_path, capsys):
+    from rqlm.cli import main
+    from rqlm.data.tokenizer import load_tokenizer
+    from test_generate_cli import PROMPT, save_baseline, save_rq_model
+
+    tokenizer = load_tokenizer(None)
+    save_rq_model(tmp_path / "rq", tokenizer)
+    save_baseline(tmp_path / "target", tokenizer)
+    capsys.readouterr()
+    common = [PROMPT, "--max_new_tokens", "10"]
+    assert main(["generate", *common, "--model", str(tmp_path / "target")]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", *common, "--model", str(tmp_path / "rq"), "--verify-with", str(tmp_path / "target")]) == 0
+    verified = capsys.readouterr().out
+    assert continuation(verified) == continuation(plain) and PROMPT in continuation(plain)
+    assert "drafted by" in verified and "acceptance" in verified.splitlines()[-1]
+    for argv, message in [
+        (["--model", str(tmp_path / "target"), "--verify-with", str(tmp_path / "target")], "'qwen3' checkpoint"),
+        (["--model", str(tmp_path / "rq"), "--verify-with", str(tmp_path / "rq")], "is an RQ model"),
+        (["--model", str(tmp_path / "rq"), "--verify-with", str(tmp_path / "target"), "--draft_tokens", "0"], "--draft_tokens"),
+    ]:
+        assert main(["generate", *common, *argv]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

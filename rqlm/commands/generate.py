@@ -1,18 +1,23 @@
 """`rqlm generate`: stream a continuation of a prompt from a saved model, optionally beside the baseline's.
 
-`--model` is a `rqlm train-lm` folder (an RQ-Transformer, C tokens per step) or a Qwen3 causal LM
-folder (`rqlm train-baseline`); `--baseline` adds a second model, run with the same prompt, seed
-and sampling settings. Each continuation is streamed as it is produced (TextStreamer), followed by
-its speed: new tokens / wall time of the `generate` call.
+`--model` is a `rqlm train-lm` folder (an RQ-Transformer, C tokens per step) or a causal LM
+folder (`rqlm train-baseline`'s Qwen3, or any transformers causal LM); `--baseline` adds a second
+model, run with the same prompt, seed and sampling settings. `--verify-with TARGET_DIR` makes the
+RQ model of `--model` the drafter of the causal LM in TARGET_DIR (rqlm/modeling/drafting.py): what is
+printed is the target's own continuation (greedy: the same tokens as `--model TARGET_DIR`), produced
+with up to C drafted tokens kept per target forward. Each continuation is streamed as it is produced
+(TextStreamer), followed by its speed: new tokens / wall time of the `generate` call.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
 MODEL_TYPES = ("rq_transformer", "qwen3")
+ANY_CAUSAL_LM = ()  # `read_config(model_types=ANY_CAUSAL_LM)`: rq_transformer or any transformers causal LM
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top_k", type=int, default=0, help="keep the k most likely choices (0: all; with --do_sample)")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --do_sample)")
     parser.add_argument("--seed", type=int, default=0, help="seed set before each model generates")
+    parser.add_argument(
+        "--verify-with", "--verify_with", dest="verify_with", default=None, metavar="TARGET_DIR",
+        help="a causal LM folder (same tokenizer) that verifies the RQ model's drafts: its own output, C tokens per step",
+    )
+    parser.add_argument(
+        "--draft_tokens", type=int, default=None, help="tokens drafted per verification step (with --verify-with; default C)"
+    )
 
 
 def read_config(path: str, role: str = "--model", model_types: tuple[str, ...] = MODEL_TYPES):
@@ -40,6 +52,15 @@ def read_config(path: str, role: str = "--model", model_types: tuple[str, ...] =
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{role} folder {path!r} holds no saved model (config.json missing)")
     config = AutoConfig.from_pretrained(folder)
+    if model_types == ANY_CAUSAL_LM:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type != "rq_transformer":
+            raise ValueError(
+                f"{role} {path!r} holds a {config.model_type!r} checkpoint, not a causal LM; pass a `rqlm train-lm` "
+                "or `rqlm train-baseline` output (or another transformers causal LM folder)"
+            )
+        return config
     if config.model_type not in model_types:
         raise ValueError(
             f"{role} {path!r} holds a {config.model_type!r} checkpoint; expected {' or '.join(map(repr, model_types))} "
@@ -66,8 +87,10 @@ def load_folder_tokenizer(path: str, role: str = "--model"):
 
 
 def vocab_size(config) -> int:
-    """Rows of the token embedding: the VAE's vocabulary for an RQ model, the LM's for Qwen3."""
-    return config.vae_config.backbone_config.vocab_size if config.model_type == "rq_transformer" else config.vocab_size
+    """Rows of the token embedding: the VAE's vocabulary for an RQ model, the LM's for Qwen3 (or another causal LM)."""
+    if config.model_type == "rq_transformer":
+        return config.vae_config.backbone_config.vocab_size
+    return config.get_text_config().vocab_size
 
 
 def check_same_vocabulary(tokenizer, path: str, config, role: str = "--baseline") -> None:
@@ -96,7 +119,8 @@ def token_limit(config) -> int:
     if config.model_type == "rq_transformer":
         # the learned start position takes one of the spatial positions
         return (config.backbone_config.max_position_embeddings - 1) * config.compression_factor
-    return config.max_position_embeddings
+    text = config.get_text_config()
+    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 2**31
 
 
 def sampling_kwargs(do_sample: bool, temperature: float, top_k: int, top_p: float) -> dict:
@@ -134,8 +158,13 @@ def check_prompt_fits(config, input_ids, max_new_tokens: int, role: str = "--mod
                          f"{vocab_size(config)} tokens of {role}; use the model folder's own tokenizer")
 
 
-def generate_streamed(model, tokenizer, input_ids, args: argparse.Namespace) -> tuple[int, float]:
-    """Stream one continuation of input_ids (1, T0) to stdout -> (new tokens, seconds)."""
+def generate_streamed(model, tokenizer, input_ids, args: argparse.Namespace, drafter=None, stats=None) -> tuple[int, float]:
+    """Stream one continuation of input_ids (1, T0) to stdout -> (new tokens, seconds).
+
+    With `drafter` (an RQ model), `model` verifies its drafts (`generate_with_drafter`, which fills `stats`).
+    """
+    from rqlm.modeling.drafting import generate_with_drafter
+
     import torch
     from transformers import TextStreamer, set_seed
 
@@ -143,8 +172,13 @@ def generate_streamed(model, tokenizer, input_ids, args: argparse.Namespace) -> 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     set_seed(args.seed)
     start = time.perf_counter()
+    generate = model.generate
+    if drafter is not None:
+        generate = functools.partial(
+            generate_with_drafter, model, drafter, num_draft_tokens=args.draft_tokens, stats=stats
+        )
     with torch.no_grad():
-        output = model.generate(
+        output = generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=args.max_new_tokens,
@@ -159,8 +193,10 @@ def generate_streamed(model, tokenizer, input_ids, args: argparse.Namespace) -> 
 
 def main(args: argparse.Namespace) -> int:
     check_arguments(args)
+    if args.verify_with:
+        return verify_main(args)
     runs = [("model", args.model)] + ([("baseline", args.baseline)] if args.baseline else [])
-    configs = [read_config(path, f"--{role}") for role, path in runs]  # every folder checked before loading
+    configs = [read_config(path, f"--{role}", ANY_CAUSAL_LM if role == "model" else MODEL_TYPES) for role, path in runs]  # every folder checked before loading
     tokenizer = load_folder_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
     input_ids = tokenizer(args.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if input_ids.shape[1] == 0:
@@ -178,4 +214,32 @@ def main(args: argparse.Namespace) -> int:
     print()
     for role, new, seconds in speeds:
         print(f"{role}: {new} new tokens in {seconds:.2f} s = {new / max(seconds, 1e-9):.1f} tokens/s")
+    return 0
+
+
+def verify_main(args: argparse.Namespace) -> int:
+    """`--verify-with TARGET_DIR`: the target's continuation, the RQ model of --model drafting; then speed and acceptance."""
+    from rqlm.modeling.drafting import DraftStats
+
+    if args.baseline:
+        raise ValueError("--verify-with and --baseline go separately: the verified output is the target's own")
+    if args.draft_tokens is not None and args.draft_tokens < 1:
+        raise ValueError(f"--draft_tokens must be at least 1, got {args.draft_tokens}")
+    config = read_config(args.model, "--model", ("rq_transformer",))
+    target_config = read_config(args.verify_with, "--verify-with", ANY_CAUSAL_LM)
+    if target_config.model_type == "rq_transformer":
+        raise ValueError(f"--verify-with {args.verify_with!r} is an RQ model; pass the causal LM that checks the drafts")
+    tokenizer = load_folder_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
+    input_ids = tokenizer(args.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if input_ids.shape[1] == 0:
+        raise ValueError("the prompt makes no tokens; pass some text to continue")
+    check_same_vocabulary(tokenizer, args.verify_with, target_config, "--verify-with")
+    check_prompt_fits(target_config, input_ids, args.max_new_tokens, "--verify-with")
+    drafter, target = load_model(args.model, config), load_model(args.verify_with, target_config)
+    print(f"--- model: {args.verify_with} ({target_config.model_type}), drafted by {args.model} ({config.model_type}) ---")
+    stats = DraftStats()
+    new, seconds = generate_streamed(target, tokenizer, input_ids, args, drafter=drafter, stats=stats)
+    print()
+    print(f"model: {new} new tokens in {seconds:.2f} s = {new / max(seconds, 1e-9):.1f} tokens/s")
+    print(f"drafting: {stats.steps} verification steps, acceptance {stats.tokens_per_step:.2f} tokens/step")
     return 0
