@@ -146,9 +146,10 @@ def test_second_run_skips_every_stage_and_retrains_nothing(demo, capsys):
 
 
 def test_killed_lm_stage_resumes_from_its_checkpoint(demo, tmp_path, capsys):
-    """The LM stage as a kill leaves it: checkpoint step-4, no final weights or model card."""
+    """The LM stage as a kill leaves it: checkpoint step-4, no final weights or model card; the later stages'
+    outputs, left from an earlier run, are stale and must be redone."""
     run = tmp_path / "run"
-    for stage in ("tokenizer", "baseline", "vae", "codes", "lm"):
+    for stage in STAGES:
         shutil.copytree(demo / stage, run / stage)
     shutil.rmtree(run / "lm" / "checkpoints" / "step-8")
     for name in ("README.md", "model.safetensors", "config.json"):
@@ -167,7 +168,7 @@ def test_killed_lm_stage_resumes_from_its_checkpoint(demo, tmp_path, capsys):
     assert "== lm: resuming the unfinished run" in out and "resumed from step 4 of 8" in out
     records = [json.loads(line) for line in (run / "lm" / "metrics.jsonl").read_text().splitlines()]
     assert records[0].get("resumed_mark") == 1 and records[-1]["step"] == 8
-    for stage in ("evaluation", "reconstruction", "benchmark"):  # after the LM, on the resumed LM
+    for stage in ("evaluation", "reconstruction", "benchmark"):  # after the LM: redone, not skipped
         assert f"== {stage}: rqlm" in out, stage
     assert (run / "lm" / "model.safetensors").is_file() and (run / "report.md").is_file()
 
