@@ -191,3 +191,19 @@ def test_generate_verify_with_prints_the_targets_greedy_text(tmp_path, capsys):
         assert main(["generate", *common, *argv]) == 1
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------------- rqlm bench --drafting
+def test_bench_drafting_quick_prints_the_table_and_the_summary_line(tmp_path, capsys):
+    import json
+    import re
+
+    from rqlm.cli import main
+
+    output = tmp_path / "drafting.json"
+    assert main(["bench", "--drafting", "--quick", "--threads", "1", "--output_json", str(output)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"drafting speedup batch 1: \d+\.\d\dx \(acceptance \d+\.\d\d tokens/step, target \d+ tok/s\)", out[-1])
+    row = json.loads(output.read_text())["rows"][0]
+    assert row["identical"] and row["acceptance"] >= 1 and row["verified_tokens_per_second"] > 0
+    assert any(line.startswith("| RQ test C=4") and line.endswith("| yes |") for line in out)

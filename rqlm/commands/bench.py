@@ -4,8 +4,11 @@ Default: generation tokens/s of RQTransformerForCausalLM against Qwen3ForCausalL
 Qwen3-0.6B shape and the demo's `tiny` shape (see rqlm/evaluation/generation_speed.py), then one
 summary line per batch size. `--vae`: training tokens/s and peak memory of the RQ-VAE vs the baseline,
 plus encode / decode tokens/s (rqlm/evaluation/speed.py). `--quantizers`: rqlm's quantizers against
-vector-quantize-pytorch (rqlm/evaluation/quantizer_bench.py). Prints markdown tables; `--output_json`
-also writes every figure as JSON.
+vector-quantize-pytorch (rqlm/evaluation/quantizer_bench.py). `--drafting`: batch-1 tokens/s of a causal
+LM target alone, an RQ drafter alone and the target verified-with-RQ, with the acceptance per drafter
+(rqlm/evaluation/drafting_speed.py), trained folders (`--target DIR --model RQ_DIR[,RQ_DIR..]`) or random
+weights at `--target_shape` / `--drafter_shape`. Prints markdown tables; `--output_json` also writes every
+figure as JSON.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quantizers",
         action="store_true",
         help="the quantizers against vector-quantize-pytorch instead of the models",
+    )
+    mode.add_argument(
+        "--drafting",
+        action="store_true",
+        help="a causal LM target verifying RQ drafts (lossless) against the target alone, at batch 1",
     )
     parser.add_argument(
         "--dtype",
@@ -125,6 +133,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--sweep_batches", type=_ints, default=[1, 2, 4, 8, 16, 32])
     gen.add_argument("--sweep_new_tokens", type=int, default=64)
 
+    drafting = parser.add_argument_group(
+        "--drafting (also: --model RQ_DIR[,RQ_DIR..], --prompt_length, --new_tokens, --compression_factors, --quick)"
+    )
+    drafting.add_argument("--target", default=None, help="the trained causal LM folder that verifies the drafts of --model")
+    drafting.add_argument("--target_shape", default="small", help="random-weight target: a preset (without --target)")
+    drafting.add_argument(
+        "--drafter_shape", default="tiny", help="random-weight drafters' spatial stack: a preset, one per C (without --model)"
+    )
+    drafting.add_argument("--draft_tokens", type=int, default=None, help="tokens drafted per verification step (default C)")
+    drafting.add_argument("--prompts", type=int, default=4, help="prompts, run one after the other at batch 1")
+
     vae = parser.add_argument_group("--vae and --quantizers")
     vae.add_argument(
         "--backbone",
@@ -165,6 +184,12 @@ def main(args: argparse.Namespace) -> int:
         result, table = _model_or_quantizer_bench(args, device)
         print(table)
         _write_json(args.output_json, result)
+        return 0
+    if args.drafting:
+        result, table = _drafting_bench(args, device)
+        print(table)
+        _write_json(args.output_json, result)
+        print(result["summary"])
         return 0
     result, text, summary = _generation_bench(args, device)
     print(text)
@@ -339,3 +364,78 @@ def _read_evaluation(path: str) -> dict:
             f"--evaluation_json {path!r} lacks {missing}; is it `rqlm evaluate --output_json` output?"
         )
     return {k: values[k] for k in ("perplexity_bound", "baseline_perplexity")}
+
+
+def _drafting_bench(args, device) -> tuple[dict, str]:
+    """Target alone, RQ alone, target verified-with-RQ for each drafter -> (JSON result with its summary, table)."""
+    import torch
+
+    from rqlm.evaluation import drafting_speed as ds
+    from rqlm.evaluation import generation_speed as gs
+    from rqlm.evaluation.speed import DTYPES
+
+    if args.quick:
+        args.target_shape = args.drafter_shape = "test"
+        args.prompt_length, args.new_tokens, args.compression_factors, args.prompts = 16, 8, [HEADLINE_C], 2
+    if args.prompt_length < 1 or args.new_tokens < 1 or args.prompts < 1:
+        raise ValueError("--prompt_length, --new_tokens and --prompts must be >= 1")
+    if args.draft_tokens is not None and args.draft_tokens < 1:
+        raise ValueError(f"--draft_tokens must be >= 1, got {args.draft_tokens}")
+    if (args.model is None) != (args.target is None):
+        raise ValueError("--drafting takes --target and --model together (trained folders), or neither (random weights)")
+    dtype = DTYPES[args.dtype]
+    if args.target:
+        target, drafters, prompts = _load_drafting_models(args, device)
+    else:
+        for shape in (args.target_shape, args.drafter_shape):
+            gs.shape_config(shape)  # one-line error for an unknown shape, before any model is built
+        target = gs.build_baseline(gs.shape_config(args.target_shape, args.vocab_size))
+        drafters = [
+            ds.Drafter(f"RQ {args.drafter_shape} C={c} (random)", gs.build_rq_model(gs.shape_config(args.drafter_shape, args.vocab_size), c))
+            for c in args.compression_factors
+        ]
+        rows = gs.prompts(args.prompts, args.prompt_length, args.vocab_size, torch.device("cpu"))
+        prompts = [row[None] for row in rows]
+    target = target.to(device, dtype).eval()
+    for drafter in drafters:
+        drafter.model.to(device, dtype)
+    print(f"measuring drafting ({len(drafters)} drafters, {len(prompts)} prompts) ...", flush=True)
+    result = ds.benchmark_drafting(target, drafters, prompts, args.new_tokens, device, args.draft_tokens)
+    result["setup"] = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "target": args.target or f"{args.target_shape} (random)",
+        "load_average": os.getloadavg()[0],
+    }
+    result["summary"] = ds.summary_line(result)
+    return result, ds.format_drafting_table(result)
+
+
+def _load_drafting_models(args, device):
+    """(target, drafters, prompts): trained folders, prompts from the embedded corpus's held-out documents."""
+    from transformers import AutoModelForCausalLM
+
+    from rqlm import RQTransformerForCausalLM
+    from rqlm.commands.generate import load_folder_tokenizer
+    from rqlm.data.corpus import build_embedded_corpus
+    from rqlm.evaluation.drafting_speed import Drafter
+
+    folders = [path.strip() for path in args.model.split(",") if path.strip()]
+    for name, path in [("target", args.target)] + [("model", path) for path in folders]:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--{name} {path!r} is not a folder; pass a trained model folder")
+    target = AutoModelForCausalLM.from_pretrained(args.target)
+    drafters = []
+    for path in folders:
+        model = RQTransformerForCausalLM.from_pretrained(path)
+        drafters.append(Drafter(f"{Path(path).name} (C={model.compression_factor})", model))
+    tokenizer = load_folder_tokenizer(args.target, "--target")
+    prompts = []
+    for text in build_embedded_corpus()["validation"]["text"]:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if ids.shape[1] >= args.prompt_length:
+            prompts.append(ids[:, : args.prompt_length])
+        if len(prompts) == args.prompts:
+            break
+    return target, drafters, prompts

@@ -27,6 +27,7 @@ whose length is not a multiple of C. transformers' assisted decoding is batch 1 
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ class DraftStats:
     accepted: list[int] = field(default_factory=list)  # drafted tokens the target kept at each step
     contexts: list[int] = field(default_factory=list)  # length of the accepted ids each draft continued
     drafts: list[list[int]] = field(default_factory=list)  # the drafted ids of each step
+    draft_seconds: float = 0.0  # wall time spent in the drafter (re-encoding, spatial prefill, draft)
 
     @property
     def steps(self) -> int:
@@ -91,9 +93,13 @@ class RQDraftCandidateGenerator(CandidateGenerator):
             self.stats.drafts.append([])
             return input_ids, None
         context = input_ids[:, self.prompt_padding :][:, -self.window :].to(self.drafter.device)
+        start = time.perf_counter()
         ids = self.drafter.generate(
             context, max_new_tokens=k, do_sample=False, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id
         )
+        if ids.is_cuda:
+            torch.cuda.synchronize(ids.device)
+        self.stats.draft_seconds += time.perf_counter() - start
         draft = ids[:, context.shape[1] :].to(input_ids.device)  # (1, <= k): shorter when it drafted EOS
         self.stats.drafts.append(draft[0].tolist())
         return torch.cat([input_ids, draft], dim=1), None
