@@ -9,7 +9,9 @@ number of new tokens), timed one after the other on the same machine:
 Figures are summed over the prompts: tokens/s = all new tokens / all generate wall time. Also per
 drafter: the share of the verified run spent drafting (re-encoding the accepted text and the spatial
 prefill, then the draft), and the share of steps after which an incremental drafter state could have
-been kept (the accepted length grew by a multiple of C, so the chunk boundaries did not move).
+been kept (the accepted length grew by a multiple of C, so the chunk boundaries did not move), and the
+break-even acceptance: the tokens per step at which one verification step, at its measured cost, takes
+as long as the target alone takes for those tokens (speedup = acceptance / break-even).
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ def benchmark_drafting(
             "verified_tokens_per_second": made / verified,
             "speedup": (made / verified) / result["target"]["tokens_per_second"],
             "acceptance": accepted_tokens / max(steps, 1),
+            # tokens/step at which a verification step (draft + target forward), at its measured cost, pays for itself
+            "break_even_acceptance": verified / max(steps, 1) * result["target"]["tokens_per_second"],
             "steps": steps,
             "drafting_share": drafting / verified,
             "reusable_share": reusable / max(steps, 1),
@@ -119,13 +123,13 @@ def format_drafting_table(result: dict) -> str:
         f"{result['new_tokens']} new tokens each, EOS ignored; target alone {t['tokens_per_second']:,.1f} tok/s",
         "",
         "| drafter | C | draft tokens | RQ alone tok/s | target verified tok/s | speedup | acceptance tokens/step "
-        "| drafting share | reusable steps | identical |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| break-even tokens/step | drafting share | reusable steps | identical |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['drafter']} | {r['compression_factor']} | {r['draft_tokens']} | {r['rq_tokens_per_second']:,.1f} "
-            f"| {r['verified_tokens_per_second']:,.1f} | {r['speedup']:.2f}x | {r['acceptance']:.2f} "
+            f"| {r['verified_tokens_per_second']:,.1f} | {r['speedup']:.2f}x | {r['acceptance']:.2f} | {r['break_even_acceptance']:.2f} "
             f"| {100 * r['drafting_share']:.0f}% | {100 * r['reusable_share']:.0f}% | {'yes' if r['identical'] else 'NO'} |"
         )
     return "\n".join(lines)
