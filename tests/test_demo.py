@@ -14,6 +14,7 @@ import re
 import shutil
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from rqlm import cli, pipeline
@@ -33,11 +34,15 @@ def reset_accelerate():
 
 
 def run_demo(output_dir, *flags) -> int:
+    """`rqlm demo --quick` in-process, on one thread (the stages' small ops only wait on each other with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     reset_accelerate()
     try:
         return cli.main(["demo", "--quick", "--output_dir", str(output_dir), *map(str, flags)])
     finally:
         reset_accelerate()
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
