@@ -49,7 +49,7 @@ class Settings:
     logging_steps: int = 10
     max_eval_blocks: int | None = None  # held-out blocks of evaluate and inspect (None: all)
     num_prompts: int = 8  # judged quality of free generation in `evaluate`
-    brier_prefixes: int = 64
+    brier_prefixes: int = 512  # held-out prefixes of BrierLM; 64 leave Brier-2..4 at 0 +- noise for these models
     bench_prompt_length: int = 64
     bench_new_tokens: int = 64
     vae_flags: tuple = ()  # model flags of train-vae (default: its CPU recipe)

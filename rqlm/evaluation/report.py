@@ -283,6 +283,10 @@ def conditions_text(metrics: dict) -> str:
                      f"{t['train_minutes']:.1f} minutes of training time ({limit})")
     lines.append(f"- held-out evaluation: {int(c['evaluation_blocks'])} blocks, {int(c['evaluation_tokens']):,} tokens "
                  "of the embedded corpus's validation split")
+    evaluation = metrics["evaluation"]
+    if "brier_num_prefixes" in evaluation:
+        lines.append(f"- BrierLM: {int(evaluation['brier_num_prefixes'])} held-out prefixes, two samples of "
+                     "4 tokens each per prefix and model (`rqlm evaluate`; standard errors in metrics.json)")
     lines.append(f"- speed: `rqlm bench` on {bench['device']}, {bench['threads']} torch thread(s), {bench['dtype']}, "
                  f"{bench['prompt_length']}-token prompts, {bench['new_tokens']} new tokens, load average "
                  f"{bench['load_average_before']:.1f} before; the baseline's fastest way of generating at each batch "
