@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="redo finished stages instead of skipping them")
     parser.add_argument("--only", default=None, metavar="NAME", help="run only the sweep of this name")
+    parser.add_argument("--max_steps", type=int, default=None, metavar="N",
+                        help="cap every training stage at N steps: a quick smoke run of a long grid "
+                        "(its runs get their own folders)")
 
 
 def _fresh_accelerate_state() -> None:
@@ -37,6 +40,8 @@ def main(args: argparse.Namespace) -> int:
     from rqlm.pipeline import StageLog
 
     config = load_sweep_config(args.sweep_config)
+    if args.max_steps is not None:
+        config.cap_steps(args.max_steps)
     sweeps = config.select(args.only)
     output_dir = Path(args.output_dir)
     plans = plan_sweeps(config, sweeps, output_dir)

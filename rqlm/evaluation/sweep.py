@@ -107,6 +107,17 @@ class SweepConfig:
     bench: dict
     sweeps: list[Sweep]
 
+    def cap_steps(self, max_steps: int) -> None:
+        """Every training stage stops after at most `max_steps` steps (a smoke run of a long grid)."""
+        if max_steps < 1:
+            raise ValueError(f"--max_steps must be at least 1, got {max_steps}")
+        for section in (self.baseline, self.vae, self.lm):
+            section["max_steps"] = min(int(section.get("max_steps", max_steps)), max_steps)
+        for point in (p for sweep in self.sweeps for p in sweep.points):
+            for section in (point.vae, point.lm):
+                if "max_steps" in section:
+                    section["max_steps"] = min(int(section["max_steps"]), max_steps)
+
     def select(self, only: str | None) -> list[Sweep]:
         """The sweeps to run: all, or the one named `only`."""
         if only is None:
@@ -217,12 +228,15 @@ def _actions(command: str) -> dict[str, argparse.Action]:
 
 
 def to_argv(command: str, values: dict) -> list[str]:
-    """{flag: value} -> `rqlm <command>` argv: True/False as a switch, a list comma-joined, a dict as JSON."""
+    """{flag: value} -> `rqlm <command>` argv: True/False as a switch, a list comma-joined, a dict as JSON,
+    None as 'none' (left out where None is the command's default)."""
     actions = _actions(command)
     argv = [command]
     for name, value in values.items():
         action = actions[name]
         option = action.option_strings[0]
+        if value is None and action.default is None:
+            continue  # the command's own default; a flag such as --dataset takes no 'none'
         if isinstance(action, argparse.BooleanOptionalAction):
             argv.append(option if value else f"--no-{option[2:]}")
         elif action.nargs == 0:  # store_true / store_false
