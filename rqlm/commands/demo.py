@@ -3,7 +3,9 @@
     tokenizer   rqlm train-tokenizer                       -> DIR/tokenizer   (BPE on the embedded corpus)
     baseline    rqlm train-baseline (Qwen3, preset tiny)   -> DIR/baseline    (the offline stand-in for a
                                                                                pretrained Qwen3)
-    vae         rqlm train-vae                             -> DIR/vae
+    vae         rqlm train-vae                             -> DIR/vae         (the CPU recipe: embeddings and
+                                                                               latent layers, no Qwen3 layers to
+                                                                               take from the baseline)
     codes       rqlm encode                                -> DIR/codes
     lm          rqlm train-lm --backbone DIR/baseline      -> DIR/lm          (spatial layers copied from the
                   --freeze_backbone_steps N                                    baseline, frozen, then unfrozen)
