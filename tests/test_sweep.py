@@ -117,7 +117,8 @@ def test_bit_budget_counts_levels_for_fsq_and_depth_times_log2_k_otherwise():
         (lambda c: c["sweeps"]["s"].update(kind="quantizer", points=[{"name": "a", "lm": {"lora_r": 4}}]),
          "a quantizer sweep trains only the VAE; remove its `lm:` flags"),
     ],
-    ids=["unknown-kind", "unknown-flag", "bad-value", "empty-grid", "no-sweeps", "managed-flag", "unknown-evaluate-flag", "data-has-C", "unknown-section", "unmatched-bits", "lm-flags-in-vae-only-sweep"],
+    ids=["unknown-kind", "unknown-flag", "bad-value", "empty-grid", "no-sweeps", "managed-flag", "unknown-evaluate-flag",
+         "data-has-C", "unknown-section", "unmatched-bits", "lm-flags-in-vae-only-sweep"],
 )
 def test_bad_sweep_file_is_a_one_line_error_before_anything_trains(tmp_path, capsys, change, message):
     config = grid(s={"kind": "compression", "points": [{"name": "a"}]})

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -130,10 +131,12 @@ class SweepConfig:
 
 
 def _mapping(value, where: str) -> dict:
+    """A YAML mapping with '-' in keys read as '_'. A wrong type in the user's file is a ValueError (TRY004
+    waived here and below): the CLI prints those as one line."""
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ValueError(f"{where} must be a mapping of flag: value, got {type(value).__name__}")
+        raise ValueError(f"{where} must be a mapping of flag: value, got {type(value).__name__}")  # noqa: TRY004
     return {str(k).replace("-", "_"): v for k, v in value.items()}
 
 
@@ -156,7 +159,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"sweep file '{path}' is not valid YAML: {first}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"sweep file '{path}' must hold a mapping with the keys {', '.join(SECTIONS)}")
+        raise ValueError(f"sweep file '{path}' must hold a mapping with the keys {', '.join(SECTIONS)}")  # noqa: TRY004
     _unknown_keys(raw, SECTIONS, f"sweep file '{path}'")
     sections = {name: _mapping(raw.get(name), f"'{name}' in '{path}'") for name in SECTIONS if name != "sweeps"}
     sections["data"].setdefault("block_size", DEFAULT_BLOCK_SIZE)  # one block size for every stage
@@ -170,7 +173,7 @@ def _parse_sweeps(raw, path: Path) -> list[Sweep]:
     if not raw:
         raise ValueError(f"sweep file '{path}' names no sweeps; add `sweeps: {{name: {{kind: ..., points: [...]}}}}`")
     if not isinstance(raw, dict):
-        raise ValueError(f"'sweeps' in '{path}' must map a sweep name to {{kind, points}}")
+        raise ValueError(f"'sweeps' in '{path}' must map a sweep name to {{kind, points}}")  # noqa: TRY004
     sweeps = []
     for name, body in raw.items():
         where = f"sweep {name!r}"
@@ -576,7 +579,7 @@ def bench_figures(bench_file: Path) -> dict:
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     """y at x on a polyline of (x, y) sorted by x, linear in log x; None outside its range."""
     points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x0 <= x <= x1 and x0 > 0:
             f = 0.0 if x1 == x0 else (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
             return y0 + f * (y1 - y0)
@@ -674,8 +677,8 @@ def results_markdown(results: dict) -> str:
     lines = ["# Sweep results", ""]
     base = results.get("baseline")
     if base:
-        lines += [f"Baseline: perplexity {_fmt(base['perplexity'])} after {_fmt(base['tokens'])} tokens, "
-                  f"{_fmt(base['training_flops'])} training FLOPs.", ""]
+        lines += [(f"Baseline: perplexity {_fmt(base['perplexity'])} after {_fmt(base['tokens'])} tokens, "
+                   f"{_fmt(base['training_flops'])} training FLOPs."), ""]
     for name, sweep in results["sweeps"].items():
         columns = [(t, k) for t, k in TABLE_COLUMNS if any(p.get(k) is not None for p in sweep["points"])]
         lines += [f"## {name} ({sweep['kind']})", "", f"![{name}]({name}.png)", "",
@@ -687,8 +690,7 @@ def results_markdown(results: dict) -> str:
 
 def plot_sweep(name: str, sweep: dict, baseline: dict | None, path: Path) -> Path:
     """The sweep's figure (see the module docstring for each kind); saves a PNG."""
-    import rqlm.evaluation.plots  # noqa: F401  (selects the Agg backend)
-    import matplotlib.pyplot as plt
+    from rqlm.evaluation.plots import plt  # pyplot with the Agg backend selected
 
     points = sweep["points"]
     labels = [p["name"] for p in points]
@@ -703,7 +705,8 @@ def plot_sweep(name: str, sweep: dict, baseline: dict | None, path: Path) -> Pat
         left.set(xlabel="compression C (tokens per latent position)", ylabel="perplexity", yscale="log",
                  xticks=cs, title="quality")
         for key in sorted({k for p in ordered for k in p if k.startswith("speedup_batch")}):
-            right.plot(cs, [p.get(key) for p in ordered], marker="o", label=f"batch {key.removeprefix('speedup_batch')}")
+            batch = key.removeprefix("speedup_batch")
+            right.plot(cs, [p.get(key) for p in ordered], marker="o", label=f"batch {batch}")
         right.axhline(1.0, color="gray", linestyle=":", label="baseline speed")
         right.set(xlabel="compression C", ylabel="tokens/s against the baseline", xticks=cs, title="generation speedup")
     elif kind in ("codebook", "quantizer"):
