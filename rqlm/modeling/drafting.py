@@ -133,7 +133,7 @@ def generate_with_drafter(
 
     Returns what `target.generate` returns: under greedy decoding the same ids, under sampling the same
     distribution. `num_draft_tokens` (default C) tokens are drafted per target forward; `stats` (a
-    DraftStats) is filled with the drafted and accepted count of every step.
+    DraftStats) is filled with the context, the draft and the accepted count of every step.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(
@@ -153,7 +153,8 @@ def generate_with_drafter(
         raise ValueError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    config, _ = target._prepare_generation_config(None, **generate_kwargs)
+    settings = {k: v for k, v in generate_kwargs.items() if k != "generation_config"}
+    config, _ = target._prepare_generation_config(generate_kwargs.get("generation_config"), **settings)
     max_length = input_ids.shape[1] + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
     candidates = RQDraftCandidateGenerator(
         drafter,
