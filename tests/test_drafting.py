@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from test_rq_transformer import EOS, PAD, VOCAB, C, backbone, make_lm, make_vae
 from transformers import Qwen3ForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper
 
 from rqlm.modeling.drafting import DraftStats, generate_with_drafter
-from test_rq_transformer import C, EOS, PAD, VOCAB, backbone, make_lm, make_vae
 
 NEW = 16
 
@@ -168,9 +168,10 @@ def continuation(out: str) -> str:
 
 
 def test_generate_verify_with_prints_the_targets_greedy_text(tmp_path, capsys):
+    from test_generate_cli import PROMPT, save_baseline, save_rq_model
+
     from rqlm.cli import main
     from rqlm.data.tokenizer import load_tokenizer
-    from test_generate_cli import PROMPT, save_baseline, save_rq_model
 
     tokenizer = load_tokenizer(None)
     save_rq_model(tmp_path / "rq", tokenizer)

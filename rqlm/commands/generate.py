@@ -163,10 +163,10 @@ def generate_streamed(model, tokenizer, input_ids, args: argparse.Namespace, dra
 
     With `drafter` (an RQ model), `model` verifies its drafts (`generate_with_drafter`, which fills `stats`).
     """
-    from rqlm.modeling.drafting import generate_with_drafter
-
     import torch
     from transformers import TextStreamer, set_seed
+
+    from rqlm.modeling.drafting import generate_with_drafter
 
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

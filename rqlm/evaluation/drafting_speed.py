@@ -74,14 +74,14 @@ def benchmark_drafting(
         model = drafter.model.to(device).eval()
         c = model.compression_factor
         model.generate(prompts[0], max_new_tokens=c, do_sample=False, eos_token_id=None)  # warm-up
-        alone = sum(_timed(lambda ids=ids: model.generate(ids, **greedy), device)[1] for ids in prompts)
+        alone = sum(_timed(lambda ids=ids, model=model: model.generate(ids, **greedy), device)[1] for ids in prompts)
         steps = accepted_tokens = reusable = 0
         verified = drafting = 0.0
         identical = True
         for ids, reference in zip(prompts, references):
             stats = DraftStats()
             out, s = _timed(
-                lambda ids=ids, stats=stats: generate_with_drafter(
+                lambda ids=ids, stats=stats, model=model: generate_with_drafter(
                     target, model, ids, num_draft_tokens=num_draft_tokens, stats=stats, **greedy, **pad
                 ),
                 device,
@@ -118,12 +118,17 @@ def benchmark_drafting(
 def format_drafting_table(result: dict) -> str:
     """The markdown table: target, RQ alone and verified tok/s, speedup and acceptance per drafter."""
     t = result["target"]
-    lines = [
+    setup = (
         f"Drafting at batch 1: greedy, KV caches, {result['prompts']} prompts of {result['prompt_length']} tokens, "
-        f"{result['new_tokens']} new tokens each, EOS ignored; target alone {t['tokens_per_second']:,.1f} tok/s",
+        f"{result['new_tokens']} new tokens each, EOS ignored; target alone {t['tokens_per_second']:,.1f} tok/s"
+    )
+    lines = [
+        setup,
         "",
-        "| drafter | C | draft tokens | RQ alone tok/s | target verified tok/s | speedup | acceptance tokens/step "
-        "| break-even tokens/step | drafting share | reusable steps | identical |",
+        (
+            "| drafter | C | draft tokens | RQ alone tok/s | target verified tok/s | speedup | acceptance tokens/step "
+            "| break-even tokens/step | drafting share | reusable steps | identical |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
