@@ -208,3 +208,27 @@ def test_bench_drafting_quick_prints_the_table_and_the_summary_line(tmp_path, ca
     row = json.loads(output.read_text())["rows"][0]
     assert row["identical"] and row["acceptance"] >= 1 and row["verified_tokens_per_second"] > 0
     assert any(line.startswith("| RQ test C=4") and line.endswith("| yes |") for line in out)
+
+
+def test_generate_takes_any_causal_lm_folder_as_the_model(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rqlm.cli import main
+    from rqlm.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=64, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    capsys.readouterr()
+    assert main(["generate", "def main():", "--model", str(tmp_path / "llama"), "--max_new_tokens", "5"]) == 0
+    ids = tokenizer("def main():", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert tokenizer.decode(expected[0], skip_special_tokens=True) in capsys.readouterr().out
+    assert main(["generate", "def main():", "--model", str(tmp_path / "llama"), "--max_new_tokens", "80"]) == 1
+    assert "exceeds the 64 positions of --model" in capsys.readouterr().err
