@@ -172,7 +172,8 @@ def main(args: argparse.Namespace) -> int:
     with log.timed("report", out / "report.md"):
         budgets = {stage: (getattr(args, f"{stage}_minutes") or DEFAULT_MINUTES[stage]) if not args.quick
                    else getattr(args, f"{stage}_minutes") for stage in DEFAULT_MINUTES}
-        report = write_report(out, stage_seconds=record_stage_seconds(out, log), budgets=budgets, quick=args.quick)
+        report = write_report(out, stage_seconds=record_stage_seconds(out, log), budgets=budgets,
+                              block_size=BLOCK_SIZE, quick=args.quick)
     log.print_summary()
     print(f"\nreport: {report} (figures in {out / 'metrics.json'}, plots in {out / 'plots'})")
     return 0

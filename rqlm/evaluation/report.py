@@ -151,13 +151,13 @@ def collect_metrics(out: Path, stage_seconds: dict, budgets: dict, quick: bool) 
 # ----------------------------------------------------------------------------- samples and reconstruction
 
 
-def held_out_blocks(tokenizer, compression_factor: int, count: int):
+def held_out_blocks(tokenizer, block_size: int, compression_factor: int, count: int):
     """`count` held-out blocks of the embedded corpus, spread over its validation split, (count, T) LongTensor."""
     import torch
 
     from rqlm.data.loading import get_lm_datasets
 
-    _, eval_blocks = get_lm_datasets(None, tokenizer, block_size=128, compression_factor=compression_factor)
+    _, eval_blocks = get_lm_datasets(None, tokenizer, block_size=block_size, compression_factor=compression_factor)
     step = max(1, len(eval_blocks) // count)
     return torch.stack([eval_blocks[i * step]["input_ids"] for i in range(min(count, len(eval_blocks)))]).long()
 
@@ -347,13 +347,15 @@ def write_plots(out: Path, metrics: dict) -> dict[str, str]:
     return {title: str(path.relative_to(out)) for title, path in written.items()}
 
 
-def write_report(out: str | Path, stage_seconds: dict, budgets: dict, quick: bool = False) -> Path:
-    """DIR/metrics.json, DIR/plots/*.png and DIR/report.md from the outputs of a finished demo run in DIR."""
+def write_report(out: str | Path, stage_seconds: dict, budgets: dict, block_size: int, quick: bool = False) -> Path:
+    """DIR/metrics.json, DIR/plots/*.png and DIR/report.md from the outputs of a finished demo run in DIR
+    (`block_size`: the run's, whose held-out blocks give the sample prompts and the reconstruction diff)."""
     from rqlm.data.tokenizer import load_tokenizer
 
     out = Path(out)
     metrics = collect_metrics(out, stage_seconds, budgets, quick)
-    blocks = held_out_blocks(load_tokenizer(out / "lm"), metrics["conditions"]["compression_factor"], NUM_SAMPLES)
+    blocks = held_out_blocks(load_tokenizer(out / "lm"), block_size, metrics["conditions"]["compression_factor"],
+                             NUM_SAMPLES)
     samples, diffs = greedy_samples(out, blocks), reconstruction_diffs(out, blocks)
     metrics["samples"] = [dict(s, decoding="greedy") for s in samples]
     plots = write_plots(out, metrics)

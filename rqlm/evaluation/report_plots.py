@@ -47,6 +47,7 @@ def plot_stage_curves(run_dirs: dict[str, str | Path], path: str | Path) -> Path
                              ha="right", fontsize=8)
         if log_scale and values and min(values) > 0:
             eval_ax.set_yscale("log")
+        eval_ax.margins(y=0.15)  # room for the final figure's label
         eval_ax.set_title(label)
         for ax in (loss_ax, eval_ax):
             ax.set_xlabel("optimizer step")
