@@ -14,6 +14,7 @@ A training command writes `config.json` with its weights and the model card `REA
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,11 @@ from rqlm.trainer.loop import CHECKPOINTS_DIR
 
 TRAINING_COMMANDS = ("train-vae", "train-lm", "train-baseline")
 TRAINED = "README.md"  # the model card: the training loop's last file after the weights
+INTERRUPTED = 130  # what `rqlm` returns on Ctrl-C (a training command saves a checkpoint first)
+
+
+class StageFailed(RuntimeError):
+    """A stage's command exited with an error; the message names the stage in one line."""
 
 
 @dataclass
@@ -89,7 +95,8 @@ def run_stage(
 
     A training command (argv[0] in TRAINING_COMMANDS) whose output holds a checkpoint but no `done_file`
     resumes with `--resume_from_checkpoint latest`. `force` removes `output_dir` first and runs afresh.
-    A failing command raises a one-line RuntimeError naming the stage. `log` records the stage.
+    A failing command raises StageFailed (a RuntimeError) in one line naming the stage; an interrupted one
+    (Ctrl-C) raises KeyboardInterrupt. `log` records the stage.
     """
     from rqlm.cli import main as rqlm_main
 
@@ -111,10 +118,13 @@ def run_stage(
     else:
         print(f"\n== {name}: rqlm {' '.join(argv)}", flush=True)
     status = rqlm_main(argv)
+    again = " (rerun to resume from its last checkpoint)" if argv[0] in TRAINING_COMMANDS else ""
+    if status == INTERRUPTED:
+        print(f"stage {name} interrupted{again}", file=sys.stderr)
+        raise KeyboardInterrupt
     if status:
-        again = " (rerun to resume from its last checkpoint)" if argv[0] in TRAINING_COMMANDS else ""
-        raise RuntimeError(f"stage {name} failed: `rqlm {argv[0]}` exited with status {status}; "
-                           f"see its error above{again}")
+        raise StageFailed(f"stage {name} failed: `rqlm {argv[0]}` exited with status {status}; "
+                          f"see its error above{again}")
     if log is not None:
         log.add(name, time.perf_counter() - start, True, output_dir)
     return True

@@ -197,6 +197,17 @@ def fake_rqlm(monkeypatch):
     return calls, status
 
 
+def demo_args(output_dir):
+    """`rqlm demo --quick --output_dir DIR` parsed, to call the command's main past the (stand-in) cli.main."""
+    import argparse
+
+    from rqlm.commands import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    return demo.main, parser.parse_args(["--quick", "--output_dir", str(output_dir)])
+
+
 def test_run_stage_runs_skips_forces_and_logs(fake_rqlm, tmp_path):
     calls, _ = fake_rqlm
     out, log = tmp_path / "baseline", pipeline.StageLog()
@@ -225,12 +236,26 @@ def test_run_stage_resumes_only_a_training_command_with_a_checkpoint(fake_rqlm, 
 
 
 def test_run_stage_failure_is_one_line_naming_the_stage(fake_rqlm, tmp_path):
-    _, status = fake_rqlm
+    calls, status = fake_rqlm
     status[0] = 1
     with pytest.raises(RuntimeError) as excinfo:
         pipeline.run_stage("vae", tmp_path / "vae", ["train-vae", "--output_dir", tmp_path / "vae"])
     message = str(excinfo.value)
     assert "\n" not in message and message.startswith("stage vae failed") and "resume" in message
+    # through `rqlm demo`: the CLI's one-line error (exit 1), and the later stages never start
+    main, args = demo_args(tmp_path / "demo")
+    with pytest.raises(cli.CLIError, match="^stage tokenizer failed"):
+        main(args)
+    assert [argv[0] for argv in calls] == ["train-vae", "train-tokenizer"]
+
+
+def test_an_interrupted_stage_stops_the_demo(fake_rqlm, tmp_path, capsys):
+    calls, status = fake_rqlm
+    status[0] = pipeline.INTERRUPTED  # what `rqlm train-*` returns after saving on Ctrl-C
+    main, args = demo_args(tmp_path / "demo")
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert len(calls) == 1 and "stage tokenizer interrupted" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------

@@ -150,6 +150,17 @@ def command_accepts(command: str, flag: str) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
+    from rqlm.cli import CLIError
+    from rqlm.pipeline import StageFailed
+
+    try:
+        return run_demo(args)
+    except StageFailed as e:
+        raise CLIError(str(e)) from None
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Every stage in order (each skipped when finished), then the report and the stage summary."""
     from rqlm.evaluation.report import write_report
     from rqlm.pipeline import StageLog, run_stage
 
