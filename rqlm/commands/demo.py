@@ -126,7 +126,8 @@ def stages(args: argparse.Namespace, settings: Settings) -> list[tuple[str, Path
                                 "--output_dir", baseline, *training("baseline")], TRAINED),
         ("vae", vae, ["train-vae", "--tokenizer", tokenizer, "--backbone", settings.backbone, "--output_dir", vae,
                       *settings.vae_flags, *training("vae")], TRAINED),
-        ("codes", codes, ["encode", "--vae", vae, *blocks, "--output_dir", codes], "dataset_dict.json"),
+        # save_to_disk writes dataset_dict.json first and the last split's dataset_info.json last
+        ("codes", codes, ["encode", "--vae", vae, *blocks, "--output_dir", codes], "validation/dataset_info.json"),
         ("lm", lm, ["train-lm", "--vae", vae, "--codes", codes, "--backbone", baseline,
                     "--freeze_backbone_steps", settings.freeze_backbone_steps,
                     "--unfreeze_warmup_steps", settings.unfreeze_warmup_steps, "--output_dir", lm, *settings.lm_flags,
