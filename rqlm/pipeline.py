@@ -82,6 +82,15 @@ def has_checkpoint(output_dir: str | Path) -> bool:
     return any((Path(output_dir) / CHECKPOINTS_DIR).glob("step-*"))
 
 
+def fresh_accelerate_state() -> None:
+    """Each in-process command builds its own Accelerator; drop the previous command's shared state (its
+    mixed precision, device placement) so a stage runs as it would from the shell."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
 def run_stage(
     name: str,
     output_dir: str | Path,
@@ -117,6 +126,7 @@ def run_stage(
         print(f"\n== {name}: resuming the unfinished run in {output_dir}: rqlm {' '.join(argv)}", flush=True)
     else:
         print(f"\n== {name}: rqlm {' '.join(argv)}", flush=True)
+    fresh_accelerate_state()
     status = rqlm_main(argv)
     again = " (rerun to resume from its last checkpoint)" if argv[0] in TRAINING_COMMANDS else ""
     if status == INTERRUPTED:

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from conftest import tiny_qwen3_config
-from test_trainer import fresh_accelerate_state, text_corpus  # noqa: F401  (fixtures)
+from test_trainer import clean_accelerate_state, text_corpus  # noqa: F401  (fixtures)
 
 from rqlm import RQVAEConfig, RQVAEModel, cli
 from rqlm.evaluation.plots import plot_training_curves, training_title

@@ -15,10 +15,10 @@ import shutil
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from rqlm import cli, pipeline
 from rqlm.evaluation.report import BASELINE, RQ_MODEL, number
+from rqlm.pipeline import fresh_accelerate_state
 
 STAGES = ("tokenizer", "baseline", "vae", "codes", "lm", "evaluation", "reconstruction", "benchmark")
 WEIGHTS = ("baseline/model.safetensors", "vae/model.safetensors", "lm/model.safetensors",
@@ -28,20 +28,15 @@ PLOTS = ("training_curves.png", "codebook_usage.png", "position_accuracy.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def reset_accelerate():
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-
-
 def run_demo(output_dir, *flags) -> int:
     """`rqlm demo --quick` in-process, on one thread (the stages' small ops only wait on each other with two)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    reset_accelerate()
+    fresh_accelerate_state()
     try:
         return cli.main(["demo", "--quick", "--output_dir", str(output_dir), *map(str, flags)])
     finally:
-        reset_accelerate()
+        fresh_accelerate_state()
         torch.set_num_threads(threads)
 
 

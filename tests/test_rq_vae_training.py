@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import tiny_qwen3_config
 from safetensors.torch import load_file
-from test_trainer import free_port, fresh_accelerate_state, text_corpus  # noqa: F401  (two are fixtures)
+from test_trainer import clean_accelerate_state, free_port, text_corpus  # noqa: F401  (two are fixtures)
 
 from rqlm import RQVAEConfig, RQVAEModel, cli
 from rqlm.modeling.quantizer_registry import FAMILIES

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -23,6 +22,7 @@ from rqlm.evaluation.sweep import (
     to_argv,
     training_flops,
 )
+from rqlm.pipeline import fresh_accelerate_state
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
@@ -31,12 +31,10 @@ TINY = {"max_steps": 3, "max_minutes": "none", "save_steps": 0, "logging_steps":
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+def clean_accelerate_state():
+    fresh_accelerate_state()
     yield
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+    fresh_accelerate_state()
 
 
 def write_yaml(path: Path, config: dict) -> Path:
@@ -255,7 +253,7 @@ def test_tiny_sweep_writes_results_and_plots_and_a_second_run_skips_every_stage(
     assert "| C4 |" in (out / "results.md").read_text()
     assert first.count(": skipped (") == 0
 
-    AcceleratorState._reset_state()
+    fresh_accelerate_state()
     assert cli.main(["sweep", str(tiny_sweep), "--output_dir", str(out)]) == 0
     second = capsys.readouterr().out
     stages = [line for line in second.splitlines() if line.startswith("== ")]

@@ -21,30 +21,25 @@ import warnings
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from rqlm import RQTransformerForCausalLM, RQVAEConfig, RQVAEModel, cli
 from rqlm.evaluation.bound import bound_terms, perplexity_bound
+from rqlm.pipeline import fresh_accelerate_state
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 
 
-def reset_accelerate():
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-
-
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state(monkeypatch, tmp_path):
+def clean_accelerate_state(monkeypatch, tmp_path):
     """A clean Accelerate state per run, and inline codes cached in the test's own folder."""
     import rqlm.data.codes
 
     monkeypatch.setattr(rqlm.data.codes, "default_cache_dir", lambda: tmp_path / "codes_cache")
-    reset_accelerate()
+    fresh_accelerate_state()
     yield
-    reset_accelerate()
+    fresh_accelerate_state()
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +54,13 @@ def corpus(tmp_path_factory):
         warnings.simplefilter("ignore", UserWarning)
         train_tokenizer(docs, vocab_size=300, output_dir=folder / "tokenizer")
         train_tokenizer([d.upper() for d in docs], vocab_size=300, output_dir=folder / "other_tokenizer")
-    reset_accelerate()
+    fresh_accelerate_state()
     rc = cli.main(["train-vae", "--backbone", "test", "--tokenizer", str(folder / "tokenizer"),
                    "--dataset", str(folder / "corpus.txt"), "--block_size", "32", "--num_quantizers", "2",
                    "--codebook_size", "32", "--latent_dim", "8", "--max_steps", "20", "--max_minutes", "none",
                    "--per_device_train_batch_size", "4", "--eval_steps", "0", "--save_steps", "0",
                    "--mixed_precision", "no", "--output_dir", str(folder / "vae")])  # fmt: skip
-    reset_accelerate()
+    fresh_accelerate_state()
     assert rc == 0
     return folder
 
@@ -315,7 +310,7 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(corpus, tmp_path, ca
     assert cli.main(["train-lm", *lm_flags(corpus, tmp_path / "straight", max_steps=6, **common)]) == 0
     resumed = tmp_path / "resumed"
     assert cli.main(["train-lm", *lm_flags(corpus, resumed, max_steps=3, **common)]) == 0
-    reset_accelerate()
+    fresh_accelerate_state()
     capsys.readouterr()
     assert cli.main(["train-lm", *lm_flags(corpus, resumed, max_steps=6, resume_from_checkpoint="latest", **common)]) == 0
     assert "resumed from step 3" in capsys.readouterr().out

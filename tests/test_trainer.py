@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
 from rqlm import cli
+from rqlm.pipeline import fresh_accelerate_state
 from rqlm.presets import backbone_config
 from rqlm.trainer.arguments import (
     TrainingArguments,
@@ -38,13 +38,11 @@ BLOCK = 16
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
+def clean_accelerate_state():
     """Each `train` call builds its own Accelerator; start every test from a clean shared state."""
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+    fresh_accelerate_state()
     yield
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+    fresh_accelerate_state()
 
 
 def synthetic_blocks(num_blocks: int, seed: int = 0) -> Dataset:

@@ -13,7 +13,7 @@ import time
 import torch
 from safetensors.torch import load_file
 from test_rq_vae_training import vae_flags as rq_vae_training_flags
-from test_trainer import fresh_accelerate_state, text_corpus  # noqa: F401  (fixtures)
+from test_trainer import clean_accelerate_state, text_corpus  # noqa: F401  (fixtures)
 
 from rqlm import cli
 

@@ -27,14 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(its runs get their own folders)")
 
 
-def _fresh_accelerate_state() -> None:
-    """Each in-process command builds its own Accelerator; drop the previous command's shared state."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-
-
 def main(args: argparse.Namespace) -> int:
     from rqlm.evaluation.sweep import collect_results, load_sweep_config, plan_sweeps, write_results
     from rqlm.pipeline import StageLog
@@ -79,7 +71,6 @@ def run_all(config, sweeps, plans, output_dir: Path, force: bool, log) -> None:
         if folder in handled:  # shared by an earlier point of this invocation
             return
         handled.add(folder)
-        _fresh_accelerate_state()
         run_stage(name, folder, argv, force=force, done_file=done_file, log=log)
 
     if any(s.trains_lm for s in sweeps):
