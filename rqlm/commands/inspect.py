@@ -121,7 +121,12 @@ def main(args: argparse.Namespace) -> int:
     for d in range(depth):
         print(f"depth {d}: usage perplexity {metrics[f'usage_perplexity_d{d}']:.1f} / {model.quantizer_size}, "
               f"dead codes {metrics[f'dead_fraction_d{d}']:.1%}")
-    print(f"codes replaced by dead-code expiry during training: {int(metrics['codes_replaced'])}")
+    if "codes_replaced" in metrics:
+        print(f"codes replaced by dead-code expiry during training: {int(metrics['codes_replaced'])}")
+    else:  # a Gaussian VAE: no codebook, the latent's robustness instead
+        noise = "  ".join(f"{k[len('accuracy_'):]} {v:.2%}" for k, v in metrics.items()
+                          if k.startswith(("accuracy_sampled", "accuracy_noise")))
+        print(f"KL to N(0, I) {metrics['kl']:.2f} nats per latent; accuracy decoding a perturbed latent: {noise}")
     html_parts.append(f"<h2>figures</h2><pre>{html.escape(json.dumps(metrics, indent=1))}</pre>")
     output = Path(args.output or Path(args.checkpoint) / "inspect.html")
     output.write_text("<meta charset=utf-8><style>mark{background:#f99}</style>" + "\n".join(html_parts))

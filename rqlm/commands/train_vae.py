@@ -56,12 +56,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--codebook_size", type=int, default=1024,
                        help="K, codes per codebook (default: %(default)s)")
     model.add_argument("--quantizer_type", default="residual_vq",
-                       help="quantizer family, see rqlm.quantizers (default: %(default)s)")
+                       help="quantizer family, see rqlm.quantizers, or 'gaussian' for a continuous VAE "
+                       "(diagonal-Gaussian posterior, no codes; the VAE of `train-lm --head gaussian|energy`) "
+                       "(default: %(default)s)")
     model.add_argument("--quantizer_kwargs", type=_mapping, default=dict(CPU_QUANTIZER_KWARGS),
                        help="JSON keyword arguments of the quantizer, vector-quantize-pytorch's names "
                        f"(default: '{json.dumps(CPU_QUANTIZER_KWARGS)}')")
     model.add_argument("--quantizer_loss_weight", type=float, default=1.0,
                        help="weight of the quantizer losses (commitment, aux) in the loss (default: %(default)s)")
+    model.add_argument("--kl_weight", type=float, default=1e-3,
+                       help="gaussian: weight of the KL to N(0, I) (CALM's 1e-3) (default: %(default)s)")
+    model.add_argument("--kl_clamp", type=float, default=0.5,
+                       help="gaussian: per-dimension KL clamped below at this many nats, free bits (CALM's 0.5) "
+                       "(default: %(default)s)")
+    model.add_argument("--token_mask_prob", type=float, default=0.0,
+                       help="training: probability of zeroing an input token's embedding (CALM: 0.15) "
+                       "(default: %(default)s)")
+    model.add_argument("--latent_dropout", type=float, default=0.0,
+                       help="training: dropout on the latent before the decoder (CALM: 0.15) (default: %(default)s)")
     model.add_argument("--decoder_sees_previous_tokens", action=argparse.BooleanOptionalAction, default=False,
                        help="feed the decoder the tokens of earlier chunks (known at generation time) "
                        "(default: %(default)s)")
@@ -88,15 +100,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 VAE_FIELDS = (
     "compression_factor", "num_encoder_layers", "num_decoder_layers", "num_latent_layers", "latent_dim",
     "latent_num_attention_heads", "num_quantizers", "codebook_size", "quantizer_type", "quantizer_kwargs",
-    "quantizer_loss_weight", "decoder_sees_previous_tokens", "freeze_backbone_steps", "lora_r", "lora_alpha",
+    "quantizer_loss_weight", "kl_weight", "kl_clamp", "token_mask_prob", "latent_dropout", "decoder_sees_previous_tokens", "freeze_backbone_steps", "lora_r", "lora_alpha",
 )
 
 
 def build_model(args: argparse.Namespace, tokenizer):
     """An RQVAEModel from a preset backbone sized to the tokenizer, or from a pretrained Qwen3."""
     from rqlm import RQVAEConfig, RQVAEModel
+    from rqlm.modeling.configuration_rq_vae import GAUSSIAN
 
     fields = {name: getattr(args, name) for name in VAE_FIELDS}
+    if fields["quantizer_type"] == GAUSSIAN:  # no quantizer: its (RVQ) keyword defaults do not apply
+        fields["quantizer_kwargs"] = {}
     if not is_preset(args.backbone):
         return RQVAEModel.from_backbone(args.backbone, **fields)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -126,8 +141,10 @@ def main(args: argparse.Namespace) -> int:
     set_seed(train_args.seed)
     model = build_model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"RQ-VAE: {n_params / 1e6:.2f}M parameters, C={args.compression_factor} D={args.num_quantizers} "
-          f"K={args.codebook_size} d={args.latent_dim}, {len(train_blocks)} train / {len(eval_blocks)} held-out blocks")
+    latent = (f"Gaussian d={args.latent_dim}" if model.is_continuous else
+              f"D={args.num_quantizers} K={args.codebook_size} d={args.latent_dim}")
+    print(f"RQ-VAE: {n_params / 1e6:.2f}M parameters, C={args.compression_factor} {latent}, "
+          f"{len(train_blocks)} train / {len(eval_blocks)} held-out blocks")
     start = time.perf_counter()
     result = train(model, train_blocks, eval_blocks, train_args, tokenizer=tokenizer,
                    evaluate_fn=reconstruction_evaluate_fn)

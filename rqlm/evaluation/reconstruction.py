@@ -1,6 +1,11 @@
 """RQ-VAE reconstruction figures: token accuracy (overall and per position inside a chunk),
 reconstruction loss, and per-depth codebook usage over a held-out split.
 
+A Gaussian VAE has no codebook: it reports instead its KL to N(0, I) and the accuracy when the decoder reads a
+latent other than the posterior mean: a sample of q(z|x) (`accuracy_sampled`) and the mean plus isotropic
+Gaussian noise of each std in `LATENT_NOISE_STDS` (`accuracy_noise{std}`), the robustness a latent LM's
+imperfect predictions need.
+
 The figures come from small pure functions over tensors (`position_accuracy_counts` -> `accuracy_figures`,
 `codebook_usage_figures` / `usage_figures`), called both by the trainer's `evaluate_reconstruction` and by the
 `evaluate` metric modules in rqlm/metrics, so each is computed in one place.
@@ -38,6 +43,21 @@ def accuracy_figures(counts: torch.Tensor) -> dict[str, float]:
     return figures
 
 
+LATENT_NOISE_STDS = (0.1, 0.5)
+
+
+def _noisy_accuracy_counts(vae, input_ids, attention_mask, mean, logvar) -> dict[str, torch.Tensor]:
+    """Gaussian VAE: (2, C) accuracy counts decoding a posterior sample and the mean plus fixed-std noise."""
+    c = vae.config.compression_factor
+    latents = {"sampled": mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)}
+    latents.update({f"noise{std:g}": mean + std * torch.randn_like(mean) for std in LATENT_NOISE_STDS})
+    counts = {}
+    for name, z in latents.items():
+        logits = vae.decode_quantized(z, input_ids, attention_mask)
+        counts[name] = position_accuracy_counts(logits.argmax(-1), input_ids, attention_mask, c)
+    return counts
+
+
 def usage_figures(usage: dict) -> dict[str, float]:
     """Per-depth usage lists {'perplexity': [D], 'dead_fraction': [D]} -> {'usage_perplexity_d{j}',
     'dead_fraction_d{j}', 'usage_perplexity_mean', 'dead_fraction_mean'}."""
@@ -58,8 +78,8 @@ def codebook_usage_figures(codes: torch.LongTensor, codebook_size: int) -> dict[
 @torch.no_grad()
 def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: int | None = None) -> dict[str, float]:
     """Held-out blocks -> {'accuracy', 'recon_loss', 'accuracy_pos{i}', 'usage_perplexity_d{j}', 'dead_fraction_d{j}',
-    'usage_perplexity_mean', 'dead_fraction_mean', 'codes_replaced'}; codes are gathered over data-parallel ranks.
-    At most `max_batches` batches (>= 1; None: all); a dataloader without a batch is a ValueError."""
+    'usage_perplexity_mean', 'dead_fraction_mean', 'codes_replaced'} (a Gaussian VAE: 'kl', 'accuracy_sampled' and
+    'accuracy_noise{std}' instead of the usage figures); codes are gathered over data-parallel ranks. At most `max_batches` batches (>= 1; None: all); a dataloader without a batch is a ValueError."""
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be at least 1 or None (the whole split), got {max_batches}")
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
@@ -67,8 +87,10 @@ def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: in
     unwrapped.eval()
     c = unwrapped.config.compression_factor
     counts = torch.zeros(2, c, dtype=torch.float64)  # right, counted per position inside a chunk
-    loss_sum, loss_tokens = 0.0, 0.0
+    loss_sum, loss_tokens, kl_sum, batches = 0.0, 0.0, 0.0, 0
     all_codes = []
+    continuous = getattr(unwrapped.config, "is_continuous", False)
+    noisy = {}
     for i, batch in enumerate(dataloader):
         if max_batches is not None and i >= max_batches:
             break
@@ -78,7 +100,19 @@ def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: in
         stats = position_accuracy_counts(out.logits.argmax(-1), input_ids, attention_mask, c)  # (2, C)
         tokens = stats[1].sum()
         loss = torch.stack([out.recon_loss.double() * tokens, tokens])
-        codes = out.codes
+        batches += 1
+        if continuous:
+            encoded = unwrapped.encode(input_ids, attention_mask)
+            kl_sum += encoded.kl.item()
+            for name, counted in _noisy_accuracy_counts(
+                unwrapped, input_ids, attention_mask, encoded.posterior_mean, encoded.posterior_logvar
+            ).items():
+                if accelerator is not None:
+                    counted = accelerator.reduce(counted.to(accelerator.device), "sum")
+                noisy[name] = noisy.get(name, 0) + counted.cpu()
+            codes = input_ids.new_zeros(0, 1)
+        else:
+            codes = out.codes
         if accelerator is not None:
             stats, loss = accelerator.reduce(stats.to(accelerator.device), "sum"), accelerator.reduce(
                 loss.to(accelerator.device), "sum"
@@ -92,6 +126,11 @@ def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: in
     if not all_codes:
         raise ValueError("the held-out dataloader yielded no batch; reconstruction needs at least one block")
     metrics = {**accuracy_figures(counts), "recon_loss": loss_sum / max(loss_tokens, 1.0)}
+    if continuous:
+        metrics["kl"] = kl_sum / batches
+        for name, counted in noisy.items():
+            metrics[f"accuracy_{name}"] = accuracy_figures(counted)["accuracy"]
+        return metrics
     usage = codebook_stats(unwrapped.quantizer, torch.cat(all_codes))
     metrics.update(usage_figures(usage))
     metrics["codes_replaced"] = float(usage["codes_replaced"])

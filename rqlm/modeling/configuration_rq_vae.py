@@ -8,6 +8,8 @@ from transformers.configuration_utils import SubConfigSpec
 from .lora import LORA_TARGETS
 from .quantizer_registry import QUANTIZER_CLASSES
 
+GAUSSIAN = "gaussian"  # quantizer_type of the continuous (diagonal-Gaussian) VAE
+
 
 class RQVAEConfig(PreTrainedConfig):
     r"""
@@ -32,7 +34,10 @@ class RQVAEConfig(PreTrainedConfig):
             Causal transformer layers at width d on each side of the quantizer (0 for none).
         latent_num_attention_heads (`int`, defaults to 2): attention heads of the latent layers.
         latent_intermediate_size (`int`, *optional*): SwiGLU width of the latent layers (default 4 d).
-        quantizer_type (`str`, defaults to `"residual_vq"`): a name of `quantizer_registry.QUANTIZER_CLASSES`.
+        quantizer_type (`str`, defaults to `"residual_vq"`):
+            A name of `quantizer_registry.QUANTIZER_CLASSES`, or `"gaussian"`: no quantizer but a diagonal-Gaussian
+            posterior (mean and log-variance heads on the latent; a sample in training, the mean in eval), the
+            continuous VAE of GIVT / CALM. `num_quantizers`, `codebook_size` and `quantizer_kwargs` are then unused.
         quantizer_kwargs (`dict`, *optional*):
             Keyword arguments of the quantizer class (vector-quantize-pytorch names), e.g.
             `{"decay": 0.9, "kmeans_init": True, "threshold_ema_dead_code": 2}`.
@@ -44,6 +49,17 @@ class RQVAEConfig(PreTrainedConfig):
             (so with `decoder_sees_previous_tokens` all tokens of earlier chunks, not only the one C back).
             Within a chunk every position derives from the same codes, so chunk causality holds either way.
         quantizer_loss_weight (`float`, defaults to 1.0): weight of the quantizer's own losses.
+        kl_weight (`float`, defaults to 1e-3):
+            Gaussian VAE only: weight of KL(q(z|x) || N(0, I)) in the loss (CALM's 1e-3).
+        kl_clamp (`float`, defaults to 0.5):
+            Gaussian VAE only: the KL of every latent dimension is clamped below at this many nats (free bits,
+            CALM's 0.5), so the loss never pushes a dimension's posterior all the way onto the prior.
+        token_mask_prob (`float`, defaults to 0.0):
+            In training, the probability that an input token's embedding is zeroed before the encoder (CALM's
+            input masking, p=0.15 there): the latent must carry the chunk from partial evidence.
+        latent_dropout (`float`, defaults to 0.0):
+            In training, dropout on the latent (the quantized vector or the Gaussian sample) before the decoder
+            (CALM's p=0.15): the decoder learns to read a latent that the LM predicted imperfectly.
         zero_init_residual_branches (`bool`, defaults to `True`):
             Initialise the attention and MLP output projections of the backbone layers at zero, so a
             from-scratch encoder and decoder start as the identity and the per-chunk path (embedding ->
@@ -81,6 +97,10 @@ class RQVAEConfig(PreTrainedConfig):
     decoder_sees_previous_tokens: bool = False
     decoder_block_causal: bool = True
     quantizer_loss_weight: float = 1.0
+    kl_weight: float = 1e-3
+    kl_clamp: float = 0.5
+    token_mask_prob: float = 0.0
+    latent_dropout: float = 0.0
     zero_init_residual_branches: bool = True
     freeze_backbone_steps: int = 0
     lora_r: int = 0
@@ -97,6 +117,11 @@ class RQVAEConfig(PreTrainedConfig):
             self.latent_intermediate_size = 4 * self.latent_dim
         self.validate_values()
 
+    @property
+    def is_continuous(self) -> bool:
+        """True for the Gaussian VAE (continuous latents, no codes)."""
+        return self.quantizer_type == GAUSSIAN
+
     def validate_values(self) -> None:
         """Fail early, in one line, on combinations the model cannot build."""
         c = self.compression_factor
@@ -108,10 +133,16 @@ class RQVAEConfig(PreTrainedConfig):
         for name in ("num_encoder_layers", "num_decoder_layers", "num_latent_layers", "freeze_backbone_steps", "lora_r"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.quantizer_type not in QUANTIZER_CLASSES:
+        if self.quantizer_type not in QUANTIZER_CLASSES and not self.is_continuous:
             raise ValueError(
-                f"unknown quantizer {self.quantizer_type!r}; choose from {', '.join(sorted(QUANTIZER_CLASSES))}"
+                f"unknown quantizer {self.quantizer_type!r}; choose from {', '.join(sorted(QUANTIZER_CLASSES))} "
+                f"or {GAUSSIAN!r}"
             )
+        for name in ("token_mask_prob", "latent_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.kl_weight < 0 or self.kl_clamp < 0:
+            raise ValueError(f"kl_weight and kl_clamp must be >= 0, got {self.kl_weight} and {self.kl_clamp}")
         if self.latent_dim % self.latent_num_attention_heads:
             raise ValueError(
                 f"latent_dim {self.latent_dim} is not divisible by latent_num_attention_heads "
@@ -126,4 +157,4 @@ class RQVAEConfig(PreTrainedConfig):
                 )
 
 
-__all__ = ["RQVAEConfig"]
+__all__ = ["GAUSSIAN", "RQVAEConfig"]

@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 
 from .backbone import TrainableBackbone
 from .configuration_rq_vae import RQVAEConfig
+from .gaussian_posterior import GaussianPosterior
 from .layers import Downsample, Qwen3Stack, Upsample, small_stack_config
 from .quantizer_registry import _codebook_size, build_quantizer, code_depth, codes_to_quantized, quantize
 
@@ -35,18 +36,25 @@ IGNORE_INDEX = -100
 
 @dataclass
 class RQVAEEncoderOutput(ModelOutput):
-    """What `encode` returns: codes (B, L, D), quantized (B, L, d), latents before quantization (B, L, d)."""
+    """What `encode` returns: codes (B, L, D), quantized (B, L, d), latents before quantization (B, L, d).
+
+    For the Gaussian VAE: `codes` is None, `quantized` the posterior sample (training) or mean (eval),
+    `posterior_mean` / `posterior_logvar` (B, L, d) describe q(z|x), `kl` its KL to N(0, I) in nats per position."""
 
     codes: torch.LongTensor | None = None
     quantized: torch.FloatTensor | None = None
     latents: torch.FloatTensor | None = None
     quantizer_loss: torch.FloatTensor | None = None
     latent_mask: torch.BoolTensor | None = None
+    posterior_mean: torch.FloatTensor | None = None
+    posterior_logvar: torch.FloatTensor | None = None
+    kl: torch.FloatTensor | None = None
 
 
 @dataclass
 class RQVAEOutput(ModelOutput):
-    """What `forward` returns; `accuracy` is the token reconstruction accuracy over non-padding tokens."""
+    """What `forward` returns; `accuracy` is the token reconstruction accuracy over non-padding tokens; `kl` the
+    Gaussian VAE's KL(q(z|x) || N(0, I)) in nats per position (None for quantizers)."""
 
     loss: torch.FloatTensor | None = None
     recon_loss: torch.FloatTensor | None = None
@@ -55,6 +63,7 @@ class RQVAEOutput(ModelOutput):
     codes: torch.LongTensor | None = None
     quantized: torch.FloatTensor | None = None
     accuracy: torch.FloatTensor | None = None
+    kl: torch.FloatTensor | None = None
 
 
 def latent_stack_config(config: RQVAEConfig) -> Qwen3Config:
@@ -134,15 +143,19 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
         self.to_latent = nn.Linear(hidden, config.latent_dim)
         latent_config = latent_stack_config(config)
         self.latent_encoder = Qwen3Stack(latent_config) if config.num_latent_layers else nn.Identity()
-        self.quantizer = build_quantizer(
-            config.quantizer_type,
-            dim=config.latent_dim,
-            num_quantizers=config.num_quantizers,
-            codebook_size=config.codebook_size,
-            **config.quantizer_kwargs,
-        )
-        for module in self.quantizer.modules():
-            module._owns_its_init = True
+        if config.is_continuous:
+            self.quantizer = GaussianPosterior(config.latent_dim, kl_weight=config.kl_weight, kl_clamp=config.kl_clamp)
+        else:
+            self.quantizer = build_quantizer(
+                config.quantizer_type,
+                dim=config.latent_dim,
+                num_quantizers=config.num_quantizers,
+                codebook_size=config.codebook_size,
+                **config.quantizer_kwargs,
+            )
+            for module in self.quantizer.modules():
+                module._owns_its_init = True
+        self.latent_dropout = nn.Dropout(config.latent_dropout)
         self.latent_decoder = Qwen3Stack(latent_config) if config.num_latent_layers else nn.Identity()
         self.from_latent = nn.Linear(config.latent_dim, hidden)
         self.upsample = Upsample(hidden, config.compression_factor)
@@ -183,6 +196,9 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
             )
 
     def _check_codes(self, codes: torch.LongTensor) -> None:
+        if self.is_continuous:
+            self._check_latents(codes)
+            return
         depth, size = self.quantizer_depth, self.quantizer_size
         if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
             kind = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
@@ -197,15 +213,37 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
                 f"[{codes.min().item()}, {codes.max().item()}] (are they from this model's quantizer?)"
             )
 
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        d = self.config.latent_dim
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+            kind = latents.dtype if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"a Gaussian VAE decodes float latents (batch, latent_length, {d}), got {kind}")
+        if latents.dim() != 3 or latents.shape[-1] != d or latents.shape[1] == 0:
+            raise ValueError(f"latents must have shape (batch, latent_length >= 1, {d}), got {tuple(latents.shape)}")
+
+    @property
+    def is_continuous(self) -> bool:
+        """True for the Gaussian VAE: `encode` gives continuous latents and no codes."""
+        return self.config.is_continuous
+
     @property
     def quantizer_depth(self) -> int:
         """Codes per latent position (D for residual quantizers)."""
+        self._require_codes()
         return code_depth(self.quantizer)
 
     @property
     def quantizer_size(self) -> int:
         """Codes per codebook (K, or the product of FSQ levels)."""
+        self._require_codes()
         return _codebook_size(self.quantizer)
+
+    def _require_codes(self) -> None:
+        if self.is_continuous:
+            raise ValueError(
+                "this VAE is continuous (quantizer_type='gaussian') and has no codes; "
+                "train a latent LM over it with GIVTForCausalLM (`rqlm train-lm --head gaussian`)"
+            )
 
     def latent_mask(self, attention_mask: torch.Tensor | None) -> torch.BoolTensor | None:
         """(B, T) token mask -> (B, L) mask of latent positions holding at least one real token."""
@@ -217,10 +255,20 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
     def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> RQVAEEncoderOutput:
         """Tokens (B, T) -> codes (B, L, D) and quantized latents (B, L, d); T a multiple of C."""
         self._check_input_ids(input_ids)
-        hidden = self.encoder(self.embed_tokens(input_ids), attention_mask)  # (B, T, H)
+        embeds = self.embed_tokens(input_ids)  # (B, T, H)
+        if self.training and self.config.token_mask_prob > 0:  # CALM's input masking: zero some embeddings
+            keep = torch.rand(input_ids.shape, device=input_ids.device) >= self.config.token_mask_prob
+            embeds = embeds * keep[..., None].to(embeds.dtype)
+        hidden = self.encoder(embeds, attention_mask)  # (B, T, H)
         latents = self.to_latent(self.downsample(hidden))  # (B, L, d)
         latent_mask = self.latent_mask(attention_mask)
         latents = self._latent_stack(self.latent_encoder, latents, latent_mask)
+        if self.is_continuous:
+            sample = self.quantizer(latents, latent_mask)
+            return RQVAEEncoderOutput(
+                quantized=sample.z, latents=latents, quantizer_loss=sample.loss, latent_mask=latent_mask,
+                posterior_mean=sample.mean, posterior_logvar=sample.logvar, kl=sample.kl,
+            )
         quantized, codes, quantizer_loss = quantize(self.quantizer, latents, mask=latent_mask)
         return RQVAEEncoderOutput(
             codes=codes, quantized=quantized, latents=latents, quantizer_loss=quantizer_loss, latent_mask=latent_mask
@@ -234,8 +282,12 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
 
     # ----------------------------------------------------------------- decode
     def codes_to_quantized(self, codes: torch.LongTensor) -> torch.FloatTensor:
-        """Codes (B, L, D) -> quantized latents (B, L, d), exactly as `encode` produced them."""
+        """Codes (B, L, D) -> quantized latents (B, L, d), exactly as `encode` produced them.
+
+        A Gaussian VAE has no codes: its latents (B, L, d) are their own 'codes' and pass through."""
         self._check_codes(codes)
+        if self.is_continuous:
+            return codes
         return codes_to_quantized(self.quantizer, codes)
 
     def decode_quantized(
@@ -274,7 +326,7 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.FloatTensor:
-        """Codes (B, L, D) -> logits (B, L * C, V)."""
+        """Codes (B, L, D) (a Gaussian VAE: latents (B, L, d)) -> logits (B, L * C, V)."""
         return self.decode_quantized(self.codes_to_quantized(codes), input_ids, attention_mask)
 
     # ----------------------------------------------------------------- forward
@@ -287,7 +339,8 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
     ) -> RQVAEOutput:
         """Reconstruct input_ids (B, T): loss = cross-entropy(logits, labels or input_ids) + quantizer loss."""
         encoded = self.encode(input_ids, attention_mask)
-        logits = self.decode_quantized(encoded.quantized, input_ids, attention_mask)
+        quantized = self.latent_dropout(encoded.quantized)  # identity unless training with latent_dropout > 0
+        logits = self.decode_quantized(quantized, input_ids, attention_mask)
         targets = input_ids if labels is None else labels
         if attention_mask is not None:
             targets = targets.masked_fill(attention_mask == 0, IGNORE_INDEX)
@@ -305,6 +358,7 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
             codes=encoded.codes,
             quantized=encoded.quantized,
             accuracy=accuracy,
+            kl=encoded.kl,
         )
 
     # ----------------------------------------------------------------- backbone
