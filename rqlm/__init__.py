@@ -1,4 +1,4 @@
-"""rqlm: a Qwen language model generating text in a residual-quantized latent space.
+"""rqlm: a Qwen language model generating text in a residual-quantized (or continuous) latent space.
 
 Importing rqlm registers its configurations and models with transformers' Auto classes,
 and marks them for `trust_remote_code` saving (a saved folder carries the modeling files).
@@ -6,8 +6,10 @@ and marks them for `trust_remote_code` saving (a saved folder carries the modeli
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .modeling.configuration_givt import GIVTConfig
 from .modeling.configuration_rq_transformer import RQTransformerConfig
 from .modeling.configuration_rq_vae import RQVAEConfig
+from .modeling.modeling_givt import GIVTForCausalLM, GIVTOutput
 from .modeling.modeling_rq_transformer import RQTransformerForCausalLM, RQTransformerOutput
 from .modeling.modeling_rq_vae import RQVAEEncoderOutput, RQVAEModel, RQVAEOutput
 
@@ -23,7 +25,15 @@ AutoModelForCausalLM.register(RQTransformerConfig, RQTransformerForCausalLM, exi
 RQTransformerConfig.register_for_auto_class()
 RQTransformerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
+AutoConfig.register(GIVTConfig.model_type, GIVTConfig, exist_ok=True)
+AutoModelForCausalLM.register(GIVTConfig, GIVTForCausalLM, exist_ok=True)
+GIVTConfig.register_for_auto_class()
+GIVTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
 __all__ = [
+    "GIVTConfig",
+    "GIVTForCausalLM",
+    "GIVTOutput",
     "RQTransformerConfig",
     "RQTransformerForCausalLM",
     "RQTransformerOutput",

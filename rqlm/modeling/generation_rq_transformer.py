@@ -222,7 +222,7 @@ class _State:
         self.tokens, self.token_mask = tokens, token_mask
         self.codes = model.encode(tokens, token_mask)  # (B, num, D), -1 on padding chunks
         # spatial sequence (B, num + 1): padding, start, prompt latents
-        latent_mask = self.codes[..., 0] >= 0
+        latent_mask = vae.latent_mask(token_mask)  # (B, num): chunks holding a real token (codes -1 elsewhere)
         self.spatial_mask = torch.cat([torch.zeros_like(latent_mask[:, :1]), latent_mask], dim=1).long()
         first = num - chunks  # index of the start position
         self.spatial_mask[torch.arange(b, device=device), first] = 1

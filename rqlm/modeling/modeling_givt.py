@@ -1,0 +1,239 @@
+"""GIVTForCausalLM: a language model over the continuous latents of a frozen Gaussian VAE (GIVT / CALM).
+
+    latents z (B, L, d) (VAE posterior: a sample in training, the mean at eval)
+      -> linear d->H, shifted right by one, a learned start position first      (B, L, H)
+      -> SPATIAL Qwen3 layers (causal over positions, KV cache)               h (B, L, H)
+      -> head on h_l:  "gaussian": mixture of diagonal Gaussians over z_l, loss = NLL (nats per position)
+                       "energy":   MLP generator fed noise, loss = energy score against z_l
+
+h_l is computed from the latents of positions < l, so generation samples one latent per step from the
+head and the frozen VAE decoder turns it into C tokens (see generation_givt.py). The RQ model's spatial
+path, generation loop and streaming decoder are shared; only the latent's representation and the head
+differ.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from einops import repeat
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel, Qwen3Config
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .backbone import TrainableBackbone
+from .configuration_givt import GIVTConfig
+from .continuous_heads import EnergyHead, GaussianMixtureHead
+from .generation_givt import GIVTGenerationMixin
+from .layers import Qwen3Stack
+from .modeling_rq_vae import CheckedLoading, RQVAEModel, _load_base_weights
+
+
+@dataclass
+class GIVTOutput(ModelOutput):
+    """What `forward` returns.
+
+    `loss`: the Gaussian head's NLL per latent dimension (`latent_nll` / d), or the energy head's mean energy
+    score; `latent_nll` the mean NLL in nats per latent position (Gaussian head only); `latents` (B, L, d) the
+    targets; `num_latents` the positions scored; `hidden_states` (B, L, H) the spatial outputs.
+    """
+
+    loss: torch.FloatTensor | None = None
+    latent_nll: torch.FloatTensor | None = None
+    energy_score: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+    num_latents: torch.LongTensor | None = None
+    hidden_states: torch.FloatTensor | None = None
+
+
+class GIVTPreTrainedModel(CheckedLoading, PreTrainedModel):
+    config_class = GIVTConfig
+    config: GIVTConfig
+    base_model_prefix = "givt"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen3DecoderLayer"]  # noqa: RUF012 (transformers convention)
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _other_type_hint = "a continuous latent LM is trained with `rqlm train-lm --vae GAUSSIAN_VAE_DIR --head gaussian`"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` with one-line errors; the VAE inside stays frozen."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model.vae.requires_grad_(False)
+        return model
+
+    def _init_weights(self, module):
+        """Standard init; the frozen VAE keeps its trained weights (loaded after construction)."""
+        if getattr(module, "_owns_its_init", False):
+            return
+        super()._init_weights(module)
+        if isinstance(module, GIVTForCausalLM):
+            init.normal_(module.start, std=self.config.backbone_config.initializer_range)
+
+
+class GIVTForCausalLM(TrainableBackbone, GIVTGenerationMixin, GIVTPreTrainedModel):
+    """Spatial transformer and a continuous head over a frozen Gaussian VAE's latents (see the module docstring)."""
+
+    def __init__(self, config: GIVTConfig):
+        super().__init__(config)
+        backbone = config.backbone_config
+        for sub in (backbone, config.vae_config, config.vae_config.backbone_config):
+            if sub._attn_implementation is None:
+                sub._attn_implementation_internal = config._attn_implementation
+        hidden, d = backbone.hidden_size, config.latent_dim
+
+        self.vae = RQVAEModel(config.vae_config)
+        for module in self.vae.modules():
+            if not hasattr(module, "original_inv_freq"):  # rotary buffers: in no checkpoint; init computes them
+                module._owns_its_init = True
+        self.vae.requires_grad_(False)
+        self.vae.eval()
+
+        self.latent_proj = nn.Linear(d, hidden)
+        self.start = nn.Parameter(torch.zeros(hidden))
+        self.spatial = Qwen3Stack(backbone)
+        if config.head == "gaussian":
+            self.head = GaussianMixtureHead(hidden, d, config.num_mixtures, config.min_log_scale)
+        else:
+            self.head = EnergyHead(hidden, d, config.energy_head_size, config.energy_num_layers,
+                                   config.energy_noise_dim, config.energy_num_samples)
+
+        # the VAE never trains: DDP neither syncs nor broadcasts it, the trainer leaves it out of the optimizer
+        self._ddp_params_and_buffers_to_ignore = [f"vae.{name}" for name, _ in self.vae.named_parameters()] + [
+            f"vae.{name}" for name, _ in self.vae.named_buffers()
+        ]
+        self._add_backbone_lora()
+        self.post_init()
+        self.set_backbone_frozen(config.freeze_backbone_steps > 0)
+        self._default_special_tokens()
+
+    def _default_special_tokens(self) -> None:
+        """generate() stops at the tokenizer's EOS and pads with its pad token unless told otherwise."""
+        tokens = self.config.vae_config.backbone_config
+        if self.generation_config is None:
+            self.generation_config = GenerationConfig()
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self.generation_config, name) is None:
+                setattr(self.generation_config, name, getattr(tokens, name))
+
+    # ----------------------------------------------------------------- the frozen VAE
+    def train(self, mode: bool = True):
+        """Train or eval mode for the LM; the VAE stays in eval mode (its posterior mean, no dropout)."""
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    @property
+    def compression_factor(self) -> int:
+        return self.config.compression_factor
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.FloatTensor:
+        """Tokens (B, T) -> the VAE's posterior means (B, L, d) (0 where a position holds only padding)."""
+        return self.vae.encode(input_ids, attention_mask).quantized
+
+    @torch.no_grad()
+    def posterior(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+        """Tokens (B, T) -> q(z|x): mean, logvar (B, L, d) and the latent mask (B, L) (None without a mask)."""
+        encoded = self.vae.encode(input_ids, attention_mask)
+        return encoded.posterior_mean, encoded.posterior_logvar, encoded.latent_mask
+
+    # ----------------------------------------------------------------- spatial
+    def embed_codes(self, latents: torch.FloatTensor) -> torch.FloatTensor:
+        """Latents (B, L, d) -> spatial inputs (B, L, H) (the name the shared generation state calls)."""
+        return self.latent_proj(latents.to(self.latent_proj.weight.dtype))
+
+    def spatial_forward(
+        self,
+        inputs_embeds: torch.FloatTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+    ) -> torch.FloatTensor:
+        """Spatial inputs (B, S, H) -> hidden states (B, S, H), causal over positions."""
+        return self.spatial(inputs_embeds, attention_mask, cache=cache, position_ids=position_ids)
+
+    def spatial_inputs(self, latents: torch.FloatTensor) -> torch.FloatTensor:
+        """Latents (B, L, d) -> [start, x_0 .. x_{L-2}] (B, L, H): position l sees the latents of positions < l."""
+        start = repeat(self.start, "h -> b 1 h", b=latents.shape[0])
+        x = self.embed_codes(latents[:, :-1])  # (B, L-1, H)
+        return torch.cat([start.to(x.dtype), x], dim=1)
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        latents: torch.FloatTensor | None = None,
+        latent_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> GIVTOutput:
+        """Head loss on the latents of text (B, T), or on given latents (B, L, d) with an optional mask (B, L).
+
+        From text, the targets are the VAE posterior's samples in training (`sample_posterior`), its mean
+        otherwise. Padding never enters the loss. `labels` is accepted for the trainer's interface.
+        """
+        if latents is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (B, T) or their latents (B, L, d)")
+            mean, logvar, latent_mask = self.posterior(input_ids, attention_mask)
+            latents = mean
+            if self.training and self.config.sample_posterior:
+                latents = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        self._check_latents(latents)
+        valid = torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device) if latent_mask is None else latent_mask.bool()
+        hidden = self.spatial_forward(self.spatial_inputs(latents))  # (B, L, H)
+        count = valid.sum().clamp(min=1)
+        if self.config.head == "gaussian":
+            nll = self.head.nll(hidden, latents)  # (B, L)
+            latent_nll = (nll * valid).sum() / count
+            return GIVTOutput(loss=latent_nll / self.config.latent_dim, latent_nll=latent_nll, latents=latents,
+                              num_latents=valid.sum(), hidden_states=hidden)
+        score = (self.head.loss(hidden, latents) * valid).sum() / count
+        return GIVTOutput(loss=score, energy_score=score, latents=latents, num_latents=valid.sum(), hidden_states=hidden)
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        d = self.config.latent_dim
+        if not latents.is_floating_point() or latents.dim() != 3 or latents.shape[-1] != d or latents.shape[1] == 0:
+            raise ValueError(f"latents must be a float tensor (batch, latent_length >= 1, {d}), got "
+                             f"{latents.dtype} {tuple(latents.shape)}")
+
+    # ----------------------------------------------------------------- backbone
+    def backbone_stacks(self) -> list[nn.Module]:
+        """The spatial Qwen3 stack: its layers are what freezing and LoRA act on."""
+        return [self.spatial]
+
+    # ----------------------------------------------------------------- builders
+    @classmethod
+    def from_vae(cls, vae: RQVAEModel | str | os.PathLike, backbone_config: Qwen3Config | dict, **config_kwargs):
+        """A fresh continuous latent LM over a trained Gaussian VAE (a model or its folder), copied in, frozen."""
+        if not isinstance(vae, RQVAEModel):
+            vae = RQVAEModel.from_pretrained(vae)
+        config = GIVTConfig(backbone_config=backbone_config, vae_config=vae.config.to_dict(), **config_kwargs)
+        model = cls(config)
+        model.vae.load_state_dict(vae.state_dict())
+        model.vae.eval()
+        return model
+
+    @classmethod
+    def from_backbone(cls, name_or_path: str | os.PathLike, vae: RQVAEModel | str | os.PathLike, **config_kwargs):
+        """A continuous latent LM whose spatial layers and final norm start from a pretrained Qwen3."""
+        from transformers import AutoModelForCausalLM
+
+        pretrained = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        if pretrained.config.model_type != "qwen3":
+            raise ValueError(f"{name_or_path!s} is a {pretrained.config.model_type!r} model; a Qwen3 backbone is needed")
+        model = cls.from_vae(vae, pretrained.config, **config_kwargs)
+        for target, layer in zip(model.spatial.layers, pretrained.model.layers):
+            _load_base_weights(target, layer)
+        model.spatial.norm.load_state_dict(pretrained.model.norm.state_dict())
+        return model
+
+
+__all__ = ["GIVTForCausalLM", "GIVTOutput", "GIVTPreTrainedModel"]
