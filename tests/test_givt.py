@@ -1,0 +1,320 @@
+"""Continuous latents on tiny configs: the Gaussian VAE, GIVT's Gaussian head, CALM's energy head, generate()."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.distributions import Categorical, MixtureSameFamily, Normal
+
+from rqlm import GIVTConfig, GIVTForCausalLM, RQTransformerForCausalLM, RQVAEConfig, RQVAEModel
+from rqlm.modeling.continuous_heads import EnergyHead, GaussianMixtureHead, energy_score, gaussian_mixture_nll
+from rqlm.modeling.gaussian_posterior import gaussian_kl_to_standard
+from tests.test_rq_transformer import VOCAB, C, backbone, left_pad, prompts
+
+D_LATENT = 8
+
+
+def make_gaussian_vae(layers: int = 0, **overrides) -> RQVAEModel:
+    config = RQVAEConfig(
+        backbone_config=backbone(), compression_factor=C, latent_dim=D_LATENT, quantizer_type="gaussian",
+        num_encoder_layers=layers, num_decoder_layers=layers, num_latent_layers=layers,
+        latent_num_attention_heads=2, zero_init_residual_branches=False, **overrides,
+    )
+    torch.manual_seed(0)
+    return RQVAEModel(config).eval()
+
+
+def make_givt(vae: RQVAEModel | None = None, **overrides) -> GIVTForCausalLM:
+    torch.manual_seed(1)
+    kwargs = {"energy_head_size": 16}
+    return GIVTForCausalLM.from_vae(vae or make_gaussian_vae(), backbone_config=backbone(), **{**kwargs, **overrides}).eval()
+
+
+def random_ids(batch=2, length=16, seed=0):
+    return torch.randint(2, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------- the Gaussian VAE
+@pytest.mark.parametrize("sees_previous", [False, True])
+def test_continuous_vae_chunk_causality(sees_previous):
+    vae = make_gaussian_vae(layers=1, decoder_sees_previous_tokens=sees_previous)
+    ids = random_ids()
+    changed = ids.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % VOCAB  # a token of chunk 2
+    with torch.no_grad():
+        a, b = vae.encode(ids), vae.encode(changed)
+    for name in ("posterior_mean", "posterior_logvar"):
+        assert torch.equal(getattr(a, name)[:, :2], getattr(b, name)[:, :2]), f"{name} of chunks 0..1 moved"
+        assert not torch.allclose(getattr(a, name)[:, 2:], getattr(b, name)[:, 2:])
+    latents = a.quantized.clone()
+    latents[:, 2] += 1.0
+    with torch.no_grad():
+        la, lb = vae.decode(a.quantized, input_ids=ids), vae.decode(latents, input_ids=ids)
+    assert torch.equal(la[:, : 2 * C], lb[:, : 2 * C]), "logits of chunks 0..1 moved when latent 2 changed"
+    assert not torch.allclose(la[:, 2 * C :], lb[:, 2 * C :])
+
+
+def test_continuous_vae_samples_in_training_and_reads_the_mean_in_eval():
+    vae = make_gaussian_vae(layers=1)
+    ids = random_ids()
+    with torch.no_grad():
+        evaluated = vae.encode(ids)
+        assert torch.equal(evaluated.quantized, evaluated.posterior_mean)
+        assert torch.equal(vae(ids).logits, vae.decode(evaluated.posterior_mean))
+        vae.train()
+        trained = vae.encode(ids)
+    assert not torch.allclose(trained.quantized, trained.posterior_mean)
+    std = (trained.quantized - trained.posterior_mean) / torch.exp(0.5 * trained.posterior_logvar)
+    assert abs(std.std().item() - 1.0) < 0.3, "the sample is not mean + std * N(0, 1)"
+    assert vae(ids).codes is None
+
+
+def test_kl_is_clamped_per_dimension_and_weighted():
+    vae = make_gaussian_vae(kl_weight=0.01, kl_clamp=0.3)
+    ids = random_ids()
+    with torch.no_grad():
+        vae.quantizer.to_mean.bias.fill_(0.0)
+        vae.quantizer.to_mean.bias[0] = 3.0  # one dimension far from the prior, the rest below the clamp
+        encoded = vae.encode(ids)
+    kl = gaussian_kl_to_standard(encoded.posterior_mean, encoded.posterior_logvar)  # (B, L, d)
+    expected = 0.01 * kl.clamp(min=0.3).sum(-1).mean()
+    torch.testing.assert_close(encoded.quantizer_loss, expected)
+    torch.testing.assert_close(encoded.kl, kl.sum(-1).mean())
+    assert encoded.quantizer_loss > 0.01 * kl.sum(-1).mean(), "no dimension was lifted to the clamp"
+
+
+def test_token_masking_and_latent_dropout_act_in_training_only():
+    ids = random_ids()
+    plain, robust = make_gaussian_vae(layers=1), make_gaussian_vae(layers=1, token_mask_prob=0.5, latent_dropout=0.5)
+    robust.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(robust(ids).logits, plain(ids).logits, rtol=0, atol=0)
+        robust.train(), plain.train()
+        torch.manual_seed(3)
+        masked = robust.encode(ids).posterior_mean
+        torch.manual_seed(3)
+        unmasked = plain.encode(ids).posterior_mean
+    assert not torch.allclose(masked, unmasked), "token masking changed nothing in training"
+    assert (robust.latent_dropout(torch.ones(1000)) == 0).any()
+
+
+def test_reconstruction_figures_of_a_gaussian_vae():
+    from rqlm.evaluation.reconstruction import evaluate_reconstruction
+
+    vae = make_gaussian_vae(layers=1)
+    batches = [{"input_ids": random_ids(seed=s)} for s in range(2)]
+    metrics = evaluate_reconstruction(vae, batches)
+    assert {"accuracy", "recon_loss", "kl", "accuracy_sampled", "accuracy_noise0.1", "accuracy_noise0.5"} <= set(metrics)
+    assert not any(k.startswith("usage_perplexity") for k in metrics)
+
+
+# ----------------------------------------------------------------- the heads
+def test_gaussian_nll_matches_closed_form():
+    z, mean, log_scale = torch.randn(5, 3), torch.randn(5, 1, 3), torch.randn(5, 1, 3) * 0.5
+    nll = gaussian_mixture_nll(z, torch.zeros(5, 1), mean, log_scale)
+    closed = 0.5 * math.log(2 * math.pi) * 3 + log_scale[:, 0].sum(-1) + 0.5 * ((z - mean[:, 0]) / log_scale[:, 0].exp()).square().sum(-1)
+    torch.testing.assert_close(nll, closed)
+    # a k-component mixture against torch.distributions
+    logits, means, log_scales = torch.randn(5, 4), torch.randn(5, 4, 3), torch.randn(5, 4, 3) * 0.5
+    reference = MixtureSameFamily(Categorical(logits=logits), torch.distributions.Independent(Normal(means, log_scales.exp()), 1))
+    torch.testing.assert_close(gaussian_mixture_nll(z, logits, means, log_scales), -reference.log_prob(z))
+
+
+def test_mixture_reduces_to_one_gaussian():
+    torch.manual_seed(0)
+    single = GaussianMixtureHead(6, 3, num_mixtures=1)
+    double = GaussianMixtureHead(6, 3, num_mixtures=2)
+    h, z = torch.randn(4, 6), torch.randn(4, 3)
+    logits, mean, log_scale = single.parameters_of(h)
+    with torch.no_grad():  # two identical components: the mixture is the single Gaussian whatever their weights
+        w, b = single.proj.weight, single.proj.bias
+        params_w, params_b = w[1:].reshape(2, 3, 6), b[1:].reshape(2, 3)
+        double.proj.weight.copy_(torch.cat([torch.randn(2, 6), params_w.repeat(2, 1, 1).reshape(12, 6)]))
+        double.proj.bias.copy_(torch.cat([torch.randn(2), params_b.repeat(2, 1).reshape(12)]))
+    expected = -Normal(mean[:, 0], log_scale[:, 0].exp()).log_prob(z).sum(-1)
+    torch.testing.assert_close(single.nll(h, z), expected)
+    torch.testing.assert_close(double.nll(h, z), expected)
+
+
+@pytest.mark.parametrize("num_mixtures", [1, 3])
+def test_temperature_to_zero_returns_the_mean(num_mixtures):
+    torch.manual_seed(0)
+    head = GaussianMixtureHead(6, 3, num_mixtures=num_mixtures)
+    h = torch.randn(4, 6)
+    logits, mean, _ = head.parameters_of(h)
+    likeliest = mean[torch.arange(4), logits.argmax(-1)]
+    assert torch.equal(head.sample(h, 0.0), likeliest)
+    torch.testing.assert_close(head.sample(h, 1e-10), likeliest, rtol=0, atol=1e-3)
+    assert not torch.allclose(head.sample(h, 1.0), likeliest, atol=1e-3)
+
+
+def test_energy_score_is_minimised_by_the_true_distribution():
+    torch.manual_seed(0)
+    targets = torch.randn(40000, 1)  # y ~ N(0, 1)
+    scores = {}
+    for mean, std in [(0.0, 1.0), (0.0, 0.5), (0.0, 2.0), (0.5, 1.0), (0.0, 0.0)]:
+        samples = mean + std * torch.randn(8, 40000, 1)
+        scores[(mean, std)] = energy_score(samples, targets).mean().item()
+    best = min(scores, key=scores.get)
+    assert best == (0.0, 1.0), scores
+    # the closed form at the truth: E|X - Y| - E|X - X'| / 2 = 2 / sqrt(pi) - 1 / sqrt(pi)
+    assert abs(scores[(0.0, 1.0)] - 1 / math.sqrt(math.pi)) < 0.01
+
+
+def test_energy_head_at_zero_temperature_is_deterministic():
+    head = EnergyHead(6, 3, head_size=8)
+    h = torch.randn(4, 6)
+    assert torch.equal(head.sample(h, 0.0), head.sample(h, 0.0))
+    assert not torch.equal(head.sample(h, 1.0), head.sample(h, 1.0))
+
+
+# ----------------------------------------------------------------- the latent LM
+VAE_KINDS = {"per-chunk": {}, "layers+previous-tokens": {"layers": 1, "decoder_sees_previous_tokens": True}}
+HEADS = {"gaussian": {"head": "gaussian", "num_mixtures": 2}, "energy": {"head": "energy"}}
+
+
+@pytest.fixture(params=[(v, h) for v in VAE_KINDS for h in HEADS], ids=lambda p: f"{p[0]}-{p[1]}", scope="module")
+def givt(request):
+    vae_kind, head = request.param
+    return make_givt(make_gaussian_vae(**VAE_KINDS[vae_kind]), **HEADS[head])
+
+
+def test_spatial_position_sees_only_earlier_latents(givt):
+    latents = torch.randn(2, 5, D_LATENT)
+    changed = latents.clone()
+    changed[:, 2] += 1.0
+    with torch.no_grad():
+        a, b = givt(latents=latents).hidden_states, givt(latents=changed).hidden_states
+    assert torch.equal(a[:, :3], b[:, :3]), "position <= 2 saw latent 2"
+    assert not torch.allclose(a[:, 3:], b[:, 3:])
+
+
+def test_cached_generation_equals_uncached(givt):
+    ids, mask = left_pad(prompts([5, 9]))
+    cached = givt.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False)
+    uncached = givt.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 9 + 14)
+    assert torch.equal(cached, uncached)
+
+
+def test_batched_generation_equals_one_by_one(givt):
+    rows = prompts([3, 8, 6])
+    ids, mask = left_pad(rows)
+    batched = givt.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    for i, row in enumerate(rows):
+        alone = givt.generate(row[None], max_new_tokens=10, do_sample=False, eos_token_id=None)
+        assert torch.equal(alone[0, len(row):], batched[i, ids.shape[1]:]), f"row {i} differs in a batch"
+
+
+def test_sampling_at_tiny_temperature_equals_mean_decoding():
+    model = make_givt(make_gaussian_vae(), head="gaussian")
+    ids = prompts([8])[0][None]
+    greedy = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    torch.manual_seed(0)
+    cold = model.generate(ids, max_new_tokens=12, do_sample=True, temperature=1e-12, eos_token_id=None)
+    torch.manual_seed(0)
+    hot = model.generate(ids, max_new_tokens=12, do_sample=True, temperature=50.0, eos_token_id=None)
+    assert torch.equal(greedy, cold)
+    assert not torch.equal(greedy, hot)
+
+
+def test_streamer_and_latents_out(givt):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value)
+
+        def end(self):
+            self.ended = True
+
+    ids = prompts([6])[0][None]
+    streamer = Collect()
+    out = givt.generate(ids, max_new_tokens=9, do_sample=False, eos_token_id=None, streamer=streamer,
+                        return_dict_in_generate=True)
+    assert streamer.ended and torch.equal(torch.cat(streamer.chunks, dim=1)[0], out.sequences[0])
+    assert out.codes.shape == (1, 3, D_LATENT) and out.codes.is_floating_point()
+
+
+def test_training_steps_lower_the_loss():
+    # targets: the posterior means (an untrained VAE's posterior has unit variance, a floor no head goes below)
+    model = make_givt(make_gaussian_vae(), head="gaussian", sample_posterior=False).train()
+    vae_before = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    ids = random_ids(batch=4, length=32)
+    losses = []
+    for _ in range(30):
+        loss = model(ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert all(torch.equal(v, model.vae.state_dict()[k]) for k, v in vae_before.items()), "the VAE trained"
+    assert not model.vae.training
+
+
+def test_save_and_load_identical(givt, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    givt.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, GIVTForCausalLM) and isinstance(AutoConfig.from_pretrained(tmp_path), GIVTConfig)
+    assert not any(p.requires_grad for p in loaded.vae.parameters())
+    latents = torch.randn(2, 4, D_LATENT)
+    with torch.no_grad():  # the energy score draws generator noise: the same seed for both
+        torch.manual_seed(0)
+        expected = givt(latents=latents).loss
+        torch.manual_seed(0)
+        torch.testing.assert_close(loaded(latents=latents).loss, expected, rtol=0, atol=0)
+    ids = prompts([7])[0][None]
+    assert torch.equal(loaded.generate(ids, max_new_tokens=8, do_sample=False),
+                       givt.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_remote_code_load_without_rqlm(tmp_path):
+    model = make_givt(make_gaussian_vae(layers=1), head="gaussian")
+    model.save_pretrained(tmp_path / "ckpt")
+    ids = prompts([6])[0][None]
+    torch.save({"ids": ids, "out": model.generate(ids, max_new_tokens=8, do_sample=False)}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["rqlm"] = None  # rqlm cannot be imported: everything must come from the folder
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        out = model.generate(expected["ids"], max_new_tokens=8, do_sample=False)
+        assert torch.equal(out, expected["out"]), (out, expected["out"])
+        print("REMOTE_OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_one_line_errors_across_the_two_latent_kinds():
+    from tests.test_rq_transformer import make_vae
+
+    with pytest.raises(ValueError, match="quantizer_type gaussian"):
+        GIVTForCausalLM.from_vae(make_vae(), backbone_config=backbone())
+    with pytest.raises(ValueError, match="GIVTForCausalLM"):
+        RQTransformerForCausalLM.from_vae(make_gaussian_vae(), backbone_config=backbone())
+    model = make_givt(head="gaussian")
+    with pytest.raises(ValueError, match="no depths"):
+        model.generate(prompts([4])[0][None], max_new_tokens=4, depth_temperature=0.5)
+    with pytest.raises(ValueError, match="head must be one of"):
+        make_givt(head="flow")
+    with pytest.raises(ValueError, match="float latents"):
+        make_gaussian_vae().decode(torch.zeros(1, 2, D_LATENT, dtype=torch.long))
