@@ -318,3 +318,54 @@ def test_one_line_errors_across_the_two_latent_kinds():
         make_givt(head="flow")
     with pytest.raises(ValueError, match="float latents"):
         make_gaussian_vae().decode(torch.zeros(1, 2, D_LATENT, dtype=torch.long))
+
+
+# ----------------------------------------------------------------- the ELBO bound
+def test_gaussian_kl_matches_torch():
+    from rqlm.evaluation.elbo_bound import gaussian_kl
+
+    mq, lq, mp, sp = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3) * 0.5
+    reference = torch.distributions.kl_divergence(Normal(mq, (0.5 * lq).exp()), Normal(mp, sp.exp()))
+    torch.testing.assert_close(gaussian_kl(mq, lq, mp, sp), reference)
+
+
+def _importance_sampled_nll(model, ids, num_samples):
+    """-log p(x) by importance sampling with q as proposal (IWAE): tighter than the ELBO, -> -log p(x) as S grows."""
+    import torch.nn.functional as F
+
+    from rqlm.modeling.gaussian_posterior import gaussian_log_density
+
+    mean, logvar, _ = model.posterior(ids)
+    log_weights = []
+    for _ in range(num_samples):
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        log_prior = -model.head.nll(model.spatial_forward(model.spatial_inputs(z)), z).sum()
+        log_q = gaussian_log_density(z, mean, logvar).sum()
+        log_recon = -F.cross_entropy(model.vae.decode(z)[0], ids[0], reduction="sum")
+        log_weights.append(log_recon + log_prior - log_q)
+    return -(torch.logsumexp(torch.stack(log_weights), 0) - math.log(num_samples))
+
+
+@torch.no_grad()
+def test_elbo_bound_lies_above_the_importance_sampled_nll_and_closed_form_matches_monte_carlo():
+    from rqlm.evaluation.elbo_bound import elbo_terms
+
+    vae = make_gaussian_vae()
+    with torch.no_grad():  # a narrow posterior, so that the model's p(x) is not flat
+        vae.quantizer.to_logvar.bias.fill_(-3.0)
+    single = make_givt(vae, head="gaussian", num_mixtures=1)
+    double = make_givt(vae, head="gaussian", num_mixtures=2)
+    double.load_state_dict({k: v for k, v in single.state_dict().items() if not k.startswith("head.")}, strict=False)
+    w, b = single.head.proj.weight, single.head.proj.bias  # two copies of the single Gaussian: the same density
+    double.head.proj.weight.copy_(torch.cat([torch.zeros(2, w.shape[1]), w[1:].repeat(2, 1)]))
+    double.head.proj.bias.copy_(torch.cat([torch.zeros(2), b[1:].repeat(2)]))
+    ids = random_ids(batch=1, length=2 * C)
+    torch.manual_seed(0)
+    closed = elbo_terms(single, ids, num_samples=150)
+    torch.manual_seed(1)
+    sampled = elbo_terms(double, ids, num_samples=150)
+    torch.testing.assert_close(sampled["nll_codes"], closed["nll_codes"], rtol=0.05, atol=0.3)
+    torch.testing.assert_close(sampled["nll_recon"], closed["nll_recon"], rtol=0.05, atol=0.3)
+    bound = float(closed["nll_codes"] + closed["nll_recon"])
+    torch.manual_seed(2)
+    assert _importance_sampled_nll(single, ids, 150) < bound, "the ELBO bound lies below -log p(x)"
