@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "train-vae": ("rqlm.commands.train_vae", "train the RQ-VAE (text -> residual codes -> text)"),
     "encode": ("rqlm.commands.encode", "compute a trained RQ-VAE's codes of a dataset once, for train-lm"),
     "train-lm": ("rqlm.commands.train_lm", "train the RQ-Transformer over RQ-VAE codes"),
+    "train-givt": ("rqlm.commands.train_givt", "train the continuous latent LM (GIVT / CALM heads) over a Gaussian VAE"),
     "train-baseline": ("rqlm.commands.train_baseline", "train the plain Qwen3 baseline on the same data"),
     "evaluate": ("rqlm.commands.evaluate", "perplexity (bound), reconstruction and codebook usage"),
     "bench": ("rqlm.commands.bench", "speed and memory against the baseline or the reference quantizers"),

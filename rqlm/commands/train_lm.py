@@ -236,6 +236,9 @@ def main(args: argparse.Namespace) -> int:
     train_args = training_arguments_from_namespace(args)
     check_before_data(train_args, args.backbone)
     vae = load_vae(args.vae)
+    if vae.is_continuous:
+        raise ValueError(f"'{args.vae}' holds a Gaussian VAE (continuous latents, no codes); train its latent LM "
+                         "with `rqlm train-givt --vae ...`")
     resolve_compression_factor(args, vae)
     tokenizer = vae_tokenizer(args)
     train_data, eval_data = encoded_splits(args, vae, tokenizer)

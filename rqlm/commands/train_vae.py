@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="K, codes per codebook (default: %(default)s)")
     model.add_argument("--quantizer_type", default="residual_vq",
                        help="quantizer family, see rqlm.quantizers, or 'gaussian' for a continuous VAE "
-                       "(diagonal-Gaussian posterior, no codes; the VAE of `train-lm --head gaussian|energy`) "
+                       "(diagonal-Gaussian posterior, no codes; the VAE of `rqlm train-givt`) "
                        "(default: %(default)s)")
     model.add_argument("--quantizer_kwargs", type=_mapping, default=dict(CPU_QUANTIZER_KWARGS),
                        help="JSON keyword arguments of the quantizer, vector-quantize-pytorch's names "

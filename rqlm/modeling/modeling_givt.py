@@ -58,7 +58,7 @@ class GIVTPreTrainedModel(CheckedLoading, PreTrainedModel):
     _no_split_modules = ["Qwen3DecoderLayer"]  # noqa: RUF012 (transformers convention)
     _supports_sdpa = True
     _supports_flash_attn = True
-    _other_type_hint = "a continuous latent LM is trained with `rqlm train-lm --vae GAUSSIAN_VAE_DIR --head gaussian`"
+    _other_type_hint = "a continuous latent LM is trained with `rqlm train-givt --vae GAUSSIAN_VAE_DIR`"
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -78,6 +78,8 @@ class GIVTPreTrainedModel(CheckedLoading, PreTrainedModel):
 
 class GIVTForCausalLM(TrainableBackbone, GIVTGenerationMixin, GIVTPreTrainedModel):
     """Spatial transformer and a continuous head over a frozen Gaussian VAE's latents (see the module docstring)."""
+
+    logged_output_keys = ("latent_nll", "energy_score")  # noqa: RUF012 (read by the training loop)
 
     def __init__(self, config: GIVTConfig):
         super().__init__(config)

@@ -242,7 +242,7 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
         if self.is_continuous:
             raise ValueError(
                 "this VAE is continuous (quantizer_type='gaussian') and has no codes; "
-                "train a latent LM over it with GIVTForCausalLM (`rqlm train-lm --head gaussian`)"
+                "train a latent LM over it with GIVTForCausalLM (`rqlm train-givt`)"
             )
 
     def latent_mask(self, attention_mask: torch.Tensor | None) -> torch.BoolTensor | None:
