@@ -369,3 +369,58 @@ def test_elbo_bound_lies_above_the_importance_sampled_nll_and_closed_form_matche
     bound = float(closed["nll_codes"] + closed["nll_recon"])
     torch.manual_seed(2)
     assert _importance_sampled_nll(single, ids, 150) < bound, "the ELBO bound lies below -log p(x)"
+
+
+# ----------------------------------------------------------------- rqlm evaluate / train-givt / bench
+def save_givt(folder, tokenizer, head: str) -> GIVTForCausalLM:
+    """A random tiny GIVT (C=4, d=8) over a random Gaussian VAE, saved with the tokenizer into `folder`."""
+    from test_generate_cli import tiny_backbone
+
+    torch.manual_seed(0)
+    vae = RQVAEModel(RQVAEConfig(
+        backbone_config=tiny_backbone(tokenizer), compression_factor=C, latent_dim=D_LATENT, quantizer_type="gaussian",
+        num_encoder_layers=0, num_decoder_layers=0, num_latent_layers=0, zero_init_residual_branches=False,
+    )).eval()
+    model = GIVTForCausalLM.from_vae(vae, backbone_config=tiny_backbone(tokenizer, max_position_embeddings=64),
+                                     head=head, energy_head_size=16).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def cli_folders(tmp_path_factory):
+    from test_generate_cli import save_baseline
+
+    from rqlm.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    root = tmp_path_factory.mktemp("givt_cli")
+    for head in HEADS:
+        save_givt(root / head, tokenizer, head)
+    save_baseline(root / "base", tokenizer, seed=1)
+    return root, tokenizer
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_evaluate_reports_givt_beside_the_baseline(cli_folders, head, capsys):
+    import json
+
+    from rqlm.cli import main
+
+    root, _ = cli_folders
+    output = root / f"{head}.json"
+    argv = ["evaluate", "--model", str(root / head), "--baseline", str(root / "base"), "--block_size", "32",
+            "--max_eval_blocks", "2", "--batch_size", "2", "--num_prompts", "2", "--prompt_tokens", "8",
+            "--new_tokens", "8", "--brier_prefixes", "4", "--output_json", str(output)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    figures = json.loads(output.read_text())
+    assert 0 <= figures["brier_lm"] <= 100 and 0 <= figures["baseline_brier_lm"] <= 100
+    assert "GIVT model" in out and figures["num_tokens"] == 64
+    if head == "gaussian":
+        assert "GIVT ELBO perplexity bound" in out
+        nats = figures["nll_codes_per_token"] + figures["nll_recon_per_token"]
+        assert figures["perplexity_bound"] == pytest.approx(math.exp(nats), rel=1e-6)
+    else:
+        assert "perplexity_bound" not in figures and "likelihood-free" in out

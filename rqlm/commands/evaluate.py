@@ -6,6 +6,10 @@
     held-out prompts -> RQ samples, baseline samples -> the baseline's perplexity on each (judged quality)
     held-out prefixes -> two samples of 4 tokens per prefix from each model -> BrierLM of both (likelihood-free)
 
+--model may also be a `rqlm train-givt` folder (continuous latents): a Gaussian head's bound is the ELBO of
+rqlm/evaluation/elbo_bound.py (latent KL term + reconstruction term); the energy head has no likelihood, so it
+gets BrierLM and judged quality only.
+
 The bound's terms come from rqlm/evaluation/bound.py, the baseline's and the judged figures from
 rqlm/evaluation/perplexity.py, BrierLM from rqlm/evaluation/brier.py. A readable table goes to stdout, every
 figure to `--output_json`.
@@ -25,7 +29,8 @@ DEFAULT_BLOCK_SIZE = 128
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from rqlm.data.arguments import add_data_arguments
 
-    parser.add_argument("--model", required=True, help="a `rqlm train-lm` output folder (RQ-Transformer + tokenizer)")
+    parser.add_argument("--model", required=True, help="a `rqlm train-lm` output folder (RQ-Transformer + tokenizer), "
+                        "or a `rqlm train-givt` one (continuous latents)")
     parser.add_argument("--baseline", required=True, help="a `rqlm train-baseline` output folder (Qwen3ForCausalLM)")
     add_data_arguments(parser)
     parser.set_defaults(block_size=DEFAULT_BLOCK_SIZE, compression_factor=None)
@@ -99,43 +104,66 @@ def check_positions(args: argparse.Namespace, config, baseline_config) -> None:
                              f"of {role}; lower them")
 
 
+def has_bound(config) -> bool:
+    """Whether the latent LM has a perplexity bound: the RQ model and GIVT's Gaussian head do, the energy head not."""
+    return config.model_type != "givt" or config.head == "gaussian"
+
+
+def latent_bound_terms(model, input_ids):
+    """The bound's summed terms of a batch: the discrete bound (RQ) or the ELBO (Gaussian-head GIVT)."""
+    from rqlm.evaluation.bound import bound_terms
+    from rqlm.evaluation.elbo_bound import elbo_terms
+
+    return elbo_terms(model, input_ids) if model.config.model_type == "givt" else bound_terms(model, input_ids)
+
+
 def held_out_figures(model, baseline, eval_blocks, batch_size: int, separator_id: int) -> dict[str, float]:
-    """The bound's terms and the baseline's NLL, summed over the same held-out blocks -> figures."""
+    """The bound's terms (when the model has a bound) and the baseline's NLL, summed over the same held-out
+    blocks -> figures."""
     import torch
     from torch.utils.data import DataLoader
 
-    from rqlm.evaluation.bound import bound_terms, perplexity_bound
+    from rqlm.evaluation.bound import perplexity_bound
     from rqlm.evaluation.perplexity import block_nll, safe_exp
 
     totals: dict[str, torch.Tensor] = {}
-    baseline_nll, baseline_tokens = 0.0, 0.0
+    baseline_nll, baseline_tokens, blocks = 0.0, 0.0, 0
+    bounded = has_bound(model.config)
     for batch in DataLoader(eval_blocks, batch_size=batch_size):
         input_ids = batch["input_ids"].long()
-        for name, value in bound_terms(model, input_ids).items():
-            totals[name] = totals[name] + value if name in totals else value
+        blocks += len(input_ids)
+        if bounded:
+            for name, value in latent_bound_terms(model, input_ids).items():
+                totals[name] = totals[name] + value if name in totals else value
         scored = block_nll(baseline, input_ids, separator_id)
         baseline_nll += float(scored["nll"])
         baseline_tokens += float(scored["num_tokens"])
-    if not totals:
+    if not blocks:
         raise ValueError("the held-out split holds no block; give more text or lower --block_size")
-    tokens = float(totals["num_tokens"])
+    tokens = float(totals["num_tokens"]) if bounded else baseline_tokens
     if baseline_tokens != tokens:  # both read every token of the same blocks
         raise RuntimeError(f"the bound scored {tokens:.0f} tokens, the baseline {baseline_tokens:.0f}")
-    bound = perplexity_bound(totals)
     baseline_perplexity = safe_exp(baseline_nll / tokens)
     figures = {
-        "perplexity_bound": bound,
         "baseline_perplexity": baseline_perplexity,
+        "nll_baseline_per_token": baseline_nll / tokens,
+        "baseline_bits_per_token": baseline_nll / tokens / math.log(2),
+        "num_tokens": tokens,
+        "num_blocks": float(len(eval_blocks)),
+    }
+    if not bounded:
+        return figures
+    bound = perplexity_bound(totals)
+    figures.update({
+        "perplexity_bound": bound,
         "ratio": bound / baseline_perplexity,
         "nll_codes_per_token": float(totals["nll_codes"]) / tokens,
         "nll_recon_per_token": float(totals["nll_recon"]) / tokens,
         "nll_bound_per_token": (float(totals["nll_codes"]) + float(totals["nll_recon"])) / tokens,
-        "nll_baseline_per_token": baseline_nll / tokens,
-        "num_tokens": tokens,
-        "num_blocks": float(len(eval_blocks)),
-    }
+    })
     figures["bits_per_token"] = figures["nll_bound_per_token"] / math.log(2)
-    figures["baseline_bits_per_token"] = figures["nll_baseline_per_token"] / math.log(2)
+    if "nll_codes_depth" not in totals:  # continuous latents: no depths
+        return figures
     per_depth = totals["nll_codes_depth"] / totals["num_codes_depth"].clamp(min=1)
     accuracy = totals["correct_depth"] / totals["num_codes_depth"].clamp(min=1)
     for d, (nll, acc) in enumerate(zip(per_depth.tolist(), accuracy.tolist())):
@@ -198,23 +226,38 @@ def held_out_windows(blocks, count: int, width: int):
 
 def print_table(figures: dict[str, float], args: argparse.Namespace, config) -> None:
     """The figures as a readable table on stdout."""
-    c, d, k = config.compression_factor, config.num_quantizers, config.codebook_size
+    c = config.compression_factor
+    continuous = config.model_type == "givt"
+    latent = (f"d={config.latent_dim}, {config.head} head" if continuous else
+              f"D={config.num_quantizers}, K={config.codebook_size}")
     print(f"\nheld-out: {int(figures['num_blocks'])} blocks of {args.block_size} tokens "
-          f"({int(figures['num_tokens']):,} tokens), C={c}, D={d}, K={k}")
+          f"({int(figures['num_tokens']):,} tokens), C={c}, {latent}")
     print(f"{'':32}{'nats/token':>12}{'bits/token':>12}{'perplexity':>14}")
-    rows = [
-        ("RQ perplexity bound", figures["nll_bound_per_token"]),
-        ("  code NLL term", figures["nll_codes_per_token"]),
-        ("  reconstruction NLL term", figures["nll_recon_per_token"]),
-        ("baseline perplexity", figures["nll_baseline_per_token"]),
-    ]
+    rows = [("baseline perplexity", figures["nll_baseline_per_token"])]
+    if "perplexity_bound" in figures:
+        rows[:0] = [
+            ("GIVT ELBO perplexity bound" if continuous else "RQ perplexity bound", figures["nll_bound_per_token"]),
+            ("  latent KL term" if continuous else "  code NLL term", figures["nll_codes_per_token"]),
+            ("  reconstruction NLL term", figures["nll_recon_per_token"]),
+        ]
     for name, nats in rows:
         print(f"{name:32}{nats:12.4f}{nats / math.log(2):12.4f}{_number(math.exp(min(nats, 700))):>14}")
-    print(f"{'ratio bound / baseline':32}{'':24}{_number(figures['ratio']):>14}")
+    if "ratio" in figures:
+        print(f"{'ratio bound / baseline':32}{'':24}{_number(figures['ratio']):>14}")
+    if continuous:
+        if "perplexity_bound" not in figures:
+            print("the energy head is likelihood-free: no perplexity bound; BrierLM compares it")
+        _print_judged(figures, args)
+        return
+    d, k = config.num_quantizers, config.codebook_size
     depths = "  ".join(f"{figures[f'nll_codes_depth_{j}']:.3f}" for j in range(d))
     accuracies = "  ".join(f"{figures[f'code_accuracy_depth_{j}']:.1%}" for j in range(d))
     print(f"code NLL per depth (nats per code; uniform = ln K = {math.log(k):.3f}): {depths}")
     print(f"code accuracy per depth (argmax): {accuracies}")
+    _print_judged(figures, args)
+
+
+def _print_judged(figures: dict[str, float], args: argparse.Namespace) -> None:
     if "judged_perplexity_rq_samples" in figures:
         print(f"judged quality: the baseline's perplexity on sampled continuations of "
               f"{int(figures['judged_num_prompts'])} held-out prompts ({args.prompt_tokens} tokens, "
@@ -225,14 +268,14 @@ def print_table(figures: dict[str, float], args: argparse.Namespace, config) -> 
                   f"   (mean length {figures[f'judged_mean_length_{who}_samples']:.1f} tokens)")
 
 
-def print_brier(figures: dict[str, float], args: argparse.Namespace) -> None:
+def print_brier(figures: dict[str, float], args: argparse.Namespace, label: str = "RQ model") -> None:
     """BrierLM and its Brier-n of both models, one row each."""
     from rqlm.evaluation.brier import BRIER_ORDERS
 
     print(f"BrierLM on {int(figures['brier_num_prefixes'])} held-out prefixes ({args.prompt_tokens} tokens, "
           f"temperature 1, seed {args.seed}; 0-100, higher is better)")
     print(f"{'':32}{'BrierLM':>10}" + "".join(f"{f'Brier-{n} +- s.e.':>18}" for n in range(1, BRIER_ORDERS + 1)))
-    for name, prefix in (("RQ model", ""), ("baseline", "baseline_")):
+    for name, prefix in ((label, ""), ("baseline", "baseline_")):
         print(f"{name:32}{figures[prefix + 'brier_lm']:10.2f}" + "".join(
             f"{figures[f'{prefix}brier_{n}']:10.2f} +- {figures[f'{prefix}brier_{n}_stderr']:4.2f}"
             for n in range(1, BRIER_ORDERS + 1)))
@@ -246,10 +289,16 @@ def _number(value: float) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rqlm.commands.generate import check_same_vocabulary, load_folder_tokenizer, load_model, read_config
+    from rqlm.commands.generate import (
+        LATENT_LM_TYPES,
+        check_same_vocabulary,
+        load_folder_tokenizer,
+        load_model,
+        read_config,
+    )
     from rqlm.data.loading import get_lm_datasets
 
-    config = read_config(args.model, "--model", ("rq_transformer",))
+    config = read_config(args.model, "--model", LATENT_LM_TYPES)
     baseline_config = read_config(args.baseline, "--baseline", ("qwen3",))
     check_arguments(args, config)
     check_positions(args, config, baseline_config)
@@ -268,7 +317,7 @@ def main(args: argparse.Namespace) -> int:
         figures.update(brier_figures(model, baseline, eval_blocks, args, tokenizer))
     print_table(figures, args, config)
     if args.brier_prefixes:
-        print_brier(figures, args)
+        print_brier(figures, args, "GIVT model" if config.model_type == "givt" else "RQ model")
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(figures, indent=1))

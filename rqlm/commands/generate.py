@@ -16,7 +16,8 @@ import functools
 import time
 from pathlib import Path
 
-MODEL_TYPES = ("rq_transformer", "qwen3")
+LATENT_LM_TYPES = ("rq_transformer", "givt")  # latent LMs: C tokens per position, a VAE inside
+MODEL_TYPES = (*LATENT_LM_TYPES, "qwen3")
 ANY_CAUSAL_LM = ()  # `read_config(model_types=ANY_CAUSAL_LM)`: rq_transformer or any transformers causal LM
 
 
@@ -55,7 +56,7 @@ def read_config(path: str, role: str = "--model", model_types: tuple[str, ...] =
     if model_types == ANY_CAUSAL_LM:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type != "rq_transformer":
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in LATENT_LM_TYPES:
             raise ValueError(
                 f"{role} {path!r} holds a {config.model_type!r} checkpoint, not a causal LM; pass a `rqlm train-lm` "
                 "or `rqlm train-baseline` output (or another transformers causal LM folder)"
@@ -88,7 +89,7 @@ def load_folder_tokenizer(path: str, role: str = "--model"):
 
 def vocab_size(config) -> int:
     """Rows of the token embedding: the VAE's vocabulary for an RQ model, the LM's for Qwen3 (or another causal LM)."""
-    if config.model_type == "rq_transformer":
+    if config.model_type in LATENT_LM_TYPES:
         return config.vae_config.backbone_config.vocab_size
     return config.get_text_config().vocab_size
 
@@ -116,7 +117,7 @@ def check_same_vocabulary(tokenizer, path: str, config, role: str = "--baseline"
 
 def token_limit(config) -> int:
     """How many tokens (prompt + new) the model's positions cover."""
-    if config.model_type == "rq_transformer":
+    if config.model_type in LATENT_LM_TYPES:
         # the learned start position takes one of the spatial positions
         return (config.backbone_config.max_position_embeddings - 1) * config.compression_factor
     text = config.get_text_config()
