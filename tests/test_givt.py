@@ -424,3 +424,25 @@ def test_evaluate_reports_givt_beside_the_baseline(cli_folders, head, capsys):
         assert figures["perplexity_bound"] == pytest.approx(math.exp(nats), rel=1e-6)
     else:
         assert "perplexity_bound" not in figures and "likelihood-free" in out
+
+
+def test_bench_times_givt_rows_beside_the_baseline_and_the_rq_model(tmp_path, capsys):
+    import json
+
+    from rqlm.cli import main
+
+    output = tmp_path / "bench.json"
+    flags = ["bench", "--quick", "--threads", "1", "--no_memory", "--no-parallel_depth", "--batch_sizes", "1,2",
+             "--givt_heads", "gaussian,energy", "--output_json", str(output)]
+    assert main(flags) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    result = json.loads(output.read_text())
+    rows = result["shapes"][0]["rows"]
+    for name in ("GIVT C=4 gaussian", "GIVT C=4 energy"):
+        mine = [r for r in rows if r["model"] == name]
+        assert sorted(r["batch_size"] for r in mine) == [1, 2] and all(r["tokens_per_second"] > 0 for r in mine)
+        assert all(r["parts_ms"]["depth"] == 0 and r["parts_ms"]["spatial"] > 0 for r in mine)
+        assert f"| test | {name} | 1 | 8 |" in out
+        assert any(line.startswith(f"speedup batch 2 {name}: ") for line in result["summary"])
+    assert main(["bench", "--quick", "--givt_heads", "flow"]) == 1
+    assert "unknown head(s) ['flow']" in capsys.readouterr().err

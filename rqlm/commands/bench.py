@@ -108,6 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=["tiny"],
         help="shapes where the baseline also runs static cache + torch.compile ('' for none)",
     )
+    gen.add_argument(
+        "--givt_heads",
+        type=_names,
+        default=[],
+        help=f"comma-separated continuous heads (gaussian, energy): also time GIVT models at C={HEADLINE_C}, "
+        "over a Gaussian VAE of the RQ model's per-chunk path (default: none)",
+    )
     gen.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (median reported)")
     gen.add_argument(
         "--no_memory",
@@ -116,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the extra profiled run per measurement that gives peak memory",
     )
     gen.add_argument(
-        "--model", default=None, help="a trained RQ LM folder: measured at the tiny shape's place"
+        "--model", default=None, help="a trained RQ LM (or GIVT) folder: measured at the tiny shape's place"
     )
     gen.add_argument("--baseline", default=None, help="the trained baseline folder to go with --model")
     gen.add_argument(
@@ -263,6 +270,12 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
     variants = [gs.Variant(c) for c in sorted(args.compression_factors, key=lambda c: c != HEADLINE_C)]
     if args.parallel_depth:
         variants.append(gs.Variant(HEADLINE_C, "parallel"))
+    from rqlm.modeling.configuration_givt import HEADS
+
+    unknown = sorted(set(args.givt_heads) - set(HEADS))
+    if unknown:
+        raise ValueError(f"--givt_heads: unknown head(s) {unknown}; choose from {', '.join(HEADS)}")
+    variants += [gs.Variant(HEADLINE_C, None, head) for head in args.givt_heads]
     trained = _load_trained(args) if args.model else None
 
     result = {
@@ -287,7 +300,7 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
         result["shapes"].append(
             gs.benchmark_shape(
                 shape=shape,
-                variants=variants if not replace else [gs.Variant(trained[0].compression_factor)],
+                variants=variants if not replace else [trained_variant(trained[0])],
                 batch_sizes=args.batch_sizes,
                 prompt_length=args.prompt_length,
                 new_tokens=args.large_new_tokens if large else args.new_tokens,
@@ -325,18 +338,28 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
     return result, gs.format_tables(result), summary
 
 
+def trained_variant(model):
+    """The `Variant` of a trained latent LM: its C, and its head for a GIVT model."""
+    from rqlm.evaluation import generation_speed as gs
+
+    if model.config.model_type == "givt":
+        return gs.Variant(model.compression_factor, None, model.config.head)
+    return gs.Variant(model.compression_factor)
+
+
 def _load_trained(args):
-    """(RQ LM, baseline) from the trained folders; a one-line error for a missing or mismatched pair."""
+    """(latent LM, baseline) from the trained folders; a one-line error for a missing or mismatched pair."""
     from transformers import AutoModelForCausalLM
 
-    from rqlm import RQTransformerForCausalLM
+    from rqlm.commands.generate import LATENT_LM_TYPES, read_config
 
     for name in ("model", "baseline"):
         if not Path(getattr(args, name)).is_dir():
             raise FileNotFoundError(
                 f"--{name} {getattr(args, name)!r} is not a folder; pass a trained model folder"
             )
-    model = RQTransformerForCausalLM.from_pretrained(args.model)
+    config = read_config(args.model, "--model", LATENT_LM_TYPES)
+    model = AutoModelForCausalLM.from_pretrained(args.model, config=config)
     baseline = AutoModelForCausalLM.from_pretrained(args.baseline)
     if baseline.config.model_type != "qwen3":
         raise ValueError(

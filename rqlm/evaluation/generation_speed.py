@@ -94,6 +94,27 @@ def build_rq_model(
     return RQTransformerForCausalLM(config).eval()
 
 
+def build_givt_model(backbone: Qwen3Config, compression_factor: int = 4, head: str = "gaussian") -> torch.nn.Module:
+    """A random-weight GIVTForCausalLM: spatial stack of `backbone`'s shape over a Gaussian VAE of the same
+    per-chunk path as the RQ model's (d = 64), with the given continuous head."""
+    from rqlm import GIVTConfig, GIVTForCausalLM, RQVAEConfig
+
+    sizes = {k: v for k, v in VAE_DEFAULTS.items() if k not in ("num_quantizers", "codebook_size")}
+    vae_config = RQVAEConfig(
+        backbone_config=copy.deepcopy(backbone), compression_factor=compression_factor, quantizer_type="gaussian", **sizes
+    )
+    config = GIVTConfig(backbone_config=copy.deepcopy(backbone), vae_config=vae_config, head=head)
+    torch.manual_seed(0)
+    return GIVTForCausalLM(config).eval()
+
+
+def build_variant(backbone: Qwen3Config, variant: Variant) -> torch.nn.Module:
+    """The random-weight latent LM a `Variant` names: an RQ model, or a GIVT model with its head."""
+    if variant.head is not None:
+        return build_givt_model(backbone, variant.compression_factor, variant.head)
+    return build_rq_model(backbone, variant.compression_factor, variant.depth_mode)
+
+
 def build_baseline(backbone: Qwen3Config) -> Qwen3ForCausalLM:
     """A random-weight Qwen3ForCausalLM of `backbone`'s shape."""
     torch.manual_seed(0)
@@ -123,9 +144,9 @@ def rq_cache_bytes(model, prompt_length: int, new_tokens: int, batch_size: int, 
     chunks = -(-prompt_length // c) + -(-new_tokens // c)
     vae = model.vae
     spatial = kv_cache_bytes(model.config.backbone_config, chunks + 1, batch_size, dtype)
-    depth = (
+    depth = (  # GIVT has no depth transformer
         kv_cache_bytes(model.depth.config, model.num_quantizers, batch_size, dtype)
-        if (model.config.depth_mode == "autoregressive")
+        if getattr(model.config, "depth_mode", None) == "autoregressive"
         else 0
     )
     decoder = 0
@@ -170,7 +191,8 @@ def part_timers(model, device: torch.device) -> Iterator[PartTimes]:
 
     spatial = embed_codes + spatial_forward; depth = depth_step / parallel_depth_logits; sampling =
     _sample_codes less its depth calls (logits processors, argmax, bookkeeping); decoder = the VAE modules
-    the chunk decoder runs (codes_to_quantized, latent/upsample/decoder stacks, lm_head). A call nested in
+    the chunk decoder runs (codes_to_quantized, latent/upsample/decoder stacks, lm_head); a GIVT model has no
+    depth, and its head counts as sampling. A call nested in
     another timed call is not counted again. Everything before the first _sample_codes is prefill. The model
     is left as it was.
     """
@@ -209,6 +231,7 @@ def part_timers(model, device: torch.device) -> Iterator[PartTimes]:
     ]
     modules = [vae.from_latent, vae.upsample, vae.latent_decoder, vae.decoder, vae.decoder.norm, vae.lm_head]
     modules += [vae.decoder_embed_tokens] if vae.decoder_embed_tokens is not None else []
+    methods = [(owner, name, part) for owner, name, part in methods if hasattr(owner, name)]
     for owner, name, part in methods:
         owner.__dict__[name] = timed(part, getattr(owner, name))
     for module in modules:
@@ -330,13 +353,16 @@ def run_peak_mb(generate: Callable, input_ids: torch.LongTensor, model, device: 
 
 @dataclass
 class Variant:
-    """An RQ model to measure: compression and depth mode."""
+    """A latent LM to measure: compression and depth mode (RQ), or a continuous head (`head`: GIVT)."""
 
     compression_factor: int
-    depth_mode: str = "autoregressive"
+    depth_mode: str | None = "autoregressive"
+    head: str | None = None
 
     @property
     def name(self) -> str:
+        if self.head is not None:
+            return f"GIVT C={self.compression_factor} {self.head}"
         return f"RQ C={self.compression_factor}" + (
             " parallel-depth" if self.depth_mode == "parallel" else ""
         )
@@ -387,6 +413,7 @@ def benchmark_shape(
             "way": way,
             "compression_factor": variant.compression_factor if variant else 1,
             "depth_mode": variant.depth_mode if variant else None,
+            "head": variant.head if variant else None,
             "batch_size": batch,
             "new_tokens": run.new_tokens,
             "tokens_per_second": run.tokens_per_second,
@@ -428,7 +455,7 @@ def benchmark_shape(
             model = models[0]
             model.generation_config.eos_token_id = None
         else:
-            model = build_rq_model(backbone, variant.compression_factor, variant.depth_mode)
+            model = build_variant(backbone, variant)
         model = model.to(device, torch_dtype).eval()
         result["rq_parameters"][variant.name] = {
             "total": count_parameters(model),
@@ -474,6 +501,13 @@ def summary_lines(result: dict, shape: str, compression_factor: int = 4) -> list
             f"speedup batch {batch} C={compression_factor}: {rq[0]['tokens_per_second'] / base['tokens_per_second']:.2f}x "
             f"(RQ {rate(rq[0]['tokens_per_second'])} tok/s, baseline {rate(base['tokens_per_second'])} tok/s)"
         )
+    for r in rows:  # the continuous latent LMs, when measured
+        if r.get("head") is not None and r["compression_factor"] == compression_factor:
+            base = best_baseline(rows, shape, r["batch_size"])
+            lines.append(
+                f"speedup batch {r['batch_size']} {r['model']}: {r['tokens_per_second'] / base['tokens_per_second']:.2f}x "
+                f"({rate(r['tokens_per_second'])} tok/s, baseline {rate(base['tokens_per_second'])} tok/s)"
+            )
     return lines
 
 
