@@ -130,7 +130,7 @@ def test_mixture_reduces_to_one_gaussian():
     single = GaussianMixtureHead(6, 3, num_mixtures=1)
     double = GaussianMixtureHead(6, 3, num_mixtures=2)
     h, z = torch.randn(4, 6), torch.randn(4, 3)
-    logits, mean, log_scale = single.parameters_of(h)
+    _, mean, log_scale = single.parameters_of(h)
     with torch.no_grad():  # two identical components: the mixture is the single Gaussian whatever their weights
         w, b = single.proj.weight, single.proj.bias
         params_w, params_b = w[1:].reshape(2, 3, 6), b[1:].reshape(2, 3)

@@ -54,7 +54,7 @@ class GaussianMixtureHead(nn.Module):
 
     def parameters_of(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h (..., H) -> logits (..., k), mean (..., k, d), log_scale (..., k, d) (fp32, log_scale >= min_log_scale)."""
-        k, d = self.num_mixtures, self.latent_dim
+        k = self.num_mixtures
         out = self.proj(hidden).float()
         logits, params = out[..., :k], rearrange(out[..., k:], "... (k two d) -> ... k two d", k=k, two=2)
         return logits, params[..., 0, :], params[..., 1, :].clamp(min=self.min_log_scale)
