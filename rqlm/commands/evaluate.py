@@ -247,24 +247,24 @@ def print_table(figures: dict[str, float], args: argparse.Namespace, config) -> 
     if continuous:
         if "perplexity_bound" not in figures:
             print("the energy head is likelihood-free: no perplexity bound; BrierLM compares it")
-        _print_judged(figures, args)
+        _print_judged(figures, args, "GIVT")
         return
     d, k = config.num_quantizers, config.codebook_size
     depths = "  ".join(f"{figures[f'nll_codes_depth_{j}']:.3f}" for j in range(d))
     accuracies = "  ".join(f"{figures[f'code_accuracy_depth_{j}']:.1%}" for j in range(d))
     print(f"code NLL per depth (nats per code; uniform = ln K = {math.log(k):.3f}): {depths}")
     print(f"code accuracy per depth (argmax): {accuracies}")
-    _print_judged(figures, args)
+    _print_judged(figures, args, "rq")
 
 
-def _print_judged(figures: dict[str, float], args: argparse.Namespace) -> None:
+def _print_judged(figures: dict[str, float], args: argparse.Namespace, label: str) -> None:
     if "judged_perplexity_rq_samples" in figures:
         print(f"judged quality: the baseline's perplexity on sampled continuations of "
               f"{int(figures['judged_num_prompts'])} held-out prompts ({args.prompt_tokens} tokens, "
               f"{args.new_tokens} new, temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, "
               f"seed {args.seed})")
         for who in ("rq", "baseline"):
-            print(f"  {who + ' samples':30}{_number(figures[f'judged_perplexity_{who}_samples']):>14}"
+            print(f"  {(label if who == 'rq' else who) + ' samples':30}{_number(figures[f'judged_perplexity_{who}_samples']):>14}"
                   f"   (mean length {figures[f'judged_mean_length_{who}_samples']:.1f} tokens)")
 
 
