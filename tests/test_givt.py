@@ -446,3 +446,52 @@ def test_bench_times_givt_rows_beside_the_baseline_and_the_rq_model(tmp_path, ca
         assert any(line.startswith(f"speedup batch 2 {name}: ") for line in result["summary"])
     assert main(["bench", "--quick", "--givt_heads", "flow"]) == 1
     assert "unknown head(s) ['flow']" in capsys.readouterr().err
+
+
+def test_train_vae_inspect_and_train_givt_from_the_command_line(tmp_path, capsys):
+    """`train-vae --quantizer_type gaussian` -> `inspect` -> `train-givt` (both heads) -> `generate`; train-lm refuses."""
+    import json
+
+    from test_cli import inspect_flags, one_line_error, vae_flags
+
+    from rqlm.cli import main
+    from rqlm.data.tokenizer import train_tokenizer
+    from rqlm.pipeline import fresh_accelerate_state
+
+    corpus = tmp_path / "corpus"  # short repetitive documents and a 300-token BPE, as test_trainer's corpus
+    corpus.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    docs = [" ".join(words[(i + j) % len(words)] for j in range(24)) + "." for i in range(240)]
+    (corpus / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    train_tokenizer(docs, vocab_size=300, output_dir=corpus / "tokenizer")
+    vae_dir = tmp_path / "vae"
+    fresh_accelerate_state()
+    flags = [str(a) for a in vae_flags(corpus, vae_dir, "--quantizer_type", "gaussian", "--token_mask_prob", "0.15",
+                                       "--latent_dropout", "0.15", "--eval_steps", "2")]
+    assert main(flags) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "Gaussian d=16" in out and "eval_accuracy_noise0.5" in out
+    assert RQVAEConfig.from_pretrained(vae_dir).to_dict()["quantizer_kwargs"] == {}
+
+    assert main([str(a) for a in inspect_flags(vae_dir, corpus, "--max_batches", "1")]) == 0
+    assert "KL to N(0, I)" in capsys.readouterr().out
+
+    for head in HEADS:
+        fresh_accelerate_state()
+        givt_dir = tmp_path / f"givt_{head}"
+        argv = ["train-givt", "--vae", vae_dir, "--dataset", corpus / "docs.jsonl", "--backbone", "test", "--head", head,
+                "--energy_head_size", "16", "--block_size", "32", "--max_steps", "2", "--max_minutes", "none",
+                "--per_device_train_batch_size", "4", "--warmup_steps", "1", "--eval_steps", "2", "--eval_batches", "1",
+                "--save_steps", "0", "--mixed_precision", "no", "--output_dir", givt_dir]
+        assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert "GIVT:" in out and ("eval_perplexity_bound" in out) == (head == "gaussian")
+        assert main(["generate", "alpha beta", "--model", str(givt_dir), "--max_new_tokens", "8"]) == 0
+        assert "new tokens in" in capsys.readouterr().out
+    fresh_accelerate_state()
+    error = one_line_error(capsys, ["train-lm", "--vae", vae_dir, "--dataset", corpus / "docs.jsonl", "--backbone", "test",
+                                    "--max_minutes", "none", "--output_dir", tmp_path / "lm"])
+    assert "holds a Gaussian VAE" in error and "train-givt" in error
+    fresh_accelerate_state()
+    error = one_line_error(capsys, ["train-givt", "--vae", tmp_path / "nowhere", "--output_dir", tmp_path / "x"])
+    assert "not found" in error
