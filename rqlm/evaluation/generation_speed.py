@@ -656,7 +656,8 @@ def format_tables(result: dict) -> str:
             )
     lines += [
         "",
-        "RQ model, share of the per-step time (one step = one spatial position = C tokens):",
+        "Latent LMs, share of the per-step time (one step = one spatial position = C tokens; a GIVT head counts as "
+        "sampling):",
         "",
         "| shape | model | batch | ms/step | " + " | ".join(PARTS) + " |",
         "|---|---|---:|---:|" + "---:|" * len(PARTS),
