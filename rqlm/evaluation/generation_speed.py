@@ -656,8 +656,7 @@ def format_tables(result: dict) -> str:
             )
     lines += [
         "",
-        "Latent LMs, share of the per-step time (one step = one spatial position = C tokens; a GIVT head counts as "
-        "sampling):",
+        "Latent LMs, share of the per-step time (one step = one spatial position = C tokens; GIVT heads: sampling):",
         "",
         "| shape | model | batch | ms/step | " + " | ".join(PARTS) + " |",
         "|---|---|---:|---:|" + "---:|" * len(PARTS),
