@@ -314,6 +314,7 @@ def test_one_line_errors_across_the_two_latent_kinds():
     model = make_givt(head="gaussian")
     with pytest.raises(ValueError, match="no depths"):
         model.generate(prompts([4])[0][None], max_new_tokens=4, depth_temperature=0.5)
+    assert GIVTConfig().vae_config.is_continuous  # the default config builds (a Gaussian VAE inside)
     with pytest.raises(ValueError, match="head must be one of"):
         make_givt(head="flow")
     with pytest.raises(ValueError, match="float latents"):

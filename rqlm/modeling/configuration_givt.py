@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig, Qwen3Config
 from transformers.configuration_utils import SubConfigSpec
 
-from .configuration_rq_vae import LORA_TARGETS, RQVAEConfig
+from .configuration_rq_vae import GAUSSIAN, LORA_TARGETS, RQVAEConfig
 
 HEADS = ("gaussian", "energy")
 
@@ -19,7 +19,7 @@ class GIVTConfig(PreTrainedConfig):
     Args:
         backbone_config (`Qwen3Config` or `dict`):
             The spatial transformer over latent positions (C tokens each); its `vocab_size` is unused.
-        vae_config (`RQVAEConfig` or `dict`):
+        vae_config (`RQVAEConfig` or `dict`, defaults to a default `RQVAEConfig(quantizer_type="gaussian")`):
             The frozen Gaussian VAE whose latents the model predicts and whose decoder turns them into tokens.
         head (`str`, defaults to `"gaussian"`):
             `"gaussian"`: GIVT's head, a diagonal Gaussian (mixture) per position trained by negative
@@ -65,6 +65,8 @@ class GIVTConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if self.vae_config is None:  # the default sub-config is a Gaussian VAE, not the RQ-VAE's residual VQ
+            self.vae_config = {"quantizer_type": GAUSSIAN}
         super().__post_init__(**kwargs)
         self.lora_target_modules = list(self.lora_target_modules or LORA_TARGETS)
         self.validate_values()
