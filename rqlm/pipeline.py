@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rqlm.trainer.loop import CHECKPOINTS_DIR
 
-TRAINING_COMMANDS = ("train-vae", "train-lm", "train-baseline")
+TRAINING_COMMANDS = ("train-vae", "train-lm", "train-baseline", "train-givt")
 TRAINED = "README.md"  # the model card: the training loop's last file after the weights
 INTERRUPTED = 130  # what `rqlm` returns on Ctrl-C (a training command saves a checkpoint first)
 

@@ -12,6 +12,15 @@
     evaluation  rqlm evaluate                              -> DIR/evaluation/evaluation.json
     reconstruction  rqlm inspect DIR/vae                   -> DIR/reconstruction/inspect.json
     benchmark   rqlm bench --model DIR/lm --baseline DIR/baseline (batch 1 and 8) -> DIR/benchmark/bench.json
+  with --continuous (always with --quick), the continuous latents beside them (issue 14):
+    gaussian-vae    rqlm train-vae --quantizer_type gaussian  -> DIR/gaussian_vae
+    gaussian-reconstruction  rqlm inspect DIR/gaussian_vae    -> DIR/gaussian_reconstruction/inspect.json
+    givt, givt-energy        rqlm train-givt --head gaussian | energy --backbone DIR/baseline
+                                                              -> DIR/givt, DIR/givt_energy
+    givt-evaluation, givt-energy-evaluation   rqlm evaluate --model DIR/givt[_energy]
+                                                              -> DIR/givt[_energy]_evaluation/evaluation.json
+    givt-benchmark, givt-energy-benchmark     rqlm bench --model DIR/givt[_energy]
+                                                              -> DIR/givt[_energy]_benchmark/bench.json
     report      rqlm/evaluation/report.py                  -> DIR/report.md, DIR/metrics.json, DIR/plots/*.png
 
 Every stage runs through rqlm.pipeline.run_stage: it is skipped when its output is finished (`--force`
@@ -31,6 +40,9 @@ from rqlm.pipeline import TRAINED
 # minutes of training time (`--max_minutes`) per training stage: 10 in all, plus about 3 minutes of
 # data loading, evaluation, encoding and benchmarking keep the default demo under 15 minutes on 2 cores
 DEFAULT_MINUTES = {"baseline": 3.0, "vae": 3.0, "lm": 4.0}
+# the same for the continuous stages of --continuous (about 9 minutes more with their evaluation and benchmark)
+CONTINUOUS_MINUTES = {"gaussian_vae": 2.0, "givt": 3.0, "givt_energy": 2.0}
+GIVT_HEADS = {"givt": "gaussian", "givt_energy": "energy"}  # training stage -> its `train-givt --head`
 BLOCK_SIZE = 128  # the VAE's and the LM's block size; the baseline reads the same blocks
 FREEZE_BACKBONE_STEPS = 50  # the LM's spatial layers (copied from the baseline) stay frozen this long
 BENCH_BATCH_SIZES = "1,8"
@@ -56,14 +68,17 @@ class Settings:
     bench_new_tokens: int = 64
     vae_flags: tuple = ()  # model flags of train-vae (default: its CPU recipe)
     lm_flags: tuple = ()  # model flags of train-lm (default: its defaults)
+    gaussian_vae_flags: tuple = ()  # model flags of train-vae --quantizer_type gaussian (default: the CPU recipe)
+    givt_flags: tuple = ()  # model flags of train-givt (default: its defaults)
 
 
 QUICK = Settings(
-    vocab_size=1024, backbone="test", step_limits={"baseline": 8, "vae": 8, "lm": 8}, freeze_backbone_steps=4,
-    unfreeze_warmup_steps=2, eval_steps=4, save_steps=4, eval_batches=1, logging_steps=2, max_eval_blocks=8, num_prompts=2,
+    vocab_size=1024, backbone="test", step_limits=dict.fromkeys(DEFAULT_MINUTES | CONTINUOUS_MINUTES, 8),
+    freeze_backbone_steps=4, unfreeze_warmup_steps=2, eval_steps=4, save_steps=4, eval_batches=1, logging_steps=2, max_eval_blocks=8, num_prompts=2,
     brier_prefixes=4, bench_prompt_length=16, bench_new_tokens=8,
     vae_flags=("--num_quantizers", 4, "--codebook_size", 64, "--latent_dim", 16),
     lm_flags=("--depth_hidden_size", 64, "--depth_num_attention_heads", 2),
+    gaussian_vae_flags=("--latent_dim", 16), givt_flags=("--energy_head_size", 64),
 )  # fmt: skip
 
 
@@ -85,7 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"entries of the BPE tokenizer (default: {Settings.vocab_size}; --quick: {QUICK.vocab_size})")
     parser.add_argument("--data_only", action="store_true",
                         help="stop after the tokenizer stage and print the corpus's statistics")
-    for stage, minutes in DEFAULT_MINUTES.items():
+    parser.add_argument("--continuous", action="store_true",
+                        help="also the continuous latents (issue 14): a Gaussian VAE, GIVT's Gaussian head and CALM's "
+                        "energy head over it, evaluated and benchmarked beside the others (about "
+                        f"{sum(CONTINUOUS_MINUTES.values()) + 2:g} minutes more; always part of --quick)")
+    for stage, minutes in (DEFAULT_MINUTES | CONTINUOUS_MINUTES).items():
         parser.add_argument(f"--{stage}_minutes", type=float, default=None,
                             help=f"training time of the {stage} stage (default: {minutes:g}; --quick: 8 steps)")
 
@@ -102,23 +121,33 @@ def stages(args: argparse.Namespace, settings: Settings) -> list[tuple[str, Path
     def training(stage: str) -> list:
         minutes = getattr(args, f"{stage}_minutes")
         limit = (settings.step_limits or {}).get(stage)
-        budget = ["--max_minutes", minutes if minutes is not None else "none" if limit else DEFAULT_MINUTES[stage]]
+        default = (DEFAULT_MINUTES | CONTINUOUS_MINUTES)[stage]
+        budget = ["--max_minutes", minutes if minutes is not None else "none" if limit else default]
         steps = ["--max_steps", limit] if limit else []
         return [*blocks, *held_out, *budget, *steps, "--eval_steps", settings.eval_steps,
                 "--eval_batches", settings.eval_batches, "--save_steps", settings.save_steps,
                 "--logging_steps", settings.logging_steps]
 
-    evaluate = ["evaluate", "--model", lm, "--baseline", baseline, *held_out, "--num_prompts", settings.num_prompts,
-                "--new_tokens", 32, "--prompt_tokens", 32, "--output_json", out / "evaluation" / "evaluation.json"]
-    if command_accepts("evaluate", "--brier_prefixes"):  # BrierLM, where `rqlm evaluate` has it
-        evaluate += ["--brier_prefixes", settings.brier_prefixes]
-    inspect = ["inspect", vae, *held_out, "--num_examples", 2, "--no-color",
-               "--output", out / "reconstruction" / "inspect.html"]
-    bench = ["bench", "--model", lm, "--baseline", baseline, "--shapes", "tiny", "--compile_shapes", "",
-             "--no-parallel_depth", "--compression_factors", HEADLINE_C, "--batch_sizes", BENCH_BATCH_SIZES,
-             "--prompt_length", settings.bench_prompt_length, "--new_tokens", settings.bench_new_tokens,
-             "--evaluation_json", out / "evaluation" / "evaluation.json", "--output_json", out / "benchmark" / "bench.json"]
-    return [
+    def evaluate(model: Path, output_dir: Path) -> list:
+        figures = ["evaluate", "--model", model, "--baseline", baseline, *held_out, "--num_prompts",
+                   settings.num_prompts, "--new_tokens", 32, "--prompt_tokens", 32,
+                   "--output_json", output_dir / "evaluation.json"]
+        if command_accepts("evaluate", "--brier_prefixes"):  # BrierLM, where `rqlm evaluate` has it
+            figures += ["--brier_prefixes", settings.brier_prefixes]
+        return figures
+
+    def inspect(model: Path, output_dir: Path) -> list:
+        return ["inspect", model, *held_out, "--num_examples", 2, "--no-color", "--output", output_dir / "inspect.html"]
+
+    def bench(model: Path, output_dir: Path, evaluation_dir: Path | None) -> list:
+        # --evaluation_json: the bound printed beside the model (a model without one, the energy head, has none)
+        bound = [] if evaluation_dir is None else ["--evaluation_json", evaluation_dir / "evaluation.json"]
+        return ["bench", "--model", model, "--baseline", baseline, "--shapes", "tiny", "--compile_shapes", "",
+                "--no-parallel_depth", "--compression_factors", HEADLINE_C, "--batch_sizes", BENCH_BATCH_SIZES,
+                "--prompt_length", settings.bench_prompt_length, "--new_tokens", settings.bench_new_tokens,
+                *bound, "--output_json", output_dir / "bench.json"]
+
+    rq_stages = [
         ("tokenizer", tokenizer, ["train-tokenizer", "--vocab_size", args.vocab_size or settings.vocab_size,
                                   "--output_dir", tokenizer],
          "tokenizer.json"),
@@ -133,10 +162,43 @@ def stages(args: argparse.Namespace, settings: Settings) -> list[tuple[str, Path
                     "--unfreeze_warmup_steps", settings.unfreeze_warmup_steps, "--output_dir", lm, *settings.lm_flags,
                     *training("lm")],
          TRAINED),
-        ("evaluation", out / "evaluation", evaluate, "evaluation.json"),
-        ("reconstruction", out / "reconstruction", inspect, "inspect.json"),
-        ("benchmark", out / "benchmark", bench, "bench.json"),
+        ("evaluation", out / "evaluation", evaluate(lm, out / "evaluation"), "evaluation.json"),
+        ("reconstruction", out / "reconstruction", inspect(vae, out / "reconstruction"), "inspect.json"),
+        ("benchmark", out / "benchmark", bench(lm, out / "benchmark", out / "evaluation"), "bench.json"),
     ]
+    if not continuous(args):
+        return rq_stages
+    gaussian_vae = out / "gaussian_vae"
+    continuous_stages = [
+        ("gaussian-vae", gaussian_vae, ["train-vae", "--quantizer_type", "gaussian", "--tokenizer", tokenizer,
+                                        "--backbone", settings.backbone, "--output_dir", gaussian_vae,
+                                        *settings.gaussian_vae_flags, *training("gaussian_vae")], TRAINED),
+        ("gaussian-reconstruction", out / "gaussian_reconstruction",
+         inspect(gaussian_vae, out / "gaussian_reconstruction"), "inspect.json"),
+    ]
+    for stage, head in GIVT_HEADS.items():  # the spatial layers from the baseline, as the RQ LM's
+        givt, name = out / stage, stage.replace("_", "-")
+        evaluation, benchmark = out / f"{stage}_evaluation", out / f"{stage}_benchmark"
+        continuous_stages += [
+            (name, givt, ["train-givt", "--vae", gaussian_vae, "--head", head, "--backbone", baseline,
+                          "--freeze_backbone_steps", settings.freeze_backbone_steps,
+                          "--unfreeze_warmup_steps", settings.unfreeze_warmup_steps, "--output_dir", givt,
+                          *settings.givt_flags, *training(stage)], TRAINED),
+            (f"{name}-evaluation", evaluation, evaluate(givt, evaluation), "evaluation.json"),
+            (f"{name}-benchmark", benchmark, bench(givt, benchmark, evaluation if head == "gaussian" else None),
+             "bench.json"),
+        ]
+    return rq_stages + continuous_stages
+
+
+def continuous(args: argparse.Namespace) -> bool:
+    """Whether the run has the continuous-latent stages: `--continuous`, and always `--quick` (its test covers them)."""
+    return args.continuous or args.quick
+
+
+def training_stages(args: argparse.Namespace) -> dict[str, float]:
+    """Training stage -> its default budget in minutes, for the stages this run has."""
+    return DEFAULT_MINUTES | (CONTINUOUS_MINUTES if continuous(args) else {})
 
 
 def command_accepts(command: str, flag: str) -> bool:
@@ -166,7 +228,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from rqlm.pipeline import StageLog, run_stage
 
     settings = QUICK if args.quick else Settings()
-    for stage in DEFAULT_MINUTES:
+    for stage in DEFAULT_MINUTES | CONTINUOUS_MINUTES:
         minutes = getattr(args, f"{stage}_minutes")
         if minutes is not None and minutes <= 0:
             raise ValueError(f"--{stage}_minutes must be > 0, got {minutes:g}")
@@ -182,10 +244,10 @@ def run_demo(args: argparse.Namespace) -> int:
             log.print_summary()
             return 0
     with log.timed("report", out / "report.md"):
-        budgets = {stage: (getattr(args, f"{stage}_minutes") or DEFAULT_MINUTES[stage]) if not args.quick
-                   else getattr(args, f"{stage}_minutes") for stage in DEFAULT_MINUTES}
+        budgets = {stage: (getattr(args, f"{stage}_minutes") or default) if not args.quick
+                   else getattr(args, f"{stage}_minutes") for stage, default in training_stages(args).items()}
         report = write_report(out, stage_seconds=record_stage_seconds(out, log), budgets=budgets,
-                              block_size=BLOCK_SIZE, quick=args.quick)
+                              block_size=BLOCK_SIZE, quick=args.quick, continuous=continuous(args))
     log.print_summary()
     print(f"\nreport: {report} (figures in {out / 'metrics.json'}, plots in {out / 'plots'})")
     return 0

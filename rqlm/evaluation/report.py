@@ -4,11 +4,18 @@
     DIR/reconstruction/inspect.json (rqlm inspect)   reconstruction accuracy (per chunk position), usage per depth
     DIR/benchmark/bench.json        (rqlm bench)     tokens/s, time to first token, peak memory, parameters
     DIR/{baseline,vae,lm}/metrics.jsonl              steps, tokens, training time (the conditions)
-    -> DIR/metrics.json (all of them), DIR/plots/*.png, and DIR/report.md: the RQ model and the baseline side by
-       side, greedy continuations of the same held-out prompts, the reconstruction diff of held-out text.
+  and, for a run with the continuous latents (`rqlm demo --continuous`, or --quick):
+    DIR/givt[_energy]_evaluation/evaluation.json       GIVT's ELBO bound (Gaussian head), BrierLM, judged quality
+    DIR/gaussian_reconstruction/inspect.json         the Gaussian VAE's reconstruction (also of perturbed latents)
+    DIR/givt[_energy]_benchmark/bench.json             tokens/s etc., beside the baseline measured in the same run
+    DIR/{gaussian_vae,givt,givt_energy}/metrics.jsonl
+    -> DIR/metrics.json (all of them), DIR/plots/*.png, and DIR/report.md: the RQ model and the baseline (and the
+       GIVT models) side by side, greedy continuations of the same held-out prompts, the reconstruction diff
+       of held-out text.
 
 A figure the run did not produce (e.g. BrierLM before `rqlm evaluate` has it) is null in metrics.json and
-'n/a' in the table.
+'n/a' in the table; one that does not apply to a model (codebook usage of a continuous latent, the perplexity
+of the likelihood-free energy head) is '—'.
 """
 
 from __future__ import annotations
@@ -22,7 +29,12 @@ from pathlib import Path
 BENCH_BATCHES = (1, 8)
 RQ_MODEL = "rq"
 BASELINE = "baseline"
+GIVT, GIVT_ENERGY = "givt", "givt_energy"  # also their folders' names (DIR/givt, DIR/givt_evaluation, ...)
+COLUMNS = {RQ_MODEL: "RQ-Transformer", BASELINE: "Qwen3 baseline", GIVT: "GIVT (Gaussian head)",
+           GIVT_ENERGY: "GIVT (energy head)"}  # table column of each model, in this order
+LIKELIHOOD_FREE = (GIVT_ENERGY,)  # no perplexity (bound): BrierLM compares them
 TRAINING_STAGES = {"baseline": "Qwen3 baseline", "vae": "RQ-VAE", "lm": "RQ-Transformer"}
+CONTINUOUS_STAGES = {"gaussian_vae": "Gaussian VAE", GIVT: COLUMNS[GIVT], GIVT_ENERGY: COLUMNS[GIVT_ENERGY]}
 NUM_SAMPLES = 2  # held-out prompts continued by both models
 SAMPLE_PROMPT_TOKENS = 32
 SAMPLE_NEW_TOKENS = 32
@@ -41,14 +53,15 @@ def _read_json(path: Path) -> dict:
 
 
 def evaluation_figures(evaluation: dict) -> dict[str, dict]:
-    """`rqlm evaluate` JSON -> per model: perplexity, bits per token, BrierLM (and Brier-1..4), judged perplexity."""
-    figures = {RQ_MODEL: {}, BASELINE: {}}
-    for model, prefix in ((RQ_MODEL, ""), (BASELINE, "baseline_")):
-        figures[model]["perplexity"] = evaluation["perplexity_bound" if model == RQ_MODEL else "baseline_perplexity"]
-        figures[model]["bits_per_token"] = evaluation[f"{prefix}bits_per_token"]
+    """`rqlm evaluate` JSON -> per model (the latent LM under RQ_MODEL, and the baseline): perplexity (bound;
+    None for a likelihood-free model), bits per token, BrierLM (and Brier-1..4), judged perplexity."""
+    figures = {}
+    for model, prefix, perplexity, who in ((RQ_MODEL, "", "perplexity_bound", "rq"),
+                                           (BASELINE, "baseline_", "baseline_perplexity", "baseline")):
+        figures[model] = {"perplexity": evaluation.get(perplexity),
+                          "bits_per_token": evaluation.get(f"{prefix}bits_per_token")}
         for name in ("brier_lm", "brier_1", "brier_2", "brier_3", "brier_4"):
             figures[model][name] = evaluation.get(f"{prefix}{name}")
-        who = "rq" if model == RQ_MODEL else "baseline"
         figures[model]["judged_perplexity"] = evaluation.get(f"judged_perplexity_{who}_samples")
     return figures
 
@@ -58,17 +71,23 @@ def reconstruction_figures(inspect: dict) -> dict:
     positions = sorted(int(k.removeprefix("accuracy_pos")) for k in inspect if k.startswith("accuracy_pos"))
     depths = sorted(int(k.removeprefix("usage_perplexity_d")) for k in inspect
                     if k.startswith("usage_perplexity_d") and k.removeprefix("usage_perplexity_d").isdigit())
-    return {
+    figures = {
         "reconstruction_accuracy": inspect["accuracy"],
         "reconstruction_accuracy_by_position": [inspect[f"accuracy_pos{p}"] for p in positions],
         "usage_perplexity_by_depth": [inspect[f"usage_perplexity_d{d}"] for d in depths],
         "dead_fraction_by_depth": [inspect[f"dead_fraction_d{d}"] for d in depths],
     }
+    if "accuracy_sampled" in inspect:  # a Gaussian VAE: decoding a posterior sample, and the mean plus noise
+        figures["reconstruction_accuracy_sampled"] = inspect["accuracy_sampled"]
+        figures["reconstruction_accuracy_noise"] = {k.removeprefix("accuracy_noise"): v for k, v in inspect.items()
+                                                    if k.startswith("accuracy_noise")}
+    return figures
 
 
 def bench_figures(bench: dict) -> dict[str, dict]:
-    """`rqlm bench` JSON (trained models) -> per model and batch size: tokens/s, time to first token, peak memory;
-    and parameters. The baseline's figures are its fastest way of generating at each batch size."""
+    """`rqlm bench` JSON (a trained latent LM and the baseline) -> per model (the latent LM under RQ_MODEL) and
+    batch size: tokens/s, time to first token, peak memory, and the latent LM's speedup over the baseline in
+    the same run; and parameters. The baseline's figures are its fastest way of generating at each batch size."""
     from rqlm.evaluation.generation_speed import best_baseline
 
     shape = bench["shapes"][0]
@@ -83,6 +102,8 @@ def bench_figures(bench: dict) -> dict[str, dict]:
             figures[model][f"time_to_first_token_ms_batch{batch}"] = row["time_to_first_token_ms"]
             figures[model][f"peak_memory_mb_batch{batch}"] = row["peak_mb"]
         figures[BASELINE][f"generate_way_batch{batch}"] = rows[BASELINE]["way"]
+        figures[RQ_MODEL][f"speedup_batch{batch}"] = (rows[RQ_MODEL]["tokens_per_second"]
+                                                     / rows[BASELINE]["tokens_per_second"])
     (rq_parameters,) = shape["rq_parameters"].values()
     figures[RQ_MODEL]["parameters"] = rq_parameters["total"] - rq_parameters["vae"]
     figures[RQ_MODEL]["parameters_frozen_vae"] = rq_parameters["vae"]
@@ -120,8 +141,21 @@ def machine() -> dict:
     }
 
 
-def collect_metrics(out: Path, stage_seconds: dict, budgets: dict, quick: bool) -> dict:
-    """Every figure of the run in DIR, with its conditions (see the module docstring for the sources)."""
+def continuous_figures(out: Path) -> dict[str, dict]:
+    """Per GIVT model (GIVT, GIVT_ENERGY): the figures of its evaluation, of the Gaussian VAE's reconstruction
+    and of its benchmark, as the RQ model's."""
+    reconstruction = reconstruction_figures(_read_json(out / "gaussian_reconstruction" / "inspect.json"))
+    figures = {}
+    for model in (GIVT, GIVT_ENERGY):
+        figures[model] = evaluation_figures(_read_json(out / f"{model}_evaluation" / "evaluation.json"))[RQ_MODEL]
+        figures[model].update(reconstruction)
+        figures[model].update(bench_figures(_read_json(out / f"{model}_benchmark" / "bench.json"))[RQ_MODEL])
+    return figures
+
+
+def collect_metrics(out: Path, stage_seconds: dict, budgets: dict, quick: bool, continuous: bool = False) -> dict:
+    """Every figure of the run in DIR, with its conditions (see the module docstring for the sources);
+    `continuous`: also the GIVT models (their sections GIVT and GIVT_ENERGY)."""
     evaluation = _read_json(out / "evaluation" / "evaluation.json")
     inspect = _read_json(out / "reconstruction" / "inspect.json")
     bench = _read_json(out / "benchmark" / "bench.json")
@@ -129,12 +163,15 @@ def collect_metrics(out: Path, stage_seconds: dict, budgets: dict, quick: bool) 
     metrics[RQ_MODEL].update(reconstruction_figures(inspect))
     for model, figures in bench_figures(bench).items():
         metrics[model].update(figures)
+    if continuous:
+        metrics.update(continuous_figures(out))
     vae_config = _read_json(out / "vae" / "config.json")
+    stages = TRAINING_STAGES | (CONTINUOUS_STAGES if continuous else {})
     metrics["conditions"] = {
         "machine": machine(),
         "quick": quick,
         "budget_minutes": budgets,
-        "training": {stage: training_conditions(out / stage) for stage in TRAINING_STAGES},
+        "training": {stage: training_conditions(out / stage) for stage in stages},
         "stage_seconds": stage_seconds,
         "evaluation_tokens": evaluation["num_tokens"],
         "evaluation_blocks": evaluation["num_blocks"],
@@ -145,6 +182,15 @@ def collect_metrics(out: Path, stage_seconds: dict, budgets: dict, quick: bool) 
         | {"new_tokens": bench["shapes"][0]["new_tokens"]},
     }
     metrics["evaluation"], metrics["reconstruction"] = evaluation, inspect
+    if continuous:
+        gaussian_vae = _read_json(out / "gaussian_vae" / "config.json")
+        metrics["conditions"]["gaussian_vae"] = {k: gaussian_vae[k] for k in ("latent_dim", "kl_weight", "kl_clamp")}
+        metrics["conditions"]["continuous_bench"] = {
+            model: {"load_average_before": _read_json(out / f"{model}_benchmark" / "bench.json")["setup"]
+                    ["load_average_before"]} for model in (GIVT, GIVT_ENERGY)}
+        for model in (GIVT, GIVT_ENERGY):
+            metrics[f"{model}_evaluation"] = _read_json(out / f"{model}_evaluation" / "evaluation.json")
+        metrics["gaussian_reconstruction"] = _read_json(out / "gaussian_reconstruction" / "inspect.json")
     return metrics
 
 
@@ -162,8 +208,16 @@ def held_out_blocks(tokenizer, block_size: int, compression_factor: int, count: 
     return torch.stack([eval_blocks[i * step]["input_ids"] for i in range(min(count, len(eval_blocks)))]).long()
 
 
-def greedy_samples(out: Path, blocks) -> list[dict]:
-    """The prompt (block start) and each model's greedy continuation, as text."""
+FOLDERS = {RQ_MODEL: "lm", BASELINE: "baseline", GIVT: GIVT, GIVT_ENERGY: GIVT_ENERGY}  # model -> its DIR/folder
+
+
+def report_models(metrics: dict) -> list[str]:
+    """The models of the run, in the table's column order."""
+    return [model for model in COLUMNS if model in metrics]
+
+
+def greedy_samples(out: Path, blocks, models: tuple[str, ...] = (RQ_MODEL, BASELINE)) -> list[dict]:
+    """The prompt (block start) and each model's greedy continuation (a GIVT head: its mean latent), as text."""
     import torch
 
     from rqlm.commands.generate import load_folder_tokenizer, load_model, read_config
@@ -172,8 +226,9 @@ def greedy_samples(out: Path, blocks) -> list[dict]:
     prompts = blocks[:, :SAMPLE_PROMPT_TOKENS]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     samples = [{"prompt": tokenizer.decode(p)} for p in prompts]
-    for model, folder, role in ((RQ_MODEL, out / "lm", "--model"), (BASELINE, out / "baseline", "--baseline")):
-        lm = load_model(str(folder), read_config(str(folder), role))
+    for model in models:
+        folder = out / FOLDERS[model]
+        lm = load_model(str(folder), read_config(str(folder), "--baseline" if model == BASELINE else "--model"))
         with torch.no_grad():
             ids = lm.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=SAMPLE_NEW_TOKENS,
                               do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
@@ -228,41 +283,60 @@ def millions(value) -> str:
     return MISSING if value is None else f"{value / 1e6:.2f}M"
 
 
-def table_rows(metrics: dict) -> list[tuple[str, str, str]]:
-    """(row label, RQ cell, baseline cell) of the comparison table."""
-    rq, base, conditions = metrics[RQ_MODEL], metrics[BASELINE], metrics["conditions"]
-    k = conditions["codebook_size"]
+def table_rows(metrics: dict) -> list[tuple[str, list[str]]]:
+    """(row label, one cell per model of `report_models`) of the comparison table."""
+    models = report_models(metrics)
+    k = metrics["conditions"]["codebook_size"]
+    latent = "RQ" if models == [RQ_MODEL, BASELINE] else "latent LMs"
+    rows = []
 
-    def brier(figures: dict) -> str:
-        if figures.get("brier_lm") is None:
+    def row(label: str, cell) -> None:
+        """A row whose cell for model m is cell(m, its figures); a None cell does not apply ('—')."""
+        cells = [cell(m, metrics[m]) for m in models]
+        rows.append((label, [NOT_APPLICABLE if c is None else c for c in cells]))
+
+    def bound(name: str):
+        return lambda m, f: None if m in LIKELIHOOD_FREE else number(f[name])
+
+    def brier(m: str, f: dict) -> str:
+        if f.get("brier_lm") is None:
             return MISSING
-        parts = " / ".join(number(figures.get(f"brier_{n}")) for n in range(1, 5))
-        return f"{number(figures['brier_lm'])} ({parts})"
+        parts = " / ".join(number(f.get(f"brier_{n}")) for n in range(1, 5))
+        return f"{number(f['brier_lm'])} ({parts})"
 
-    usage = " · ".join(f"d{d} {p:.0f}" for d, p in enumerate(rq["usage_perplexity_by_depth"]))
-    rows = [
-        ("perplexity (RQ: upper bound)", number(rq["perplexity"]), number(base["perplexity"])),
-        ("bits per token (RQ: bound)", number(rq["bits_per_token"]), number(base["bits_per_token"])),
-        ("BrierLM ×100 (Brier-1 / 2 / 3 / 4)", brier(rq), brier(base)),
-        ("judged perplexity of sampled continuations (by the baseline)", number(rq.get("judged_perplexity")),
-         number(base.get("judged_perplexity"))),
-        ("reconstruction accuracy (held-out tokens)", percent(rq["reconstruction_accuracy"]), NOT_APPLICABLE),
-        (f"codebook usage perplexity per depth (of K = {k})", usage, NOT_APPLICABLE),
-    ]
+    def usage(m: str, f: dict):
+        depths = f.get("usage_perplexity_by_depth")
+        return " · ".join(f"d{d} {p:.0f}" for d, p in enumerate(depths)) if depths else None
+
+    def parameters(m: str, f: dict) -> str:
+        frozen = f.get("parameters_frozen_vae")
+        return millions(f["parameters"]) + ("" if frozen is None else f" + {millions(frozen)}")
+
+    row(f"perplexity ({latent}: upper bound)", bound("perplexity"))
+    row(f"bits per token ({latent}: bound)", bound("bits_per_token"))
+    row("BrierLM ×100 (Brier-1 / 2 / 3 / 4)", brier)
+    row("judged perplexity of sampled continuations (by the baseline)", lambda m, f: number(f.get("judged_perplexity")))
+    row("reconstruction accuracy (held-out tokens)",
+        lambda m, f: None if m == BASELINE else percent(f["reconstruction_accuracy"]))
+    if any(m in metrics and "reconstruction_accuracy_sampled" in metrics[m] for m in (GIVT, GIVT_ENERGY)):
+        row("reconstruction accuracy, decoding a posterior sample",
+            lambda m, f: percent(f["reconstruction_accuracy_sampled"]) if "reconstruction_accuracy_sampled" in f
+            else None)
+    row(f"codebook usage perplexity per depth (of K = {k})", usage)
+    def figure(name: str):
+        return lambda m, f: number(f[name])
+
+    def speedup(batch: int):
+        return lambda m, f: None if m == BASELINE else f"{f[f'speedup_batch{batch}']:.2f}×"
+
     for batch in BENCH_BATCHES:
-        if f"tokens_per_second_batch{batch}" not in rq:
+        if f"tokens_per_second_batch{batch}" not in metrics[RQ_MODEL]:
             continue
-        rows += [
-            (f"tokens/s, batch {batch}", number(rq[f"tokens_per_second_batch{batch}"]),
-             number(base[f"tokens_per_second_batch{batch}"])),
-            (f"time to first token, batch {batch} (ms)", number(rq[f"time_to_first_token_ms_batch{batch}"]),
-             number(base[f"time_to_first_token_ms_batch{batch}"])),
-            (f"peak memory, batch {batch} (MB)", number(rq[f"peak_memory_mb_batch{batch}"]),
-             number(base[f"peak_memory_mb_batch{batch}"])),
-        ]  # fmt: skip
-    rows.append(("parameters (RQ: trained; + the frozen RQ-VAE)",
-                 f"{millions(rq['parameters'])} + {millions(rq['parameters_frozen_vae'])}",
-                 millions(base["parameters"])))
+        row(f"tokens/s, batch {batch}", figure(f"tokens_per_second_batch{batch}"))
+        row(f"speedup over the baseline, batch {batch} (its tokens/s in the same `rqlm bench` run)", speedup(batch))
+        row(f"time to first token, batch {batch} (ms)", figure(f"time_to_first_token_ms_batch{batch}"))
+        row(f"peak memory, batch {batch} (MB)", figure(f"peak_memory_mb_batch{batch}"))
+    row(f"parameters ({latent}: trained; + the frozen VAE)", parameters)
     return rows
 
 
@@ -275,7 +349,15 @@ def conditions_text(metrics: dict) -> str:
         (f"- model: C = {c['compression_factor']} tokens per latent position, D = {c['num_quantizers']} residual "
         f"depths, K = {c['codebook_size']} codes per depth"),
     ]
-    for stage, label in TRAINING_STAGES.items():
+    if "gaussian_vae" in c:
+        g = c["gaussian_vae"]
+        lines.append(f"- continuous latents: a Gaussian VAE with d = {g['latent_dim']} per latent position (KL weight "
+                     f"{g['kl_weight']:g}, per-dimension KL clamped below at {g['kl_clamp']:g} nats), the GIVT "
+                     "models' spatial layers started from the baseline as the RQ-Transformer's; the Gaussian head's "
+                     "perplexity is the ELBO bound, the energy head has none (likelihood-free)")
+    for stage, label in (TRAINING_STAGES | CONTINUOUS_STAGES).items():
+        if stage not in c["training"]:
+            continue
         t = c["training"][stage]
         budget = c["budget_minutes"].get(stage)
         limit = f"--max_minutes {budget:g}" if budget is not None else "a step limit (--quick)"
@@ -291,6 +373,10 @@ def conditions_text(metrics: dict) -> str:
                  f"{bench['prompt_length']}-token prompts, {bench['new_tokens']} new tokens, load average "
                  f"{bench['load_average_before']:.1f} before; the baseline's fastest way of generating at each batch "
                  "size; peak memory = weights and buffers + the highest allocation during generate")
+    if "continuous_bench" in c:
+        loads = ", ".join(f"{b['load_average_before']:.1f}" for b in c["continuous_bench"].values())
+        lines.append("- each GIVT model in its own `rqlm bench` run, the same settings, beside the baseline measured "
+                     f"again in that run (its speedup is against that figure; load averages {loads} before)")
     seconds = c["stage_seconds"]
     if seconds:
         lines.append("- stage wall-clock seconds: " + ", ".join(f"{k} {v:,.0f}" for k, v in seconds.items())
@@ -302,23 +388,27 @@ def conditions_text(metrics: dict) -> str:
 
 def render_report(metrics: dict, samples: list[dict], diffs: list[dict], plots: dict[str, str]) -> str:
     """report.md's text."""
-    table = ["| | RQ-Transformer | Qwen3 baseline |", "|---|---:|---:|"]
-    table += [f"| {label} | {rq} | {base} |" for label, rq, base in table_rows(metrics)]
+    models = report_models(metrics)
+    table = ["| | " + " | ".join(COLUMNS[m] for m in models) + " |", "|---|" + "---:|" * len(models)]
+    table += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in table_rows(metrics)]
+    heads = {GIVT: "GIVT's Gaussian head", GIVT_ENERGY: "CALM's energy head"}
+    continuous = [heads[m] for m in models if m in heads]
     parts = [
         "# rqlm demo report",
         ("The RQ-Transformer (a latent LM over RQ-VAE codes, its spatial layers started from the baseline) beside "
-        "the Qwen3 baseline it was built on, on the same held-out tokens. Every number comes from this run "
-        "(all of them in `metrics.json`)."),
+        "the Qwen3 baseline it was built on, on the same held-out tokens"
+         + (f", and the continuous latent LMs over a Gaussian VAE ({' / '.join(continuous)})" if continuous else "")
+         + ". Every number comes from this run (all of them in `metrics.json`)."),
         "\n".join(table),
         "## Conditions",
         conditions_text(metrics),
         "## Sample continuations",
         (f"Greedy decoding (no sampling) of {SAMPLE_NEW_TOKENS} new tokens after the first {SAMPLE_PROMPT_TOKENS} "
-        "tokens of held-out blocks, the same prompts for both models."),
+        "tokens of held-out blocks, the same prompts for every model (a GIVT head: its mean latent each step)."),
     ]
     for i, sample in enumerate(samples):
-        parts.append(f"**Prompt {i}:**\n\n```\n{sample['prompt']}\n```\n\n**RQ-Transformer:**\n\n```\n{sample[RQ_MODEL]}"
-                     f"\n```\n\n**Qwen3 baseline:**\n\n```\n{sample[BASELINE]}\n```")
+        parts.append(f"**Prompt {i}:**\n\n```\n{sample['prompt']}\n```" + "".join(
+            f"\n\n**{COLUMNS[m]}:**\n\n```\n{sample[m]}\n```" for m in models if m in sample))
     parts += ["## Reconstruction of held-out text",
               (f"The RQ-VAE's reconstruction of the first {DIFF_TOKENS} tokens of held-out blocks; "
               "<mark>marked</mark> tokens differ from the original (hover: the original token).")]
@@ -336,7 +426,7 @@ def write_plots(out: Path, metrics: dict) -> dict[str, str]:
     plots = out / "plots"
     rq = metrics[RQ_MODEL]
     written = {
-        "training curves of every stage": plot_stage_curves({s: out / s for s in TRAINING_STAGES},
+        "training curves of every stage": plot_stage_curves({s: out / s for s in metrics["conditions"]["training"]},
                                                             plots / "training_curves.png"),
         "codebook usage per depth": plot_codebook_usage(rq["usage_perplexity_by_depth"], rq["dead_fraction_by_depth"],
                                                         metrics["conditions"]["codebook_size"],
@@ -347,16 +437,18 @@ def write_plots(out: Path, metrics: dict) -> dict[str, str]:
     return {title: str(path.relative_to(out)) for title, path in written.items()}
 
 
-def write_report(out: str | Path, stage_seconds: dict, budgets: dict, block_size: int, quick: bool = False) -> Path:
+def write_report(out: str | Path, stage_seconds: dict, budgets: dict, block_size: int, quick: bool = False,
+                 continuous: bool = False) -> Path:
     """DIR/metrics.json, DIR/plots/*.png and DIR/report.md from the outputs of a finished demo run in DIR
-    (`block_size`: the run's, whose held-out blocks give the sample prompts and the reconstruction diff)."""
+    (`block_size`: the run's, whose held-out blocks give the sample prompts and the reconstruction diff;
+    `continuous`: the run has the GIVT models' stages too)."""
     from rqlm.data.tokenizer import load_tokenizer
 
     out = Path(out)
-    metrics = collect_metrics(out, stage_seconds, budgets, quick)
+    metrics = collect_metrics(out, stage_seconds, budgets, quick, continuous)
     blocks = held_out_blocks(load_tokenizer(out / "lm"), block_size, metrics["conditions"]["compression_factor"],
                              NUM_SAMPLES)
-    samples, diffs = greedy_samples(out, blocks), reconstruction_diffs(out, blocks)
+    samples, diffs = greedy_samples(out, blocks, report_models(metrics)), reconstruction_diffs(out, blocks)
     metrics["samples"] = [dict(s, decoding="greedy") for s in samples]
     plots = write_plots(out, metrics)
     metrics["plots"] = plots

@@ -1,5 +1,6 @@
-"""The demo report's plots (matplotlib, PNG): the training curves of every stage side by side, codebook
-usage per depth, and reconstruction accuracy by position inside a chunk."""
+"""The demo report's plots (matplotlib, PNG): the training curves of every stage side by side (the continuous
+latents' too, in a run that has them), codebook usage per depth, and reconstruction accuracy by position inside
+a chunk."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ STAGE_CURVES = {
     "baseline": ("Qwen3 baseline", "eval_perplexity", "held-out perplexity", True),
     "vae": ("RQ-VAE", "eval_accuracy", "held-out reconstruction accuracy", False),
     "lm": ("RQ-Transformer", "eval_perplexity_bound", "held-out perplexity bound", True),
+    # the continuous latents of `rqlm demo --continuous`
+    "gaussian_vae": ("Gaussian VAE", "eval_accuracy", "held-out reconstruction accuracy", False),
+    "givt": ("GIVT (Gaussian head)", "eval_perplexity_bound", "held-out ELBO perplexity bound", True),
+    "givt_energy": ("GIVT (energy head)", "eval_loss", "held-out energy-score loss", False),
 }
 
 
