@@ -1,7 +1,8 @@
 """`rqlm demo` and its stages (rqlm/pipeline.py): CPU, offline, the embedded corpus.
 
 Covers: `rqlm demo --quick` end to end in a fresh folder (checkpoints, report.md whose numbers parse and
-are finite and match metrics.json, the plots as PNGs, the LM built on the baseline); a second run skips
+are finite and match metrics.json, the plots as PNGs, the LM built on the baseline; the continuous latents'
+columns, GIVT's Gaussian and energy heads, with their own stages' figures); a second run skips
 every stage and retrains nothing; a killed training stage (a checkpoint, no final model) resumes from its
 checkpoint; run_stage's skip / force / resume / failure rules with a stand-in command; one-line errors.
 """
@@ -17,13 +18,21 @@ import pytest
 import torch
 
 from rqlm import cli, pipeline
-from rqlm.evaluation.report import BASELINE, RQ_MODEL, number
+from rqlm.evaluation.report import BASELINE, GIVT, GIVT_ENERGY, NOT_APPLICABLE, RQ_MODEL, number, percent
 from rqlm.pipeline import fresh_accelerate_state
 
-STAGES = ("tokenizer", "baseline", "vae", "codes", "lm", "evaluation", "reconstruction", "benchmark")
+RQ_STAGES = ("tokenizer", "baseline", "vae", "codes", "lm", "evaluation", "reconstruction", "benchmark")
+CONTINUOUS_STAGES = ("gaussian-vae", "gaussian-reconstruction", "givt", "givt-evaluation", "givt-benchmark",
+                     "givt-energy", "givt-energy-evaluation", "givt-energy-benchmark")  # fmt: skip
+STAGES = RQ_STAGES + CONTINUOUS_STAGES  # --quick has them all
+FOLDERS = {stage: stage.replace("-", "_") for stage in STAGES}  # stage -> its folder in the output
 WEIGHTS = ("baseline/model.safetensors", "vae/model.safetensors", "lm/model.safetensors",
            "codes/dataset_dict.json", "evaluation/evaluation.json", "reconstruction/inspect.json",
            "benchmark/bench.json")  # fmt: skip
+CONTINUOUS_FILES = ("gaussian_vae/model.safetensors", "givt/model.safetensors", "givt_energy/model.safetensors",
+                    "gaussian_reconstruction/inspect.json", "givt_evaluation/evaluation.json",
+                    "givt_energy_evaluation/evaluation.json", "givt_benchmark/bench.json",
+                    "givt_energy_benchmark/bench.json")  # fmt: skip
 PLOTS = ("training_curves.png", "codebook_usage.png", "position_accuracy.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -48,14 +57,23 @@ def demo(tmp_path_factory):
     return out
 
 
-def table(report: str) -> dict[str, tuple[str, str]]:
-    """report.md's comparison table: row label -> (RQ cell, baseline cell)."""
+COLUMNS = ("RQ-Transformer", "Qwen3 baseline", "GIVT (Gaussian head)", "GIVT (energy head)")  # of --quick
+
+
+def table(report: str) -> dict[str, tuple[str, ...]]:
+    """report.md's comparison table: row label -> its cells (RQ, baseline, GIVT Gaussian, GIVT energy)."""
     rows = {}
     for line in report.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and len(cells) == 3 and cells[0]:
-            rows[cells[0]] = (cells[1], cells[2])
+        if line.startswith("| ") and len(cells) > 2 and cells[0]:
+            rows[cells[0]] = tuple(cells[1:])
     return rows
+
+
+def row(rows: dict, start: str) -> tuple[str, ...]:
+    """The cells of the one row whose label starts with `start`."""
+    (label,) = [label for label in rows if label.startswith(start)]
+    return rows[label]
 
 
 def numbers(cell: str) -> list[float]:
@@ -68,18 +86,20 @@ def numbers(cell: str) -> list[float]:
 
 
 def test_quick_demo_writes_checkpoints_report_metrics_and_plots(demo):
-    for name in ("tokenizer/tokenizer.json", *WEIGHTS):
+    for name in ("tokenizer/tokenizer.json", *WEIGHTS, *CONTINUOUS_FILES):
         assert (demo / name).is_file(), name
-    rows = table((demo / "report.md").read_text())
+    report = (demo / "report.md").read_text()
+    assert "| | " + " | ".join(COLUMNS) + " |" in report
+    rows = table(report)
     required = {  # row label starts with -> whether the baseline has the figure
-        "perplexity": True, "bits per token": True, "BrierLM": True, "reconstruction accuracy": False,
+        "perplexity": True, "bits per token": True, "BrierLM": True, "reconstruction accuracy (held-out": False,
         "codebook usage perplexity per depth": False, "tokens/s, batch 1": True, "tokens/s, batch 8": True,
         "time to first token, batch 1": True, "time to first token, batch 8": True, "peak memory, batch 1": True,
         "peak memory, batch 8": True, "parameters": True,
     }  # fmt: skip
     for start, baseline_has_it in required.items():
         (label,) = [label for label in rows if label.startswith(start)]
-        rq, base = rows[label]
+        rq, base = rows[label][:2]
         if start == "BrierLM" and rq == "n/a":  # before `rqlm evaluate` has BrierLM
             continue
         assert numbers(rq), (label, rq)
@@ -102,8 +122,8 @@ def test_quick_demo_writes_checkpoints_report_metrics_and_plots(demo):
     # the table shows metrics.json's numbers, which are the stages' own
     evaluation = json.loads((demo / "evaluation" / "evaluation.json").read_text())
     assert metrics[RQ_MODEL]["perplexity"] == evaluation["perplexity_bound"]
-    assert rows["perplexity (RQ: upper bound)"] == (number(evaluation["perplexity_bound"]),
-                                                    number(evaluation["baseline_perplexity"]))
+    assert row(rows, "perplexity")[:2] == (number(evaluation["perplexity_bound"]),
+                                           number(evaluation["baseline_perplexity"]))
 
     for name in PLOTS:
         data = (demo / "plots" / name).read_bytes()
@@ -122,12 +142,66 @@ def test_the_lm_is_built_on_the_baseline_frozen_then_unfrozen(demo):
     assert backbone_lrs[0] == 0 and backbone_lrs[-1] > 0  # frozen at first, trained at the end
 
 
+def test_quick_demo_has_the_givt_columns_with_their_own_stages_figures(demo):
+    """The GIVT columns show metrics.json's numbers, which are their own stages' (not the RQ model's): the
+    Gaussian head's ELBO bound, BrierLM and tokens/s for both heads, the Gaussian VAE's reconstruction."""
+    rows = table((demo / "report.md").read_text())
+    metrics = json.loads((demo / "metrics.json").read_text())
+    inspect = json.loads((demo / "gaussian_reconstruction" / "inspect.json").read_text())
+    for column, model in ((2, GIVT), (3, GIVT_ENERGY)):
+        evaluation = json.loads((demo / f"{model}_evaluation" / "evaluation.json").read_text())
+        bench = json.loads((demo / f"{model}_benchmark" / "bench.json").read_text())
+        figures = metrics[model]
+        for batch in (1, 8):
+            (measured,) = [r for r in bench["shapes"][0]["rows"] if r["way"] is None and r["batch_size"] == batch]
+            assert measured["head"] == ("gaussian" if model == GIVT else "energy")
+            assert figures[f"tokens_per_second_batch{batch}"] == measured["tokens_per_second"] > 0
+            assert row(rows, f"tokens/s, batch {batch}")[column] == number(measured["tokens_per_second"])
+            assert math.isfinite(figures[f"speedup_batch{batch}"]) and figures[f"speedup_batch{batch}"] > 0
+            assert row(rows, f"speedup over the baseline, batch {batch}")[column] == \
+                f"{figures[f'speedup_batch{batch}']:.2f}×"
+        assert figures["brier_lm"] == evaluation["brier_lm"] and math.isfinite(figures["brier_lm"])
+        assert row(rows, "BrierLM")[column].startswith(number(evaluation["brier_lm"]))
+        assert figures["reconstruction_accuracy"] == inspect["accuracy"]
+        assert row(rows, "reconstruction accuracy (held-out")[column] == percent(inspect["accuracy"])
+        assert row(rows, "codebook usage")[column] == NOT_APPLICABLE  # no codebook
+        assert numbers(row(rows, "parameters")[column])
+        assert f"spatial backbone: {demo / 'baseline'}" in (demo / model / "README.md").read_text()
+    # the Gaussian head has the ELBO bound; the likelihood-free energy head has none
+    bound = json.loads((demo / "givt_evaluation" / "evaluation.json").read_text())["perplexity_bound"]
+    assert metrics[GIVT]["perplexity"] == bound and math.isfinite(bound) and bound > 1
+    assert row(rows, "perplexity")[2] == number(bound)
+    assert metrics[GIVT_ENERGY]["perplexity"] is None and row(rows, "perplexity")[3] == NOT_APPLICABLE
+    assert row(rows, "reconstruction accuracy, decoding a posterior sample")[2] == percent(inspect["accuracy_sampled"])
+    assert {"gaussian_vae", GIVT, GIVT_ENERGY} <= set(metrics["conditions"]["training"])
+    assert metrics["conditions"]["training"][GIVT]["steps"] == 8
+    report = (demo / "report.md").read_text()
+    assert "**GIVT (Gaussian head):**" in report and "**GIVT (energy head):**" in report  # sample continuations
+
+
+def test_continuous_stages_only_with_the_flag_or_quick():
+    import argparse
+
+    from rqlm.commands import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    for flags, expected in (([], RQ_STAGES), (["--continuous"], STAGES), (["--quick"], STAGES)):
+        args = parser.parse_args(flags)
+        names = [name for name, *_ in demo.stages(args, demo.QUICK if args.quick else demo.Settings())]
+        assert tuple(names) == expected, flags
+    args = parser.parse_args(["--continuous", "--givt_minutes", "1.5"])
+    (givt,) = [argv for name, _, argv, _ in demo.stages(args, demo.Settings()) if name == "givt"]
+    assert givt[givt.index("--max_minutes") + 1] == 1.5 and givt[givt.index("--head") + 1] == "gaussian"
+    assert givt[givt.index("--backbone") + 1] == demo.Path("runs/demo/baseline")
+
+
 # ----------------------------------------------------------------------------
 # (2) a second run reuses the finished stages
 
 
 def test_second_run_skips_every_stage_and_retrains_nothing(demo, capsys):
-    before = {name: (demo / name).stat().st_mtime_ns for name in WEIGHTS}
+    before = {name: (demo / name).stat().st_mtime_ns for name in (*WEIGHTS, *CONTINUOUS_FILES)}
     capsys.readouterr()
     assert run_demo(demo) == 0
     out = capsys.readouterr().out
@@ -135,7 +209,7 @@ def test_second_run_skips_every_stage_and_retrains_nothing(demo, capsys):
         assert f"== {stage}: skipped" in out, stage
         assert re.search(rf"^{stage}\s+[\d.]+\s+skipped\s", out, re.MULTILINE), stage  # the summary table
     assert re.search(r"^report\s+[\d.]+\s+ran\s", out, re.MULTILINE)
-    assert {name: (demo / name).stat().st_mtime_ns for name in WEIGHTS} == before
+    assert {name: (demo / name).stat().st_mtime_ns for name in (*WEIGHTS, *CONTINUOUS_FILES)} == before
     # the report of the rerun still gives each stage's seconds from the run that did the work
     seconds = json.loads((demo / "metrics.json").read_text())["conditions"]["stage_seconds"]
     assert set(seconds) == set(STAGES) and seconds["lm"] > 0
@@ -150,7 +224,7 @@ def test_killed_lm_stage_resumes_from_its_checkpoint(demo, tmp_path, capsys):
     outputs, left from an earlier run, are stale and must be redone."""
     run = tmp_path / "run"
     for stage in STAGES:
-        shutil.copytree(demo / stage, run / stage)
+        shutil.copytree(demo / FOLDERS[stage], run / FOLDERS[stage])
     shutil.rmtree(run / "lm" / "checkpoints" / "step-8")
     for name in ("README.md", "model.safetensors", "config.json"):
         (run / "lm" / name).unlink()
@@ -168,7 +242,7 @@ def test_killed_lm_stage_resumes_from_its_checkpoint(demo, tmp_path, capsys):
     assert "== lm: resuming the unfinished run" in out and "resumed from step 4 of 8" in out
     records = [json.loads(line) for line in (run / "lm" / "metrics.jsonl").read_text().splitlines()]
     assert records[0].get("resumed_mark") == 1 and records[-1]["step"] == 8
-    for stage in ("evaluation", "reconstruction", "benchmark"):  # after the LM: redone, not skipped
+    for stage in ("evaluation", "reconstruction", "benchmark", *CONTINUOUS_STAGES):  # after the LM: redone
         assert f"== {stage}: rqlm" in out, stage
     assert (run / "lm" / "model.safetensors").is_file() and (run / "report.md").is_file()
 
@@ -219,15 +293,16 @@ def test_run_stage_runs_skips_forces_and_logs(fake_rqlm, tmp_path):
 
 def test_run_stage_resumes_only_a_training_command_with_a_checkpoint(fake_rqlm, tmp_path):
     calls, _ = fake_rqlm
-    for command in ("train-lm", "encode"):
+    for command in ("train-lm", "train-givt", "encode"):
         out = tmp_path / command
         (out / "checkpoints" / "step-2").mkdir(parents=True)
         pipeline.run_stage(command, out, [command, "--output_dir", out], done_file=pipeline.TRAINED)
     assert calls[0][-2:] == ["--resume_from_checkpoint", "latest"]
-    assert "--resume_from_checkpoint" not in calls[1]
+    assert calls[1][-2:] == ["--resume_from_checkpoint", "latest"]  # the GIVT stages resume too
+    assert "--resume_from_checkpoint" not in calls[2]
     fresh = tmp_path / "fresh"
     pipeline.run_stage("lm", fresh, ["train-lm", "--output_dir", fresh], done_file=pipeline.TRAINED)
-    assert "--resume_from_checkpoint" not in calls[2]
+    assert "--resume_from_checkpoint" not in calls[3]
 
 
 def test_run_stage_failure_is_one_line_naming_the_stage(fake_rqlm, tmp_path):
