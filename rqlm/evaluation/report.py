@@ -425,6 +425,7 @@ def write_plots(out: Path, metrics: dict) -> dict[str, str]:
 
     plots = out / "plots"
     rq = metrics[RQ_MODEL]
+    vaes = {"RQ-VAE": rq} | ({"Gaussian VAE": metrics[GIVT]} if GIVT in metrics else {})  # its VAE's figures
     written = {
         "training curves of every stage": plot_stage_curves({s: out / s for s in metrics["conditions"]["training"]},
                                                             plots / "training_curves.png"),
@@ -432,7 +433,8 @@ def write_plots(out: Path, metrics: dict) -> dict[str, str]:
                                                         metrics["conditions"]["codebook_size"],
                                                         plots / "codebook_usage.png"),
         "reconstruction accuracy by position in a chunk": plot_position_accuracy(
-            rq["reconstruction_accuracy_by_position"], rq["reconstruction_accuracy"], plots / "position_accuracy.png"),
+            {vae: f["reconstruction_accuracy_by_position"] for vae, f in vaes.items()},
+            {vae: f["reconstruction_accuracy"] for vae, f in vaes.items()}, plots / "position_accuracy.png"),
     }
     return {title: str(path.relative_to(out)) for title, path in written.items()}
 

@@ -79,20 +79,25 @@ def plot_codebook_usage(usage_perplexity: list[float], dead_fraction: list[float
     return _save(fig, path)
 
 
-def plot_position_accuracy(accuracy_by_position: list[float], accuracy: float, path: str | Path) -> Path:
-    """Reconstruction accuracy of each token position inside a chunk of C tokens, and the overall one."""
-    positions = list(range(len(accuracy_by_position)))
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(positions) + 2), 4))
-    ax.bar(positions, accuracy_by_position)
-    ax.axhline(accuracy, color="black", linestyle="--", linewidth=1, label=f"all positions {accuracy:.1%}")
-    for position, value in zip(positions, accuracy_by_position):
-        ax.annotate(f"{value:.1%}", (position, value), xytext=(0, 3), textcoords="offset points", ha="center",
-                    fontsize=8)
+def plot_position_accuracy(accuracy_by_position: dict[str, list[float]], accuracy: dict[str, float],
+                           path: str | Path) -> Path:
+    """Reconstruction accuracy of each token position inside a chunk of C tokens, and the overall one, for
+    each VAE (keys: its label, e.g. 'RQ-VAE' and, in a run with continuous latents, 'Gaussian VAE')."""
+    positions = list(range(len(next(iter(accuracy_by_position.values())))))
+    width = 0.8 / len(accuracy_by_position)
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(positions) * len(accuracy_by_position) + 2), 4))
+    for i, (vae, values) in enumerate(accuracy_by_position.items()):
+        offset = (i - (len(accuracy_by_position) - 1) / 2) * width
+        bars = ax.bar([p + offset for p in positions], values, width, label=f"{vae}: all positions {accuracy[vae]:.1%}")
+        ax.axhline(accuracy[vae], color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
+        for position, value in zip(positions, values):
+            ax.annotate(f"{value:.1%}", (position + offset, value), xytext=(0, 3), textcoords="offset points",
+                        ha="center", fontsize=7)
     ax.set_xticks(positions)
     ax.set_xlabel("token position inside a chunk")
     ax.set_ylabel("held-out tokens reconstructed")
     ax.set_ylim(0, 1.05)
-    ax.set_title("RQ-VAE reconstruction accuracy by position")
+    ax.set_title("reconstruction accuracy by position (dashed: all positions)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     return _save(fig, path)
