@@ -179,6 +179,22 @@ def test_quick_demo_has_the_givt_columns_with_their_own_stages_figures(demo):
     assert "**GIVT (Gaussian head):**" in report and "**GIVT (energy head):**" in report  # sample continuations
 
 
+def test_report_without_continuous_latents_keeps_two_columns(demo, tmp_path):
+    """The default demo (no --continuous): the RQ model and the baseline only, as before the GIVT columns."""
+    from rqlm.evaluation.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(demo, run)
+    write_report(run, stage_seconds={}, budgets={}, block_size=128, quick=True, continuous=False)
+    report = (run / "report.md").read_text()
+    assert "| | RQ-Transformer | Qwen3 baseline |\n|---|---:|---:|\n" in report and "GIVT" not in report
+    rows = table(report)
+    assert all(len(cells) == 2 for cells in rows.values()) and "perplexity (RQ: upper bound)" in rows
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert GIVT not in metrics and GIVT_ENERGY not in metrics and set(metrics["conditions"]["training"]) == {
+        "baseline", "vae", "lm"}
+
+
 def test_continuous_stages_only_with_the_flag_or_quick():
     import argparse
 

@@ -235,7 +235,8 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     log = StageLog()
     redo = args.force
-    for name, folder, argv, done_file in stages(args, settings):
+    run_stages = stages(args, settings)
+    for name, folder, argv, done_file in run_stages:
         # a stage that ran makes every later stage's output stale: they run again too
         redo = run_stage(name, folder, argv, force=redo, done_file=done_file, log=log) or redo
         record_stage_seconds(out, log)
@@ -246,7 +247,10 @@ def run_demo(args: argparse.Namespace) -> int:
     with log.timed("report", out / "report.md"):
         budgets = {stage: (getattr(args, f"{stage}_minutes") or default) if not args.quick
                    else getattr(args, f"{stage}_minutes") for stage, default in training_stages(args).items()}
-        report = write_report(out, stage_seconds=record_stage_seconds(out, log), budgets=budgets,
+        # the seconds of this run's stages (stages.json keeps those of an earlier --continuous run too)
+        names = {name for name, *_ in run_stages}
+        seconds = {name: t for name, t in record_stage_seconds(out, log).items() if name in names}
+        report = write_report(out, stage_seconds=seconds, budgets=budgets,
                               block_size=BLOCK_SIZE, quick=args.quick, continuous=continuous(args))
     log.print_summary()
     print(f"\nreport: {report} (figures in {out / 'metrics.json'}, plots in {out / 'plots'})")

@@ -404,7 +404,8 @@ def render_report(metrics: dict, samples: list[dict], diffs: list[dict], plots: 
         conditions_text(metrics),
         "## Sample continuations",
         (f"Greedy decoding (no sampling) of {SAMPLE_NEW_TOKENS} new tokens after the first {SAMPLE_PROMPT_TOKENS} "
-        "tokens of held-out blocks, the same prompts for every model (a GIVT head: its mean latent each step)."),
+        "tokens of held-out blocks, the same prompts for every model"
+         + (" (a GIVT head: its mean latent each step)." if continuous else ".")),
     ]
     for i, sample in enumerate(samples):
         parts.append(f"**Prompt {i}:**\n\n```\n{sample['prompt']}\n```" + "".join(
