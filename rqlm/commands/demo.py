@@ -89,7 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"report. Default budgets: baseline {DEFAULT_MINUTES['baseline']:g}, RQ-VAE {DEFAULT_MINUTES['vae']:g} and "
         f"RQ-Transformer {DEFAULT_MINUTES['lm']:g} minutes of training time, plus about 3 minutes of data, "
         "evaluation and benchmark: at most 15 minutes on a 2-core CPU. --quick: a few steps per stage, "
-        "about a minute. Finished stages are skipped on a rerun; a killed training stage resumes."
+        "about a minute. Finished stages are skipped on a rerun; a killed training stage resumes. --continuous adds "
+        "the continuous latents: a Gaussian VAE and GIVT's Gaussian and CALM's energy heads over it, as two more "
+        "columns of the report (--quick always has them)."
     )
     parser.add_argument("--output_dir", default="runs/demo", help="where every stage's output and the report go "
                         "(default: %(default)s)")
