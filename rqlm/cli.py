@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "inspect": ("rqlm.commands.inspect", "show held-out text beside its RQ-VAE reconstruction"),
     "sweep": ("rqlm.commands.sweep", "train and evaluate a grid of recipes from a YAML file, with plots"),
     "lm-eval": ("rqlm.commands.lm_eval", "lm-evaluation-harness with the rqlm model adapter registered"),
+    "plan": ("rqlm.commands.plan", "memory per GPU to train around a Qwen3 size (1-64 GPUs, FSDP, LoRA), offline"),
 }
 
 
