@@ -84,14 +84,17 @@ def qwen3_config(name: str) -> Qwen3Config:
     return Qwen3Config(**_QWEN3_SHARED, **QWEN3_CONFIGS[key])
 
 
-def build_on_meta(model: str, backbone: Qwen3Config, lora_r: int = 0, vae_fields: dict | None = None) -> torch.nn.Module:
-    """The model `model` ('vae', 'lm', 'baseline') around `backbone`, built on the meta device (no memory)."""
+def build_model(
+    model: str, backbone: Qwen3Config, lora_r: int = 0, vae_fields: dict | None = None, device: str = "meta"
+) -> torch.nn.Module:
+    """The model `model` ('vae', 'lm', 'baseline') around `backbone`, on the meta device by default (no memory).
+    The baseline under LoRA trains its adapters only, as a peft fine-tune does."""
     from transformers import Qwen3ForCausalLM
 
     from rqlm import RQTransformerConfig, RQTransformerForCausalLM, RQVAEConfig, RQVAEModel
 
     vae_fields = {**VAE_FIELDS, **(vae_fields or {})}
-    with torch.device("meta"):
+    with torch.device(device):
         if model == "baseline":
             if lora_r:
                 from rqlm.modeling.lora import add_lora
@@ -226,7 +229,7 @@ def memory_plan(
     tokens = block_size * per_device_train_batch_size
     for kind in MODELS:
         for r in (0, lora_r):
-            model = build_on_meta(kind, config, lora_r=r, vae_fields=vae_fields)
+            model = build_model(kind, config, lora_r=r, vae_fields=vae_fields)
             total, trainable = count_parameters(model)
             activations = activation_bytes(model, kind, tokens, checkpointing=False)
             checkpointed = activation_bytes(model, kind, tokens, checkpointing=True)
@@ -264,4 +267,4 @@ def plan_table(plan: MemoryPlan, gpu_memory_gb: float = 80.0) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["QWEN3_CONFIGS", "MemoryPlan", "PlanRow", "build_on_meta", "memory_plan", "plan_table", "qwen3_config"]
+__all__ = ["QWEN3_CONFIGS", "MemoryPlan", "PlanRow", "build_model", "memory_plan", "plan_table", "qwen3_config"]
