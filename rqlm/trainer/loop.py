@@ -200,12 +200,13 @@ def model_signature(model) -> dict:
     return {"class": type(model).__name__, "config": flatten(config)}
 
 
-def check_model_signature(checkpoint: Path, model) -> None:
-    """Raise a one-line ValueError if `checkpoint` was saved from another model class or config."""
+def check_model_signature(checkpoint: Path, signature: dict) -> None:
+    """Raise a one-line ValueError if `checkpoint` was saved from another model class or config than the one
+    `signature` (`model_signature` of the model before `prepare`: FSDP2 renames the class it shards) describes."""
     path = checkpoint / MODEL_SIGNATURE_NAME
     if not path.is_file():
         return
-    saved, current = json.loads(path.read_text()), json.loads(json.dumps(model_signature(model)))
+    saved, current = json.loads(path.read_text()), json.loads(json.dumps(signature))
     advice = "resume with the model settings it was trained with, or train into a new --output_dir"
     if saved["class"] != current["class"]:
         raise ValueError(
@@ -415,7 +416,7 @@ def train(
     # 5. Resume: weights, optimizer, RNG, then step, data position and training time.
     step, epoch, batches_done, tokens_seen, train_seconds, history = 0, 0, 0, 0, 0.0, []
     if resume_dir is not None:
-        check_model_signature(resume_dir, unwrapped)
+        check_model_signature(resume_dir, signature)
         try:
             accelerator.load_state(str(resume_dir))
         except (
@@ -644,8 +645,10 @@ def train(
         stopped_by_time=stopped_by_time,
     )
     accelerator.wait_for_everyone()
+    # under FSDP (or ZeRO-3) each rank holds a shard: every rank takes part in gathering the full weights
+    state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
+        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
         write_model_card(output_dir, unwrapped, args, result, model_card_extra)
