@@ -326,6 +326,10 @@ class RQTransformerForCausalLM(TrainableBackbone, RQTransformerGenerationMixin, 
             raise ValueError(f"codes must lie in [0, {k}) (or -1 for padding); got [{codes.min()}, {codes.max()}]")
 
     # ----------------------------------------------------------------- backbone
+    def get_input_embeddings(self) -> None:
+        """None: a latent position's input is its codes, not a token (accelerate's FSDP2 asks when it shards)."""
+        return None
+
     def backbone_stacks(self) -> list[nn.Module]:
         """The spatial Qwen3 stack: its layers are what freezing and LoRA act on; its final norm, the input
         projection, start position and depth transformer always train."""
