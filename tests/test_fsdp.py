@@ -26,15 +26,19 @@ from rqlm.pipeline import fresh_accelerate_state
 
 FSDP_ON_CPU_SCRIPT = textwrap.dedent(
     """
-    import sys
+    import os, sys
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from rqlm import cli
 
-    Accelerator(cpu=True, mixed_precision="no")  # the shared state, as the launcher configured it (MULTI_CPU)
+    precision = os.environ["ACCELERATE_MIXED_PRECISION"]
+    Accelerator(cpu=True, mixed_precision=precision)  # the shared state, as the launcher configured it (MULTI_CPU)
     PartialState().distributed_type = AcceleratorState().distributed_type = DistributedType.FSDP
-    AcceleratorState().fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
+    if precision != "no":
+        plugin.set_mixed_precision(precision)  # what accelerate does on a GPU: bf16 params in forward and reduce
+    AcceleratorState().fsdp_plugin = plugin
     sys.exit(cli.main(sys.argv[1:]))
     """
 )
@@ -86,14 +90,14 @@ def one_process(command: str, flags: list[str]) -> None:
     fresh_accelerate_state()
 
 
-def fsdp_two_processes(tmp_path, command: str, flags: list[str]) -> str:
+def fsdp_two_processes(tmp_path, command: str, flags: list[str], mixed_precision: str = "no") -> str:
     """`accelerate launch` 2 CPU processes of `rqlm COMMAND FLAGS` under FSDP2; returns stdout."""
     script = tmp_path / "fsdp_on_cpu.py"
     script.write_text(FSDP_ON_CPU_SCRIPT)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"),
            "HF_DATASETS_CACHE": str(tmp_path / "codes_cache")}
     launch = [sys.executable, "-m", "accelerate.commands.launch", *FSDP_FLAGS, "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), str(script), command, *flags]  # fmt: skip
     proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -156,3 +160,22 @@ def test_train_lm_under_fsdp_equals_one_process_and_resumes(text_corpus, vae_dir
                              [*flags, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint)])
     assert f"resumed from step {SAVE_AT} of {STEPS}" in out
     assert max(differences(fsdp, resumed).values()) < 1e-6
+
+
+def test_quantizer_math_stays_fp32_under_a_bf16_fsdp_policy(text_corpus, tmp_path):  # noqa: F811
+    """bf16 mixed precision under FSDP2 casts the sharded parameters to bf16 for forward; the EMA codebooks are
+    buffers (never cast, still fp32 and synchronized) and the quantizer computes in fp32, so its loss is not a
+    bf16 number while the reconstruction loss (the bf16 forward's output) is."""
+    out = tmp_path / "vae_bf16"
+    flags = vae_flags(text_corpus, per_device_train_batch_size=2, mixed_precision="auto")
+    fsdp_two_processes(tmp_path, "train-vae", [*flags, "--output_dir", str(out)], mixed_precision="bf16")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "quantizer_loss" in r]
+
+    def is_bf16(value: float) -> bool:
+        return torch.tensor(value).bfloat16().double().item() == value
+
+    assert all(is_bf16(r["recon_loss"]) for r in steps), "the forward did not run in bf16: the policy is off"
+    assert not all(is_bf16(r["quantizer_loss"]) for r in steps), "the quantizer computed in bf16"
+    saved = load_file(out / "model.safetensors")
+    assert all(v.dtype == torch.float32 for k, v in saved.items() if k.endswith(("_codebook.embed", "cluster_size")))
