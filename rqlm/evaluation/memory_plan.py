@@ -185,6 +185,10 @@ class PlanRow:
     accelerate_config: str
 
     @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    @property
     def total_checkpointed(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.activations_checkpointed
 
@@ -251,19 +255,21 @@ def plan_table(plan: MemoryPlan, gpu_memory_gb: float = 80.0) -> str:
         f"shard; LoRA r={plan.lora_r} on the Qwen3 layers. GB = 1e9 bytes; activations are an estimate.",
         "",
         "| model | training | GPUs | parameters | trainable | weights | gradients | optimizer | activations "
-        "| activations (checkpointed) | total (checkpointed) | fits " f"{gpu_memory_gb:g} GB | accelerate config |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| activations (checkpointed) | total | total (checkpointed) | fits " f"{gpu_memory_gb:g} GB | accelerate config |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in plan.rows:
-        fits = "yes" if r.total_checkpointed <= gpu_memory_gb * GB else "no"
+        fits = "yes" if r.total <= gpu_memory_gb * GB else "with checkpointing" if r.total_checkpointed <= gpu_memory_gb * GB else "no"
         lines.append(
             f"| {r.model} | {'LoRA' if r.lora else 'full'} | {r.gpus} | {r.parameters / 1e9:.3f}B "
             f"| {r.trainable_parameters / 1e6:,.1f}M | {r.weights / GB:.2f} | {r.gradients / GB:.2f} "
             f"| {r.optimizer / GB:.2f} | {r.activations / GB:.2f} | {r.activations_checkpointed / GB:.2f} "
-            f"| {r.total_checkpointed / GB:.2f} | {fits} | {r.accelerate_config} |"
+            f"| {r.total / GB:.2f} | {r.total_checkpointed / GB:.2f} | {fits} | {r.accelerate_config} |"
         )
     lines += ["", "vae: the RQ-VAE (train-vae); lm: the latent LM with its frozen VAE (train-lm; the VAE counts in "
-              "weights only); baseline: the plain Qwen3ForCausalLM (train-baseline)."]
+              "weights only); baseline: the plain Qwen3ForCausalLM (train-baseline). Checkpointed: activations with "
+              "`model.gradient_checkpointing_enable()` (every rqlm model supports it; the training commands have no "
+              "flag for it yet)."]
     return "\n".join(lines)
 
 
