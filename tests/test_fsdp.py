@@ -126,7 +126,7 @@ def vae_dir(text_corpus, tmp_path):  # noqa: F811
     return out
 
 
-def test_train_vae_under_fsdp_equals_one_process_and_resumes_from_a_sharded_checkpoint(text_corpus, vae_dir, tmp_path):  # noqa: F811,E501
+def test_train_vae_under_fsdp_equals_one_process_and_resumes_from_a_sharded_checkpoint(text_corpus, vae_dir, tmp_path):  # noqa: F811
     fsdp, resumed = tmp_path / "vae_fsdp", tmp_path / "vae_resumed"
     flags = vae_flags(text_corpus, per_device_train_batch_size=2, save_steps=SAVE_AT)  # 2 x 2 = the 1-process 4
     fsdp_two_processes(tmp_path, "train-vae", [*flags, "--output_dir", str(fsdp)])

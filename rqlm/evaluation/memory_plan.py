@@ -250,12 +250,12 @@ def memory_plan(
 def plan_table(plan: MemoryPlan, gpu_memory_gb: float = 80.0) -> str:
     """The plan as a markdown table, GB per GPU, with whether each row fits a GPU of `gpu_memory_gb`."""
     lines = [
-        f"Training memory per GPU around {plan.backbone}: block {plan.block_size} tokens x micro-batch "
+        (f"Training memory per GPU around {plan.backbone}: block {plan.block_size} tokens x micro-batch "
         f"{plan.per_device_train_batch_size}, bf16 autocast over fp32 weights, AdamW; more than one GPU = FSDP full "
-        f"shard; LoRA r={plan.lora_r} on the Qwen3 layers. GB = 1e9 bytes; activations are an estimate.",
+        f"shard; LoRA r={plan.lora_r} on the Qwen3 layers. GB = 1e9 bytes; activations are an estimate."),
         "",
-        "| model | training | GPUs | parameters | trainable | weights | gradients | optimizer | activations "
-        "| activations (checkpointed) | total | total (checkpointed) | fits " f"{gpu_memory_gb:g} GB | accelerate config |",
+        ("| model | training | GPUs | parameters | trainable | weights | gradients | optimizer | activations "
+        "| activations (checkpointed) | total | total (checkpointed) | fits " f"{gpu_memory_gb:g} GB | accelerate config |"),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in plan.rows:
@@ -266,10 +266,10 @@ def plan_table(plan: MemoryPlan, gpu_memory_gb: float = 80.0) -> str:
             f"| {r.optimizer / GB:.2f} | {r.activations / GB:.2f} | {r.activations_checkpointed / GB:.2f} "
             f"| {r.total / GB:.2f} | {r.total_checkpointed / GB:.2f} | {fits} | {r.accelerate_config} |"
         )
-    lines += ["", "vae: the RQ-VAE (train-vae); lm: the latent LM with its frozen VAE (train-lm; the VAE counts in "
+    lines += ["", ("vae: the RQ-VAE (train-vae); lm: the latent LM with its frozen VAE (train-lm; the VAE counts in "
               "weights only); baseline: the plain Qwen3ForCausalLM (train-baseline). Checkpointed: activations with "
               "`model.gradient_checkpointing_enable()` (every rqlm model supports it; the training commands have no "
-              "flag for it yet)."]
+              "flag for it yet).")]
     return "\n".join(lines)
 
 

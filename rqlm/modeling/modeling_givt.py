@@ -14,13 +14,12 @@ differ.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from einops import repeat
 from torch import nn
-from transformers import GenerationConfig, PreTrainedModel, Qwen3Config
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -28,8 +27,9 @@ from .backbone import TrainableBackbone
 from .configuration_givt import GIVTConfig
 from .continuous_heads import EnergyHead, GaussianMixtureHead
 from .generation_givt import GIVTGenerationMixin
+from .latent_lm import FrozenVAELatentLM
 from .layers import Qwen3Stack
-from .modeling_rq_vae import CheckedLoading, RQVAEModel, _load_base_weights
+from .modeling_rq_vae import CheckedLoading, RQVAEModel
 
 
 @dataclass
@@ -76,7 +76,7 @@ class GIVTPreTrainedModel(CheckedLoading, PreTrainedModel):
             init.normal_(module.start, std=self.config.backbone_config.initializer_range)
 
 
-class GIVTForCausalLM(TrainableBackbone, GIVTGenerationMixin, GIVTPreTrainedModel):
+class GIVTForCausalLM(FrozenVAELatentLM, TrainableBackbone, GIVTGenerationMixin, GIVTPreTrainedModel):
     """Spatial transformer and a continuous head over a frozen Gaussian VAE's latents (see the module docstring)."""
 
     logged_output_keys = ("latent_nll", "energy_score")  # scalar outputs the training loop logs
@@ -105,35 +105,13 @@ class GIVTForCausalLM(TrainableBackbone, GIVTGenerationMixin, GIVTPreTrainedMode
             self.head = EnergyHead(hidden, d, config.energy_head_size, config.energy_num_layers,
                                    config.energy_noise_dim, config.energy_num_samples)
 
-        # the VAE never trains: DDP neither syncs nor broadcasts it, the trainer leaves it out of the optimizer
-        self._ddp_params_and_buffers_to_ignore = [f"vae.{name}" for name, _ in self.vae.named_parameters()] + [
-            f"vae.{name}" for name, _ in self.vae.named_buffers()
-        ]
+        self._freeze_vae()
         self._add_backbone_lora()
         self.post_init()
         self.set_backbone_frozen(config.freeze_backbone_steps > 0)
         self._default_special_tokens()
 
-    def _default_special_tokens(self) -> None:
-        """generate() stops at the tokenizer's EOS and pads with its pad token unless told otherwise."""
-        tokens = self.config.vae_config.backbone_config
-        if self.generation_config is None:
-            self.generation_config = GenerationConfig()
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(self.generation_config, name) is None:
-                setattr(self.generation_config, name, getattr(tokens, name))
-
     # ----------------------------------------------------------------- the frozen VAE
-    def train(self, mode: bool = True):
-        """Train or eval mode for the LM; the VAE stays in eval mode (its posterior mean, no dropout)."""
-        super().train(mode)
-        self.vae.eval()
-        return self
-
-    @property
-    def compression_factor(self) -> int:
-        return self.config.compression_factor
-
     @torch.no_grad()
     def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.FloatTensor:
         """Tokens (B, T) -> the VAE's posterior means (B, L, d) (0 where a position holds only padding)."""
@@ -149,16 +127,6 @@ class GIVTForCausalLM(TrainableBackbone, GIVTGenerationMixin, GIVTPreTrainedMode
     def embed_codes(self, latents: torch.FloatTensor) -> torch.FloatTensor:
         """Latents (B, L, d) -> spatial inputs (B, L, H) (the name the shared generation state calls)."""
         return self.latent_proj(latents.to(self.latent_proj.weight.dtype))
-
-    def spatial_forward(
-        self,
-        inputs_embeds: torch.FloatTensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache=None,
-    ) -> torch.FloatTensor:
-        """Spatial inputs (B, S, H) -> hidden states (B, S, H), causal over positions."""
-        return self.spatial(inputs_embeds, attention_mask, cache=cache, position_ids=position_ids)
 
     def spatial_inputs(self, latents: torch.FloatTensor) -> torch.FloatTensor:
         """Latents (B, L, d) -> [start, x_0 .. x_{L-2}] (B, L, H): position l sees the latents of positions < l."""
@@ -205,37 +173,6 @@ class GIVTForCausalLM(TrainableBackbone, GIVTGenerationMixin, GIVTPreTrainedMode
         if not latents.is_floating_point() or latents.dim() != 3 or latents.shape[-1] != d or latents.shape[1] == 0:
             raise ValueError(f"latents must be a float tensor (batch, latent_length >= 1, {d}), got "
                              f"{latents.dtype} {tuple(latents.shape)}")
-
-    # ----------------------------------------------------------------- backbone
-    def backbone_stacks(self) -> list[nn.Module]:
-        """The spatial Qwen3 stack: its layers are what freezing and LoRA act on."""
-        return [self.spatial]
-
-    # ----------------------------------------------------------------- builders
-    @classmethod
-    def from_vae(cls, vae: RQVAEModel | str | os.PathLike, backbone_config: Qwen3Config | dict, **config_kwargs):
-        """A fresh continuous latent LM over a trained Gaussian VAE (a model or its folder), copied in, frozen."""
-        if not isinstance(vae, RQVAEModel):
-            vae = RQVAEModel.from_pretrained(vae)
-        config = GIVTConfig(backbone_config=backbone_config, vae_config=vae.config.to_dict(), **config_kwargs)
-        model = cls(config)
-        model.vae.load_state_dict(vae.state_dict())
-        model.vae.eval()
-        return model
-
-    @classmethod
-    def from_backbone(cls, name_or_path: str | os.PathLike, vae: RQVAEModel | str | os.PathLike, **config_kwargs):
-        """A continuous latent LM whose spatial layers and final norm start from a pretrained Qwen3."""
-        from transformers import AutoModelForCausalLM
-
-        pretrained = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
-        if pretrained.config.model_type != "qwen3":
-            raise ValueError(f"{name_or_path!s} is a {pretrained.config.model_type!r} model; a Qwen3 backbone is needed")
-        model = cls.from_vae(vae, pretrained.config, **config_kwargs)
-        for target, layer in zip(model.spatial.layers, pretrained.model.layers):
-            _load_base_weights(target, layer)
-        model.spatial.norm.load_state_dict(pretrained.model.norm.state_dict())
-        return model
 
 
 __all__ = ["GIVTForCausalLM", "GIVTOutput", "GIVTPreTrainedModel"]

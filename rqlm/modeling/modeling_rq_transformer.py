@@ -18,22 +18,22 @@ back into C tokens at once.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
-from transformers import GenerationConfig, PreTrainedModel, Qwen3Config
+from transformers import PreTrainedModel, Qwen3Config
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .backbone import TrainableBackbone
 from .configuration_rq_transformer import RQTransformerConfig
 from .generation_rq_transformer import RQTransformerGenerationMixin
+from .latent_lm import FrozenVAELatentLM
 from .layers import Qwen3Stack, small_stack_config
-from .modeling_rq_vae import IGNORE_INDEX, CheckedLoading, RQVAEModel, _load_base_weights
+from .modeling_rq_vae import IGNORE_INDEX, CheckedLoading, RQVAEModel
 
 
 @dataclass
@@ -93,7 +93,7 @@ class RQTransformerPreTrainedModel(CheckedLoading, PreTrainedModel):
             init.normal_(module.depth_position, std=std)
 
 
-class RQTransformerForCausalLM(TrainableBackbone, RQTransformerGenerationMixin, RQTransformerPreTrainedModel):
+class RQTransformerForCausalLM(FrozenVAELatentLM, TrainableBackbone, RQTransformerGenerationMixin, RQTransformerPreTrainedModel):
     """Spatial + depth transformers over a frozen RQ-VAE's codes (see the module docstring)."""
 
     def __init__(self, config: RQTransformerConfig):
@@ -146,35 +146,13 @@ class RQTransformerForCausalLM(TrainableBackbone, RQTransformerGenerationMixin, 
         else:
             self.aux_proj = self.aux_head = None
 
-        # the VAE never trains: DDP neither syncs nor broadcasts it, the trainer leaves it out of the optimizer
-        self._ddp_params_and_buffers_to_ignore = [f"vae.{name}" for name, _ in self.vae.named_parameters()] + [
-            f"vae.{name}" for name, _ in self.vae.named_buffers()
-        ]
+        self._freeze_vae()
         self._add_backbone_lora()
         self.post_init()
         self.set_backbone_frozen(config.freeze_backbone_steps > 0)
         self._default_special_tokens()
 
-    def _default_special_tokens(self) -> None:
-        """generate() stops at the tokenizer's EOS and pads with its pad token unless told otherwise."""
-        tokens = self.config.vae_config.backbone_config
-        if self.generation_config is None:
-            self.generation_config = GenerationConfig()
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(self.generation_config, name) is None:
-                setattr(self.generation_config, name, getattr(tokens, name))
-
     # ----------------------------------------------------------------- the frozen VAE
-    def train(self, mode: bool = True):
-        """Train or eval mode for the LM; the VAE stays in eval mode (no codebook EMA, kmeans or expiry)."""
-        super().train(mode)
-        self.vae.eval()
-        return self
-
-    @property
-    def compression_factor(self) -> int:
-        return self.config.compression_factor
-
     @property
     def num_quantizers(self) -> int:
         return self.config.num_quantizers
@@ -193,16 +171,6 @@ class RQTransformerForCausalLM(TrainableBackbone, RQTransformerGenerationMixin, 
                 quantized = self.vae.codes_to_quantized(codes)  # (B, L, d), exact
             return self.latent_proj(quantized.to(self.latent_proj.weight.dtype))
         return sum(embed(codes[..., i]) for i, embed in enumerate(self.code_embed))
-
-    def spatial_forward(
-        self,
-        inputs_embeds: torch.FloatTensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache=None,
-    ) -> torch.FloatTensor:
-        """Spatial inputs (B, S, H) -> hidden states (B, S, H), causal over positions."""
-        return self.spatial(inputs_embeds, attention_mask, cache=cache, position_ids=position_ids)
 
     def spatial_inputs(self, codes: torch.LongTensor) -> torch.FloatTensor:
         """Codes (B, L, D) -> [start, x_0 .. x_{L-2}] (B, L, H): position l sees the codes of positions < l."""
@@ -324,49 +292,6 @@ class RQTransformerForCausalLM(TrainableBackbone, RQTransformerGenerationMixin, 
             raise ValueError("codes are empty; pass at least one latent position")
         if codes.max() >= k or codes.min() < -1:
             raise ValueError(f"codes must lie in [0, {k}) (or -1 for padding); got [{codes.min()}, {codes.max()}]")
-
-    # ----------------------------------------------------------------- backbone
-    def get_input_embeddings(self) -> None:
-        """None: a latent position's input is its codes, not a token (accelerate's FSDP2 asks when it shards)."""
-        return None
-
-    def backbone_stacks(self) -> list[nn.Module]:
-        """The spatial Qwen3 stack: its layers are what freezing and LoRA act on; its final norm, the input
-        projection, start position and depth transformer always train."""
-        return [self.spatial]
-
-    # ----------------------------------------------------------------- builders
-    @classmethod
-    def from_vae(cls, vae: RQVAEModel | str | os.PathLike, backbone_config: Qwen3Config | dict, **config_kwargs):
-        """A fresh latent LM over a trained RQ-VAE (a model or its folder); the VAE is copied in, frozen."""
-        if not isinstance(vae, RQVAEModel):
-            vae = RQVAEModel.from_pretrained(vae)
-        config = RQTransformerConfig(backbone_config=backbone_config, vae_config=vae.config.to_dict(), **config_kwargs)
-        model = cls(config)
-        model.vae.load_state_dict(vae.state_dict())
-        model.vae.eval()
-        return model
-
-    @classmethod
-    def from_backbone(
-        cls, name_or_path: str | os.PathLike, vae: RQVAEModel | str | os.PathLike, **config_kwargs
-    ) -> RQTransformerForCausalLM:
-        """A latent LM whose spatial layers start from a pretrained Qwen3 (hub name or folder), over `vae`.
-
-        The Qwen3's layers and final norm are copied in; its token embeddings and LM head are not used
-        (the spatial input is a latent). Freeze them for `freeze_backbone_steps` or train LoRA adapters.
-        """
-        from transformers import AutoModelForCausalLM
-
-        pretrained = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
-        if pretrained.config.model_type != "qwen3":
-            raise ValueError(f"{name_or_path!s} is a {pretrained.config.model_type!r} model; a Qwen3 backbone is needed")
-        model = cls.from_vae(vae, pretrained.config, **config_kwargs)
-        source = pretrained.model
-        for target, layer in zip(model.spatial.layers, source.layers):
-            _load_base_weights(target, layer)
-        model.spatial.norm.load_state_dict(source.norm.state_dict())
-        return model
 
 
 __all__ = ["RQTransformerForCausalLM", "RQTransformerOutput", "RQTransformerPreTrainedModel"]
