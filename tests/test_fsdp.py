@@ -19,6 +19,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_lm import clean_accelerate_state  # noqa: F401  (an autouse fixture: fresh Accelerate state, codes cached per test)
 from test_trainer import free_port, text_corpus  # noqa: F401  (a fixture)
 
 from rqlm import cli
@@ -51,16 +52,6 @@ FSDP_FLAGS = [
 ]  # fmt: skip
 STEPS, SAVE_AT = 4, 2
 TOLERANCE = 1e-4  # 4 AdamW steps at lr 3e-3 from gradients summed in another order
-
-
-@pytest.fixture(autouse=True)
-def clean_accelerate_state(monkeypatch, tmp_path):
-    import rqlm.data.codes
-
-    monkeypatch.setattr(rqlm.data.codes, "default_cache_dir", lambda: tmp_path / "codes_cache")
-    fresh_accelerate_state()
-    yield
-    fresh_accelerate_state()
 
 
 def common_flags(**overrides) -> list[str]:

@@ -16,6 +16,13 @@ class FrozenVAELatentLM:
     """Mixin for a `PreTrainedModel` with `self.vae` (frozen), `self.spatial` (a Qwen3Stack) and a config
     class taking `backbone_config` and `vae_config`; put it before `TrainableBackbone` in the bases."""
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` with one-line errors; the VAE inside stays frozen."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model.vae.requires_grad_(False)  # loading re-creates parameters trainable; the VAE never trains
+        return model
+
     def _freeze_vae(self) -> None:
         """The VAE never trains: DDP neither syncs nor broadcasts it, the trainer leaves it out of the optimizer."""
         self._ddp_params_and_buffers_to_ignore = [f"vae.{name}" for name, _ in self.vae.named_parameters()] + [

@@ -60,13 +60,6 @@ class GIVTPreTrainedModel(CheckedLoading, PreTrainedModel):
     _supports_flash_attn = True
     _other_type_hint = "a continuous latent LM is trained with `rqlm train-givt --vae GAUSSIAN_VAE_DIR`"
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained` with one-line errors; the VAE inside stays frozen."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model.vae.requires_grad_(False)
-        return model
-
     def _init_weights(self, module):
         """Standard init; the frozen VAE keeps its trained weights (loaded after construction)."""
         if getattr(module, "_owns_its_init", False):
