@@ -18,10 +18,16 @@ import json
 
 import torch
 
-from rqlm.commands.train_lm import add_vae_arguments, load_vae, resolve_compression_factor, vae_tokenizer
+from rqlm.commands.train_lm import (
+    add_spatial_training_arguments,
+    add_vae_arguments,
+    load_vae,
+    resolve_compression_factor,
+    vae_tokenizer,
+)
 from rqlm.modeling.configuration_givt import HEADS
 from rqlm.presets import PRESETS, backbone_config, is_preset
-from rqlm.trainer.arguments import add_training_arguments, training_arguments_from_namespace
+from rqlm.trainer.arguments import training_arguments_from_namespace
 
 GIVT_FIELDS = (
     "head", "num_mixtures", "energy_head_size", "energy_num_layers", "energy_num_samples", "sample_posterior",
@@ -49,22 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--energy_num_samples", type=int, default=8, help="generator samples per target in the energy score")
     model.add_argument("--sample_posterior", action=argparse.BooleanOptionalAction, default=True,
                        help="train on samples of the VAE posterior (what the bound scores) rather than its mean")
-    model.add_argument("--freeze_backbone_steps", type=int, default=0, help="steps the spatial layers stay frozen")
-    model.add_argument("--lora_r", type=int, default=0, help="LoRA rank on the spatial layers; 0 trains them fully")
-    model.add_argument("--lora_alpha", type=int, default=16)
-    add_training_arguments(
-        parser,
-        output_dir="runs/givt",
-        max_steps=100_000,  # the time budget ends a default run
-        max_minutes=10,
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=16,
-        learning_rate=1e-3,
-        warmup_steps=50,
-        eval_steps=200,
-        eval_batches=10,
-        save_steps=500,
-    )
+    add_spatial_training_arguments(parser, model, output_dir="runs/givt")
 
 
 def load_gaussian_vae(path: str | None):

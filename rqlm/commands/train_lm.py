@@ -50,12 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="depth transformer over the codes chosen so far, or all depths at once")
     model.add_argument("--aux_token_loss_weight", type=float, default=0.0,
                        help="weight of C heads on the spatial output predicting the next chunk's tokens")
+    add_spatial_training_arguments(parser, model, output_dir="runs/lm")
+
+
+def add_spatial_training_arguments(parser: argparse.ArgumentParser, model, output_dir: str) -> None:
+    """The flags every latent LM over a frozen VAE shares (train-lm, train-givt): freezing or LoRA on the
+    spatial layers, and the training loop's flags with a 10-minute CPU default."""
     model.add_argument("--freeze_backbone_steps", type=int, default=0, help="steps the spatial layers stay frozen")
     model.add_argument("--lora_r", type=int, default=0, help="LoRA rank on the spatial layers; 0 trains them fully")
     model.add_argument("--lora_alpha", type=int, default=16)
     add_training_arguments(
         parser,
-        output_dir="runs/lm",
+        output_dir=output_dir,
         max_steps=100_000,  # the time budget ends a default run
         max_minutes=10,
         per_device_train_batch_size=16,
