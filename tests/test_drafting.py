@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 from test_rq_transformer import EOS, PAD, VOCAB, C, backbone, make_lm, make_vae
-from transformers import Qwen3ForCausalLM
+from transformers import GenerationConfig, Qwen3ForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper
 
 from rqlm.modeling.drafting import DraftStats, generate_with_drafter
+from rqlm.modeling.generation_rq_transformer import _State
 
 NEW = 16
 
@@ -79,12 +80,14 @@ def test_greedy_stops_at_eos_where_the_target_does(target, drafter):
     assert torch.equal(drafted, plain)
 
 
-def test_every_draft_continues_the_accepted_text_after_rejections_inside_chunks(target, drafter):
-    """After a rejection the drafter starts over from the accepted ids, also when they end inside a chunk."""
+@pytest.mark.parametrize("num_draft_tokens", [None, 2 * C + 1])
+def test_every_draft_continues_the_accepted_text_after_rejections_inside_chunks(target, drafter, num_draft_tokens):
+    """Each draft is the drafter's fresh `generate` from the accepted ids, also when they end inside a chunk:
+    the state kept per chunk layout grows by the accepted chunks and forgets its drafted ones."""
     inside = 0
     for length in (5, 7):
         ids = prompt(length, seed=10 + length)
-        _, drafted, stats = plain_and_drafted(target, drafter, ids, eos_token_id=None)
+        _, drafted, stats = plain_and_drafted(target, drafter, ids, eos_token_id=None, num_draft_tokens=num_draft_tokens)
         inside += stats.rejections_inside_a_chunk
         for start, draft in zip(stats.contexts, stats.drafts):
             if not draft:
@@ -93,6 +96,29 @@ def test_every_draft_continues_the_accepted_text_after_rejections_inside_chunks(
             assert fresh[0, start:].tolist() == draft, (length, start)
         assert sum(stats.accepted) > 0  # some drafted tokens were kept: the drafts are exercised
     assert inside > 0  # an accepted prefix ended inside a drafted chunk
+
+
+@pytest.mark.parametrize("layers", [0, 1])  # a chunk-local encoder, and encoder/latent/decoder layers with caches
+def test_kept_state_grows_and_rolls_back_to_what_a_fresh_prompt_gives(layers):
+    """`_State.extend` by accepted chunks, after drafted chunks were appended and rolled back, holds the codes and
+    the spatial output a fresh `_State` of the whole text computes, and drafts what it drafts."""
+    lm = make_lm(make_vae(layers=layers, decoder_sees_previous_tokens=True), spatial_input="quantized")
+    text = prompt(3 * C + 2, seed=layers)
+    greedy = lm._depth_processors(GenerationConfig(do_sample=False), {}, None, text.device)
+    kept = _State(lm, text[:, : C + 2], torch.ones_like(text[:, : C + 2]), use_cache=True)
+    for end in (2 * C + 2, 3 * C + 2):
+        mark = kept.mark()
+        for _ in range(2):  # two drafted chunks, then forgotten
+            kept.append(lm._sample_codes(kept.hidden(), greedy))
+        kept.rollback(mark)
+        kept.extend(text[:, end - C : end])
+        fresh = _State(lm, text[:, :end], torch.ones_like(text[:, :end]), use_cache=True)
+        assert torch.equal(kept.codes, fresh.codes) and torch.equal(kept.tokens, fresh.tokens)
+        torch.testing.assert_close(kept.hidden(), fresh.hidden(), rtol=1e-4, atol=1e-5)
+        mark = kept.mark()
+        drafted = [s.append(lm._sample_codes(s.hidden(), greedy)) for s in (kept, fresh) for _ in range(2)]
+        assert torch.equal(torch.cat(drafted[:2], 1), torch.cat(drafted[2:], 1))
+        kept.rollback(mark)
 
 
 def test_batches_and_other_vocabularies_are_one_line_errors(target, drafter):

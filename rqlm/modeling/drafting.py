@@ -31,8 +31,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationMixin
+from transformers import GenerationConfig, GenerationMixin
 from transformers.generation.candidate_generator import CandidateGenerator
+
+from rqlm.modeling.generation_rq_transformer import _State, _token_ids
 
 
 @dataclass
@@ -73,6 +75,7 @@ class RQDraftCandidateGenerator(CandidateGenerator):
         pad_token_id: int | None = None,
         prompt_padding: int = 0,
         stats: DraftStats | None = None,
+        incremental: bool = True,
     ):
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens
@@ -84,6 +87,10 @@ class RQDraftCandidateGenerator(CandidateGenerator):
         c = drafter.compression_factor
         # the drafter reads at most its own positions: the start, the context's chunks and the draft's
         self.window = (drafter.config.backbone_config.max_position_embeddings - 1 - -(-num_draft_tokens // c)) * c
+        self.incremental = incremental
+        self.phases = {}  # context length modulo C -> (_State of that chunk layout, the context it holds)
+        self.eos_ids = _token_ids(eos_token_id)
+        self.depth_processors = drafter._depth_processors(GenerationConfig(do_sample=False), {}, None, drafter.device)
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
         """Accepted ids (1, T) -> (1, T + k): the drafter's next k tokens appended; no logits (see the module docstring)."""
@@ -92,17 +99,54 @@ class RQDraftCandidateGenerator(CandidateGenerator):
         if k <= 0:
             self.stats.drafts.append([])
             return input_ids, None
-        context = input_ids[:, self.prompt_padding :][:, -self.window :].to(self.drafter.device)
+        context = input_ids[:, self.prompt_padding :].to(self.drafter.device)
         start = time.perf_counter()
-        ids = self.drafter.generate(
-            context, max_new_tokens=k, do_sample=False, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id
-        )
-        if ids.is_cuda:
-            torch.cuda.synchronize(ids.device)
+        if self.incremental and context.shape[1] <= self.window:
+            draft = self._draft_incrementally(context, k)
+        else:
+            context = context[:, -self.window :]
+            ids = self.drafter.generate(
+                context, max_new_tokens=k, do_sample=False, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id
+            )
+            draft = ids[:, context.shape[1] :]  # (1, <= k): shorter when it drafted EOS
+        if draft.is_cuda:
+            torch.cuda.synchronize(draft.device)
         self.stats.draft_seconds += time.perf_counter() - start
-        draft = ids[:, context.shape[1] :].to(input_ids.device)  # (1, <= k): shorter when it drafted EOS
+        draft = draft.to(input_ids.device)
         self.stats.drafts.append(draft[0].tolist())
         return torch.cat([input_ids, draft], dim=1), None
+
+    def _draft_incrementally(self, context: torch.LongTensor, k: int) -> torch.LongTensor:
+        """The drafter's greedy `generate(context, max_new_tokens=k)` continuation (1, <= k), from kept state.
+
+        `generate` EOS-pads a context on the left to a multiple of C, so its chunk boundaries depend on
+        the context's length modulo C: one `_State` per residue keeps that layout's codes and KV caches,
+        grows by the chunks accepted since its last use, drafts, and rolls its drafted chunks back.
+        """
+        drafter, c = self.drafter, self.drafter.compression_factor
+        length = context.shape[1]
+        phase = -length % c
+        state, known = self.phases.get(phase, (None, None))
+        if state is None or known.shape[1] > length or not torch.equal(context[:, : known.shape[1]], known):
+            state = _State(drafter, context, torch.ones_like(context), use_cache=True)
+        else:
+            state.extend(context[:, known.shape[1] :])
+        self.phases[phase] = (state, context)
+        mark = state.mark()
+        drafted = []
+        eos = torch.tensor(self.eos_ids, device=context.device)
+        while sum(t.shape[1] for t in drafted) < k:
+            n = min(c, k - sum(t.shape[1] for t in drafted))
+            codes = drafter._sample_codes(state.hidden(), self.depth_processors)
+            last = sum(t.shape[1] for t in drafted) + n >= k
+            tokens = state.append(codes, advance=not last)[:, :n]
+            is_eos = torch.isin(tokens[0], eos)
+            if is_eos.any():  # the draft ends with its first EOS, as `generate` stops there
+                drafted.append(tokens[:, : int(is_eos.float().argmax()) + 1])
+                break
+            drafted.append(tokens)
+        state.rollback(mark)
+        return torch.cat(drafted, dim=1)
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         """Record how many drafted tokens the target kept; the draft length stays fixed."""
@@ -127,6 +171,7 @@ def generate_with_drafter(
     num_draft_tokens: int | None = None,
     streamer=None,
     stats: DraftStats | None = None,
+    incremental: bool = True,
     **generate_kwargs,
 ):
     """`target.generate(input_ids (1, T0), **generate_kwargs)` with `drafter` (an RQ model) proposing the tokens.
@@ -164,6 +209,7 @@ def generate_with_drafter(
         pad_token_id=config.pad_token_id,
         prompt_padding=int((attention_mask[0] == 0).sum()),
         stats=stats,
+        incremental=incremental,
     )
     decoding = functools.partial(_assisted_decoding_with, candidate_generator=candidates, streamer=streamer)
     return target.generate(

@@ -79,8 +79,8 @@ class RQTransformerGenerationMixin(GenerationMixin):
         produced, longest = 0, 0
         while produced < max_new_tokens and not done.all():
             codes = self._sample_codes(state.hidden(), processors)  # (B, D)
-            tokens = state.append(codes)  # (B, C)
             n = min(c, max_new_tokens - produced)
+            tokens = state.append(codes, advance=produced + n < max_new_tokens)  # (B, C)
             tokens = tokens[:, :n].masked_fill(done[:, None], pad)
             emitted = torch.full_like(done, n, dtype=torch.long)
             if eos:
@@ -253,8 +253,12 @@ class _State:
         """The spatial output at the last position (B, H): it predicts the next position's codes."""
         return self._hidden
 
-    def append(self, codes: torch.LongTensor) -> torch.LongTensor:
-        """Add the next position's codes (B, D): decode its C tokens (B, C) and step the spatial model."""
+    def append(self, codes: torch.LongTensor, advance: bool = True) -> torch.LongTensor:
+        """Add the next position's codes (B, D): decode its C tokens (B, C) and step the spatial model.
+
+        `advance=False` skips the spatial step (nothing will be drawn after this position); `hidden()` is
+        then stale until `rollback`.
+        """
         model, c = self.model, self.model.compression_factor
         previous = self.tokens[:, -c:]
         self.codes = torch.cat([self.codes, codes[:, None]], dim=1)
@@ -262,16 +266,64 @@ class _State:
         self.token_mask = F.pad(self.token_mask, (0, c), value=1)
         if self.use_cache:
             logits = self.decoder.step(codes[:, None], previous, self.token_mask)
-            x = model.embed_codes(codes[:, None])
-            position = self._positions()[:, -1:]
-            self._hidden = model.spatial_forward(x, self.spatial_mask, position, cache=self.spatial_cache)[:, -1]
+            if advance:
+                x = model.embed_codes(codes[:, None])
+                position = self._positions()[:, -1:]
+                self._hidden = model.spatial_forward(x, self.spatial_mask, position, cache=self.spatial_cache)[:, -1]
         else:
             placeholder = F.pad(self.tokens, (0, c), value=0)  # the new chunk's own tokens never reach its logits
             logits = model.vae.decode(self.codes, placeholder, self.token_mask)[:, -c:]
-            self._hidden = self._spatial_prefill()
+            if advance:
+                self._hidden = self._spatial_prefill()
         tokens = logits.argmax(-1)  # (B, C)
         self.tokens = torch.cat([self.tokens, tokens], dim=1)
         return tokens
+
+    # ----------------------------------------------------------------- drafting: grow, mark, roll back
+    def extend(self, tokens: torch.LongTensor) -> None:
+        """Add known text (B, m * C) after the sequence: encode its m chunks, step the spatial model and the
+        decoder caches over them. The state is then what a fresh `_State` of the longer prompt holds."""
+        model, vae, c = self.model, self.model.vae, self.model.compression_factor
+        m = tokens.shape[1] // c
+        if m == 0:
+            return
+        ones = torch.ones_like(tokens)
+        if vae.config.num_encoder_layers == 0 and vae.config.num_latent_layers == 0:  # chunk-local encoder
+            codes = model.encode(tokens, ones)
+        else:  # the encoder attends to earlier chunks: run it over the whole sequence (causal, so the old codes stay)
+            codes = model.encode(torch.cat([self.tokens, tokens], 1), torch.cat([self.token_mask, ones], 1))[:, -m:]
+        previous = torch.cat([self.tokens[:, -c:], tokens[:, :-c]], dim=1)  # each chunk's previous chunk
+        self.codes = torch.cat([self.codes, codes], dim=1)
+        self.tokens = torch.cat([self.tokens, tokens], dim=1)
+        self.token_mask = torch.cat([self.token_mask, ones], dim=1)
+        self.spatial_mask = F.pad(self.spatial_mask, (0, m), value=1)
+        if not self.use_cache:
+            self._hidden = self._spatial_prefill()
+            return
+        if self.decoder.latent_cache is not None or self.decoder.token_cache is not None:
+            shifted = previous if vae.decoder_embed_tokens is not None else None
+            self.decoder._run(codes, shifted, self.token_mask)
+        x = model.embed_codes(codes)
+        positions = self._positions()[:, -m:]
+        self._hidden = model.spatial_forward(x, self.spatial_mask, positions, cache=self.spatial_cache)[:, -1]
+
+    def mark(self) -> tuple:
+        """What `rollback` returns to: the sequence as it is now."""
+        return self.tokens, self.token_mask, self.codes, self.spatial_mask, self._hidden
+
+    def rollback(self, mark: tuple) -> None:
+        """Forget every position appended since `mark` (tensors, and KV caches cropped to their length then)."""
+        self.tokens, self.token_mask, self.codes, self.spatial_mask, self._hidden = mark
+        if self.use_cache:
+            _crop(self.spatial_cache, self.spatial_mask.shape[1])
+            _crop(self.decoder.latent_cache, self.codes.shape[1])
+            _crop(self.decoder.token_cache, self.tokens.shape[1])
+
+
+def _crop(cache: DynamicCache | None, length: int) -> None:
+    """Cut a KV cache back to its first `length` positions."""
+    if cache is not None and cache.get_seq_length() > length:
+        cache.crop(length - cache.get_seq_length())
 
 
 class _ChunkDecoder:
