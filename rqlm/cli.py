@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "train-lm": ("rqlm.commands.train_lm", "train the RQ-Transformer over RQ-VAE codes"),
     "train-givt": ("rqlm.commands.train_givt", "train the continuous latent LM (GIVT / CALM heads) over a Gaussian VAE"),
     "train-baseline": ("rqlm.commands.train_baseline", "train the plain Qwen3 baseline on the same data"),
+    "distill-data": ("rqlm.commands.distill_data", "a target LM's own continuations of training text, for training its drafter"),
     "evaluate": ("rqlm.commands.evaluate", "perplexity (bound), reconstruction and codebook usage"),
     "bench": ("rqlm.commands.bench", "speed and memory against the baseline or the reference quantizers"),
     "generate": ("rqlm.commands.generate", "generate text from a checkpoint"),

@@ -258,3 +258,49 @@ def test_generate_takes_any_causal_lm_folder_as_the_model(tmp_path, capsys):
     assert tokenizer.decode(expected[0], skip_special_tokens=True) in capsys.readouterr().out
     assert main(["generate", "def main():", "--model", str(tmp_path / "llama"), "--max_new_tokens", "80"]) == 1
     assert "exceeds the 64 positions of --model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- rqlm distill-data
+def test_distill_data_writes_the_targets_greedy_continuations_of_training_text_and_resumes(tmp_path, capsys):
+    import json
+
+    from test_generate_cli import save_baseline, save_rq_model
+
+    from rqlm.cli import main
+    from rqlm.commands.distill_data import prompt_windows
+    from rqlm.data.loading import load_text_dataset
+    from rqlm.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    target = save_baseline(tmp_path / "target", tokenizer)
+    out = tmp_path / "distill.jsonl"
+    argv = ["distill-data", "--target", str(tmp_path / "target"), "--output", str(out), "--prompts", "5",
+            "--prompt_length", "8", "--new_tokens", "6", "--batch_size", "2"]  # fmt: skip
+    assert main(argv) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 5
+    train = list(load_text_dataset(None)["train"]["text"])
+    prompts = prompt_windows(tokenizer(train, add_special_tokens=False)["input_ids"], 5, 8, seed=0)
+    for line, ids in zip(lines, prompts):
+        ids = torch.tensor([ids])
+        greedy = target.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.eos_token_id)[0].tolist()  # fmt: skip
+        if tokenizer.eos_token_id in greedy[8:]:
+            greedy = greedy[: greedy.index(tokenizer.eos_token_id, 8)]
+        assert json.loads(line)["text"] == tokenizer.decode(greedy)
+    # a killed run (two lines and a half-written one) continues with the same prompts
+    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])
+    assert main(argv) == 0
+    assert out.read_text().splitlines() == lines
+    assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
+    save_rq_model(tmp_path / "rq", tokenizer)
+    capsys.readouterr()
+    for change, message in [
+        (["--output", str(tmp_path / "d.txt")], "must be a .jsonl file"),
+        (["--prompts", "0"], "--prompts must be at least 1"),
+        (["--target", str(tmp_path / "rq")], "is a latent LM"),
+        (["--target", str(tmp_path / "missing")], "does not exist"),
+    ]:
+        assert main([*argv, *change]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
