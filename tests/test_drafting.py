@@ -228,12 +228,17 @@ def test_bench_drafting_quick_prints_the_table_and_the_summary_line(tmp_path, ca
     from rqlm.cli import main
 
     output = tmp_path / "drafting.json"
-    assert main(["bench", "--drafting", "--quick", "--threads", "1", "--output_json", str(output)]) == 0
+    argv = ["bench", "--drafting", "--quick", "--threads", "1", "--draft_tokens", "4,9", "--output_json", str(output)]
+    assert main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"drafting speedup batch 1: \d+\.\d\dx \(acceptance \d+\.\d\d tokens/step, target \d+ tok/s\)", out[-1])
-    row = json.loads(output.read_text())["rows"][0]
-    assert row["identical"] and row["acceptance"] >= 1 and row["verified_tokens_per_second"] > 0
-    assert any(line.startswith("| RQ test C=4") and line.endswith("| yes |") for line in out)
+    rows = json.loads(output.read_text())["rows"]
+    assert [r["draft_tokens"] for r in rows] == [4, 9]
+    for row in rows:
+        assert row["identical"] and 1 <= row["acceptance"] <= row["draft_tokens"] + 1 and row["verified_tokens_per_second"] > 0
+        assert 0 <= row["kept_share"] <= 1 and 1 < row["bound_on_target_text"] < float("inf")
+    assert sum(line.startswith("| RQ test C=4") and line.endswith("| yes |") for line in out) == 2
+    assert main([*argv[:-4], "--draft_tokens", "0"]) == 1
 
 
 def test_generate_takes_any_causal_lm_folder_as_the_model(tmp_path, capsys):

@@ -148,7 +148,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     drafting.add_argument(
         "--drafter_shape", default="tiny", help="random-weight drafters' spatial stack: a preset, one per C (without --model)"
     )
-    drafting.add_argument("--draft_tokens", type=int, default=None, help="tokens drafted per verification step (default C)")
+    drafting.add_argument(
+        "--draft_tokens", type=_ints, default=None,
+        help="tokens drafted per verification step, comma-separated for one row each (default C)",
+    )
     drafting.add_argument("--prompts", type=int, default=4, help="prompts, run one after the other at batch 1")
 
     vae = parser.add_argument_group("--vae and --quantizers")
@@ -402,8 +405,10 @@ def _drafting_bench(args, device) -> tuple[dict, str]:
         args.prompt_length, args.new_tokens, args.compression_factors, args.prompts = 16, 8, [HEADLINE_C], 2
     if args.prompt_length < 1 or args.new_tokens < 1 or args.prompts < 1:
         raise ValueError("--prompt_length, --new_tokens and --prompts must be >= 1")
-    if args.draft_tokens is not None and args.draft_tokens < 1:
-        raise ValueError(f"--draft_tokens must be >= 1, got {args.draft_tokens}")
+    if isinstance(args.draft_tokens, int):  # one value from a --config file
+        args.draft_tokens = [args.draft_tokens]
+    if args.draft_tokens is not None and (not args.draft_tokens or min(args.draft_tokens) < 1):
+        raise ValueError(f"--draft_tokens must be comma-separated integers >= 1, got {args.draft_tokens}")
     if (args.model is None) != (args.target is None):
         raise ValueError("--drafting takes --target and --model together (trained folders), or neither (random weights)")
     dtype = DTYPES[args.dtype]

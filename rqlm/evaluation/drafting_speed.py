@@ -7,11 +7,11 @@ number of new tokens), timed one after the other on the same machine:
   - `generate_with_drafter(target, drafter)` (the target's output, drafts verified C at a time), checked
     identical to the reference, with its acceptance: new tokens per verification step (one target forward).
 Figures are summed over the prompts: tokens/s = all new tokens / all generate wall time. Also per
-drafter: the share of the verified run spent drafting (re-encoding the accepted text and the spatial
-prefill, then the draft), and the share of steps after which an incremental drafter state could have
-been kept (the accepted length grew by a multiple of C, so the chunk boundaries did not move), and the
-break-even acceptance: the tokens per step at which one verification step, at its measured cost, takes
-as long as the target alone takes for those tokens (speedup = acceptance / break-even).
+drafter and draft length: the share of the verified run spent drafting, the share of drafted tokens
+the target kept, the drafter's perplexity bound on the target's own greedy text (prompt and
+continuation: how well the drafter models what it must predict), and the break-even acceptance: the
+tokens per step at which one verification step, at its measured cost, takes as long as the target
+alone takes for those tokens (speedup = acceptance / break-even).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rqlm.evaluation.bound import bound_terms, perplexity_bound
 from rqlm.evaluation.speed import synchronize
 from rqlm.modeling.drafting import DraftStats, generate_with_drafter
 
@@ -47,11 +48,15 @@ def benchmark_drafting(
     prompts: list[torch.LongTensor],
     new_tokens: int,
     device: torch.device | str = "cpu",
-    num_draft_tokens: int | None = None,
+    num_draft_tokens: int | list[int | None] | None = None,
     log=print,
 ) -> dict:
-    """Every drafter against the target over `prompts` (each (1, T0)) -> {'target': row, 'rows': [...]}."""
+    """Every drafter, at every draft length, against the target over `prompts` (each (1, T0)) -> {'target': row, 'rows': [...]}.
+
+    `num_draft_tokens`: tokens drafted per step, or a list of them (None: the drafter's C).
+    """
     device = torch.device(device)
+    lengths = num_draft_tokens if isinstance(num_draft_tokens, (list, tuple)) else [num_draft_tokens]
     greedy = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None}
     pad = {"pad_token_id": target.generation_config.pad_token_id or 0}
     prompts = [p.to(device) for p in prompts]
@@ -75,44 +80,63 @@ def benchmark_drafting(
         c = model.compression_factor
         model.generate(prompts[0], max_new_tokens=c, do_sample=False, eos_token_id=None)  # warm-up
         alone = sum(_timed(lambda ids=ids, model=model: model.generate(ids, **greedy), device)[1] for ids in prompts)
-        steps = accepted_tokens = reusable = 0
-        verified = drafting = 0.0
-        identical = True
-        for ids, reference in zip(prompts, references):
-            stats = DraftStats()
-            out, s = _timed(
-                lambda ids=ids, stats=stats, model=model: generate_with_drafter(
-                    target, model, ids, num_draft_tokens=num_draft_tokens, stats=stats, **greedy, **pad
-                ),
-                device,
+        bound = _bound_on(model, references)
+        for length in lengths:
+            row = _verified_row(target, model, prompts, references, length, greedy | pad, device)
+            row |= {
+                "drafter": drafter.name,
+                "compression_factor": c,
+                "draft_tokens": length or c,
+                "rq_tokens_per_second": made / alone,
+                "verified_tokens_per_second": made / row["seconds"],
+                "speedup": (made / row["seconds"]) / result["target"]["tokens_per_second"],
+                # tokens/step at which a verification step (draft + target forward), at its measured cost, pays for itself
+                "break_even_acceptance": row["seconds"] / max(row["steps"], 1) * result["target"]["tokens_per_second"],
+                "bound_on_target_text": bound,
+            }
+            result["rows"].append(row)
+            log(
+                f"  {drafter.name}, {row['draft_tokens']} drafted: alone {row['rq_tokens_per_second']:,.1f} tok/s, verified "
+                f"{row['verified_tokens_per_second']:,.1f} tok/s, acceptance {row['acceptance']:.2f} tokens/step"
             )
-            verified += s
-            drafting += stats.draft_seconds
-            identical &= torch.equal(out, reference)
-            steps += stats.steps
-            accepted_tokens += sum(a + 1 for a in stats.accepted)
-            reusable += sum(1 for a in stats.accepted if (a + 1) % c == 0)
-        row = {
-            "drafter": drafter.name,
-            "compression_factor": c,
-            "draft_tokens": num_draft_tokens or c,
-            "rq_tokens_per_second": made / alone,
-            "verified_tokens_per_second": made / verified,
-            "speedup": (made / verified) / result["target"]["tokens_per_second"],
-            "acceptance": accepted_tokens / max(steps, 1),
-            # tokens/step at which a verification step (draft + target forward), at its measured cost, pays for itself
-            "break_even_acceptance": verified / max(steps, 1) * result["target"]["tokens_per_second"],
-            "steps": steps,
-            "drafting_share": drafting / verified,
-            "reusable_share": reusable / max(steps, 1),
-            "identical": bool(identical),
-        }
-        result["rows"].append(row)
-        log(
-            f"  {drafter.name}: alone {row['rq_tokens_per_second']:,.1f} tok/s, verified "
-            f"{row['verified_tokens_per_second']:,.1f} tok/s, acceptance {row['acceptance']:.2f} tokens/step"
-        )
     return result
+
+
+def _verified_row(target, model, prompts, references, num_draft_tokens, settings, device) -> dict:
+    """`generate_with_drafter` over every prompt: time, steps, acceptance, kept share, identical to the references."""
+    steps = emitted = kept = drafted = 0
+    verified = drafting = 0.0
+    identical = True
+    for ids, reference in zip(prompts, references):
+        stats = DraftStats()
+        out, s = _timed(
+            lambda ids=ids, stats=stats: generate_with_drafter(
+                target, model, ids, num_draft_tokens=num_draft_tokens, stats=stats, **settings
+            ),
+            device,
+        )
+        verified += s
+        drafting += stats.draft_seconds
+        identical &= torch.equal(out, reference)
+        steps += stats.steps
+        emitted += sum(a + 1 for a in stats.accepted)
+        kept += sum(stats.accepted)
+        drafted += sum(len(d) for d in stats.drafts)
+    return {
+        "seconds": verified,
+        "steps": steps,
+        "acceptance": emitted / max(steps, 1),
+        "kept_share": kept / max(drafted, 1),
+        "drafting_share": drafting / verified,
+        "identical": bool(identical),
+    }
+
+
+def _bound_on(model, references: list[torch.LongTensor]) -> float:
+    """The drafter's perplexity bound on the target's greedy sequences (each cut to a multiple of C)."""
+    c = model.compression_factor
+    terms = [bound_terms(model, ids[:, : ids.shape[1] // c * c]) for ids in references if ids.shape[1] >= c]
+    return perplexity_bound({k: sum(t[k] for t in terms) for k in ("nll_codes", "nll_recon", "num_tokens")})
 
 
 def format_drafting_table(result: dict) -> str:
@@ -127,17 +151,22 @@ def format_drafting_table(result: dict) -> str:
         "",
         (
             "| drafter | C | draft tokens | RQ alone tok/s | target verified tok/s | speedup | acceptance tokens/step "
-            "| break-even tokens/step | drafting share | reusable steps | identical |"
+            "| drafted tokens kept | break-even tokens/step | drafting share | drafter's bound on the target's text | identical |"
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['drafter']} | {r['compression_factor']} | {r['draft_tokens']} | {r['rq_tokens_per_second']:,.1f} "
-            f"| {r['verified_tokens_per_second']:,.1f} | {r['speedup']:.2f}x | {r['acceptance']:.2f} | {r['break_even_acceptance']:.2f} "
-            f"| {100 * r['drafting_share']:.0f}% | {100 * r['reusable_share']:.0f}% | {'yes' if r['identical'] else 'NO'} |"
+            f"| {r['verified_tokens_per_second']:,.1f} | {r['speedup']:.2f}x | {r['acceptance']:.2f} | {100 * r['kept_share']:.0f}% "
+            f"| {r['break_even_acceptance']:.2f} | {100 * r['drafting_share']:.0f}% | {_number(r['bound_on_target_text'])} "
+            f"| {'yes' if r['identical'] else 'NO'} |"
         )
     return "\n".join(lines)
+
+
+def _number(x: float) -> str:
+    return f"{x:,.1f}" if x < 1e5 else f"{x:.3g}"
 
 
 def summary_line(result: dict) -> str:

@@ -1,7 +1,7 @@
 """Lossless latent drafting: an RQ-Transformer proposes C tokens per spatial step, a causal LM verifies them.
 
-    accepted text (1, T) -> the drafter's greedy `generate` (re-encoded through the frozen VAE, the
-                            spatial prefill, EOS-left-padded partial chunk)   draft (1, k)
+    accepted text (1, T) -> the drafter's greedy continuation, as its `generate` would draft it, from
+                            state kept per chunk layout (grown by the accepted chunks)   draft (1, k)
     -> one forward of the target over the k drafted tokens, in transformers' `_assisted_decoding`
        (greedy: keep the draft up to the first token the target's argmax disagrees with, then the
        target's own token; sampling: keep it while it equals the token sampled from the target's
@@ -19,9 +19,15 @@ has no argument that takes a candidate generator, so `generate_with_drafter` pas
 `custom_generate=` a function that runs `_assisted_decoding` with `_get_candidate_generator`
 answered by `RQDraftCandidateGenerator` on the target instance for that call only.
 
-State after a rejection: the drafter keeps no state between rounds; each round drafts from the
-accepted text itself, so an accepted prefix that ends inside a chunk is handled like any prompt
-whose length is not a multiple of C. transformers' assisted decoding is batch 1 only.
+State after a rejection: `drafter.generate(accepted)` EOS-pads the accepted text on the left to a
+multiple of C, so where its chunks begin depends on the accepted length modulo C, and that changes
+whenever the target keeps a number of tokens that is not a multiple of C. The candidate generator
+keeps one generation state (`_State`: codes, spatial and VAE-decoder KV caches) per residue: a round
+grows the state of its residue by the chunks accepted since that state was last used (encoding only
+those chunks when the VAE's encoder is chunk-local), drafts from it, and rolls the drafted chunks
+back (the caches are cropped). Every draft equals the stateless `generate` from the accepted text
+(tested); contexts beyond the drafter's positions fall back to that stateless call on the last
+window. transformers' assisted decoding is batch 1 only.
 """
 
 from __future__ import annotations
@@ -179,6 +185,8 @@ def generate_with_drafter(
     Returns what `target.generate` returns: under greedy decoding the same ids, under sampling the same
     distribution. `num_draft_tokens` (default C) tokens are drafted per target forward; `stats` (a
     DraftStats) is filled with the context, the draft and the accepted count of every step.
+    `incremental=False` drafts every round with a fresh `drafter.generate` (the reference the kept state
+    is tested against).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(
