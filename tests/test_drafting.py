@@ -285,7 +285,9 @@ def test_distill_data_writes_the_targets_greedy_continuations_of_training_text_a
     lines = out.read_text().splitlines()
     assert len(lines) == 5
     train = list(load_text_dataset(None)["train"]["text"])
-    prompts = prompt_windows(tokenizer(train, add_special_tokens=False)["input_ids"], 5, 8, seed=0)
+    documents = tokenizer(train, add_special_tokens=False)["input_ids"]
+    prompts = prompt_windows(documents, 5, 8, seed=0)
+    assert prompt_windows(documents, 7, 8, seed=0)[:5] == prompts != prompt_windows(documents, 5, 8, seed=1)
     for line, ids in zip(lines, prompts):
         ids = torch.tensor([ids])
         greedy = target.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,

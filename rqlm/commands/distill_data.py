@@ -7,8 +7,8 @@
 A drafter is only as fast as the share of its tokens the target keeps, and it keeps what it would
 have said itself: an RQ-VAE and RQ-Transformer trained on this file (`--dataset OUTPUT.jsonl`)
 model the target's output instead of the corpus (sequence-level distillation, as in DistillSpec).
-A run that stops (Ctrl-C) keeps its finished lines; running the same command again continues
-after them, with the same prompts.
+A run that stops (Ctrl-C) keeps its finished lines; running the command again continues after
+them with the same prompts, and a larger --prompts extends the same list.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def prompt_windows(documents: list[list[int]], count: int, length: int, seed: in
     """`count` windows of `length` ids from the tokenized documents, at seeded offsets, in a fixed order.
 
     Windows are drawn with probability proportional to each document's number of windows, so long
-    documents give more prompts; the same (documents, count, length, seed) always gives the same list.
+    documents give more prompts; one at a time, so a larger `count` extends the same list.
     """
     import torch
 
@@ -55,10 +55,9 @@ def prompt_windows(documents: list[list[int]], count: int, length: int, seed: in
         raise ValueError(f"no training document has {length} tokens; lower --prompt_length")
     weights = torch.tensor([len(ids) - length + 1 for ids in long_enough], dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
-    picks = torch.multinomial(weights, count, replacement=True, generator=generator).tolist()
     windows = []
-    for doc in picks:
-        ids = long_enough[doc]
+    for _ in range(count):
+        ids = long_enough[int(torch.multinomial(weights, 1, generator=generator))]
         start = int(torch.randint(len(ids) - length + 1, (1,), generator=generator))
         windows.append(ids[start : start + length])
     return windows

@@ -51,7 +51,7 @@ class DraftStats:
     accepted: list[int] = field(default_factory=list)  # drafted tokens the target kept at each step
     contexts: list[int] = field(default_factory=list)  # length of the accepted ids each draft continued
     drafts: list[list[int]] = field(default_factory=list)  # the drafted ids of each step
-    draft_seconds: float = 0.0  # wall time spent in the drafter (re-encoding, spatial prefill, draft)
+    draft_seconds: float = 0.0  # wall time spent in the drafter (encoding the accepted chunks, the spatial steps, the draft)
 
     @property
     def steps(self) -> int:
