@@ -78,14 +78,20 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from rqlm.commands.generate import ANY_CAUSAL_LM, load_folder_tokenizer, load_model, read_config
+    from rqlm.commands.generate import (
+        ANY_CAUSAL_LM,
+        LATENT_LM_TYPES,
+        load_folder_tokenizer,
+        load_model,
+        read_config,
+    )
     from rqlm.data.loading import load_text_dataset
 
     check_arguments(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = read_config(args.target, role="--target", model_types=ANY_CAUSAL_LM)
-    if config.model_type in ("rq_transformer", "givt"):
+    if config.model_type in LATENT_LM_TYPES:
         raise ValueError(f"--target {args.target!r} is a latent LM; distill from the causal LM that will verify the drafts")
     tokenizer = load_folder_tokenizer(args.target, role="--target")
     output = Path(args.output).expanduser()

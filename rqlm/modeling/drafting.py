@@ -95,7 +95,7 @@ class RQDraftCandidateGenerator(CandidateGenerator):
         self.window = (drafter.config.backbone_config.max_position_embeddings - 1 - -(-num_draft_tokens // c)) * c
         self.incremental = incremental
         self.phases = {}  # context length modulo C -> (_State of that chunk layout, the context it holds)
-        self.eos_ids = _token_ids(eos_token_id)
+        self.eos_ids = torch.tensor(_token_ids(eos_token_id), dtype=torch.long, device=drafter.device)
         self.depth_processors = drafter._depth_processors(GenerationConfig(do_sample=False), {}, None, drafter.device)
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
@@ -139,14 +139,13 @@ class RQDraftCandidateGenerator(CandidateGenerator):
             state.extend(context[:, known.shape[1] :])
         self.phases[phase] = (state, context)
         mark = state.mark()
-        drafted = []
-        eos = torch.tensor(self.eos_ids, device=context.device)
-        while sum(t.shape[1] for t in drafted) < k:
-            n = min(c, k - sum(t.shape[1] for t in drafted))
+        drafted, made = [], 0
+        while made < k:
+            n = min(c, k - made)
             codes = drafter._sample_codes(state.hidden(), self.depth_processors)
-            last = sum(t.shape[1] for t in drafted) + n >= k
-            tokens = state.append(codes, advance=not last)[:, :n]
-            is_eos = torch.isin(tokens[0], eos)
+            tokens = state.append(codes, advance=made + n < k)[:, :n]
+            made += n
+            is_eos = torch.isin(tokens[0], self.eos_ids)
             if is_eos.any():  # the draft ends with its first EOS, as `generate` stops there
                 drafted.append(tokens[:, : int(is_eos.float().argmax()) + 1])
                 break

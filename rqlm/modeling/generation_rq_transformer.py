@@ -292,7 +292,6 @@ class _State:
             codes = model.encode(tokens, ones)
         else:  # the encoder attends to earlier chunks: run it over the whole sequence (causal, so the old codes stay)
             codes = model.encode(torch.cat([self.tokens, tokens], 1), torch.cat([self.token_mask, ones], 1))[:, -m:]
-        previous = torch.cat([self.tokens[:, -c:], tokens[:, :-c]], dim=1)  # each chunk's previous chunk
         self.codes = torch.cat([self.codes, codes], dim=1)
         self.tokens = torch.cat([self.tokens, tokens], dim=1)
         self.token_mask = torch.cat([self.token_mask, ones], dim=1)
@@ -301,7 +300,9 @@ class _State:
             self._hidden = self._spatial_prefill()
             return
         if self.decoder.latent_cache is not None or self.decoder.token_cache is not None:
-            shifted = previous if vae.decoder_embed_tokens is not None else None
+            shifted = None
+            if vae.decoder_embed_tokens is not None:  # each new chunk sees the one before it, as in the prefill
+                shifted = vae._previous_chunk_tokens(self.tokens, self.tokens.shape[1])[:, -m * c :]
             self.decoder._run(codes, shifted, self.token_mask)
         x = model.embed_codes(codes)
         positions = self._positions()[:, -m:]
