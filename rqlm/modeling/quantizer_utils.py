@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from contextlib import contextmanager
@@ -153,10 +154,11 @@ def _is_default(value, default_value) -> bool:
         return False
 
 
-def _named_parameters(function) -> set[str]:
+@functools.lru_cache(maxsize=None)
+def _named_parameters(function) -> frozenset[str]:
     params = inspect.signature(function).parameters.values()
     names = {p.name for p in params if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
-    return names - {"self"}
+    return frozenset(names - {"self"})
 
 
 def keyword_names(cls: type) -> set[str]:
@@ -174,6 +176,8 @@ def check_reference_keywords(cls: type, extra: dict, method: str = "__init__") -
     that default and refused otherwise; a keyword no one knows is refused with the list of valid ones.
     Constructors pass the rest on to `cls.PASSES_KEYWORDS_TO` (the quantizer they stack).
     """
+    if not extra:  # the common case, and every forward: nothing to check (signatures are slow to read)
+        return {}
     if method == "__init__":
         owner = cls.__name__
         reference_only = getattr(cls, "REFERENCE_ONLY_KEYWORDS", {})
