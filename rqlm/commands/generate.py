@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--draft_tokens", type=int, default=None, help="tokens drafted per verification step (with --verify-with; default C)"
     )
+    parser.add_argument(
+        "--draft_confidence", type=float, default=0.0,
+        help="draft a chunk only when the drafter's first code for it is at least this likely (with --verify-with; 0: always)",
+    )
 
 
 def read_config(path: str, role: str = "--model", model_types: tuple[str, ...] = MODEL_TYPES):
@@ -176,7 +180,8 @@ def generate_streamed(model, tokenizer, input_ids, args: argparse.Namespace, dra
     generate = model.generate
     if drafter is not None:
         generate = functools.partial(
-            generate_with_drafter, model, drafter, num_draft_tokens=args.draft_tokens, stats=stats
+            generate_with_drafter, model, drafter, num_draft_tokens=args.draft_tokens, stats=stats,
+            confidence_threshold=args.draft_confidence,
         )
     with torch.no_grad():
         output = generate(
@@ -226,6 +231,8 @@ def verify_main(args: argparse.Namespace) -> int:
         raise ValueError("--verify-with and --baseline go separately: the verified output is the target's own")
     if args.draft_tokens is not None and args.draft_tokens < 1:
         raise ValueError(f"--draft_tokens must be at least 1, got {args.draft_tokens}")
+    if not 0.0 <= args.draft_confidence <= 1.0:
+        raise ValueError(f"--draft_confidence is a probability in [0, 1], got {args.draft_confidence}")
     config = read_config(args.model, "--model", ("rq_transformer",))
     target_config = read_config(args.verify_with, "--verify-with", ANY_CAUSAL_LM)
     if target_config.model_type == "rq_transformer":
@@ -242,5 +249,7 @@ def verify_main(args: argparse.Namespace) -> int:
     new, seconds = generate_streamed(target, tokenizer, input_ids, args, drafter=drafter, stats=stats)
     print()
     print(f"model: {new} new tokens in {seconds:.2f} s = {new / max(seconds, 1e-9):.1f} tokens/s")
-    print(f"drafting: {stats.steps} verification steps, acceptance {stats.tokens_per_step:.2f} tokens/step")
+    gated = sum(1 for draft, confidences in zip(stats.drafts, stats.confidences) if confidences and not draft)
+    below = f", {gated} without a draft (below --draft_confidence)" if args.draft_confidence else ""
+    print(f"drafting: {stats.steps} verification steps, acceptance {stats.tokens_per_step:.2f} tokens/step{below}")
     return 0

@@ -7,7 +7,7 @@ number of new tokens), timed one after the other on the same machine:
   - `generate_with_drafter(target, drafter)` (the target's output, drafts verified C at a time), checked
     identical to the reference, with its acceptance: new tokens per verification step (one target forward).
 Figures are summed over the prompts: tokens/s = all new tokens / all generate wall time. Also per
-drafter and draft length: the share of the verified run spent drafting, the share of drafted tokens
+drafter, draft length and confidence gate: the share of steps the gate left without a draft, the share of the verified run spent drafting, the share of drafted tokens
 the target kept, the drafter's perplexity bound on the target's own greedy text (prompt and
 continuation: how well the drafter models what it must predict), and the break-even acceptance: the
 tokens per step at which one verification step, at its measured cost, takes as long as the target
@@ -50,10 +50,13 @@ def benchmark_drafting(
     device: torch.device | str = "cpu",
     num_draft_tokens: int | list[int | None] | None = None,
     log=print,
+    confidence_thresholds: list[float] = (0.0,),
 ) -> dict:
-    """Every drafter, at every draft length, against the target over `prompts` (each (1, T0)) -> {'target': row, 'rows': [...]}.
+    """Every drafter, at every draft length and confidence gate, against the target over `prompts` (each (1, T0))
+    -> {'target': row, 'rows': [...]}.
 
     `num_draft_tokens`: tokens drafted per step, or a list of them (None: the drafter's C).
+    `confidence_thresholds`: the drafted chunks' gates (`generate_with_drafter(confidence_threshold=)`), one row each.
     """
     device = torch.device(device)
     lengths = num_draft_tokens if isinstance(num_draft_tokens, (list, tuple)) else [num_draft_tokens]
@@ -82,36 +85,39 @@ def benchmark_drafting(
         alone = sum(_timed(lambda ids=ids, model=model: model.generate(ids, **greedy), device)[1] for ids in prompts)
         bound = _bound_on(model, references)
         for length in lengths:
-            row = _verified_row(target, model, prompts, references, length, greedy | pad, device)
-            row |= {
-                "drafter": drafter.name,
-                "compression_factor": c,
-                "draft_tokens": length or c,
-                "rq_tokens_per_second": made / alone,
-                "verified_tokens_per_second": made / row["seconds"],
-                "speedup": (made / row["seconds"]) / result["target"]["tokens_per_second"],
-                # tokens/step at which a verification step (draft + target forward), at its measured cost, pays for itself
-                "break_even_acceptance": row["seconds"] / max(row["steps"], 1) * result["target"]["tokens_per_second"],
-                "bound_on_target_text": bound,
-            }
-            result["rows"].append(row)
-            log(
-                f"  {drafter.name}, {row['draft_tokens']} drafted: alone {row['rq_tokens_per_second']:,.1f} tok/s, verified "
-                f"{row['verified_tokens_per_second']:,.1f} tok/s, acceptance {row['acceptance']:.2f} tokens/step"
-            )
+            for threshold in confidence_thresholds:
+                row = _verified_row(target, model, prompts, references, length, threshold, greedy | pad, device)
+                row |= {
+                    "drafter": drafter.name,
+                    "compression_factor": c,
+                    "draft_tokens": length or c,
+                    "confidence_threshold": threshold,
+                    "rq_tokens_per_second": made / alone,
+                    "verified_tokens_per_second": made / row["seconds"],
+                    "speedup": (made / row["seconds"]) / result["target"]["tokens_per_second"],
+                    # tokens/step at which a verification step (draft + target forward), at its measured cost, pays for itself
+                    "break_even_acceptance": row["seconds"] / max(row["steps"], 1) * result["target"]["tokens_per_second"],
+                    "bound_on_target_text": bound,
+                }
+                result["rows"].append(row)
+                log(
+                    f"  {drafter.name}, {row['draft_tokens']} drafted, gate {threshold:g}: alone {row['rq_tokens_per_second']:,.1f} "
+                    f"tok/s, verified {row['verified_tokens_per_second']:,.1f} tok/s, acceptance {row['acceptance']:.2f} tokens/step"
+                )
     return result
 
 
-def _verified_row(target, model, prompts, references, num_draft_tokens, settings, device) -> dict:
-    """`generate_with_drafter` over every prompt: time, steps, acceptance, kept share, identical to the references."""
-    steps = emitted = kept = drafted = 0
+def _verified_row(target, model, prompts, references, num_draft_tokens, threshold, settings, device) -> dict:
+    """`generate_with_drafter` over every prompt: time, steps, acceptance, kept share, steps gated, identical to the references."""
+    steps = emitted = kept = drafted = gated = 0
     verified = drafting = 0.0
     identical = True
     for ids, reference in zip(prompts, references):
         stats = DraftStats()
         out, s = _timed(
             lambda ids=ids, stats=stats: generate_with_drafter(
-                target, model, ids, num_draft_tokens=num_draft_tokens, stats=stats, **settings
+                target, model, ids, num_draft_tokens=num_draft_tokens, stats=stats, confidence_threshold=threshold,
+                **settings,
             ),
             device,
         )
@@ -122,12 +128,14 @@ def _verified_row(target, model, prompts, references, num_draft_tokens, settings
         emitted += sum(a + 1 for a in stats.accepted)
         kept += sum(stats.accepted)
         drafted += sum(len(d) for d in stats.drafts)
+        gated += sum(1 for d, confidences in zip(stats.drafts, stats.confidences) if confidences and not d)
     return {
         "seconds": verified,
         "steps": steps,
         "acceptance": emitted / max(steps, 1),
         "kept_share": kept / max(drafted, 1),
         "drafting_share": drafting / verified,
+        "gated_share": gated / max(steps, 1),  # steps whose first chunk failed the confidence gate: a plain target step
         "identical": bool(identical),
     }
 
@@ -150,15 +158,17 @@ def format_drafting_table(result: dict) -> str:
         setup,
         "",
         (
-            "| drafter | C | draft tokens | RQ alone tok/s | target verified tok/s | speedup | acceptance tokens/step "
-            "| drafted tokens kept | break-even tokens/step | drafting share | drafter's bound on the target's text | identical |"
+            "| drafter | C | draft tokens | gate | RQ alone tok/s | target verified tok/s | speedup | acceptance tokens/step "
+            "| drafted tokens kept | steps gated | break-even tokens/step | drafting share | drafter's bound on the target's text "
+            "| identical |"
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['drafter']} | {r['compression_factor']} | {r['draft_tokens']} | {r['rq_tokens_per_second']:,.1f} "
-            f"| {r['verified_tokens_per_second']:,.1f} | {r['speedup']:.2f}x | {r['acceptance']:.2f} | {100 * r['kept_share']:.0f}% "
+            f"| {r['drafter']} | {r['compression_factor']} | {r['draft_tokens']} | {r['confidence_threshold']:g} "
+            f"| {r['rq_tokens_per_second']:,.1f} | {r['verified_tokens_per_second']:,.1f} | {r['speedup']:.2f}x "
+            f"| {r['acceptance']:.2f} | {100 * r['kept_share']:.0f}% | {100 * r['gated_share']:.0f}% "
             f"| {r['break_even_acceptance']:.2f} | {100 * r['drafting_share']:.0f}% | {_number(r['bound_on_target_text'])} "
             f"| {'yes' if r['identical'] else 'NO'} |"
         )

@@ -26,8 +26,12 @@ keeps one generation state (`_State`: codes, spatial and VAE-decoder KV caches) 
 grows the state of its residue by the chunks accepted since that state was last used (encoding only
 those chunks when the VAE's encoder is chunk-local), drafts from it, and rolls the drafted chunks
 back (the caches are cropped). Every draft equals the stateless `generate` from the accepted text
-(tested); contexts beyond the drafter's positions fall back to that stateless call on the last
-window. transformers' assisted decoding is batch 1 only.
+(tested); contexts beyond the drafter's positions fall back to a fresh state of the last window.
+
+The confidence gate. Rejected drafts cost a target forward over C more tokens and the drafting; the
+probability of a chunk's depth-0 code predicts how much of it the target keeps, so with
+`confidence_threshold` a chunk is drafted only when that probability reaches it (the other depths
+and the decoding are then skipped too). transformers' assisted decoding is batch 1 only.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class DraftStats:
     accepted: list[int] = field(default_factory=list)  # drafted tokens the target kept at each step
     contexts: list[int] = field(default_factory=list)  # length of the accepted ids each draft continued
     drafts: list[list[int]] = field(default_factory=list)  # the drafted ids of each step
+    confidences: list[list[float]] = field(default_factory=list)  # each step's chunks: their depth-0 code's probability
     draft_seconds: float = 0.0  # wall time spent in the drafter (encoding the accepted chunks, the spatial steps, the draft)
 
     @property
@@ -82,7 +87,10 @@ class RQDraftCandidateGenerator(CandidateGenerator):
         prompt_padding: int = 0,
         stats: DraftStats | None = None,
         incremental: bool = True,
+        confidence_threshold: float = 0.0,
     ):
+        if not 0.0 <= confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold is a probability in [0, 1], got {confidence_threshold}")
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens
         self.max_length = max_length
@@ -94,27 +102,30 @@ class RQDraftCandidateGenerator(CandidateGenerator):
         # the drafter reads at most its own positions: the start, the context's chunks and the draft's
         self.window = (drafter.config.backbone_config.max_position_embeddings - 1 - -(-num_draft_tokens // c)) * c
         self.incremental = incremental
+        self.confidence_threshold = confidence_threshold  # draft a chunk only when its depth-0 code is this likely
         self.phases = {}  # context length modulo C -> (_State of that chunk layout, the context it holds)
         self.eos_ids = torch.tensor(_token_ids(eos_token_id), dtype=torch.long, device=drafter.device)
         self.depth_processors = drafter._depth_processors(GenerationConfig(do_sample=False), {}, None, drafter.device)
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
-        """Accepted ids (1, T) -> (1, T + k): the drafter's next k tokens appended; no logits (see the module docstring)."""
+        """Accepted ids (1, T) -> (1, T + k): the drafter's next k tokens appended; no logits (see the module docstring).
+
+        Fewer than k when the draft reaches EOS or a chunk fails the confidence gate (none when the first one does).
+        """
         k = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
         self.stats.contexts.append(input_ids.shape[1])
+        self.stats.confidences.append([])
         if k <= 0:
             self.stats.drafts.append([])
             return input_ids, None
         context = input_ids[:, self.prompt_padding :].to(self.drafter.device)
         start = time.perf_counter()
         if self.incremental and context.shape[1] <= self.window:
-            draft = self._draft_incrementally(context, k)
-        else:
+            state = self._kept_state(context)
+        else:  # a fresh state of the last window the drafter can read
             context = context[:, -self.window :]
-            ids = self.drafter.generate(
-                context, max_new_tokens=k, do_sample=False, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id
-            )
-            draft = ids[:, context.shape[1] :]  # (1, <= k): shorter when it drafted EOS
+            state = _State(self.drafter, context, torch.ones_like(context), use_cache=True)
+        draft = self._draft(state, k)
         if draft.is_cuda:
             torch.cuda.synchronize(draft.device)
         self.stats.draft_seconds += time.perf_counter() - start
@@ -122,27 +133,35 @@ class RQDraftCandidateGenerator(CandidateGenerator):
         self.stats.drafts.append(draft[0].tolist())
         return torch.cat([input_ids, draft], dim=1), None
 
-    def _draft_incrementally(self, context: torch.LongTensor, k: int) -> torch.LongTensor:
-        """The drafter's greedy `generate(context, max_new_tokens=k)` continuation (1, <= k), from kept state.
+    def _kept_state(self, context: torch.LongTensor) -> _State:
+        """The generation state of `context` (1, T), as a fresh `_State(context)` holds it, from the kept ones.
 
         `generate` EOS-pads a context on the left to a multiple of C, so its chunk boundaries depend on
-        the context's length modulo C: one `_State` per residue keeps that layout's codes and KV caches,
-        grows by the chunks accepted since its last use, drafts, and rolls its drafted chunks back.
+        the context's length modulo C: one `_State` per residue keeps that layout's codes and KV caches
+        and grows by the chunks accepted since its last use.
         """
-        drafter, c = self.drafter, self.drafter.compression_factor
+        c = self.drafter.compression_factor
         length = context.shape[1]
         phase = -length % c
         state, known = self.phases.get(phase, (None, None))
         if state is None or known.shape[1] > length or not torch.equal(context[:, : known.shape[1]], known):
-            state = _State(drafter, context, torch.ones_like(context), use_cache=True)
+            state = _State(self.drafter, context, torch.ones_like(context), use_cache=True)
         else:
             state.extend(context[:, known.shape[1] :])
         self.phases[phase] = (state, context)
+        return state
+
+    def _draft(self, state: _State, k: int) -> torch.LongTensor:
+        """The drafter's greedy continuation of `state` (1, <= k), as its `generate(max_new_tokens=k)` makes it,
+        cut before the first chunk that fails the confidence gate; the state is rolled back afterwards."""
+        c = self.drafter.compression_factor
         mark = state.mark()
         drafted, made = [], 0
         while made < k:
             n = min(c, k - made)
-            codes = drafter._sample_codes(state.hidden(), self.depth_processors)
+            codes = self.drafter._sample_codes(state.hidden(), self.depth_processors, gate=self._confident)
+            if codes is None:
+                break
             tokens = state.append(codes, advance=made + n < k)[:, :n]
             made += n
             is_eos = torch.isin(tokens[0], self.eos_ids)
@@ -151,7 +170,12 @@ class RQDraftCandidateGenerator(CandidateGenerator):
                 break
             drafted.append(tokens)
         state.rollback(mark)
-        return torch.cat(drafted, dim=1)
+        return torch.cat(drafted, dim=1) if drafted else state.tokens.new_zeros(1, 0)
+
+    def _confident(self, probability: torch.FloatTensor) -> bool:
+        """The gate on a chunk: its depth-0 code's probability (1,) reaches `confidence_threshold` (recorded)."""
+        self.stats.confidences[-1].append(float(probability[0]))
+        return bool(probability[0] >= self.confidence_threshold)
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         """Record how many drafted tokens the target kept; the draft length stays fixed."""
@@ -177,6 +201,7 @@ def generate_with_drafter(
     streamer=None,
     stats: DraftStats | None = None,
     incremental: bool = True,
+    confidence_threshold: float = 0.0,
     **generate_kwargs,
 ):
     """`target.generate(input_ids (1, T0), **generate_kwargs)` with `drafter` (an RQ model) proposing the tokens.
@@ -184,8 +209,10 @@ def generate_with_drafter(
     Returns what `target.generate` returns: under greedy decoding the same ids, under sampling the same
     distribution. `num_draft_tokens` (default C) tokens are drafted per target forward; `stats` (a
     DraftStats) is filled with the context, the draft and the accepted count of every step.
-    `incremental=False` drafts every round with a fresh `drafter.generate` (the reference the kept state
-    is tested against).
+    `confidence_threshold` stops a draft before a chunk whose depth-0 code the drafter picks with a lower
+    probability (in the spirit of transformers' `assistant_confidence_threshold`): a step then verifies
+    fewer tokens, or none (a plain target step), where the drafter is likely wrong. `incremental=False`
+    drafts every round from a fresh state of the accepted text (the kept state's reference).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(
@@ -217,6 +244,7 @@ def generate_with_drafter(
         prompt_padding=int((attention_mask[0] == 0).sum()),
         stats=stats,
         incremental=incremental,
+        confidence_threshold=confidence_threshold,
     )
     decoding = functools.partial(_assisted_decoding_with, candidate_generator=candidates, streamer=streamer)
     return target.generate(

@@ -104,20 +104,22 @@ class RQTransformerGenerationMixin(GenerationMixin):
         return sequences
 
     # ----------------------------------------------------------------- steps
-    def _sample_codes(self, hidden: torch.FloatTensor, processors: list[tuple[LogitsProcessorList, bool]]):
-        """Spatial output h (B, H) -> the D codes of the next position (B, D), depth by depth."""
-        if self.config.depth_mode == "parallel":
-            logits = self.parallel_depth_logits(hidden)  # (B, D, K)
-            chosen = []
-            for j, (procs, do_sample) in enumerate(processors):
-                so_far = torch.stack(chosen, 1) if chosen else hidden.new_zeros(hidden.shape[0], 0, dtype=torch.long)
-                chosen.append(_choose(procs(so_far, logits[:, j].float()), do_sample))
-            return torch.stack(chosen, 1)
+    def _sample_codes(self, hidden: torch.FloatTensor, processors: list[tuple[LogitsProcessorList, bool]], gate=None):
+        """Spatial output h (B, H) -> the D codes of the next position (B, D), depth by depth.
+
+        `gate` (drafting): called with the probability (B,) of each row's depth-0 choice under its processed
+        scores; when it returns False the other depths are not run and the result is None.
+        """
+        parallel = self.config.depth_mode == "parallel"
+        logits = self.parallel_depth_logits(hidden) if parallel else None  # (B, D, K)
+        cache = None if parallel else DynamicCache(config=self.depth.config)
         codes = hidden.new_zeros(hidden.shape[0], 0, dtype=torch.long)
-        cache = DynamicCache(config=self.depth.config)
-        for procs, do_sample in processors:
-            logits = self.depth_step(hidden, codes, cache)  # (B, K)
-            codes = torch.cat([codes, _choose(procs(codes, logits.float()), do_sample)[:, None]], dim=1)
+        for j, (procs, do_sample) in enumerate(processors):
+            scores = procs(codes, (logits[:, j] if parallel else self.depth_step(hidden, codes, cache)).float())  # (B, K)
+            chosen = _choose(scores, do_sample)
+            if j == 0 and gate is not None and not gate(F.softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0]):
+                return None
+            codes = torch.cat([codes, chosen[:, None]], dim=1)
         return codes
 
     # ----------------------------------------------------------------- checks and settings

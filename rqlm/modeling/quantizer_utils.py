@@ -154,7 +154,7 @@ def _is_default(value, default_value) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _named_parameters(function) -> frozenset[str]:
     params = inspect.signature(function).parameters.values()
     names = {p.name for p in params if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
