@@ -23,20 +23,20 @@ from rqlm.presets import PRESETS
 HEADLINE_C = 4
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    return values
+def _list_of(kind: type, what: str):
+    """An argparse type: comma-separated values of `kind` -> list."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in str(text).split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+    return parse
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    return values
+_ints = _list_of(int, "integers")
+_floats = _list_of(float, "numbers")
 
 
 def _names(text: str) -> list[str]:
