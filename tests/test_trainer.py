@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -386,6 +387,32 @@ def budget_args(output_dir, max_minutes, **overrides) -> TrainingArguments:
     }
     values.update(overrides)
     return TrainingArguments(**values)
+
+
+class SlowStepQwen3(Qwen3ForCausalLM):
+    """A Qwen3 whose one step, `after` seconds into training, takes `pause` seconds longer."""
+
+    pause, after = 1.0, 0.0
+
+    def on_step_begin(self, step: int) -> None:
+        self.started = getattr(self, "started", time.perf_counter())
+        if not getattr(self, "paused", False) and time.perf_counter() - self.started > self.after:
+            self.paused = True
+            time.sleep(self.pause)
+
+
+def test_the_learning_rate_never_rises_in_the_decay_when_step_times_vary(tmp_path):
+    """Progress is the training time projected to the step's end from the recent step time. After one slow step
+    the estimate falls back faster than fast steps add time, and without the projection kept from moving back
+    the rate would rise again (a step a hundred times longer than the others, as a busy machine makes them)."""
+    budget = 8.0 / 60
+    model = make_model(SlowStepQwen3)
+    model.after = 5.0  # seconds: inside the decay (the last half here), with time left after the slow step
+    result = train(model, synthetic_blocks(8), None, budget_args(tmp_path / "run", budget, decay_fraction=0.5))
+    records = [r for r in result.history if "lr" in r]
+    lrs = [r["lr"] for r in records]
+    assert model.paused and records[-1]["train_seconds"] > 6.0 and lrs[-1] < lrs[1]
+    assert all(b <= a for a, b in itertools.pairwise(lrs[1:])), lrs
 
 
 def test_time_budget_decays_to_the_floor_and_resumes_with_the_time_left(tmp_path, capsys):

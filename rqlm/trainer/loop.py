@@ -15,8 +15,9 @@ warmup = min(1, (s + 1) / warmup_steps); decay goes from 1 to `min_lr_ratio` as 
 goes from 0 to 1 (cosine, or wsd: constant, then linear over the last `decay_fraction`); progress is
 the later of the steps' (s + 1 - warmup) / (max_steps - warmup) and, under `--max_minutes`, the time
 budget's t / budget, where t is the TRAINING time (evaluation and saving not counted) projected to
-the end of step s from the recent step time. The step projected to reach the budget is the last one,
-so a time-budgeted run ends at the schedule's floor whatever the machine's speed. Rank 0 measures the
+the end of step s from the recent step time (never earlier than the step before's projection, so the
+rate does not rise again when the machine's speed varies). The step projected to reach the budget is
+the last one, so a time-budgeted run ends at the schedule's floor whatever the machine's speed. Rank 0 measures the
 time and every rank uses its figure. `trainer_state.json` keeps the training time, so a resumed run
 continues the same budget. Backbone groups get `unfreeze = 0` while frozen, then a linear ramp over
 `unfreeze_warmup_steps`, so newly unfrozen weights do not start at the full rate.
@@ -603,7 +604,9 @@ def train(
                         ),
                         reduction="sum",
                     ).tolist()
-                    train_seconds, projected_seconds, interrupted = shared[0], shared[1], shared[2] > 0
+                    # a projection never moves back: after a slow step, a fast one would otherwise raise the rate again
+                    train_seconds, interrupted = shared[0], shared[2] > 0
+                    projected_seconds = max(projected_seconds, shared[1])
                     last_by_time = budget_seconds is not None and projected_seconds >= budget_seconds
                     if interrupted:
                         path = (
