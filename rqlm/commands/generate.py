@@ -249,7 +249,6 @@ def verify_main(args: argparse.Namespace) -> int:
     new, seconds = generate_streamed(target, tokenizer, input_ids, args, drafter=drafter, stats=stats)
     print()
     print(f"model: {new} new tokens in {seconds:.2f} s = {new / max(seconds, 1e-9):.1f} tokens/s")
-    gated = sum(1 for draft, confidences in zip(stats.drafts, stats.confidences) if confidences and not draft)
-    below = f", {gated} without a draft (below --draft_confidence)" if args.draft_confidence else ""
+    below = f", {stats.gated_steps} without a draft (below --draft_confidence)" if args.draft_confidence else ""
     print(f"drafting: {stats.steps} verification steps, acceptance {stats.tokens_per_step:.2f} tokens/step{below}")
     return 0

@@ -7,11 +7,12 @@ number of new tokens), timed one after the other on the same machine:
   - `generate_with_drafter(target, drafter)` (the target's output, drafts verified C at a time), checked
     identical to the reference, with its acceptance: new tokens per verification step (one target forward).
 Figures are summed over the prompts: tokens/s = all new tokens / all generate wall time. Also per
-drafter, draft length and confidence gate: the share of steps the gate left without a draft, the share of the verified run spent drafting, the share of drafted tokens
-the target kept, the drafter's perplexity bound on the target's own greedy text (prompt and
-continuation: how well the drafter models what it must predict), and the break-even acceptance: the
-tokens per step at which one verification step, at its measured cost, takes as long as the target
-alone takes for those tokens (speedup = acceptance / break-even).
+drafter, draft length and confidence gate: the share of steps the gate left without a draft, the
+share of the verified run spent drafting, the share of drafted tokens the target kept, the drafter's
+perplexity bound on the target's own greedy text (prompt and continuation: how well the drafter
+models what it must predict), and the break-even acceptance: the tokens per step at which one
+verification step, at its measured cost, takes as long as the target alone takes for those tokens
+(speedup = acceptance / break-even).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def _verified_row(target, model, prompts, references, num_draft_tokens, threshol
         emitted += sum(a + 1 for a in stats.accepted)
         kept += sum(stats.accepted)
         drafted += sum(len(d) for d in stats.drafts)
-        gated += sum(1 for d, confidences in zip(stats.drafts, stats.confidences) if confidences and not d)
+        gated += stats.gated_steps
     return {
         "seconds": verified,
         "steps": steps,

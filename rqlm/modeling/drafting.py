@@ -68,6 +68,11 @@ class DraftStats:
         return sum(a + 1 for a in self.accepted) / max(self.steps, 1)
 
     @property
+    def gated_steps(self) -> int:
+        """Steps whose first chunk failed the confidence gate: no draft, a plain target step."""
+        return sum(1 for draft, confidences in zip(self.drafts, self.confidences) if confidences and not draft)
+
+    @property
     def rejections_inside_a_chunk(self) -> int:
         """Steps whose first rejected token is not the first token of a drafted chunk."""
         c = self.compression_factor
@@ -83,7 +88,6 @@ class RQDraftCandidateGenerator(CandidateGenerator):
         num_draft_tokens: int,
         max_length: int,
         eos_token_id=None,
-        pad_token_id: int | None = None,
         prompt_padding: int = 0,
         stats: DraftStats | None = None,
         incremental: bool = True,
@@ -94,7 +98,6 @@ class RQDraftCandidateGenerator(CandidateGenerator):
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens
         self.max_length = max_length
-        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.prompt_padding = prompt_padding  # left padding of the target's prompt: never shown to the drafter
         self.stats = stats if stats is not None else DraftStats()
         self.stats.compression_factor = drafter.compression_factor
@@ -240,7 +243,6 @@ def generate_with_drafter(
         num_draft_tokens,
         max_length=max_length,
         eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
         prompt_padding=int((attention_mask[0] == 0).sum()),
         stats=stats,
         incremental=incremental,

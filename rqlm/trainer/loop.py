@@ -17,8 +17,8 @@ the later of the steps' (s + 1 - warmup) / (max_steps - warmup) and, under `--ma
 budget's t / budget, where t is the TRAINING time (evaluation and saving not counted) projected to
 the end of step s from the recent step time (never earlier than the step before's projection, so the
 rate does not rise again when the machine's speed varies). The step projected to reach the budget is
-the last one, so a time-budgeted run ends at the schedule's floor whatever the machine's speed. Rank 0 measures the
-time and every rank uses its figure. `trainer_state.json` keeps the training time, so a resumed run
+the last one, so a time-budgeted run ends at the schedule's floor whatever the machine's speed. Rank
+0 measures the time and every rank uses its figure. `trainer_state.json` keeps the training time, so a resumed run
 continues the same budget. Backbone groups get `unfreeze = 0` while frozen, then a linear ramp over
 `unfreeze_warmup_steps`, so newly unfrozen weights do not start at the full rate.
 
