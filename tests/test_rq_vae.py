@@ -49,6 +49,40 @@ def test_shapes_and_exact_code_round_trip():
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("compression", [2, 4, 8])
+def test_down_and_upsampling_equal_their_convolutions(compression):
+    """Downsample / Upsample run their Conv1d / ConvTranspose1d as GEMMs: same result and gradients as the convs."""
+    from rqlm.modeling.layers import Downsample, Upsample
+
+    torch.manual_seed(0)
+    down, up = Downsample(12, compression), Upsample(12, compression)
+    for m in (down, up):  # non-zero biases, so a dropped or misplaced bias shows
+        for conv in m.convs:
+            torch.nn.init.normal_(conv.bias)
+    x = torch.randn(3, 4 * compression, 12, requires_grad=True)
+
+    def by_convs(module, h, transpose):
+        h = h.transpose(1, 2)
+        for i, conv in enumerate(module.convs):
+            h = (torch.nn.functional.conv_transpose1d if transpose else torch.nn.functional.conv1d)(h, conv.weight, conv.bias, stride=2)
+            h = module.act(h) if i < len(module.convs) - 1 else h
+        return h.transpose(1, 2)
+
+    latent = down(x)
+    assert latent.shape == (3, 4, 12)
+    torch.testing.assert_close(latent, by_convs(down, x, False), rtol=0, atol=1e-5)
+    torch.testing.assert_close(up(latent), by_convs(up, latent, True), rtol=0, atol=1e-5)
+    up(latent).square().sum().backward()
+    grads = [c.weight.grad.clone() for c in down.convs + up.convs] + [x.grad.clone()]
+    for p in [*down.parameters(), *up.parameters(), x]:
+        p.grad = None
+    by_convs(up, by_convs(down, x, False), True).square().sum().backward()
+    for got, want in zip(grads, [c.weight.grad for c in down.convs + up.convs] + [x.grad]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=f"multiple of {compression}"):
+        down(x[:, :-1])
+
+
 @pytest.mark.parametrize("sees_previous", [False, True])
 def test_chunk_causality(sees_previous):
     # non-identity layers everywhere (encoder, latent, decoder), so every causal mask is exercised

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from transformers import Qwen3Config
@@ -119,12 +120,16 @@ class Downsample(nn.Module):
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = rearrange(x, "b t h -> b h t")
+        if x.shape[1] % 2 ** len(self.convs):
+            raise ValueError(f"Downsample takes a length that is a multiple of {2 ** len(self.convs)}, got {x.shape[1]}")
         for i, conv in enumerate(self.convs):
-            x = conv(x)
+            # conv(kernel 2, stride 2) as one GEMM over pairs, reading the weight (out, in, 2) as (out, in * 2) in
+            # place: on CPU, 3x faster than conv1d's im2col at one chunk and 1.5x in training, same result
+            pairs = rearrange(x, "b (l k) h -> b l (h k)", k=2)
+            x = F.linear(pairs, conv.weight.flatten(1), conv.bias)
             if i < len(self.convs) - 1:
                 x = self.act(x)
-        return rearrange(x, "b h l -> b l h").contiguous()
+        return x
 
 
 class Upsample(nn.Module):
@@ -139,10 +144,12 @@ class Upsample(nn.Module):
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = rearrange(x, "b l h -> b h l")
         for i, conv in enumerate(self.convs):
-            x = conv(x)
+            # conv_transpose(kernel 2, stride 2) as one GEMM with the weight (in, out, 2) read as (in, out * 2) in
+            # place, then each position's two outputs interleaved (as fast as Downsample's, same result)
+            pairs = torch.matmul(x, conv.weight.flatten(1))  # (B, L, out * 2)
+            # contiguous: a strided (B, T, H) view sends the LM head after it down a GEMM path ~10x slower on CPU
+            x = rearrange(pairs, "b l (h k) -> b (l k) h", k=2).contiguous() + conv.bias
             if i < len(self.convs) - 1:
                 x = self.act(x)
-        # contiguous: a strided (B, T, H) view sends the LM head after it down a GEMM path ~10x slower on CPU
-        return rearrange(x, "b h t -> b t h").contiguous()
+        return x
