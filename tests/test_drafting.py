@@ -10,7 +10,7 @@ from test_rq_transformer import EOS, PAD, VOCAB, C, backbone, make_lm, make_vae
 from transformers import GenerationConfig, Qwen3ForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper
 
-from rqlm.modeling.drafting import DraftStats, generate_with_drafter
+from rqlm.modeling.drafting import DraftStats, generate_with_drafter, prepacked_linears
 from rqlm.modeling.generation_rq_transformer import _State
 
 NEW = 16
@@ -53,12 +53,14 @@ def prompt(length: int, seed: int, with_eos: bool = False) -> torch.LongTensor:
     return ids
 
 
-def plain_and_drafted(target, drafter, ids, num_draft_tokens=None, confidence_threshold=0.0, **kwargs):
+def plain_and_drafted(
+    target, drafter, ids, num_draft_tokens=None, confidence_threshold=0.0, prepack_target=True, **kwargs
+):
     settings = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD, **kwargs}
     stats = DraftStats()
     drafted = generate_with_drafter(
         target, drafter, ids, num_draft_tokens=num_draft_tokens, stats=stats, confidence_threshold=confidence_threshold,
-        **settings,
+        prepack_target=prepack_target, **settings,
     )
     return target.generate(ids, **settings), drafted, stats
 
@@ -72,6 +74,45 @@ def test_greedy_output_is_the_targets(target, drafter, length, with_eos, num_dra
     plain, drafted, stats = plain_and_drafted(target, drafter, ids, eos_token_id=None, num_draft_tokens=num_draft_tokens)
     assert torch.equal(drafted, plain)
     assert sum(a + 1 for a in stats.accepted) == NEW and stats.steps < NEW  # some drafted tokens were kept
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@torch.no_grad()
+def test_prepacked_linears_compute_the_same_products_and_leave_nothing_behind(target):
+    linears = [m for m in target.modules() if type(m) is torch.nn.Linear]
+    own = target.model.layers[0].mlp.up_proj
+    own.forward = own.forward  # a layer with its own forward (as hooks and adapters give it) is left alone
+    q = target.model.layers[0].self_attn.q_proj
+    g = torch.Generator().manual_seed(0)
+    many, one = torch.randn(2, 5, q.in_features, generator=g), torch.randn(1, 1, q.in_features, generator=g)
+    ids = prompt(9, seed=1)
+    before = (q(many), q(one), target(ids).logits)
+    try:
+        with prepacked_linears(target, 5) as reordered:
+            assert reordered == len(linears) - 1
+            assert all(("forward" in vars(m)) for m in linears)
+            torch.testing.assert_close(q(many), before[0], rtol=1e-5, atol=1e-5)  # 10 rows: oneDNN
+            assert torch.equal(q(one), before[1])  # 1 row: F.linear, as without the context
+            torch.testing.assert_close(target(ids).logits, before[2], rtol=1e-4, atol=1e-4)
+        assert [m for m in linears if "forward" in vars(m)] == [own]
+    finally:
+        del own.forward
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("prepack_target", [True, False])
+def test_the_verification_runs_the_targets_multi_row_linears_prepacked(target, drafter, prepack_target):
+    q = target.model.layers[0].self_attn.q_proj
+    calls = []  # (rows, reordered) of every q_proj call
+    hook = q.register_forward_pre_hook(lambda m, args: calls.append((args[0].numel() // m.in_features, "forward" in vars(m))))
+    try:
+        plain, drafted, _ = plain_and_drafted(target, drafter, prompt(6, seed=6), eos_token_id=None, prepack_target=prepack_target)
+    finally:
+        hook.remove()
+    assert torch.equal(drafted, plain)
+    reordered_rows = {rows for rows, reordered in calls if reordered}
+    assert reordered_rows >= ({C + 1} if prepack_target else set()) and (prepack_target or not reordered_rows)
+    assert "forward" not in vars(q)
 
 
 def test_greedy_stops_at_eos_where_the_target_does(target, drafter):
@@ -277,7 +318,10 @@ def test_bench_drafting_quick_prints_the_table_and_the_summary_line(tmp_path, ca
         assert 0 <= row["kept_share"] <= 1 and 1 < row["bound_on_target_text"] < float("inf")
         assert (row["gated_share"] == 0) == (row["confidence_threshold"] == 0) and row["gated_share"] <= 1
     assert sum(line.startswith("| RQ test C=4") and line.endswith("| yes |") for line in out) == 4
+    assert json.loads(output.read_text())["prepack_target"] and any(line.endswith("linears prepacked") for line in out)
     base = argv[: argv.index("--draft_tokens")]
+    assert main([*base, "--no_prepack_target", "--output_json", str(output)]) == 0
+    assert not json.loads(output.read_text())["prepack_target"] and "no prepacking" in capsys.readouterr().out
     assert main([*base, "--draft_tokens", "0"]) == 1
     assert main([*base, "--draft_confidence", "0,1.5"]) == 1
     assert "--draft_confidence must be" in capsys.readouterr().err

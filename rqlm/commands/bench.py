@@ -166,6 +166,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "this likely (0: always)",
     )
     drafting.add_argument("--prompts", type=int, default=4, help="prompts, run one after the other at batch 1")
+    drafting.add_argument(
+        "--no_prepack_target", dest="prepack_target", action="store_false",
+        help="run the target's verification linears as they are (default: multi-row calls through oneDNN, CPU fp32)",
+    )
 
     vae = parser.add_argument_group("--vae and --quantizers")
     vae.add_argument(
@@ -446,7 +450,8 @@ def _drafting_bench(args, device) -> tuple[dict, str]:
         drafter.model.to(device, dtype)
     print(f"measuring drafting ({len(drafters)} drafters, {len(prompts)} prompts) ...", flush=True)
     result = ds.benchmark_drafting(
-        target, drafters, prompts, args.new_tokens, device, args.draft_tokens, confidence_thresholds=args.draft_confidence
+        target, drafters, prompts, args.new_tokens, device, args.draft_tokens, confidence_thresholds=args.draft_confidence,
+        prepack_target=args.prepack_target,
     )
     result["setup"] = {
         "device": str(device),

@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--draft_confidence", type=float, default=0.0,
         help="draft a chunk only when the drafter's first code for it is at least this likely (with --verify-with; 0: always)",
     )
+    parser.add_argument(
+        "--no_prepack_target", dest="prepack_target", action="store_false",
+        help="run the target's verification linears as they are (with --verify-with; default: multi-row calls through "
+        "oneDNN, CPU fp32)",
+    )
 
 
 def read_config(path: str, role: str = "--model", model_types: tuple[str, ...] = MODEL_TYPES):
@@ -181,7 +186,7 @@ def generate_streamed(model, tokenizer, input_ids, args: argparse.Namespace, dra
     if drafter is not None:
         generate = functools.partial(
             generate_with_drafter, model, drafter, num_draft_tokens=args.draft_tokens, stats=stats,
-            confidence_threshold=args.draft_confidence,
+            confidence_threshold=args.draft_confidence, prepack_target=args.prepack_target,
         )
     with torch.no_grad():
         output = generate(

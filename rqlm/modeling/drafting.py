@@ -28,6 +28,15 @@ those chunks when the VAE's encoder is chunk-local), drafts from it, and rolls t
 back (the caches are cropped). Every draft equals the stateless `generate` from the accepted text
 (tested); contexts beyond the drafter's positions fall back to a fresh state of the last window.
 
+The target's verification forward on CPU. It runs k + 1 rows through every linear layer where plain
+decoding runs one. MKL's fp32 GEMM is as fast as the weights stream from memory up to 3 rows, and
+about 1.75x slower from 4 rows on (measured at the widths of the README's targets), which costs the
+verification more than the drafting does. `prepacked_linears` runs the target's fp32 `nn.Linear`
+calls of more than 3 rows through oneDNN with weights reordered once per `generate` (what
+torch.compile's CPU freezing does): 1.1-1.25x a 1-row call instead of 1.75x. One- to three-row calls
+keep `F.linear`, so plain decoding is untouched; the reordered copy costs the target's linear weights
+in memory again, while the call lasts. `prepack_target=False` turns it off.
+
 The confidence gate. Rejected drafts cost a target forward over C more tokens and the drafting; the
 probability of a chunk's depth-0 code predicts how much of it the target keeps, so with
 `confidence_threshold` a chunk is drafted only when that probability reaches it (the other depths
@@ -36,11 +45,14 @@ and the decoding are then skipped too). transformers' assisted decoding is batch
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import GenerationConfig, GenerationMixin
 from transformers.generation.candidate_generator import CandidateGenerator
 
@@ -185,6 +197,54 @@ class RQDraftCandidateGenerator(CandidateGenerator):
         self.stats.accepted.append(int(num_matches))
 
 
+# MKL's fp32 GEMM reads the weights at memory speed up to this many rows; more go through oneDNN
+MKL_FAST_ROWS = 3
+
+
+@contextlib.contextmanager
+def prepacked_linears(model: nn.Module, rows: int):
+    """While the context lasts, `model`'s fp32 CPU `nn.Linear` calls of more than MKL_FAST_ROWS rows run
+    through oneDNN with weights reordered for `rows` rows; the others keep `F.linear`. Yields how many
+    layers it reordered: 0 (nothing changed) without oneDNN, off CPU / fp32, or when the reordered
+    product disagrees with `F.linear` on a random input. Layers with their own forward (hooks, adapters)
+    are left alone; every layer is as before after the context."""
+    reordered = _reorder_linears(model, rows)
+    for layer, weight in reordered:
+        layer.forward = functools.partial(_prepacked_forward, layer, weight)
+    try:
+        yield len(reordered)
+    finally:
+        for layer, _ in reordered:
+            del layer.forward
+
+
+def _reorder_linears(model: nn.Module, rows: int) -> list[tuple[nn.Linear, torch.Tensor]]:
+    """(layer, its weight reordered by oneDNN for `rows` rows) for each plain fp32 CPU linear; [] when oneDNN
+    cannot or computes a different product."""
+    layers = [
+        m for m in model.modules()
+        if type(m) is nn.Linear and "forward" not in vars(m)
+        and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+    ]
+    if not layers or not torch.backends.mkldnn.is_available():
+        return []
+    try:
+        reordered = [(m, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)) for m in layers]
+        x = torch.randn(rows + MKL_FAST_ROWS, layers[0].in_features, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(
+            _prepacked_forward(*reordered[0], x), F.linear(x, layers[0].weight, layers[0].bias), rtol=1e-4, atol=1e-4
+        )
+    except (RuntimeError, AssertionError):  # an op missing from this torch build, or a wrong result
+        return []
+    return reordered
+
+
+def _prepacked_forward(layer: nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if x.numel() > MKL_FAST_ROWS * x.shape[-1]:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+    return F.linear(x, layer.weight, layer.bias)
+
+
 def _assisted_decoding_with(model, input_ids, *, candidate_generator: CandidateGenerator, streamer=None, **kwargs):
     """`custom_generate` body: transformers' `_assisted_decoding` with `candidate_generator` as its candidate source."""
     model._get_candidate_generator = lambda **_: candidate_generator  # this call only: removed below
@@ -205,6 +265,7 @@ def generate_with_drafter(
     stats: DraftStats | None = None,
     incremental: bool = True,
     confidence_threshold: float = 0.0,
+    prepack_target: bool = True,
     **generate_kwargs,
 ):
     """`target.generate(input_ids (1, T0), **generate_kwargs)` with `drafter` (an RQ model) proposing the tokens.
@@ -216,6 +277,7 @@ def generate_with_drafter(
     probability (in the spirit of transformers' `assistant_confidence_threshold`): a step then verifies
     fewer tokens, or none (a plain target step), where the drafter is likely wrong. `incremental=False`
     drafts every round from a fresh state of the accepted text (the kept state's reference).
+    `prepack_target` runs the target's multi-row linear calls through `prepacked_linears` (CPU fp32 only).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(
@@ -249,9 +311,11 @@ def generate_with_drafter(
         confidence_threshold=confidence_threshold,
     )
     decoding = functools.partial(_assisted_decoding_with, candidate_generator=candidates, streamer=streamer)
-    return target.generate(
-        input_ids, attention_mask=attention_mask, streamer=streamer, custom_generate=decoding, **generate_kwargs
-    )
+    packing = prepacked_linears(target, num_draft_tokens + 1) if prepack_target else contextlib.nullcontext(0)
+    with packing:
+        return target.generate(
+            input_ids, attention_mask=attention_mask, streamer=streamer, custom_generate=decoding, **generate_kwargs
+        )
 
 
-__all__ = ["DraftStats", "RQDraftCandidateGenerator", "generate_with_drafter"]
+__all__ = ["DraftStats", "RQDraftCandidateGenerator", "generate_with_drafter", "prepacked_linears"]
