@@ -95,8 +95,19 @@ def test_prepacked_linears_compute_the_same_products_and_leave_nothing_behind(ta
             assert torch.equal(q(one), before[1])  # 1 row: F.linear, as without the context
             torch.testing.assert_close(target(ids).logits, before[2], rtol=1e-4, atol=1e-4)
         assert [m for m in linears if "forward" in vars(m)] == [own]
+        with prepacked_linears(target, 5):  # the reordered weights are kept, and redone once a weight changes
+            kept = q.forward.args[1]
+        with prepacked_linears(target, 5):
+            assert q.forward.args[1] is kept
+        q.weight.mul_(2)
+        with prepacked_linears(target, 5):
+            renewed = q.forward.args[1]
+            torch.testing.assert_close(q(many), 2 * before[0], rtol=1e-5, atol=1e-5)
+        with prepacked_linears(target, 5):
+            assert renewed is not kept and q.forward.args[1] is renewed
     finally:
         del own.forward
+        q.weight.div_(2)  # exact: the module-scoped target is shared
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")

@@ -117,6 +117,8 @@ def _verified_row(target, model, prompts, references, num_draft_tokens, threshol
     steps = emitted = kept = drafted = gated = 0
     verified = drafting = 0.0
     identical = True
+    warm_up = settings | {"max_new_tokens": 2}  # as for the target and the drafter alone; also reorders the target's weights
+    generate_with_drafter(target, model, prompts[0], num_draft_tokens=num_draft_tokens, confidence_threshold=threshold, **warm_up)
     for ids, reference in zip(prompts, references):
         stats = DraftStats()
         out, s = _timed(

@@ -34,8 +34,10 @@ about 1.75x slower from 4 rows on (measured at the widths of the README's target
 verification more than the drafting does. `prepacked_linears` runs the target's fp32 `nn.Linear`
 calls of more than 3 rows through oneDNN with weights reordered once per `generate` (what
 torch.compile's CPU freezing does): 1.1-1.25x a 1-row call instead of 1.75x. One- to three-row calls
-keep `F.linear`, so plain decoding is untouched; the reordered copy costs the target's linear weights
-in memory again, while the call lasts. `prepack_target=False` turns it off.
+keep `F.linear`, so plain decoding is untouched. The reordered copy costs the target's linear weights
+in memory again; it is kept for the next call while the weights stay the same (reordering takes
+about 6 forwards), until the model goes or `clear_prepacked_weights()`. `prepack_target=False` turns
+it off.
 
 The confidence gate. Rejected drafts cost a target forward over C more tokens and the drafting; the
 probability of a chunk's depth-0 code predicts how much of it the target keeps, so with
@@ -48,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -207,7 +210,8 @@ def prepacked_linears(model: nn.Module, rows: int):
     through oneDNN with weights reordered for `rows` rows; the others keep `F.linear`. Yields how many
     layers it reordered: 0 (nothing changed) without oneDNN, off CPU / fp32, or when the reordered
     product disagrees with `F.linear` on a random input. Layers with their own forward (hooks, adapters)
-    are left alone; every layer is as before after the context."""
+    are left alone; every layer is as before after the context, and the reordered weights are kept for the
+    next one while the weights stay the same (`clear_prepacked_weights` frees them)."""
     reordered = _reorder_linears(model, rows)
     for layer, weight in reordered:
         layer.forward = functools.partial(_prepacked_forward, layer, weight)
@@ -220,7 +224,7 @@ def prepacked_linears(model: nn.Module, rows: int):
 
 def _reorder_linears(model: nn.Module, rows: int) -> list[tuple[nn.Linear, torch.Tensor]]:
     """(layer, its weight reordered by oneDNN for `rows` rows) for each plain fp32 CPU linear; [] when oneDNN
-    cannot or computes a different product."""
+    cannot or computes a different product. Reordered weights are kept between calls (`_REORDERED`)."""
     layers = [
         m for m in model.modules()
         if type(m) is nn.Linear and "forward" not in vars(m)
@@ -229,7 +233,7 @@ def _reorder_linears(model: nn.Module, rows: int) -> list[tuple[nn.Linear, torch
     if not layers or not torch.backends.mkldnn.is_available():
         return []
     try:
-        reordered = [(m, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)) for m in layers]
+        reordered = [(m, _reordered_weight(m, rows)) for m in layers]
         x = torch.randn(rows + MKL_FAST_ROWS, layers[0].in_features, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(
             _prepacked_forward(*reordered[0], x), F.linear(x, layers[0].weight, layers[0].bias), rtol=1e-4, atol=1e-4
@@ -237,6 +241,26 @@ def _reorder_linears(model: nn.Module, rows: int) -> list[tuple[nn.Linear, torch
     except (RuntimeError, AssertionError):  # an op missing from this torch build, or a wrong result
         return []
     return reordered
+
+
+# nn.Linear -> (rows, weakref to its weight, the weight's version and data pointer then, the reordered weight):
+# reordering a model's weights takes about as long as 6 forwards of it, so it is done once while they stay the same
+_REORDERED = weakref.WeakKeyDictionary()
+
+
+def _reordered_weight(layer: nn.Linear, rows: int) -> torch.Tensor:
+    weight = layer.weight
+    key = (rows, weight._version, weight.data_ptr())
+    kept = _REORDERED.get(layer)
+    if kept is None or kept[1]() is not weight or kept[0] != key:
+        kept = (key, weakref.ref(weight), torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
+        _REORDERED[layer] = kept
+    return kept[2]
+
+
+def clear_prepacked_weights() -> None:
+    """Free every weight copy that `prepacked_linears` keeps for later calls (they also go with their layer)."""
+    _REORDERED.clear()
 
 
 def _prepacked_forward(layer: nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -318,4 +342,4 @@ def generate_with_drafter(
         )
 
 
-__all__ = ["DraftStats", "RQDraftCandidateGenerator", "generate_with_drafter", "prepacked_linears"]
+__all__ = ["DraftStats", "RQDraftCandidateGenerator", "clear_prepacked_weights", "generate_with_drafter", "prepacked_linears"]
