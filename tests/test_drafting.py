@@ -10,8 +10,9 @@ from test_rq_transformer import EOS, PAD, VOCAB, C, backbone, make_lm, make_vae
 from transformers import GenerationConfig, Qwen3ForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper
 
-from rqlm.modeling.drafting import DraftStats, generate_with_drafter, prepacked_linears
+from rqlm.modeling.drafting import DraftStats, generate_with_drafter
 from rqlm.modeling.generation_rq_transformer import _State
+from rqlm.modeling.prepacked import prepacked_linears
 
 NEW = 16
 
@@ -54,13 +55,13 @@ def prompt(length: int, seed: int, with_eos: bool = False) -> torch.LongTensor:
 
 
 def plain_and_drafted(
-    target, drafter, ids, num_draft_tokens=None, confidence_threshold=0.0, prepack_target=True, **kwargs
+    target, drafter, ids, num_draft_tokens=None, confidence_threshold=0.0, prepack=True, **kwargs
 ):
     settings = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD, **kwargs}
     stats = DraftStats()
     drafted = generate_with_drafter(
         target, drafter, ids, num_draft_tokens=num_draft_tokens, stats=stats, confidence_threshold=confidence_threshold,
-        prepack_target=prepack_target, **settings,
+        prepack=prepack, **settings,
     )
     return target.generate(ids, **settings), drafted, stats
 
@@ -111,18 +112,18 @@ def test_prepacked_linears_compute_the_same_products_and_leave_nothing_behind(ta
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
-@pytest.mark.parametrize("prepack_target", [True, False])
-def test_the_verification_runs_the_targets_multi_row_linears_prepacked(target, drafter, prepack_target):
+@pytest.mark.parametrize("prepack", [True, False])
+def test_the_verification_runs_the_targets_multi_row_linears_prepacked(target, drafter, prepack):
     q = target.model.layers[0].self_attn.q_proj
     calls = []  # (rows, reordered) of every q_proj call
     hook = q.register_forward_pre_hook(lambda m, args: calls.append((args[0].numel() // m.in_features, "forward" in vars(m))))
     try:
-        plain, drafted, _ = plain_and_drafted(target, drafter, prompt(6, seed=6), eos_token_id=None, prepack_target=prepack_target)
+        plain, drafted, _ = plain_and_drafted(target, drafter, prompt(6, seed=6), eos_token_id=None, prepack=prepack)
     finally:
         hook.remove()
     assert torch.equal(drafted, plain)
     reordered_rows = {rows for rows, reordered in calls if reordered}
-    assert reordered_rows >= ({C + 1} if prepack_target else set()) and (prepack_target or not reordered_rows)
+    assert reordered_rows >= ({C + 1} if prepack else set()) and (prepack or not reordered_rows)
     assert "forward" not in vars(q)
 
 
@@ -329,10 +330,10 @@ def test_bench_drafting_quick_prints_the_table_and_the_summary_line(tmp_path, ca
         assert 0 <= row["kept_share"] <= 1 and 1 < row["bound_on_target_text"] < float("inf")
         assert (row["gated_share"] == 0) == (row["confidence_threshold"] == 0) and row["gated_share"] <= 1
     assert sum(line.startswith("| RQ test C=4") and line.endswith("| yes |") for line in out) == 4
-    assert json.loads(output.read_text())["prepack_target"] and any(line.endswith("linears prepacked") for line in out)
+    assert json.loads(output.read_text())["prepack"] and any(line.endswith("linears prepacked") for line in out)
     base = argv[: argv.index("--draft_tokens")]
-    assert main([*base, "--no_prepack_target", "--output_json", str(output)]) == 0
-    assert not json.loads(output.read_text())["prepack_target"] and "no prepacking" in capsys.readouterr().out
+    assert main([*base, "--no_prepack", "--output_json", str(output)]) == 0
+    assert not json.loads(output.read_text())["prepack"] and "no prepacking" in capsys.readouterr().out
     assert main([*base, "--draft_tokens", "0"]) == 1
     assert main([*base, "--draft_confidence", "0,1.5"]) == 1
     assert "--draft_confidence must be" in capsys.readouterr().err

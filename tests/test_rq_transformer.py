@@ -141,6 +141,34 @@ def test_cached_generation_equals_full_forward_greedy(lm, prompt_length):
         assert torch.equal(out[0], expected), use_cache
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_generate_runs_the_vae_decoders_multi_row_calls_prepacked_with_the_same_output(lm):
+    """`prepack` (default): the VAE decoder's C-row LM head calls go through the reordered weights, and only
+    inside generate; the output is generate's without it, and the spatial / depth calls are not touched."""
+    calls = {"head": [], "depth": []}  # (rows, reordered) of each call
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda m, args, name=name: calls[name].append((args[0].numel() // m.in_features, "forward" in vars(m)))
+        )
+        for name, module in (("head", lm.vae.lm_head), ("depth", lm.depth_heads[0]))
+    ]
+    prompt = prompts([7], seed=4)[0][None]
+    try:
+        outputs = [
+            lm.generate(prompt, max_new_tokens=3 * C, do_sample=False, eos_token_id=None, prepack=prepack)
+            for prepack in (True, False)
+        ]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(outputs[0], outputs[1])
+    half = len(calls["head"]) // 2  # both runs make the same calls: a prefill with decoder layers, then C rows a step
+    prepacked, plain = calls["head"][:half], calls["head"][half:]
+    assert [rows for rows, _ in prepacked] == [rows for rows, _ in plain] and prepacked.count((C, True)) == 3
+    assert all(reordered for _, reordered in prepacked) and not any(reordered for _, reordered in plain)
+    assert not any(reordered for _, reordered in calls["depth"]) and "forward" not in vars(lm.vae.lm_head)
+
+
 def test_batched_left_padded_equals_one_by_one(lm):
     rows = prompts([5, 12, 8, 1], seed=3)
     ids, mask = left_pad(rows)

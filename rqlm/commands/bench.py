@@ -167,7 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     drafting.add_argument("--prompts", type=int, default=4, help="prompts, run one after the other at batch 1")
     drafting.add_argument(
-        "--no_prepack_target", dest="prepack_target", action="store_false",
+        "--no_prepack", dest="prepack", action="store_false",
         help="run the target's verification linears as they are (default: multi-row calls through oneDNN, CPU fp32)",
     )
 
@@ -451,7 +451,7 @@ def _drafting_bench(args, device) -> tuple[dict, str]:
     print(f"measuring drafting ({len(drafters)} drafters, {len(prompts)} prompts) ...", flush=True)
     result = ds.benchmark_drafting(
         target, drafters, prompts, args.new_tokens, device, args.draft_tokens, confidence_thresholds=args.draft_confidence,
-        prepack_target=args.prepack_target,
+        prepack=args.prepack,
     )
     result["setup"] = {
         "device": str(device),

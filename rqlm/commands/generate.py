@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="draft a chunk only when the drafter's first code for it is at least this likely (with --verify-with; 0: always)",
     )
     parser.add_argument(
-        "--no_prepack_target", dest="prepack_target", action="store_false",
-        help="run the target's verification linears as they are (with --verify-with; default: multi-row calls through "
-        "oneDNN, CPU fp32)",
+        "--no_prepack", dest="prepack", action="store_false",
+        help="run multi-row linear calls as they are (the RQ model's VAE decoder, the target's verification with "
+        "--verify-with; default: through oneDNN with reordered weights, on CPU in fp32)",
     )
 
 
@@ -182,11 +182,15 @@ def generate_streamed(model, tokenizer, input_ids, args: argparse.Namespace, dra
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     set_seed(args.seed)
     start = time.perf_counter()
+    from rqlm.modeling.generation_rq_transformer import RQTransformerGenerationMixin
+
     generate = model.generate
+    if isinstance(model, RQTransformerGenerationMixin):
+        generate = functools.partial(model.generate, prepack=args.prepack)
     if drafter is not None:
         generate = functools.partial(
             generate_with_drafter, model, drafter, num_draft_tokens=args.draft_tokens, stats=stats,
-            confidence_threshold=args.draft_confidence, prepack_target=args.prepack_target,
+            confidence_threshold=args.draft_confidence, prepack=args.prepack,
         )
     with torch.no_grad():
         output = generate(

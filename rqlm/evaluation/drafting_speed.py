@@ -52,14 +52,14 @@ def benchmark_drafting(
     num_draft_tokens: int | list[int | None] | None = None,
     log=print,
     confidence_thresholds: list[float] = (0.0,),
-    prepack_target: bool = True,
+    prepack: bool = True,
 ) -> dict:
     """Every drafter, at every draft length and confidence gate, against the target over `prompts` (each (1, T0))
     -> {'target': row, 'rows': [...]}.
 
     `num_draft_tokens`: tokens drafted per step, or a list of them (None: the drafter's C).
     `confidence_thresholds`: the drafted chunks' gates (`generate_with_drafter(confidence_threshold=)`), one row each.
-    `prepack_target`: `generate_with_drafter(prepack_target=)` (the verification's multi-row linears through oneDNN).
+    `prepack`: `generate_with_drafter(prepack=)` (the verification's multi-row linears through oneDNN).
     """
     device = torch.device(device)
     lengths = num_draft_tokens if isinstance(num_draft_tokens, (list, tuple)) else [num_draft_tokens]
@@ -77,7 +77,7 @@ def benchmark_drafting(
         "new_tokens": new_tokens,
         "prompts": len(prompts),
         "prompt_length": prompts[0].shape[1],
-        "prepack_target": prepack_target,
+        "prepack": prepack,
         "target": {"tokens_per_second": made / seconds, "seconds": seconds, "new_tokens": made},
         "rows": [],
     }
@@ -90,7 +90,7 @@ def benchmark_drafting(
         bound = _bound_on(model, references)
         for length in lengths:
             for threshold in confidence_thresholds:
-                settings = greedy | pad | {"prepack_target": prepack_target}
+                settings = greedy | pad | {"prepack": prepack}
                 row = _verified_row(target, model, prompts, references, length, threshold, settings, device)
                 row |= {
                     "drafter": drafter.name,
@@ -160,7 +160,7 @@ def format_drafting_table(result: dict) -> str:
     setup = (
         f"Drafting at batch 1: greedy, KV caches, {result['prompts']} prompts of {result['prompt_length']} tokens, "
         f"{result['new_tokens']} new tokens each, EOS ignored; target alone {t['tokens_per_second']:,.1f} tok/s; "
-        + ("the verification's multi-row linears prepacked" if result.get("prepack_target", True) else "no prepacking")
+        + ("the verification's multi-row linears prepacked" if result.get("prepack", True) else "no prepacking")
     )
     lines = [
         setup,

@@ -28,16 +28,12 @@ those chunks when the VAE's encoder is chunk-local), drafts from it, and rolls t
 back (the caches are cropped). Every draft equals the stateless `generate` from the accepted text
 (tested); contexts beyond the drafter's positions fall back to a fresh state of the last window.
 
-The target's verification forward on CPU. It runs k + 1 rows through every linear layer where plain
-decoding runs one. MKL's fp32 GEMM is as fast as the weights stream from memory up to 3 rows, and
-about 1.75x slower from 4 rows on (measured at the widths of the README's targets), which costs the
-verification more than the drafting does. `prepacked_linears` runs the target's fp32 `nn.Linear`
-calls of more than 3 rows through oneDNN with weights reordered once per `generate` (what
-torch.compile's CPU freezing does): 1.1-1.25x a 1-row call instead of 1.75x. One- to three-row calls
-keep `F.linear`, so plain decoding is untouched. The reordered copy costs the target's linear weights
-in memory again; it is kept for the next call while the weights stay the same (reordering takes
-about 6 forwards), until the model goes or `clear_prepacked_weights()`. `prepack_target=False` turns
-it off.
+The target's verification forward on CPU runs k + 1 rows through every linear layer where plain
+decoding runs one, and MKL's fp32 GEMM, as fast as the weights stream from memory up to 3 rows,
+costs about 1.75x from 4 rows on: more than the drafting. `generate_with_drafter` therefore runs the
+target (and the drafter's VAE) under `prepacked_linears` (rqlm.modeling.prepacked): multi-row calls
+go through oneDNN with weights reordered once, 1-3 row calls keep `F.linear`, so plain decoding is
+untouched. `prepack=False` turns it off.
 
 The confidence gate. Rejected drafts cost a target forward over C more tokens and the drafting; the
 probability of a chunk's depth-0 code predicts how much of it the target keeps, so with
@@ -50,16 +46,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import GenerationConfig, GenerationMixin
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from rqlm.modeling.generation_rq_transformer import _State, _token_ids
+from rqlm.modeling.prepacked import prepacked_linears
 
 
 @dataclass
@@ -200,75 +194,6 @@ class RQDraftCandidateGenerator(CandidateGenerator):
         self.stats.accepted.append(int(num_matches))
 
 
-# MKL's fp32 GEMM reads the weights at memory speed up to this many rows; more go through oneDNN
-MKL_FAST_ROWS = 3
-
-
-@contextlib.contextmanager
-def prepacked_linears(model: nn.Module, rows: int):
-    """While the context lasts, `model`'s fp32 CPU `nn.Linear` calls of more than MKL_FAST_ROWS rows run
-    through oneDNN with weights reordered for `rows` rows; the others keep `F.linear`. Yields how many
-    layers it reordered: 0 (nothing changed) without oneDNN, off CPU / fp32, or when the reordered
-    product disagrees with `F.linear` on a random input. Layers with their own forward (hooks, adapters)
-    are left alone; every layer is as before after the context, and the reordered weights are kept for the
-    next one while the weights stay the same (`clear_prepacked_weights` frees them)."""
-    reordered = _reorder_linears(model, rows)
-    for layer, weight in reordered:
-        layer.forward = functools.partial(_prepacked_forward, layer, weight)
-    try:
-        yield len(reordered)
-    finally:
-        for layer, _ in reordered:
-            del layer.forward
-
-
-def _reorder_linears(model: nn.Module, rows: int) -> list[tuple[nn.Linear, torch.Tensor]]:
-    """(layer, its weight reordered by oneDNN for `rows` rows) for each plain fp32 CPU linear; [] when oneDNN
-    cannot or computes a different product. Reordered weights are kept between calls (`_REORDERED`)."""
-    layers = [
-        m for m in model.modules()
-        if type(m) is nn.Linear and "forward" not in vars(m)
-        and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
-    ]
-    if not layers or not torch.backends.mkldnn.is_available():
-        return []
-    try:
-        reordered = [(m, _reordered_weight(m, rows)) for m in layers]
-        x = torch.randn(rows + MKL_FAST_ROWS, layers[0].in_features, generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(
-            _prepacked_forward(*reordered[0], x), F.linear(x, layers[0].weight, layers[0].bias), rtol=1e-4, atol=1e-4
-        )
-    except (RuntimeError, AssertionError):  # an op missing from this torch build, or a wrong result
-        return []
-    return reordered
-
-
-# nn.Linear -> (rows, weakref to its weight, the weight's version and data pointer then, the reordered weight):
-# reordering a model's weights takes about as long as 6 forwards of it, so it is done once while they stay the same
-_REORDERED = weakref.WeakKeyDictionary()
-
-
-def _reordered_weight(layer: nn.Linear, rows: int) -> torch.Tensor:
-    weight = layer.weight
-    key = (rows, weight._version, weight.data_ptr())
-    kept = _REORDERED.get(layer)
-    if kept is None or kept[1]() is not weight or kept[0] != key:
-        kept = (key, weakref.ref(weight), torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
-        _REORDERED[layer] = kept
-    return kept[2]
-
-
-def clear_prepacked_weights() -> None:
-    """Free every weight copy that `prepacked_linears` keeps for later calls (they also go with their layer)."""
-    _REORDERED.clear()
-
-
-def _prepacked_forward(layer: nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() > MKL_FAST_ROWS * x.shape[-1]:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
-    return F.linear(x, layer.weight, layer.bias)
-
-
 def _assisted_decoding_with(model, input_ids, *, candidate_generator: CandidateGenerator, streamer=None, **kwargs):
     """`custom_generate` body: transformers' `_assisted_decoding` with `candidate_generator` as its candidate source."""
     model._get_candidate_generator = lambda **_: candidate_generator  # this call only: removed below
@@ -289,7 +214,7 @@ def generate_with_drafter(
     stats: DraftStats | None = None,
     incremental: bool = True,
     confidence_threshold: float = 0.0,
-    prepack_target: bool = True,
+    prepack: bool = True,
     **generate_kwargs,
 ):
     """`target.generate(input_ids (1, T0), **generate_kwargs)` with `drafter` (an RQ model) proposing the tokens.
@@ -301,7 +226,7 @@ def generate_with_drafter(
     probability (in the spirit of transformers' `assistant_confidence_threshold`): a step then verifies
     fewer tokens, or none (a plain target step), where the drafter is likely wrong. `incremental=False`
     drafts every round from a fresh state of the accepted text (the kept state's reference).
-    `prepack_target` runs the target's multi-row linear calls through `prepacked_linears` (CPU fp32 only).
+    `prepack` runs the target's and the drafter's VAE's multi-row linear calls through `prepacked_linears` (CPU fp32).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(
@@ -335,11 +260,14 @@ def generate_with_drafter(
         confidence_threshold=confidence_threshold,
     )
     decoding = functools.partial(_assisted_decoding_with, candidate_generator=candidates, streamer=streamer)
-    packing = prepacked_linears(target, num_draft_tokens + 1) if prepack_target else contextlib.nullcontext(0)
+    packing = contextlib.ExitStack()
+    if prepack:  # the target's verification forwards (k + 1 rows) and the drafter's decoding (C rows)
+        packing.enter_context(prepacked_linears(target, num_draft_tokens + 1))
+        packing.enter_context(prepacked_linears(drafter.vae, c))
     with packing:
         return target.generate(
             input_ids, attention_mask=attention_mask, streamer=streamer, custom_generate=decoding, **generate_kwargs
         )
 
 
-__all__ = ["DraftStats", "RQDraftCandidateGenerator", "clear_prepacked_weights", "generate_with_drafter", "prepacked_linears"]
+__all__ = ["DraftStats", "RQDraftCandidateGenerator", "generate_with_drafter"]

@@ -18,6 +18,7 @@ real chunk, so a batch generates what its rows generate one by one.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, GenerationConfig, GenerationMixin
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.utils import ModelOutput
+
+from .prepacked import prepacked_linears
 
 
 @dataclass
@@ -50,6 +53,7 @@ class RQTransformerGenerationMixin(GenerationMixin):
         generation_config: GenerationConfig | None = None,
         logits_processor: LogitsProcessorList | None = None,
         streamer=None,
+        prepack: bool = True,
         **kwargs,
     ) -> torch.LongTensor | RQGenerateOutput:
         """Prompt ids (B, T0) (left-padded, with `attention_mask`) -> (B, T0 + new) ids starting with the prompt.
@@ -57,7 +61,9 @@ class RQTransformerGenerationMixin(GenerationMixin):
         Accepts GenerationConfig fields as keywords (`max_new_tokens`, `do_sample`, `temperature`, `top_k`,
         `top_p`, `eos_token_id`, `pad_token_id`, `use_cache`, ...) and per-depth overrides
         `depth_temperature=[t_0, .., t_{D-1}]` (or one value), likewise for the other DEPTH_SETTINGS.
-        `logits_processor` acts on the code logits (N, K) of every depth.
+        `logits_processor` acts on the code logits (N, K) of every depth. `prepack` runs the VAE's linear
+        calls of more than 3 rows (its decoder's C rows per step) through `prepacked_linears`: on CPU in
+        fp32, MKL's GEMM costs about twice as much for 4 rows as for one (the LM head dominates the decoder).
         """
         depth_overrides = {k[len("depth_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("depth_")}
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
@@ -67,6 +73,11 @@ class RQTransformerGenerationMixin(GenerationMixin):
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask)
         max_new_tokens = self._max_new_tokens(generation_config, input_ids.shape[1])
         processors = self._depth_processors(generation_config, depth_overrides, logits_processor, input_ids.device)
+        with prepacked_linears(self.vae, input_ids.shape[0] * self.compression_factor) if prepack else nullcontext():
+            return self._generate(input_ids, attention_mask, generation_config, processors, streamer, max_new_tokens)
+
+    def _generate(self, input_ids, attention_mask, generation_config, processors, streamer, max_new_tokens):
+        """The decoding loop of `generate`, on checked arguments."""
         eos = _token_ids(generation_config.eos_token_id)
         pad = generation_config.pad_token_id
         pad = pad if pad is not None else (eos[0] if eos else 0)
