@@ -116,6 +116,7 @@ def test_generation_bench_quick(tmp_path, capsys):
         if row["model"].startswith("RQ"):
             assert set(row["parts_ms"]) == {"spatial", "depth", "decoder", "sampling", "other"}
     assert plot.stat().st_size > 0 and len(result["sweep"]["points"]) == 4
+    assert result["setup"]["prepack"]  # the RQ models' generate(prepack=True) unless --no_prepack
 
 
 def test_part_timers_split_the_steps_and_leave_the_model_as_it_was():

@@ -69,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
+        "--no_prepack", dest="prepack", action="store_false",
+        help="run multi-row linear calls as they are: the RQ models' VAE decoders, the target's verification with "
+        "--drafting (default: through oneDNN with reordered weights, on CPU in fp32)",
+    )
+    parser.add_argument(
         "--output_json",
         "--output",
         dest="output_json",
@@ -166,10 +171,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "this likely (0: always)",
     )
     drafting.add_argument("--prompts", type=int, default=4, help="prompts, run one after the other at batch 1")
-    drafting.add_argument(
-        "--no_prepack", dest="prepack", action="store_false",
-        help="run the target's verification linears as they are (default: multi-row calls through oneDNN, CPU fp32)",
-    )
 
     vae = parser.add_argument_group("--vae and --quantizers")
     vae.add_argument(
@@ -309,6 +310,7 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
             "batch_sizes": args.batch_sizes,
             "repeats": args.repeats,
             "load_average_before": os.getloadavg()[0],
+            "prepack": args.prepack,
         },
         "shapes": [],
     }
@@ -331,6 +333,7 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
                 memory=args.memory and not large,
                 other_batch_sizes=args.batch_sizes[:1] if large else None,
                 models=trained if replace else None,
+                prepack=args.prepack,
             )
         )
         if replace and args.evaluation_json:
@@ -349,6 +352,7 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
             baseline_way=fastest,
             dtype=args.dtype,
             device=device,
+            prepack=args.prepack,
         )
         gs.plot_sweep(result["sweep"], args.plot)
     result["setup"]["load_average_after"] = os.getloadavg()[0]

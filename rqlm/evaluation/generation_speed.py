@@ -310,10 +310,15 @@ def _no_timers():
     yield None
 
 
-def rq_generate(model, new_tokens: int) -> Callable[..., torch.LongTensor]:
+def rq_generate(model, new_tokens: int, prepack: bool = True) -> Callable[..., torch.LongTensor]:
+    """The latent LM's greedy `generate`; an RQ model's with `prepack` (its VAE decoder's C-row calls through oneDNN)."""
+    from rqlm.modeling.generation_rq_transformer import RQTransformerGenerationMixin
+
+    settings = {"prepack": prepack} if isinstance(model, RQTransformerGenerationMixin) else {}
+
     def generate(input_ids, streamer=None, max_new_tokens=new_tokens):
         return model.generate(
-            input_ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, streamer=streamer
+            input_ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, streamer=streamer, **settings
         )
 
     return generate
@@ -383,13 +388,15 @@ def benchmark_shape(
     models: tuple | None = None,
     other_batch_sizes: list[int] | None = None,
     log: Callable[[str], None] = print,
+    prepack: bool = True,
 ) -> dict:
     """All runs at one shape -> {'shape', 'baseline_parameters', 'rows': [...], ...}.
 
     The first variant (the headline, C=4) is built beside the baseline and measured right after it at
     each batch size, so both see the same machine load; the other variants follow one at a time.
     `models` = (rq_model, baseline) measures given (trained) models instead of random ones.
-    `other_batch_sizes` replaces `batch_sizes` for the variants after the first.
+    `other_batch_sizes` replaces `batch_sizes` for the variants after the first. `prepack`: the RQ models'
+    `generate(prepack=)`.
     """
     device, torch_dtype = torch.device(device), DTYPES[dtype]
     backbone = shape_config(shape, vocab_size) if models is None else models[1].config
@@ -443,7 +450,7 @@ def benchmark_shape(
             add_row("Qwen3 baseline", None, batch, run, peak, cache, way=way)
 
     def measure_rq(model, variant: Variant, batch: int, input_ids: torch.LongTensor) -> None:
-        generate = rq_generate(model, new_tokens)
+        generate = rq_generate(model, new_tokens, prepack)
         _warm(generate, input_ids, variant.compression_factor)
         run = measure(generate, input_ids, new_tokens, device, model=model, repeats=repeats)
         peak = run_peak_mb(generate, input_ids, model, device) if memory else None
@@ -529,6 +536,7 @@ def sweep(
     dtype: str = "float32",
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = print,
+    prepack: bool = True,
 ) -> dict:
     """Tokens/s and KV-cache MB of both models against prompt length (batch 1) and batch size (prompt contexts[0])."""
     device, torch_dtype = torch.device(device), DTYPES[dtype]
@@ -538,7 +546,7 @@ def sweep(
     model = build_rq_model(backbone, compression_factor).to(device, torch_dtype)
     sides = {
         "baseline": (baseline_generate(baseline, new_tokens, baseline_way), None),
-        "rq": (rq_generate(model, new_tokens), model),
+        "rq": (rq_generate(model, new_tokens, prepack), model),
     }
     points = [("context", t, 1) for t in contexts] + [("batch", contexts[0], b) for b in batch_sizes]
     result = {
