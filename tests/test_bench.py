@@ -126,17 +126,40 @@ def test_part_timers_split_the_steps_and_leave_the_model_as_it_was():
     prompt = gs.prompts(2, 8, 64, torch.device("cpu"))
     generate = gs.rq_generate(model, new_tokens=10)
     plain = generate(prompt)
+    head = model.vae.lm_head
+    reordered = []  # generate's prepacked LM head calls (2 rows x C): the timers must not keep it from them
+    watch = head.register_forward_pre_hook(lambda m, args: reordered.append("forward" in vars(m)))
     with gs.part_timers(model, torch.device("cpu")) as times:
         start = time.perf_counter()
         timed = generate(prompt)
         wall = time.perf_counter() - start
+    watch.remove()
     torch.testing.assert_close(timed, plain)
+    assert reordered and all(reordered) == torch.backends.mkldnn.is_available()
     assert times.steps == 3  # ceil(10 / C=4) spatial positions, each one _sample_codes call
     assert min(times.parts.values()) > 0, times.parts
     # no call is counted twice: the parts fit in the time after the prefill
     assert sum(times.parts.values()) <= wall - (times.first_step_at - start), (times.parts, wall)
     wrapped = [("spatial_forward", model), ("codes_to_quantized", model.vae), ("forward", model.vae.lm_head)]
     assert not [name for name, owner in wrapped if name in owner.__dict__]
+    assert not model.vae.lm_head._forward_hooks and not model.vae.lm_head._forward_pre_hooks
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("prepack", [True, False])
+def test_the_baseline_runs_its_batch_rows_prepacked_like_the_rq_model(prepack):
+    from rqlm.evaluation import generation_speed as gs
+
+    baseline = gs.build_baseline(gs.shape_config("test", vocab_size=64)).eval()
+    layer = baseline.model.layers[0].mlp.up_proj
+    calls = []  # (rows, reordered) of each call
+    watch = layer.register_forward_pre_hook(lambda m, args: calls.append((args[0].numel() // m.in_features, "forward" in vars(m))))
+    for batch in (1, 4):
+        gs.baseline_generate(baseline, 3, "default", prepack=prepack)(gs.prompts(batch, 6, 64, torch.device("cpu")))
+    watch.remove()
+    assert {rows for rows, _ in calls} == {1, 4, 6, 24}  # prefill and steps at batch 1 and 4
+    assert all(reordered == prepack for _, reordered in calls)  # the 1-3 row calls then go to F.linear
+    assert "forward" not in vars(layer)
 
 
 def test_kv_cache_bytes_match_the_baseline_cache():

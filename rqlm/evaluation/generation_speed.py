@@ -12,6 +12,8 @@ Measured per run: new tokens/s, time to first token (a streamer's clock), the RQ
 split into spatial / depth / decoder / sampling / other (timing wrappers put on the model instance at
 runtime, see `part_timers`), peak memory (torch.profiler memory events, `speed.peak_bytes`) and the
 KV-cache bytes the run ends with. Random weights: the speed of a step does not depend on them.
+On CPU in fp32 both sides run their linear calls of more than 3 rows (the RQ decoder's C rows, a
+batch's rows) through `prepacked_linears` unless `prepack=False` (`rqlm bench --no_prepack`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import copy
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +30,7 @@ from transformers import CompileConfig, Qwen3Config, Qwen3ForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from rqlm.evaluation.speed import DTYPES, MB, peak_bytes, synchronize
+from rqlm.modeling.prepacked import prepacked_linears
 
 # the Qwen3-0.6B shape, written out so no hub access is needed (random weights)
 QWEN3_0_6B = {
@@ -197,26 +200,30 @@ def part_timers(model, device: torch.device) -> Iterator[PartTimes]:
     is left as it was.
     """
     times = PartTimes()
-    active: list[str] = []
+    running: list[tuple[str, float, bool]] = []  # (part, start, counted: not inside another timed call)
+
+    def begin(part: str) -> None:
+        if part == "sampling" and times.first_step_at is None:
+            synchronize(device)
+            times.first_step_at = time.perf_counter()
+        counted = not [p for p, _, _ in running if p != "sampling"]
+        synchronize(device)
+        running.append((part, time.perf_counter(), counted))
+
+    def finish() -> None:
+        synchronize(device)
+        part, start, counted = running.pop()
+        if counted and times.first_step_at is not None:
+            times.parts[part] += time.perf_counter() - start
+            times.steps += part == "sampling"
 
     def timed(part: str, fn: Callable) -> Callable:
         def wrapper(*args, **kwargs):
-            outer = not [a for a in active if a != "sampling"]
-            if part == "sampling" and times.first_step_at is None:
-                synchronize(device)
-                times.first_step_at = time.perf_counter()
-            active.append(part)
-            synchronize(device)
-            start = time.perf_counter()
+            begin(part)
             try:
                 return fn(*args, **kwargs)
             finally:
-                synchronize(device)
-                elapsed = time.perf_counter() - start
-                active.pop()
-                if outer and times.first_step_at is not None:
-                    times.parts[part] += elapsed
-                    times.steps += part == "sampling"
+                finish()
 
         return wrapper
 
@@ -234,15 +241,16 @@ def part_timers(model, device: torch.device) -> Iterator[PartTimes]:
     methods = [(owner, name, part) for owner, name, part in methods if hasattr(owner, name)]
     for owner, name, part in methods:
         owner.__dict__[name] = timed(part, getattr(owner, name))
-    for module in modules:
-        module.__dict__["forward"] = timed("decoder", module.forward)
+    # modules get hooks, not a forward of their own: generate's prepacked_linears leaves such layers alone
+    hooks = [m.register_forward_pre_hook(lambda *_: begin("decoder")) for m in modules]
+    hooks += [m.register_forward_hook(lambda *_: finish()) for m in modules]
     try:
         yield times
     finally:
         for owner, name, _ in methods:
             del owner.__dict__[name]
-        for module in modules:
-            del module.__dict__["forward"]
+        for hook in hooks:
+            hook.remove()
     times.parts["sampling"] -= times.parts["depth"]
 
 
@@ -324,8 +332,12 @@ def rq_generate(model, new_tokens: int, prepack: bool = True) -> Callable[..., t
     return generate
 
 
-def baseline_generate(model, new_tokens: int, way: str) -> Callable[..., torch.LongTensor]:
-    """`Qwen3ForCausalLM.generate` with default settings, a static cache, or a static cache + torch.compile."""
+def baseline_generate(model, new_tokens: int, way: str, prepack: bool = True) -> Callable[..., torch.LongTensor]:
+    """`Qwen3ForCausalLM.generate` with default settings, a static cache, or a static cache + torch.compile.
+
+    `prepack` (not with torch.compile): the baseline's multi-row linear calls (a batch's rows) go through
+    `prepacked_linears` as the RQ model's do, so a batch compares like with like.
+    """
     if way not in BASELINE_WAYS:
         raise ValueError(f"unknown baseline way {way!r}; choose from {', '.join(BASELINE_WAYS)}")
     kwargs = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
@@ -340,9 +352,11 @@ def baseline_generate(model, new_tokens: int, way: str) -> Callable[..., torch.L
 
     def generate(input_ids, streamer=None, max_new_tokens=new_tokens):
         mask = torch.ones_like(input_ids)
-        return model.generate(
-            input_ids, attention_mask=mask, streamer=streamer, max_new_tokens=max_new_tokens, **kwargs
-        )
+        packing = prepacked_linears(model, input_ids.shape[0]) if prepack and way != "static+compile" else nullcontext()
+        with packing:
+            return model.generate(
+                input_ids, attention_mask=mask, streamer=streamer, max_new_tokens=max_new_tokens, **kwargs
+            )
 
     return generate
 
@@ -437,7 +451,7 @@ def benchmark_shape(
 
     def measure_baseline(batch: int, input_ids: torch.LongTensor) -> None:
         for way in ways:
-            generate = baseline_generate(baseline, new_tokens, way)
+            generate = baseline_generate(baseline, new_tokens, way, prepack)
             start = time.perf_counter()
             # compiled graphs are specialised to the static cache's length: warm up with the full run
             _warm(generate, input_ids, new_tokens if way == "static+compile" else 1)
@@ -545,7 +559,7 @@ def sweep(
     baseline = build_baseline(backbone).to(device, torch_dtype)
     model = build_rq_model(backbone, compression_factor).to(device, torch_dtype)
     sides = {
-        "baseline": (baseline_generate(baseline, new_tokens, baseline_way), None),
+        "baseline": (baseline_generate(baseline, new_tokens, baseline_way, prepack), None),
         "rq": (rq_generate(model, new_tokens, prepack), model),
     }
     points = [("context", t, 1) for t in contexts] + [("batch", contexts[0], b) for b in batch_sizes]
