@@ -33,3 +33,11 @@ def tiny_qwen3_config(vocab_size: int = 96, hidden_size: int = 32, num_hidden_la
 @pytest.fixture
 def qwen3_config():
     return tiny_qwen3_config()
+
+
+@pytest.fixture
+def small_layers_prepacked(monkeypatch):
+    """prepacked_linears reorders only weights of 2 MiB and more; the tiny test models' layers are all smaller."""
+    import rqlm.modeling.prepacked
+
+    monkeypatch.setattr(rqlm.modeling.prepacked, "MIN_BYTES", 0)

@@ -119,7 +119,7 @@ def test_generation_bench_quick(tmp_path, capsys):
     assert result["setup"]["prepack"]  # the RQ models' generate(prepack=True) unless --no_prepack
 
 
-def test_part_timers_split_the_steps_and_leave_the_model_as_it_was():
+def test_part_timers_split_the_steps_and_leave_the_model_as_it_was(small_layers_prepacked):
     from rqlm.evaluation import generation_speed as gs
 
     model = gs.build_rq_model(gs.shape_config("test", vocab_size=64), compression_factor=4)
@@ -147,7 +147,7 @@ def test_part_timers_split_the_steps_and_leave_the_model_as_it_was():
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 @pytest.mark.parametrize("prepack", [True, False])
-def test_the_baseline_runs_its_batch_rows_prepacked_like_the_rq_model(prepack):
+def test_the_baseline_runs_its_batch_rows_prepacked_like_the_rq_model(prepack, small_layers_prepacked):
     from rqlm.evaluation import generation_speed as gs
 
     baseline = gs.build_baseline(gs.shape_config("test", vocab_size=64)).eval()

@@ -10,6 +10,7 @@ from test_rq_transformer import EOS, PAD, VOCAB, C, backbone, make_lm, make_vae
 from transformers import GenerationConfig, Qwen3ForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper
 
+from rqlm.modeling import prepacked
 from rqlm.modeling.drafting import DraftStats, generate_with_drafter
 from rqlm.modeling.generation_rq_transformer import _State
 from rqlm.modeling.prepacked import prepacked_linears
@@ -77,9 +78,16 @@ def test_greedy_output_is_the_targets(target, drafter, length, with_eos, num_dra
     assert sum(a + 1 for a in stats.accepted) == NEW and stats.steps < NEW  # some drafted tokens were kept
 
 
+def onednn_calls(layer, x) -> int:
+    """How many oneDNN linear ops `layer(x)` runs (the profiler's record of the ops actually called)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        layer(x)
+    return sum(e.count for e in profile.key_averages() if e.key == "mkldnn::_linear_pointwise")
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 @torch.no_grad()
-def test_prepacked_linears_compute_the_same_products_and_leave_nothing_behind(target):
+def test_prepacked_linears_compute_the_same_products_and_leave_nothing_behind(target, small_layers_prepacked):
     linears = [m for m in target.modules() if type(m) is torch.nn.Linear]
     own = target.model.layers[0].mlp.up_proj
     own.forward = own.forward  # a layer with its own forward (as hooks and adapters give it) is left alone
@@ -89,23 +97,28 @@ def test_prepacked_linears_compute_the_same_products_and_leave_nothing_behind(ta
     ids = prompt(9, seed=1)
     before = (q(many), q(one), target(ids).logits)
     try:
-        with prepacked_linears(target, 5) as reordered:
+        with prepacked_linears(target) as reordered:
             assert reordered == len(linears) - 1
             assert all(("forward" in vars(m)) for m in linears)
-            torch.testing.assert_close(q(many), before[0], rtol=1e-5, atol=1e-5)  # 10 rows: oneDNN
+            torch.testing.assert_close(q(many), before[0], rtol=1e-5, atol=1e-5)
             assert torch.equal(q(one), before[1])  # 1 row: F.linear, as without the context
+            wide = torch.randn(prepacked.MAX_ROWS + 1, q.in_features, generator=g)  # where MKL is efficient again
+            assert [onednn_calls(q, x) for x in (one, many, wide)] == [0, 1, 0]
             torch.testing.assert_close(target(ids).logits, before[2], rtol=1e-4, atol=1e-4)
         assert [m for m in linears if "forward" in vars(m)] == [own]
-        with prepacked_linears(target, 5):  # the reordered weights are kept, and redone once a weight changes
+        with prepacked_linears(target):  # the reordered weights are kept, and redone once a weight changes
             kept = q.forward.args[1]
-        with prepacked_linears(target, 5):
+        with prepacked_linears(target):
             assert q.forward.args[1] is kept
         q.weight.mul_(2)
-        with prepacked_linears(target, 5):
+        with prepacked_linears(target):
             renewed = q.forward.args[1]
             torch.testing.assert_close(q(many), 2 * before[0], rtol=1e-5, atol=1e-5)
-        with prepacked_linears(target, 5):
+        with prepacked_linears(target):
             assert renewed is not kept and q.forward.args[1] is renewed
+        prepacked.MIN_BYTES = 2**21  # the default: the tiny target's weights are all smaller, none is reordered
+        with prepacked_linears(target) as reordered:
+            assert reordered == 0 and not any("forward" in vars(m) for m in linears if m is not own)
     finally:
         del own.forward
         q.weight.div_(2)  # exact: the module-scoped target is shared
@@ -113,7 +126,7 @@ def test_prepacked_linears_compute_the_same_products_and_leave_nothing_behind(ta
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 @pytest.mark.parametrize("prepack", [True, False])
-def test_the_verification_runs_the_targets_multi_row_linears_prepacked(target, drafter, prepack):
+def test_the_verification_runs_the_targets_multi_row_linears_prepacked(target, drafter, prepack, small_layers_prepacked):
     q = target.model.layers[0].self_attn.q_proj
     calls = []  # (rows, reordered) of every q_proj call
     hook = q.register_forward_pre_hook(lambda m, args: calls.append((args[0].numel() // m.in_features, "forward" in vars(m))))

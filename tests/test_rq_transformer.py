@@ -142,7 +142,7 @@ def test_cached_generation_equals_full_forward_greedy(lm, prompt_length):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
-def test_generate_runs_the_vae_decoders_multi_row_calls_prepacked_with_the_same_output(lm):
+def test_generate_runs_the_vae_decoders_multi_row_calls_prepacked_with_the_same_output(lm, small_layers_prepacked):
     """`prepack` (default): the VAE decoder's C-row LM head calls go through the reordered weights, and only
     inside generate; the output is generate's without it, and the spatial / depth calls are not touched."""
     calls = {"head": [], "depth": []}  # (rows, reordered) of each call

@@ -29,11 +29,11 @@ back (the caches are cropped). Every draft equals the stateless `generate` from 
 (tested); contexts beyond the drafter's positions fall back to a fresh state of the last window.
 
 The target's verification forward on CPU runs k + 1 rows through every linear layer where plain
-decoding runs one, and MKL's fp32 GEMM, as fast as the weights stream from memory up to 3 rows,
-costs about 1.75x from 4 rows on: more than the drafting. `generate_with_drafter` therefore runs the
-target (and the drafter's VAE) under `prepacked_linears` (rqlm.modeling.prepacked): multi-row calls
-go through oneDNN with weights reordered once, 1-3 row calls keep `F.linear`, so plain decoding is
-untouched. `prepack=False` turns it off.
+decoding runs one, and MKL's fp32 GEMM, as fast as a large weight streams from memory up to 3 rows,
+costs 1.5-2x that from 4 rows on: more than the drafting. `generate_with_drafter` therefore runs the
+target (and the drafter's VAE) under `prepacked_linears` (rqlm.modeling.prepacked): the calls of 4
+to 32 rows of layers with large weights go through oneDNN on weights reordered once, the rest keep
+`F.linear`, so plain decoding is untouched. `prepack=False` turns it off.
 
 The confidence gate. Rejected drafts cost a target forward over C more tokens and the drafting; the
 probability of a chunk's depth-0 code predicts how much of it the target keeps, so with
@@ -262,8 +262,8 @@ def generate_with_drafter(
     decoding = functools.partial(_assisted_decoding_with, candidate_generator=candidates, streamer=streamer)
     packing = contextlib.ExitStack()
     if prepack:  # the target's verification forwards (k + 1 rows) and the drafter's decoding (C rows)
-        packing.enter_context(prepacked_linears(target, num_draft_tokens + 1))
-        packing.enter_context(prepacked_linears(drafter.vae, c))
+        packing.enter_context(prepacked_linears(target))
+        packing.enter_context(prepacked_linears(drafter.vae))
     with packing:
         return target.generate(
             input_ids, attention_mask=attention_mask, streamer=streamer, custom_generate=decoding, **generate_kwargs

@@ -61,9 +61,9 @@ class RQTransformerGenerationMixin(GenerationMixin):
         Accepts GenerationConfig fields as keywords (`max_new_tokens`, `do_sample`, `temperature`, `top_k`,
         `top_p`, `eos_token_id`, `pad_token_id`, `use_cache`, ...) and per-depth overrides
         `depth_temperature=[t_0, .., t_{D-1}]` (or one value), likewise for the other DEPTH_SETTINGS.
-        `logits_processor` acts on the code logits (N, K) of every depth. `prepack` runs the VAE's linear
-        calls of more than 3 rows (its decoder's C rows per step) through `prepacked_linears`: on CPU in
-        fp32, MKL's GEMM costs about twice as much for 4 rows as for one (the LM head dominates the decoder).
+        `logits_processor` acts on the code logits (N, K) of every depth. `prepack` runs the VAE's large
+        linear layers' calls of 4 to 32 rows (its decoder's LM head over C rows per step) through
+        `prepacked_linears`: on CPU in fp32, MKL's GEMM costs 1.5-2x as much for 4 rows as for one there.
         """
         depth_overrides = {k[len("depth_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("depth_")}
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
@@ -73,7 +73,7 @@ class RQTransformerGenerationMixin(GenerationMixin):
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask)
         max_new_tokens = self._max_new_tokens(generation_config, input_ids.shape[1])
         processors = self._depth_processors(generation_config, depth_overrides, logits_processor, input_ids.device)
-        with prepacked_linears(self.vae, input_ids.shape[0] * self.compression_factor) if prepack else nullcontext():
+        with prepacked_linears(self.vae) if prepack else nullcontext():
             return self._generate(input_ids, attention_mask, generation_config, processors, streamer, max_new_tokens)
 
     def _generate(self, input_ids, attention_mask, generation_config, processors, streamer, max_new_tokens):

@@ -1,14 +1,17 @@
-"""Multi-row linear calls on CPU through oneDNN with reordered weights: `prepacked_linears(model, rows)`.
+"""Multi-row linear calls on CPU through oneDNN with reordered weights: `prepacked_linears(model)`.
 
-Measured on the 2-core Xeon (AVX-512, MKL 2024.2, one thread), fp32: MKL's GEMM runs a linear layer
-at the speed the weights stream from memory for 1 to 3 rows of input, and about 1.75x slower from 4
-rows on (the small target's 57 linears: 9.6 ms for one row, 11.5 ms for 3, 16.6 ms for 4; the
-151,936 x 1024 LM head: 85 ms for 4 rows against 39 ms for one). Two calls hit that: the target's
+Measured on the 2-core Xeon (AVX-512, MKL 2024.2), fp32: MKL's GEMM runs a linear layer whose
+weight streams from memory at the speed of that stream for 1 to 3 rows of input, and 1.5-2x slower
+from 4 rows on (a 1536 x 512 layer, one thread: 217 us for 4 rows, 318 us for 8; the 151,936 x 1024
+LM head: 85 ms for 4 rows against 39 ms for one). oneDNN's GEMM on a weight reordered ahead of time
+(what torch.compile's CPU freezing does) costs 0.45-0.75x MKL's there, with one thread or two. For
+weights of under 1 MiB, which stay in cache, MKL is as fast or faster (up to 1.4x with two threads),
+and from about 32 rows on MKL is efficient again. So only weights of at least MIN_BYTES, and only
+calls of MKL_FAST_ROWS < rows <= MAX_ROWS, take the reordered path. Two calls hit it: the target's
 verification forward in drafting (k + 1 rows) and the VAE decoder's LM head in the RQ model's own
-`generate` (C rows per step). oneDNN's GEMM on weights reordered ahead of time (what torch.compile's
-CPU freezing does) costs 1.1-1.3x a one-row call there. The reordering takes about as long as 6
-forwards, so a reordered copy is kept per layer while its weight stays the same (it goes with the
-layer, or with `clear_prepacked_weights`): it costs the layers' weights in memory again.
+`generate` (C rows per sequence per step); a batched baseline's steps too. The reordering takes about
+as long as 6 forwards, so a reordered copy is kept per layer while its weight stays the same (it
+goes with the layer, or with `clear_prepacked_weights`): it costs those weights in memory again.
 """
 
 from __future__ import annotations
@@ -21,21 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# MKL's fp32 GEMM reads the weights at memory speed up to this many rows; more go through oneDNN
-MKL_FAST_ROWS = 3
+MKL_FAST_ROWS = 3  # MKL's fp32 GEMM streams the weights at memory speed up to this many rows
+MAX_ROWS = 32  # from about here on MKL's GEMM is efficient again
+MIN_BYTES = 2**21  # smaller weights stay in cache, where MKL is as fast
+REORDER_HINT = MKL_FAST_ROWS + 1  # the row count oneDNN's layout is tuned for: measured as good from 4 to 32
 
 # nn.Linear -> ((its weight's version and data pointer then), weakref to the weight, the reordered weight)
 _REORDERED = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
-def prepacked_linears(model: nn.Module, rows: int):
-    """While the context lasts, `model`'s fp32 CPU `nn.Linear` calls of more than MKL_FAST_ROWS rows run
-    through oneDNN with reordered weights (their layout tuned for `rows` rows, correct for any); the
-    others keep `F.linear`. Yields how many layers it reordered: 0 (nothing changed) without oneDNN,
+def prepacked_linears(model: nn.Module):
+    """While the context lasts, `model`'s fp32 CPU `nn.Linear` layers with weights of at least MIN_BYTES
+    run their calls of MKL_FAST_ROWS < rows <= MAX_ROWS through oneDNN on reordered weights; other calls
+    and layers keep `F.linear`. Yields how many layers it reordered: 0 (nothing changed) without oneDNN,
     off CPU or fp32, or when the reordered product disagrees with `F.linear` on a random input. Layers
     with their own forward (hooks) are left alone; every layer is as before after the context."""
-    reordered = _reorder_linears(model, rows)
+    reordered = _reorder_linears(model)
     for layer, weight in reordered:
         layer.forward = functools.partial(_prepacked_forward, layer, weight)
     try:
@@ -50,18 +55,18 @@ def clear_prepacked_weights() -> None:
     _REORDERED.clear()
 
 
-def _reorder_linears(model: nn.Module, rows: int) -> list[tuple[nn.Linear, torch.Tensor]]:
-    """(layer, its reordered weight) for each plain fp32 CPU linear; [] when oneDNN cannot, or computes another product."""
+def _reorder_linears(model: nn.Module) -> list[tuple[nn.Linear, torch.Tensor]]:
+    """(layer, its reordered weight) for each large plain fp32 CPU linear; [] when oneDNN cannot, or computes another product."""
     layers = [
         m for m in model.modules()
-        if type(m) is nn.Linear and "forward" not in vars(m)
-        and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+        if type(m) is nn.Linear and "forward" not in vars(m) and m.weight.device.type == "cpu"
+        and m.weight.dtype == torch.float32 and m.weight.numel() * m.weight.element_size() >= MIN_BYTES
     ]
     if not layers or not torch.backends.mkldnn.is_available():
         return []
     try:
-        reordered = [(m, _reordered_weight(m, rows)) for m in layers]
-        x = torch.randn(rows + MKL_FAST_ROWS, layers[0].in_features, generator=torch.Generator().manual_seed(0))
+        reordered = [(m, _reordered_weight(m)) for m in layers]
+        x = torch.randn(REORDER_HINT + 1, layers[0].in_features, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(
             _prepacked_forward(*reordered[0], x), F.linear(x, layers[0].weight, layers[0].bias), rtol=1e-4, atol=1e-4
         )
@@ -70,21 +75,21 @@ def _reorder_linears(model: nn.Module, rows: int) -> list[tuple[nn.Linear, torch
     return reordered
 
 
-def _reordered_weight(layer: nn.Linear, rows: int) -> torch.Tensor:
+def _reordered_weight(layer: nn.Linear) -> torch.Tensor:
     """The kept reordered copy of the layer's weight, redone when the weight changed (in place or replaced)."""
     weight = layer.weight
     key = (weight._version, weight.data_ptr())
     kept = _REORDERED.get(layer)
     if kept is None or kept[1]() is not weight or kept[0] != key:
-        kept = (key, weakref.ref(weight), torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
+        kept = (key, weakref.ref(weight), torch.ops.mkldnn._reorder_linear_weight(weight.detach(), REORDER_HINT))
         _REORDERED[layer] = kept
     return kept[2]
 
 
 def _prepacked_forward(layer: nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() > MKL_FAST_ROWS * x.shape[-1]:
+    if MKL_FAST_ROWS * x.shape[-1] < x.numel() <= MAX_ROWS * x.shape[-1]:
         return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
     return F.linear(x, layer.weight, layer.bias)
 
 
-__all__ = ["MKL_FAST_ROWS", "clear_prepacked_weights", "prepacked_linears"]
+__all__ = ["MAX_ROWS", "MIN_BYTES", "MKL_FAST_ROWS", "clear_prepacked_weights", "prepacked_linears"]
