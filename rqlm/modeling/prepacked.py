@@ -65,23 +65,24 @@ def _reorder_linears(model: nn.Module) -> list[tuple[nn.Linear, torch.Tensor]]:
     if not layers or not torch.backends.mkldnn.is_available():
         return []
     try:
-        reordered = [(m, _reordered_weight(m)) for m in layers]
-        x = torch.randn(REORDER_HINT + 1, layers[0].in_features, generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(
-            _prepacked_forward(*reordered[0], x), F.linear(x, layers[0].weight, layers[0].bias), rtol=1e-4, atol=1e-4
-        )
+        return [(m, _reordered_weight(m)) for m in layers]
     except (RuntimeError, AssertionError):  # an op missing from this torch build, or a wrong result
         return []
-    return reordered
 
 
 def _reordered_weight(layer: nn.Linear) -> torch.Tensor:
-    """The kept reordered copy of the layer's weight, redone when the weight changed (in place or replaced)."""
+    """The kept reordered copy of the layer's weight, redone (and checked against `F.linear` on a random
+    input) when the weight changed, in place or replaced."""
     weight = layer.weight
     key = (weight._version, weight.data_ptr())
     kept = _REORDERED.get(layer)
     if kept is None or kept[1]() is not weight or kept[0] != key:
-        kept = (key, weakref.ref(weight), torch.ops.mkldnn._reorder_linear_weight(weight.detach(), REORDER_HINT))
+        reordered = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), REORDER_HINT)
+        x = torch.randn(REORDER_HINT + 1, layer.in_features, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(
+            _prepacked_forward(layer, reordered, x), F.linear(x, weight, layer.bias), rtol=1e-4, atol=1e-4
+        )
+        kept = (key, weakref.ref(weight), reordered)
         _REORDERED[layer] = kept
     return kept[2]
 
