@@ -104,6 +104,8 @@ def test_prepacked_linears_compute_the_same_products_and_leave_nothing_behind(ta
             assert torch.equal(q(one), before[1])  # 1 row: F.linear, as without the context
             wide = torch.randn(prepacked.MAX_ROWS + 1, q.in_features, generator=g)  # where MKL is efficient again
             assert [onednn_calls(q, x) for x in (one, many, wide)] == [0, 1, 0]
+            with torch.enable_grad():  # training: F.linear, so the weight gets its gradient
+                assert onednn_calls(q, many) == 0 and q(many).requires_grad
             torch.testing.assert_close(target(ids).logits, before[2], rtol=1e-4, atol=1e-4)
         assert [m for m in linears if "forward" in vars(m)] == [own]
         with prepacked_linears(target):  # the reordered weights are kept, and redone once a weight changes

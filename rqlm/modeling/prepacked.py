@@ -36,8 +36,8 @@ _REORDERED = weakref.WeakKeyDictionary()
 @contextlib.contextmanager
 def prepacked_linears(model: nn.Module):
     """While the context lasts, `model`'s fp32 CPU `nn.Linear` layers with weights of at least MIN_BYTES
-    run their calls of MKL_FAST_ROWS < rows <= MAX_ROWS through oneDNN on reordered weights; other calls
-    and layers keep `F.linear`. Yields how many layers it reordered: 0 (nothing changed) without oneDNN,
+    run their calls of MKL_FAST_ROWS < rows <= MAX_ROWS under `torch.no_grad` (generation) through oneDNN
+    on reordered weights; other calls and layers keep `F.linear`. Yields how many layers it reordered: 0 (nothing changed) without oneDNN,
     off CPU or fp32, or when the reordered product disagrees with `F.linear` on a random input. Layers
     with their own forward (hooks) are left alone; every layer is as before after the context."""
     reordered = _reorder_linears(model)
@@ -79,16 +79,18 @@ def _reordered_weight(layer: nn.Linear) -> torch.Tensor:
     if kept is None or kept[1]() is not weight or kept[0] != key:
         reordered = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), REORDER_HINT)
         x = torch.randn(REORDER_HINT + 1, layer.in_features, generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(
-            _prepacked_forward(layer, reordered, x), F.linear(x, weight, layer.bias), rtol=1e-4, atol=1e-4
-        )
+        with torch.no_grad():
+            torch.testing.assert_close(
+                _prepacked_forward(layer, reordered, x), F.linear(x, weight, layer.bias), rtol=1e-4, atol=1e-4
+            )
         kept = (key, weakref.ref(weight), reordered)
         _REORDERED[layer] = kept
     return kept[2]
 
 
 def _prepacked_forward(layer: nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if MKL_FAST_ROWS * x.shape[-1] < x.numel() <= MAX_ROWS * x.shape[-1]:
+    # with gradients on, F.linear: no gradient flows into a reordered copy
+    if not torch.is_grad_enabled() and MKL_FAST_ROWS * x.shape[-1] < x.numel() <= MAX_ROWS * x.shape[-1]:
         return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
     return F.linear(x, layer.weight, layer.bias)
 
