@@ -66,6 +66,7 @@ def benchmark_drafting(
     greedy = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None}
     pad = {"pad_token_id": target.generation_config.pad_token_id or 0}
     prompts = [p.to(device) for p in prompts]
+    verified = greedy | pad | {"prepack": prepack}
     target.generate(prompts[0], max_new_tokens=2, do_sample=False, eos_token_id=None, **pad)  # warm-up
     references, seconds = [], 0.0
     for ids in prompts:
@@ -90,8 +91,7 @@ def benchmark_drafting(
         bound = _bound_on(model, references)
         for length in lengths:
             for threshold in confidence_thresholds:
-                settings = greedy | pad | {"prepack": prepack}
-                row = _verified_row(target, model, prompts, references, length, threshold, settings, device)
+                row = _verified_row(target, model, prompts, references, length, threshold, verified, device)
                 row |= {
                     "drafter": drafter.name,
                     "compression_factor": c,

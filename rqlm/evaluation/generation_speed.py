@@ -12,8 +12,8 @@ Measured per run: new tokens/s, time to first token (a streamer's clock), the RQ
 split into spatial / depth / decoder / sampling / other (timing wrappers put on the model instance at
 runtime, see `part_timers`), peak memory (torch.profiler memory events, `speed.peak_bytes`) and the
 KV-cache bytes the run ends with. Random weights: the speed of a step does not depend on them.
-On CPU in fp32 both sides run their linear calls of more than 3 rows (the RQ decoder's C rows, a
-batch's rows) through `prepacked_linears` unless `prepack=False` (`rqlm bench --no_prepack`).
+On CPU in fp32 both sides run their multi-row linear calls (the RQ decoder's C rows, a batch's rows)
+through `prepacked_linears` unless `prepack=False` (`rqlm bench --no_prepack`).
 """
 
 from __future__ import annotations
@@ -409,8 +409,8 @@ def benchmark_shape(
     The first variant (the headline, C=4) is built beside the baseline and measured right after it at
     each batch size, so both see the same machine load; the other variants follow one at a time.
     `models` = (rq_model, baseline) measures given (trained) models instead of random ones.
-    `other_batch_sizes` replaces `batch_sizes` for the variants after the first. `prepack`: the RQ models'
-    `generate(prepack=)`.
+    `other_batch_sizes` replaces `batch_sizes` for the variants after the first. `prepack`: both sides'
+    multi-row linear calls through `prepacked_linears` (`rq_generate`, `baseline_generate`).
     """
     device, torch_dtype = torch.device(device), DTYPES[dtype]
     backbone = shape_config(shape, vocab_size) if models is None else models[1].config

@@ -37,9 +37,10 @@ _REORDERED = weakref.WeakKeyDictionary()
 def prepacked_linears(model: nn.Module):
     """While the context lasts, `model`'s fp32 CPU `nn.Linear` layers with weights of at least MIN_BYTES
     run their calls of MKL_FAST_ROWS < rows <= MAX_ROWS under `torch.no_grad` (generation) through oneDNN
-    on reordered weights; other calls and layers keep `F.linear`. Yields how many layers it reordered: 0 (nothing changed) without oneDNN,
-    off CPU or fp32, or when the reordered product disagrees with `F.linear` on a random input. Layers
-    with their own forward (hooks) are left alone; every layer is as before after the context."""
+    on reordered weights; other calls and layers keep `F.linear`. Yields how many layers it reordered:
+    0 (nothing changed) without oneDNN, off CPU or fp32, or when a reordered product disagrees with
+    `F.linear` on a random input. Layers with their own forward (hooks) are left alone; every layer is
+    as before after the context."""
     reordered = _reorder_linears(model)
     for layer, weight in reordered:
         layer.forward = functools.partial(_prepacked_forward, layer, weight)
