@@ -10,6 +10,7 @@ from test_rq_transformer import EOS, PAD, VOCAB, C, backbone, make_lm, make_vae
 from transformers import GenerationConfig, Qwen3ForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper
 
+import rqlm.modeling.layers
 from rqlm.modeling import prepacked
 from rqlm.modeling.drafting import DraftStats, generate_with_drafter
 from rqlm.modeling.generation_rq_transformer import _State
@@ -140,6 +141,22 @@ def test_the_verification_runs_the_targets_multi_row_linears_prepacked(target, d
     reordered_rows = {rows for rows, reordered in calls if reordered}
     assert reordered_rows >= ({C + 1} if prepack else set()) and (prepack or not reordered_rows)
     assert "forward" not in vars(q)
+
+
+def test_generate_and_drafting_run_the_lean_stack_forward_with_the_same_output(target, drafter, monkeypatch):
+    """The RQ model's stacks (spatial, depth, VAE decoder) step through `lean_forward` in generation; same ids."""
+    calls = []
+    lean = rqlm.modeling.layers.lean_forward
+    monkeypatch.setattr(rqlm.modeling.layers, "lean_forward", lambda stack, *a: calls.append(stack) or lean(stack, *a))
+    ids = prompt(11, seed=3)
+    monkeypatch.setattr(rqlm.modeling.layers.Qwen3Stack, "use_lean_inference", False)
+    want_rq = drafter.generate(ids, max_new_tokens=12, do_sample=False)
+    want_drafted = generate_with_drafter(target, drafter, ids, max_new_tokens=12, do_sample=False)
+    assert not calls
+    monkeypatch.setattr(rqlm.modeling.layers.Qwen3Stack, "use_lean_inference", True)
+    assert torch.equal(drafter.generate(ids, max_new_tokens=12, do_sample=False), want_rq)
+    assert {id(s) for s in calls} >= {id(drafter.spatial), id(drafter.depth), id(drafter.vae.decoder)}
+    assert torch.equal(generate_with_drafter(target, drafter, ids, max_new_tokens=12, do_sample=False), want_drafted)
 
 
 def test_greedy_stops_at_eos_where_the_target_does(target, drafter):
