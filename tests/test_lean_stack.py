@@ -102,7 +102,7 @@ def test_lean_forward_bf16_close_to_transformers():
 def test_lean_path_only_where_it_computes_the_same(lean_calls):
     stack = _stack()
     cache, x = DynamicCache(config=stack.config), torch.randn(1, 2, 32)
-    mask = torch.ones(1, 2, dtype=torch.long)
+    mask, fired = torch.ones(1, 2, dtype=torch.long), []
     with torch.no_grad():
         assert runs_lean(stack, cache, mask, 2) and runs_lean(stack, cache, None, 2)
         assert not runs_lean(stack, None, mask, 2)  # no cache: training-shaped call
@@ -113,9 +113,12 @@ def test_lean_path_only_where_it_computes_the_same(lean_calls):
         handle = stack.layers[1].post_attention_layernorm.register_forward_hook(lambda *a: None)
         assert not runs_lean(stack, cache, mask, 2)  # a hook on a module whose forward it replaces
         handle.remove()
-        handle = stack.layers[0].mlp.up_proj.register_forward_hook(lambda *a: None)
-        assert runs_lean(stack, cache, mask, 2)  # linear layers are still called as modules
-        handle.remove()
+        for called in (stack, stack.norm, stack.layers[0].mlp.up_proj):  # still called as modules: their hooks run
+            handle = called.register_forward_hook(lambda module, args, out: fired.append(module))
+            assert runs_lean(stack, cache, mask, 2)
+            stack(x, mask, cache=DynamicCache(config=stack.config))
+            assert fired.pop() is called and lean_calls.pop()
+            handle.remove()
     assert not runs_lean(stack, cache, mask, 2)  # gradients on
     stack(x, mask, cache=cache)
     assert not lean_calls

@@ -141,6 +141,35 @@ def test_cached_generation_equals_full_forward_greedy(lm, prompt_length):
         assert torch.equal(out[0], expected), use_cache
 
 
+def test_generation_depth_steps_give_the_teacher_forced_depth_logits():
+    """_sample_codes builds each depth input step by step (projection once, running embedding sum): every depth's
+    scores equal `depth_logits` for the chosen codes. Strong random depth weights, so each input term matters."""
+    from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+
+    model = make_lm()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("depth", "depth_code_embed", "depth_in")):
+                p.normal_(0.0, 1.0 if p.dim() > 1 else 0.2)
+
+    class Recorder(LogitsProcessor):
+        def __init__(self):
+            self.scores = []
+
+        def __call__(self, input_ids, scores):
+            self.scores.append(scores.clone())
+            return scores
+
+    recorder = Recorder()
+    processors = [(LogitsProcessorList([recorder]), False) for _ in range(D)]
+    hidden = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        codes = model._sample_codes(hidden, processors)  # (3, D)
+        expected = model.depth_logits(hidden[:, None], codes[:, None])[:, 0]  # (3, D, K)
+    assert len(set(codes[:, 1:].flatten().tolist())) > 1
+    torch.testing.assert_close(torch.stack(recorder.scores, dim=1), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 def test_generate_runs_the_vae_decoders_multi_row_calls_prepacked_with_the_same_output(lm, small_layers_prepacked):
     """`prepack` (default): the VAE decoder's C-row LM head calls go through the reordered weights, and only

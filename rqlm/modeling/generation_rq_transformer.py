@@ -124,13 +124,23 @@ class RQTransformerGenerationMixin(GenerationMixin):
         parallel = self.config.depth_mode == "parallel"
         logits = self.parallel_depth_logits(hidden) if parallel else None  # (B, D, K)
         cache = None if parallel else DynamicCache(config=self.depth.config)
+        projected = None if parallel else self.depth_in(hidden)[:, None]  # (B, 1, Dh), once per position
+        partial = None  # running sum of the chosen codes' depth embeddings, as `depth_inputs` adds them
         codes = hidden.new_zeros(hidden.shape[0], 0, dtype=torch.long)
         for j, (procs, do_sample) in enumerate(processors):
-            scores = procs(codes, (logits[:, j] if parallel else self.depth_step(hidden, codes, cache)).float())  # (B, K)
+            if parallel:
+                step_logits = logits[:, j]
+            else:
+                x = projected + self.depth_position[j : j + 1]
+                step_logits = self.depth_step(hidden, codes, cache, inputs=x if partial is None else x + partial)
+            scores = procs(codes, step_logits.float())  # (B, K)
             chosen = _choose(scores, do_sample)
             if j == 0 and gate is not None and not gate(F.softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0]):
                 return None
             codes = torch.cat([codes, chosen[:, None]], dim=1)
+            if not parallel and j + 1 < len(processors):
+                embedded = self.depth_code_embed[j](chosen)[:, None]
+                partial = embedded if partial is None else partial + embedded
         return codes
 
     # ----------------------------------------------------------------- checks and settings

@@ -201,13 +201,16 @@ class RQTransformerForCausalLM(FrozenVAELatentLM, TrainableBackbone, RQTransform
         logits = torch.stack([head(y[:, j]) for j, head in enumerate(self.depth_heads)], dim=1)
         return rearrange(logits, "(b l) d k -> b l d k", b=b)
 
-    def depth_step(self, hidden: torch.FloatTensor, codes: torch.LongTensor, cache) -> torch.FloatTensor:
+    def depth_step(
+        self, hidden: torch.FloatTensor, codes: torch.LongTensor, cache, inputs: torch.FloatTensor | None = None
+    ) -> torch.FloatTensor:
         """One depth step at generation: h (N, H), codes chosen so far (N, j) -> logits of code j (N, K).
 
-        With a depth cache, only the newest depth input is run through the depth layers.
+        With a depth cache, only the newest depth input is run through the depth layers. `inputs` (N, 1, Dh)
+        is that input when the caller keeps it (`depth_inputs(hidden, codes)[:, -1:]`, built step by step).
         """
         j = codes.shape[1]
-        x = self.depth_inputs(hidden, codes)[:, -1:]  # (N, 1, Dh)
+        x = self.depth_inputs(hidden, codes)[:, -1:] if inputs is None else inputs  # (N, 1, Dh)
         y = self.depth(x, cache=cache, position_ids=torch.full((1, 1), j, device=x.device))
         return self.depth_heads[j](y[:, -1])
 
