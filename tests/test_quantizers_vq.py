@@ -565,3 +565,46 @@ def test_adapter_round_trip(name, depth):
     assert torch.equal(codes_to_quantized(quantizer, codes), quantized)
     stats = codebook_stats(quantizer, codes)
     assert len(stats["perplexity"]) == depth and all(1 <= p <= 256 for p in stats["perplexity"])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"codebook_size": 16, "num_quantizers": 3},
+        {"codebook_size": 16, "num_quantizers": 3, "return_zeros_for_masked_padding": False},
+        {"codebook_size": (16, 32, 8)},
+        {"codebook_size": 16, "num_quantizers": 2, "codebook_dim": 4},  # projections around the loop
+        {"codebook_size": 16, "num_quantizers": 3, "kmeans_init": True, "threshold_ema_dead_code": 1},
+    ],
+)
+def test_residual_vq_eval_lookup_loop_equals_the_depths_forwards(kwargs, monkeypatch):
+    """In eval, plain depths take `_lookup_loop`; it returns exactly what running each depth's forward returns."""
+    from rqlm.modeling.residual_vq import ResidualVQ
+
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, **kwargs)
+    rvq(torch.randn(2, 40, 8))  # training: kmeans init, EMA updates
+    rvq.eval()
+    x, mask = torch.randn(3, 7, 8), torch.rand(3, 7) > 0.3
+    calls = []
+    loop = ResidualVQ._lookup_loop
+    monkeypatch.setattr(ResidualVQ, "_lookup_loop", lambda self, *a: calls.append(1) or loop(self, *a))
+    fast = rvq(x, mask=mask)
+    assert calls
+    monkeypatch.setattr(rvq, "_looks_up_only", lambda last_depth: False)
+    general = rvq(x, mask=mask)
+    assert len(calls) == 1
+    for got, want in zip(fast, general):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (fast[1][~mask] == -1).all() and (fast[1][mask] >= 0).all()
+
+
+def test_residual_vq_lookup_loop_only_for_plain_depths_in_eval():
+    from rqlm.modeling.residual_vq import ResidualVQ
+
+    assert ResidualVQ(dim=8, codebook_size=16, num_quantizers=2).eval()._looks_up_only(1)
+    assert not ResidualVQ(dim=8, codebook_size=16, num_quantizers=2)._looks_up_only(1)  # training
+    cosine = ResidualVQ(dim=8, codebook_size=16, num_quantizers=2, use_cosine_sim=True).eval()
+    assert not cosine._looks_up_only(1)
+    assert not ResidualVQ(dim=8, codebook_size=16, num_quantizers=2, kmeans_init=True).eval()._looks_up_only(1)

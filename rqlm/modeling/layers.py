@@ -82,6 +82,8 @@ class Qwen3Stack(nn.Module):
         cache=None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if not len(self.layers):  # a stack without layers is its final norm (no mask or rotary embedding to build)
+            return self.norm(hidden_states)
         if runs_lean(self, cache, attention_mask, hidden_states.shape[1]):
             return lean_forward(self, hidden_states, attention_mask, cache, position_ids)
         if position_ids is None:
