@@ -192,7 +192,7 @@ def generate_streamed(model, tokenizer, input_ids, args: argparse.Namespace, dra
             generate_with_drafter, model, drafter, num_draft_tokens=args.draft_tokens, stats=stats,
             confidence_threshold=args.draft_confidence, prepack=args.prepack,
         )
-    with torch.no_grad():
+    with torch.inference_mode():
         output = generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),

@@ -36,9 +36,12 @@ class Drafter:
 
 
 def _timed(fn, device) -> tuple[torch.LongTensor, float]:
+    """fn() under inference mode (every path alike: it is what generate_with_drafter and the RQ model's generate run
+    in, and 4-6% faster than no_grad for the plain target too), with its wall time."""
     synchronize(device)
     start = time.perf_counter()
-    out = fn()
+    with torch.inference_mode():
+        out = fn()
     synchronize(device)
     return out, time.perf_counter() - start
 

@@ -353,7 +353,7 @@ def baseline_generate(model, new_tokens: int, way: str, prepack: bool = True) ->
     def generate(input_ids, streamer=None, max_new_tokens=new_tokens):
         mask = torch.ones_like(input_ids)
         packing = prepacked_linears(model) if prepack and way != "static+compile" else nullcontext()
-        with packing:
+        with packing, torch.inference_mode():  # as the RQ model's generate runs
             return model.generate(
                 input_ids, attention_mask=mask, streamer=streamer, max_new_tokens=max_new_tokens, **kwargs
             )

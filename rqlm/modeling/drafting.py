@@ -203,7 +203,7 @@ def _assisted_decoding_with(model, input_ids, *, candidate_generator: CandidateG
         del model._get_candidate_generator
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_with_drafter(
     target,
     drafter,

@@ -45,7 +45,7 @@ DEPTH_SETTINGS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typica
 class RQTransformerGenerationMixin(GenerationMixin):
     """`generate` with the signature and behaviour of `GenerationMixin.generate`, over latent positions."""
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         input_ids: torch.LongTensor | None = None,
