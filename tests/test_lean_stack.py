@@ -122,3 +122,26 @@ def test_lean_path_only_where_it_computes_the_same(lean_calls):
     assert not runs_lean(stack, cache, mask, 2)  # gradients on
     stack(x, mask, cache=cache)
     assert not lean_calls
+
+
+def test_lean_forward_runs_lora_adapters(lean_calls):
+    """LoRA-wrapped projections are called as modules: the adapters act on the lean path as on transformers'."""
+    from rqlm.modeling.lora import add_lora, lora_parameters
+
+    stack = _stack()
+    add_lora(stack, r=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    with torch.no_grad():
+        for p in lora_parameters(stack):
+            p.normal_(0.0, 0.5)
+    steps = [torch.randn(1, 5, 32), torch.randn(1, 1, 32), torch.randn(1, 2, 32)]
+    mask = torch.ones(1, 8, dtype=torch.long)
+    reference, _ = _run(stack, False, steps, mask)
+    lean, _ = _run(stack, True, steps, mask)
+    assert len(lean_calls) == len(steps)
+    for got, want in zip(lean, reference):
+        torch.testing.assert_close(got, want, **EXACT)
+    stack.eval()
+    for p in lora_parameters(stack):
+        p.data.zero_()
+    plain, _ = _run(stack, True, steps, mask)
+    assert (plain[0] - lean[0]).abs().max() > 1e-3  # the adapters changed the lean path's output
