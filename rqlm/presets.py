@@ -37,6 +37,15 @@ PRESETS = {
         "num_key_value_heads": 4,
         "head_dim": 64,
     },
+    # a larger target for drafting on CPU (GPT-2-small class, 89M parameters at 8,192 tokens): a long CPU run
+    "base": {
+        "hidden_size": 768,
+        "intermediate_size": 2304,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+        "head_dim": 64,
+    },
 }
 
 # shared by every preset

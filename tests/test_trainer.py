@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
 from rqlm import cli
 from rqlm.pipeline import fresh_accelerate_state
-from rqlm.presets import backbone_config
+from rqlm.presets import PRESETS, backbone_config
 from rqlm.trainer.arguments import (
     TrainingArguments,
     add_training_arguments,
@@ -136,6 +136,14 @@ def test_presets():
     )
     assert tiny.tie_word_embeddings and tiny.vocab_size == 1000
     assert backbone_config("test", vocab_size=10, num_hidden_layers=1).num_hidden_layers == 1
+    for name in PRESETS:  # every preset's attention is consistent: heads x head_dim = width, whole KV groups
+        c = backbone_config(name, vocab_size=1000)
+        assert c.num_attention_heads * c.head_dim == c.hidden_size, name
+        assert c.num_attention_heads % c.num_key_value_heads == 0, name
+    base = backbone_config("base", vocab_size=8192)  # the larger drafting target: 89M parameters
+    h, hd = base.hidden_size, base.head_dim
+    per_layer = 2 * h * base.num_attention_heads * hd + 2 * h * base.num_key_value_heads * hd + 3 * h * base.intermediate_size
+    assert 88e6 < base.num_hidden_layers * per_layer + base.vocab_size * h < 90e6
     with pytest.raises(ValueError, match="needs vocab_size"):
         backbone_config("tiny")
     with pytest.raises(ValueError, match="neither a preset"):
