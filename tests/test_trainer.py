@@ -465,6 +465,25 @@ def test_time_budget_decays_to_the_floor_and_resumes_with_the_time_left(tmp_path
     assert done.step == resumed.step and done.stopped_by_time
 
 
+def test_a_run_ended_by_its_budget_stays_ended_though_its_last_step_was_fast(tmp_path):
+    """A run ends when its next step is projected past the budget, so the training time it saves can fall short of
+    the budget (a last step faster than the estimate). Resumed with the same budget it must not train on: here the
+    saved time is cut to half the budget, which without the recorded budget would leave time for many steps."""
+    budget = 1.2 / 60
+    first = train(make_model(), synthetic_blocks(8), None, budget_args(tmp_path / "run", budget))
+    assert first.stopped_by_time
+    checkpoint = max((tmp_path / "run" / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    state_file = checkpoint / TRAINER_STATE_NAME
+    state = json.loads(state_file.read_text())
+    assert state["step"] == first.step and state["time_budget_spent"] == pytest.approx(60 * budget)
+    state["train_seconds"] = 30 * budget
+    state_file.write_text(json.dumps(state))
+    again = train(make_model(), synthetic_blocks(8), None, budget_args(tmp_path / "run", budget, resume_from_checkpoint="latest"))
+    assert again.step == first.step and again.stopped_by_time
+    longer = train(make_model(), synthetic_blocks(8), None, budget_args(tmp_path / "run", 2 * budget, resume_from_checkpoint="latest"))
+    assert longer.step > first.step  # a longer budget still trains on
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_too_little_data_for_one_batch_is_an_error(tmp_path, streaming):
     blocks = synthetic_blocks(1)
