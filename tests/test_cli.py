@@ -194,7 +194,7 @@ def test_an_rq_vae_folder_is_not_a_backbone(command, vae_dir, text_corpus, tmp_p
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--backbone", "no-such-org/no-such-model"], "is neither a preset (test, tiny, small) nor a loadable model"),
+        (["--backbone", "no-such-org/no-such-model"], "is neither a preset (test, tiny, small, base) nor a loadable model"),
         (["--quantizer_kwargs", '{"bogus_kw": 1}'], "bogus_kw"),
         (["--latent_dim", "0"], "latent_dim must be >= 1"),
         (["--compression_factor", "3", "--block_size", "30"], "power of two"),

@@ -2,7 +2,7 @@
 
 It reads the same blocks as the RQ models (same corpus, tokenizer, block size) and trains
 with the shared loop of rqlm/trainer/loop.py. `--backbone` is a preset trained from scratch
-(test, tiny, small) or a pretrained Qwen3 (hub name or local folder) to fine-tune.
+(test, tiny, small, base) or a pretrained Qwen3 (hub name or local folder) to fine-tune.
 """
 
 from __future__ import annotations
