@@ -416,7 +416,7 @@ def train(
 
     # 5. Resume: weights, optimizer, RNG, then step, data position and training time.
     step, epoch, batches_done, tokens_seen, train_seconds, history = 0, 0, 0, 0, 0.0, []
-    resumed_state = None
+    spent_budget = 0.0  # the time budget (seconds) that ended the resumed run, if one did
     if resume_dir is not None:
         check_model_signature(resume_dir, signature)
         try:
@@ -426,10 +426,11 @@ def train(
         ) as e:  # a checkpoint without a signature (or one it does not catch) that does not fit
             first_lines = " ".join(str(e).split("\n")[:2]).strip()
             raise ValueError(f"checkpoint {resume_dir} does not fit this model ({first_lines})") from None
-        state = resumed_state = json.loads((resume_dir / TRAINER_STATE_NAME).read_text())
+        state = json.loads((resume_dir / TRAINER_STATE_NAME).read_text())
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
         tokens_seen, history = state["tokens_seen"], state["history"]
         train_seconds = state.get("train_seconds", 0.0)
+        spent_budget = state.get("time_budget_spent") or 0.0
         resumed = f"resumed from step {step} of {args.max_steps}"
         if budget_seconds is not None:
             resumed += f", {train_seconds / 60:.1f} of {args.max_minutes:g} minutes of training time spent"
@@ -499,8 +500,7 @@ def train(
     eval_metrics, stopped_by_time, last_saved_step = {}, False, None
     # rank 0's training time at the projected end of the next step, and whether that step is the budget's last
     projected_seconds, step_seconds_estimate, last_by_time = train_seconds, None, False
-    spent = resumed_state.get("time_budget_spent") if resumed_state else None
-    if budget_seconds is not None and (train_seconds >= budget_seconds or (spent or 0.0) >= budget_seconds):
+    if budget_seconds is not None and max(train_seconds, spent_budget) >= budget_seconds:
         stopped_by_time = True  # a resumed run whose budget is already spent
     window_sums: dict[str, torch.Tensor] = {}
     window_micro_batches, window_tokens, window_train_seconds = 0, 0, 0.0
