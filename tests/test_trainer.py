@@ -32,7 +32,7 @@ from rqlm.trainer.arguments import (
     add_training_arguments,
     training_arguments_from_namespace,
 )
-from rqlm.trainer.loop import TRAINER_STATE_NAME, train
+from rqlm.trainer.loop import TRAINER_STATE_NAME, find_checkpoint, train
 
 VOCAB = 64
 BLOCK = 16
@@ -472,8 +472,7 @@ def test_a_run_ended_by_its_budget_stays_ended_though_its_last_step_was_fast(tmp
     budget = 1.2 / 60
     first = train(make_model(), synthetic_blocks(8), None, budget_args(tmp_path / "run", budget))
     assert first.stopped_by_time
-    checkpoint = max((tmp_path / "run" / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
-    state_file = checkpoint / TRAINER_STATE_NAME
+    state_file = find_checkpoint("latest", tmp_path / "run") / TRAINER_STATE_NAME
     state = json.loads(state_file.read_text())
     assert state["step"] == first.step and state["time_budget_spent"] == pytest.approx(60 * budget)
     state["train_seconds"] = 30 * budget
