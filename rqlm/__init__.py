@@ -7,9 +7,11 @@ and marks them for `trust_remote_code` saving (a saved folder carries the modeli
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .modeling.configuration_givt import GIVTConfig
+from .modeling.configuration_rq_draft_head import RQDraftHeadConfig
 from .modeling.configuration_rq_transformer import RQTransformerConfig
 from .modeling.configuration_rq_vae import RQVAEConfig
 from .modeling.modeling_givt import GIVTForCausalLM, GIVTOutput
+from .modeling.modeling_rq_draft_head import RQDraftHead, RQDraftHeadOutput
 from .modeling.modeling_rq_transformer import RQTransformerForCausalLM, RQTransformerOutput
 from .modeling.modeling_rq_vae import RQVAEEncoderOutput, RQVAEModel, RQVAEOutput
 
@@ -30,10 +32,18 @@ AutoModelForCausalLM.register(GIVTConfig, GIVTForCausalLM, exist_ok=True)
 GIVTConfig.register_for_auto_class()
 GIVTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
+AutoConfig.register(RQDraftHeadConfig.model_type, RQDraftHeadConfig, exist_ok=True)
+AutoModel.register(RQDraftHeadConfig, RQDraftHead, exist_ok=True)
+RQDraftHeadConfig.register_for_auto_class()
+RQDraftHead.register_for_auto_class("AutoModel")
+
 __all__ = [
     "GIVTConfig",
     "GIVTForCausalLM",
     "GIVTOutput",
+    "RQDraftHead",
+    "RQDraftHeadConfig",
+    "RQDraftHeadOutput",
     "RQTransformerConfig",
     "RQTransformerForCausalLM",
     "RQTransformerOutput",

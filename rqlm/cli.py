@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "encode": ("rqlm.commands.encode", "compute a trained RQ-VAE's codes of a dataset once, for train-lm"),
     "train-lm": ("rqlm.commands.train_lm", "train the RQ-Transformer over RQ-VAE codes"),
     "train-givt": ("rqlm.commands.train_givt", "train the continuous latent LM (GIVT / CALM heads) over a Gaussian VAE"),
+    "train-draft-head": ("rqlm.commands.train_draft_head", "train a draft head on a target's states, to draft for it at its own size"),
     "train-baseline": ("rqlm.commands.train_baseline", "train the plain Qwen3 baseline on the same data"),
     "distill-data": ("rqlm.commands.distill_data", "a target LM's own continuations of training text, for training its drafter"),
     "evaluate": ("rqlm.commands.evaluate", "perplexity (bound), reconstruction and codebook usage"),

@@ -472,8 +472,8 @@ def _load_drafting_models(args, device):
     """(target, drafters, prompts): trained folders, prompts from the embedded corpus's held-out documents."""
     from transformers import AutoModelForCausalLM
 
-    from rqlm import RQTransformerForCausalLM
-    from rqlm.commands.generate import load_folder_tokenizer
+    from rqlm import RQDraftHead, RQTransformerForCausalLM
+    from rqlm.commands.generate import DRAFTER_TYPES, load_folder_tokenizer, read_config
     from rqlm.data.corpus import build_embedded_corpus
     from rqlm.evaluation.drafting_speed import Drafter
 
@@ -484,7 +484,8 @@ def _load_drafting_models(args, device):
     target = AutoModelForCausalLM.from_pretrained(args.target)
     drafters = []
     for path in folders:
-        model = RQTransformerForCausalLM.from_pretrained(path)
+        kind = RQDraftHead if read_config(path, "--model", DRAFTER_TYPES).model_type == "rq_draft_head" else RQTransformerForCausalLM
+        model = kind.from_pretrained(path)
         drafters.append(Drafter(f"{Path(path).name} (C={model.compression_factor})", model))
     tokenizer = load_folder_tokenizer(args.target, "--target")
     prompts = []

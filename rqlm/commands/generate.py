@@ -3,7 +3,8 @@
 `--model` is a `rqlm train-lm` folder (an RQ-Transformer, C tokens per step) or a causal LM
 folder (`rqlm train-baseline`'s Qwen3, or any transformers causal LM); `--baseline` adds a second
 model, run with the same prompt, seed and sampling settings. `--verify-with TARGET_DIR` makes the
-RQ model of `--model` the drafter of the causal LM in TARGET_DIR (rqlm/modeling/drafting.py): what is
+RQ model of `--model` (or a draft head trained on that target, `rqlm train-draft-head`) the drafter of
+the causal LM in TARGET_DIR (rqlm/modeling/drafting.py): what is
 printed is the target's own continuation (greedy: the same tokens as `--model TARGET_DIR`), produced
 with up to C drafted tokens kept per target forward. Each continuation is streamed as it is produced
 (TextStreamer), followed by its speed: new tokens / wall time of the `generate` call.
@@ -19,6 +20,7 @@ from pathlib import Path
 LATENT_LM_TYPES = ("rq_transformer", "givt")  # latent LMs: C tokens per position, a VAE inside
 MODEL_TYPES = (*LATENT_LM_TYPES, "qwen3")
 ANY_CAUSAL_LM = ()  # `read_config(model_types=ANY_CAUSAL_LM)`: rq_transformer or any transformers causal LM
+DRAFTER_TYPES = ("rq_transformer", "rq_draft_head")  # what `--verify-with` takes as `--model`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +64,11 @@ def read_config(path: str, role: str = "--model", model_types: tuple[str, ...] =
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{role} folder {path!r} holds no saved model (config.json missing)")
     config = AutoConfig.from_pretrained(folder)
+    if config.model_type == "rq_draft_head" and config.model_type not in model_types:
+        raise ValueError(
+            f"{role} {path!r} is a draft head: it drafts for the target it was trained on and generates nothing "
+            f"alone; run `rqlm generate --model {path} --verify-with TARGET_DIR`"
+        )
     if model_types == ANY_CAUSAL_LM:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -83,6 +90,10 @@ def load_model(path: str, config):
     """The model of a folder whose config `read_config` accepted, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    if config.model_type == "rq_draft_head":
+        from rqlm.modeling.modeling_rq_draft_head import RQDraftHead
+
+        return RQDraftHead.from_pretrained(Path(path).expanduser(), config=config).eval()
     return AutoModelForCausalLM.from_pretrained(Path(path).expanduser(), config=config).eval()
 
 
@@ -98,7 +109,7 @@ def load_folder_tokenizer(path: str, role: str = "--model"):
 
 def vocab_size(config) -> int:
     """Rows of the token embedding: the VAE's vocabulary for an RQ model, the LM's for Qwen3 (or another causal LM)."""
-    if config.model_type in LATENT_LM_TYPES:
+    if config.model_type in DRAFTER_TYPES or config.model_type in LATENT_LM_TYPES:
         return config.vae_config.backbone_config.vocab_size
     return config.get_text_config().vocab_size
 
@@ -242,7 +253,7 @@ def verify_main(args: argparse.Namespace) -> int:
         raise ValueError(f"--draft_tokens must be at least 1, got {args.draft_tokens}")
     if not 0.0 <= args.draft_confidence <= 1.0:
         raise ValueError(f"--draft_confidence is a probability in [0, 1], got {args.draft_confidence}")
-    config = read_config(args.model, "--model", ("rq_transformer",))
+    config = read_config(args.model, "--model", DRAFTER_TYPES)
     target_config = read_config(args.verify_with, "--verify-with", ANY_CAUSAL_LM)
     if target_config.model_type == "rq_transformer":
         raise ValueError(f"--verify-with {args.verify_with!r} is an RQ model; pass the causal LM that checks the drafts")

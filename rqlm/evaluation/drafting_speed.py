@@ -1,5 +1,8 @@
 """Speed of lossless latent drafting at batch 1: the plain target, the RQ drafter alone, the target verified-with-RQ.
 
+A draft head (RQDraftHead) drafts from the target's own state: it has no speed alone and no bound (both
+"–"), and drafts at most C tokens a step (longer draft lengths are skipped for it).
+
 For each prompt, greedy decoding with KV caches and EOS ignored (every run makes exactly the asked
 number of new tokens), timed one after the other on the same machine:
   - `target.generate` (the reference output and speed);
@@ -17,6 +20,7 @@ verification step, at its measured cost, takes as long as the target alone takes
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -25,11 +29,12 @@ import torch
 from rqlm.evaluation.bound import bound_terms, perplexity_bound
 from rqlm.evaluation.speed import synchronize
 from rqlm.modeling.drafting import DraftStats, generate_with_drafter
+from rqlm.modeling.modeling_rq_draft_head import RQDraftHead
 
 
 @dataclass
 class Drafter:
-    """An RQ model to measure as a drafter, and how to name it in the tables."""
+    """An RQ model (or an RQ draft head) to measure as a drafter, and how to name it in the tables."""
 
     name: str
     model: torch.nn.Module
@@ -89,10 +94,16 @@ def benchmark_drafting(
     for drafter in drafters:
         model = drafter.model.to(device).eval()
         c = model.compression_factor
-        model.generate(prompts[0], max_new_tokens=c, do_sample=False, eos_token_id=None)  # warm-up
-        alone = sum(_timed(lambda ids=ids, model=model: model.generate(ids, **greedy), device)[1] for ids in prompts)
-        bound = _bound_on(model, references)
+        head = isinstance(model, RQDraftHead)  # drafts from the target's state: nothing to run alone, no bound
+        if head:
+            alone = bound = float("nan")
+        else:
+            model.generate(prompts[0], max_new_tokens=c, do_sample=False, eos_token_id=None)  # warm-up
+            alone = sum(_timed(lambda ids=ids, model=model: model.generate(ids, **greedy), device)[1] for ids in prompts)
+            bound = _bound_on(model, references)
         for length in lengths:
+            if head and (length or c) > c:  # a head drafts one chunk per step
+                continue
             for threshold in confidence_thresholds:
                 row = _verified_row(target, model, prompts, references, length, threshold, verified, device)
                 row |= {
@@ -109,7 +120,7 @@ def benchmark_drafting(
                 }
                 result["rows"].append(row)
                 log(
-                    f"  {drafter.name}, {row['draft_tokens']} drafted, gate {threshold:g}: alone {row['rq_tokens_per_second']:,.1f} "
+                    f"  {drafter.name}, {row['draft_tokens']} drafted, gate {threshold:g}: alone {_number(made / alone)} "
                     f"tok/s, verified {row['verified_tokens_per_second']:,.1f} tok/s, acceptance {row['acceptance']:.2f} tokens/step"
                 )
     return result
@@ -178,7 +189,7 @@ def format_drafting_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(
             f"| {r['drafter']} | {r['compression_factor']} | {r['draft_tokens']} | {r['confidence_threshold']:g} "
-            f"| {r['rq_tokens_per_second']:,.1f} | {r['verified_tokens_per_second']:,.1f} | {r['speedup']:.2f}x "
+            f"| {_number(r['rq_tokens_per_second'])} | {r['verified_tokens_per_second']:,.1f} | {r['speedup']:.2f}x "
             f"| {r['acceptance']:.2f} | {100 * r['kept_share']:.0f}% | {100 * r['gated_share']:.0f}% "
             f"| {r['break_even_acceptance']:.2f} | {100 * r['drafting_share']:.0f}% | {_number(r['bound_on_target_text'])} "
             f"| {'yes' if r['identical'] else 'NO'} |"
@@ -187,6 +198,8 @@ def format_drafting_table(result: dict) -> str:
 
 
 def _number(x: float) -> str:
+    if math.isnan(x):  # a draft head has no speed alone and no bound
+        return "–"
     return f"{x:,.1f}" if x < 1e5 else f"{x:.3g}"
 
 

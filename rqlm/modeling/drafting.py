@@ -53,6 +53,7 @@ from transformers import GenerationConfig, GenerationMixin
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from rqlm.modeling.generation_rq_transformer import _State, _token_ids
+from rqlm.modeling.modeling_rq_draft_head import RQDraftHead
 from rqlm.modeling.prepacked import prepacked_linears
 
 
@@ -194,6 +195,81 @@ class RQDraftCandidateGenerator(CandidateGenerator):
         self.stats.accepted.append(int(num_matches))
 
 
+class RQHeadCandidateGenerator(CandidateGenerator):
+    """Candidates from an `RQDraftHead`: the chunk after the accepted text, drafted from the target's own state.
+
+    A forward hook on the target's base model keeps the last hidden states of its latest forward, whose last
+    k + 1 rows are the last accepted token and the k drafted ones. After the target keeps m of them (and adds
+    its own token), row m is the state at the token before that new one: with the new token it is all the
+    head reads. The first step (the prompt's prefill) has no state yet and drafts nothing.
+    """
+
+    def __init__(
+        self,
+        head,
+        target,
+        num_draft_tokens: int,
+        max_length: int,
+        eos_token_id=None,
+        stats: DraftStats | None = None,
+        confidence_threshold: float = 0.0,
+    ):
+        c = head.compression_factor
+        if not 1 <= num_draft_tokens <= c:
+            raise ValueError(f"a draft head drafts one chunk per step: num_draft_tokens in [1, C={c}], got {num_draft_tokens}")
+        if not 0.0 <= confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold is a probability in [0, 1], got {confidence_threshold}")
+        self.head = head
+        self.num_draft_tokens = num_draft_tokens
+        self.max_length = max_length
+        self.stats = stats if stats is not None else DraftStats()
+        self.stats.compression_factor = c
+        self.confidence_threshold = confidence_threshold
+        self.eos_ids = torch.tensor(_token_ids(eos_token_id), dtype=torch.long, device=head.device)
+        self.states = None  # (1, k + 1, Ht): the target's last states of [last accepted token, the k drafted]
+        self.row = 0  # the row of `states` at the token before the newest one
+        self.drafted = 0  # k of the step being verified
+        self.hook = target.base_model.register_forward_hook(self._keep_states)
+
+    def _keep_states(self, module, args, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        self.states = hidden[:, -(self.drafted + 1) :]
+
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
+        """Accepted ids (1, T) -> (1, T + k): the head's draft appended (fewer at EOS, none when gated or first)."""
+        k = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        self.stats.contexts.append(input_ids.shape[1])
+        self.stats.confidences.append([])
+        draft = input_ids.new_zeros(1, 0)
+        if k > 0 and self.states is not None:
+            start = time.perf_counter()
+            state = self.states[:, self.row].to(self.head.device)
+            tokens = self.head.draft(state, input_ids[:, -1].to(self.head.device), gate=self._confident)
+            if tokens is not None:
+                tokens = tokens[:, :k]
+                is_eos = torch.isin(tokens[0], self.eos_ids)
+                if is_eos.any():  # the draft ends with its first EOS
+                    tokens = tokens[:, : int(is_eos.float().argmax()) + 1]
+                draft = tokens.to(input_ids.device)
+            self.stats.draft_seconds += time.perf_counter() - start
+        self.drafted = draft.shape[1]
+        self.stats.drafts.append(draft[0].tolist())
+        return torch.cat([input_ids, draft], dim=1), None
+
+    def _confident(self, probability: torch.FloatTensor) -> bool:
+        self.stats.confidences[-1].append(float(probability[0]))
+        return bool(probability[0] >= self.confidence_threshold)
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
+        """Record how many drafted tokens the target kept; the state to draft from next is row `num_matches`."""
+        self.stats.accepted.append(int(num_matches))
+        self.row = int(num_matches)
+
+    def close(self) -> None:
+        """Remove the hook from the target."""
+        self.hook.remove()
+
+
 def _assisted_decoding_with(model, input_ids, *, candidate_generator: CandidateGenerator, streamer=None, **kwargs):
     """`custom_generate` body: transformers' `_assisted_decoding` with `candidate_generator` as its candidate source."""
     model._get_candidate_generator = lambda **_: candidate_generator  # this call only: removed below
@@ -249,25 +325,39 @@ def generate_with_drafter(
     settings = {k: v for k, v in generate_kwargs.items() if k != "generation_config"}
     config, _ = target._prepare_generation_config(generate_kwargs.get("generation_config"), **settings)
     max_length = input_ids.shape[1] + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
-    candidates = RQDraftCandidateGenerator(
-        drafter,
-        num_draft_tokens,
-        max_length=max_length,
-        eos_token_id=config.eos_token_id,
-        prompt_padding=int((attention_mask[0] == 0).sum()),
-        stats=stats,
-        incremental=incremental,
-        confidence_threshold=confidence_threshold,
-    )
+    if isinstance(drafter, RQDraftHead):
+        width = target.config.get_text_config().hidden_size
+        if width != drafter.config.target_hidden_size:
+            raise ValueError(
+                f"the draft head reads states of width {drafter.config.target_hidden_size}, the target's are {width}; "
+                "pass the target the head was trained on"
+            )
+        candidates = RQHeadCandidateGenerator(
+            drafter, target, num_draft_tokens, max_length=max_length, eos_token_id=config.eos_token_id, stats=stats,
+            confidence_threshold=confidence_threshold,
+        )  # fmt: skip
+    else:
+        candidates = RQDraftCandidateGenerator(
+            drafter,
+            num_draft_tokens,
+            max_length=max_length,
+            eos_token_id=config.eos_token_id,
+            prompt_padding=int((attention_mask[0] == 0).sum()),
+            stats=stats,
+            incremental=incremental,
+            confidence_threshold=confidence_threshold,
+        )
     decoding = functools.partial(_assisted_decoding_with, candidate_generator=candidates, streamer=streamer)
     packing = contextlib.ExitStack()
     if prepack:  # the target's verification forwards (k + 1 rows) and the drafter's decoding (C rows)
         packing.enter_context(prepacked_linears(target))
         packing.enter_context(prepacked_linears(drafter.vae))
+    if isinstance(candidates, RQHeadCandidateGenerator):
+        packing.callback(candidates.close)
     with packing:
         return target.generate(
             input_ids, attention_mask=attention_mask, streamer=streamer, custom_generate=decoding, **generate_kwargs
         )
 
 
-__all__ = ["DraftStats", "RQDraftCandidateGenerator", "generate_with_drafter"]
+__all__ = ["DraftStats", "RQDraftCandidateGenerator", "RQHeadCandidateGenerator", "generate_with_drafter"]

@@ -115,34 +115,6 @@ class RQTransformerGenerationMixin(GenerationMixin):
         return sequences
 
     # ----------------------------------------------------------------- steps
-    def _sample_codes(self, hidden: torch.FloatTensor, processors: list[tuple[LogitsProcessorList, bool]], gate=None):
-        """Spatial output h (B, H) -> the D codes of the next position (B, D), depth by depth.
-
-        `gate` (drafting): called with the probability (B,) of each row's depth-0 choice under its processed
-        scores; when it returns False the other depths are not run and the result is None.
-        """
-        parallel = self.config.depth_mode == "parallel"
-        logits = self.parallel_depth_logits(hidden) if parallel else None  # (B, D, K)
-        cache = None if parallel else DynamicCache(config=self.depth.config)
-        projected = None if parallel else self.depth_in(hidden)[:, None]  # (B, 1, Dh), once per position
-        partial = None  # running sum of the chosen codes' depth embeddings, as `depth_inputs` adds them
-        codes = hidden.new_zeros(hidden.shape[0], 0, dtype=torch.long)
-        for j, (procs, do_sample) in enumerate(processors):
-            if parallel:
-                step_logits = logits[:, j]
-            else:
-                x = projected + self.depth_position[j : j + 1]
-                step_logits = self.depth_step(hidden, codes, cache, inputs=x if partial is None else x + partial)
-            scores = procs(codes, step_logits.float())  # (B, K)
-            chosen = _choose(scores, do_sample)
-            if j == 0 and gate is not None and not gate(F.softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0]):
-                return None
-            codes = torch.cat([codes, chosen[:, None]], dim=1)
-            if not parallel and j + 1 < len(processors):
-                embedded = self.depth_code_embed[j](chosen)[:, None]
-                partial = embedded if partial is None else partial + embedded
-        return codes
-
     # ----------------------------------------------------------------- checks and settings
     def _check_prompt(self, input_ids, attention_mask):
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
@@ -200,13 +172,6 @@ class RQTransformerGenerationMixin(GenerationMixin):
             )
             per_depth.append((processors, bool(config.do_sample)))
         return per_depth
-
-
-def _choose(scores: torch.FloatTensor, do_sample: bool) -> torch.LongTensor:
-    """Processed scores (N, K) -> one code per row: a sample of softmax(scores), or the argmax."""
-    if do_sample:
-        return torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-    return scores.argmax(-1)
 
 
 def _token_ids(value) -> list[int]:

@@ -12,9 +12,9 @@ from transformers import GenerationConfig, Qwen3Config
 from .modeling_rq_vae import RQVAEModel, _load_base_weights
 
 
-class FrozenVAELatentLM:
-    """Mixin for a `PreTrainedModel` with `self.vae` (frozen), `self.spatial` (a Qwen3Stack) and a config
-    class taking `backbone_config` and `vae_config`; put it before `TrainableBackbone` in the bases."""
+class FrozenVAE:
+    """Mixin for a `PreTrainedModel` with `self.vae`, a frozen RQ-VAE that never trains (its config's
+    `vae_config`): loading, DDP, the optimizer and train mode all leave it as it is."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -23,20 +23,21 @@ class FrozenVAELatentLM:
         model.vae.requires_grad_(False)  # loading re-creates parameters trainable; the VAE never trains
         return model
 
+    @staticmethod
+    def _frozen_vae(vae_config) -> RQVAEModel:
+        """The VAE submodule, built in `__init__`: untrained weights that loading replaces, in eval mode, no grad."""
+        vae = RQVAEModel(vae_config)
+        for module in vae.modules():
+            if not hasattr(module, "original_inv_freq"):  # rotary buffers: in no checkpoint; init computes them
+                module._owns_its_init = True
+        vae.requires_grad_(False)
+        return vae.eval()
+
     def _freeze_vae(self) -> None:
         """The VAE never trains: DDP neither syncs nor broadcasts it, the trainer leaves it out of the optimizer."""
         self._ddp_params_and_buffers_to_ignore = [f"vae.{name}" for name, _ in self.vae.named_parameters()] + [
             f"vae.{name}" for name, _ in self.vae.named_buffers()
         ]
-
-    def _default_special_tokens(self) -> None:
-        """generate() stops at the tokenizer's EOS and pads with its pad token unless told otherwise."""
-        tokens = self.config.vae_config.backbone_config
-        if self.generation_config is None:
-            self.generation_config = GenerationConfig()
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(self.generation_config, name) is None:
-                setattr(self.generation_config, name, getattr(tokens, name))
 
     def train(self, mode: bool = True):
         """Train or eval mode for the LM; the VAE stays in eval mode (no codebook EMA, kmeans, expiry,
@@ -48,6 +49,20 @@ class FrozenVAELatentLM:
     @property
     def compression_factor(self) -> int:
         return self.config.compression_factor
+
+
+class FrozenVAELatentLM(FrozenVAE):
+    """Mixin for a `PreTrainedModel` with `self.vae` (frozen), `self.spatial` (a Qwen3Stack) and a config
+    class taking `backbone_config` and `vae_config`; put it before `TrainableBackbone` in the bases."""
+
+    def _default_special_tokens(self) -> None:
+        """generate() stops at the tokenizer's EOS and pads with its pad token unless told otherwise."""
+        tokens = self.config.vae_config.backbone_config
+        if self.generation_config is None:
+            self.generation_config = GenerationConfig()
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self.generation_config, name) is None:
+                setattr(self.generation_config, name, getattr(tokens, name))
 
     def spatial_forward(
         self,
@@ -97,4 +112,4 @@ class FrozenVAELatentLM:
         return model
 
 
-__all__ = ["FrozenVAELatentLM"]
+__all__ = ["FrozenVAE", "FrozenVAELatentLM"]

@@ -29,7 +29,7 @@ from .continuous_heads import EnergyHead, GaussianMixtureHead
 from .generation_givt import GIVTGenerationMixin
 from .latent_lm import FrozenVAELatentLM
 from .layers import Qwen3Stack
-from .modeling_rq_vae import CheckedLoading, RQVAEModel
+from .modeling_rq_vae import CheckedLoading
 
 
 @dataclass
@@ -82,12 +82,7 @@ class GIVTForCausalLM(FrozenVAELatentLM, TrainableBackbone, GIVTGenerationMixin,
                 sub._attn_implementation_internal = config._attn_implementation
         hidden, d = backbone.hidden_size, config.latent_dim
 
-        self.vae = RQVAEModel(config.vae_config)
-        for module in self.vae.modules():
-            if not hasattr(module, "original_inv_freq"):  # rotary buffers: in no checkpoint; init computes them
-                module._owns_its_init = True
-        self.vae.requires_grad_(False)
-        self.vae.eval()
+        self.vae = self._frozen_vae(config.vae_config)
 
         self.latent_proj = nn.Linear(d, hidden)
         self.start = nn.Parameter(torch.zeros(hidden))

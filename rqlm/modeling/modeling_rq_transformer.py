@@ -24,16 +24,17 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
-from transformers import PreTrainedModel, Qwen3Config
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .backbone import TrainableBackbone
+from .code_depth import CodeDepthMixin
 from .configuration_rq_transformer import RQTransformerConfig
 from .generation_rq_transformer import RQTransformerGenerationMixin
 from .latent_lm import FrozenVAELatentLM
-from .layers import Qwen3Stack, small_stack_config
-from .modeling_rq_vae import IGNORE_INDEX, CheckedLoading, RQVAEModel
+from .layers import Qwen3Stack
+from .modeling_rq_vae import IGNORE_INDEX, CheckedLoading
 
 
 @dataclass
@@ -54,14 +55,6 @@ class RQTransformerOutput(ModelOutput):
     codes: torch.LongTensor | None = None
     num_codes: torch.LongTensor | None = None
     hidden_states: torch.FloatTensor | None = None
-
-
-def depth_stack_config(config: RQTransformerConfig) -> Qwen3Config:
-    """A small Qwen3 config of width `depth_hidden_size` for the depth transformer (D positions)."""
-    return small_stack_config(
-        config.depth_hidden_size, config.depth_intermediate_size, config.depth_num_layers,
-        config.depth_num_attention_heads, max(config.num_quantizers, 8), like=config.backbone_config,
-    )
 
 
 class RQTransformerPreTrainedModel(CheckedLoading, PreTrainedModel):
@@ -86,7 +79,9 @@ class RQTransformerPreTrainedModel(CheckedLoading, PreTrainedModel):
             init.normal_(module.depth_position, std=std)
 
 
-class RQTransformerForCausalLM(FrozenVAELatentLM, TrainableBackbone, RQTransformerGenerationMixin, RQTransformerPreTrainedModel):
+class RQTransformerForCausalLM(
+    FrozenVAELatentLM, TrainableBackbone, CodeDepthMixin, RQTransformerGenerationMixin, RQTransformerPreTrainedModel
+):
     """Spatial + depth transformers over a frozen RQ-VAE's codes (see the module docstring)."""
 
     def __init__(self, config: RQTransformerConfig):
@@ -95,15 +90,10 @@ class RQTransformerForCausalLM(FrozenVAELatentLM, TrainableBackbone, RQTransform
         for sub in (backbone, config.vae_config, config.vae_config.backbone_config):
             if sub._attn_implementation is None:
                 sub._attn_implementation_internal = config._attn_implementation
-        hidden, depth_hidden = backbone.hidden_size, config.depth_hidden_size
+        hidden = backbone.hidden_size
         num_codes, codebook = config.num_quantizers, config.codebook_size
 
-        self.vae = RQVAEModel(config.vae_config)
-        for module in self.vae.modules():
-            if not hasattr(module, "original_inv_freq"):  # rotary buffers: in no checkpoint; init computes them
-                module._owns_its_init = True
-        self.vae.requires_grad_(False)
-        self.vae.eval()
+        self.vae = self._frozen_vae(config.vae_config)
         if self.vae.quantizer_depth != num_codes or self.vae.quantizer_size != codebook:
             raise ValueError(
                 f"the VAE's quantizer gives {self.vae.quantizer_depth} codes of {self.vae.quantizer_size}, "
@@ -120,17 +110,7 @@ class RQTransformerForCausalLM(FrozenVAELatentLM, TrainableBackbone, RQTransform
         self.start = nn.Parameter(torch.zeros(hidden))
         self.spatial = Qwen3Stack(backbone)
 
-        # depth transformer: D positions per latent position
-        depth_config = depth_stack_config(config)
-        self.depth_in = nn.Linear(hidden, depth_hidden)
-        self.depth_position = nn.Parameter(torch.zeros(num_codes, depth_hidden))
-        self.depth_code_embed = (
-            nn.ModuleList([nn.Embedding(codebook, depth_hidden) for _ in range(num_codes - 1)])
-            if config.depth_mode == "autoregressive"
-            else None
-        )
-        self.depth = Qwen3Stack(depth_config)
-        self.depth_heads = nn.ModuleList([nn.Linear(depth_hidden, codebook, bias=False) for _ in range(num_codes)])
+        self.build_depth(hidden, like=backbone)  # D positions per latent position
 
         # optional auxiliary next-chunk token heads
         if config.aux_token_loss_weight > 0:
@@ -146,10 +126,6 @@ class RQTransformerForCausalLM(FrozenVAELatentLM, TrainableBackbone, RQTransform
         self._default_special_tokens()
 
     # ----------------------------------------------------------------- the frozen VAE
-    @property
-    def num_quantizers(self) -> int:
-        return self.config.num_quantizers
-
     @torch.no_grad()
     def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
         """Tokens (B, T) -> the frozen VAE's codes (B, L, D) (-1 where a position holds only padding)."""
@@ -172,52 +148,6 @@ class RQTransformerForCausalLM(FrozenVAELatentLM, TrainableBackbone, RQTransform
             return start
         x = self.embed_codes(codes[:, :-1])  # (B, L-1, H)
         return torch.cat([start.to(x.dtype), x], dim=1)
-
-    # ----------------------------------------------------------------- depth
-    def depth_inputs(self, hidden: torch.FloatTensor, codes: torch.LongTensor | None) -> torch.FloatTensor:
-        """h (N, H) and the codes already chosen (N, d) -> depth inputs (N, d+1, Dh).
-
-        Input j holds the spatial output, the depth position j and the sum of the embeddings of
-        codes 0..j-1 (the partial residual, as in the RQ-Transformer paper); `parallel` mode uses
-        the spatial output and the position only.
-        """
-        h = self.depth_in(hidden)[:, None]  # (N, 1, Dh)
-        length = 1 if codes is None else codes.shape[1] + 1
-        if self.depth_code_embed is None:
-            length = self.num_quantizers
-        x = h + self.depth_position[:length]  # (N, length, Dh)
-        if self.depth_code_embed is not None and codes is not None and codes.shape[1]:
-            embedded = torch.stack([self.depth_code_embed[j](codes[:, j]) for j in range(codes.shape[1])], dim=1)
-            x = x + F.pad(embedded.cumsum(dim=1), (0, 0, 1, 0))
-        return x
-
-    def depth_logits(self, hidden: torch.FloatTensor, codes: torch.LongTensor) -> torch.FloatTensor:
-        """Teacher-forced depth logits: h (B, L, H), codes (B, L, D) -> (B, L, D, K)."""
-        b = hidden.shape[0]
-        flat_h = rearrange(hidden, "b l h -> (b l) h")
-        flat_codes = rearrange(codes.clamp(min=0), "b l d -> (b l) d")[:, :-1]
-        x = self.depth_inputs(flat_h, None if self.depth_code_embed is None else flat_codes)
-        y = self.depth(x)  # (N, D, Dh)
-        logits = torch.stack([head(y[:, j]) for j, head in enumerate(self.depth_heads)], dim=1)
-        return rearrange(logits, "(b l) d k -> b l d k", b=b)
-
-    def depth_step(
-        self, hidden: torch.FloatTensor, codes: torch.LongTensor, cache, inputs: torch.FloatTensor | None = None
-    ) -> torch.FloatTensor:
-        """One depth step at generation: h (N, H), codes chosen so far (N, j) -> logits of code j (N, K).
-
-        With a depth cache, only the newest depth input is run through the depth layers. `inputs` (N, 1, Dh)
-        is that input when the caller keeps it (`depth_inputs(hidden, codes)[:, -1:]`, built step by step).
-        """
-        j = codes.shape[1]
-        x = self.depth_inputs(hidden, codes)[:, -1:] if inputs is None else inputs  # (N, 1, Dh)
-        y = self.depth(x, cache=cache, position_ids=torch.full((1, 1), j, device=x.device))
-        return self.depth_heads[j](y[:, -1])
-
-    def parallel_depth_logits(self, hidden: torch.FloatTensor) -> torch.FloatTensor:
-        """`parallel` depth mode: h (N, H) -> logits of every depth at once (N, D, K)."""
-        y = self.depth(self.depth_inputs(hidden, None))
-        return torch.stack([head(y[:, j]) for j, head in enumerate(self.depth_heads)], dim=1)
 
     # ----------------------------------------------------------------- forward
     def forward(

@@ -1,0 +1,90 @@
+"""RQDraftHeadConfig: a residual-code draft head on a causal LM's last hidden state."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .configuration_rq_transformer import DEPTH_MODES
+from .configuration_rq_vae import RQVAEConfig
+
+
+class RQDraftHeadConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`RQDraftHead`]: from a target causal LM's last hidden state at token t and the
+    token t + 1, the D residual codes of the chunk of C tokens after it (t + 2 .. t + C + 1), which a
+    frozen chunk-local RQ-VAE decodes into the draft.
+
+    Args:
+        vae_config (`RQVAEConfig` or `dict`):
+            The frozen RQ-VAE: its codes are the head's targets and its decoder turns them into tokens. It
+            must be chunk-local (no encoder, decoder or latent layers, and a decoder that does not read the
+            previous tokens), so that any C consecutive tokens have codes of their own.
+        target_hidden_size (`int`): width of the target's last hidden state.
+        target_name_or_path (`str`, *optional*): the target the head was trained on (for the model card).
+        hidden_size (`int`, defaults to 512): width of the head's fusion layers.
+        num_layers (`int`, defaults to 1): SwiGLU residual blocks after the fusion of state and token.
+        intermediate_size (`int`, *optional*): SwiGLU width (default 3 x hidden_size).
+        depth_mode, depth_num_layers, depth_hidden_size, depth_num_attention_heads, depth_intermediate_size:
+            the depth transformer over the D codes, as in [`RQTransformerConfig`].
+        rms_norm_eps (`float`, defaults to 1e-6): epsilon of the head's RMSNorms.
+    """
+
+    model_type = "rq_draft_head"
+    sub_configs_defaults = {"vae_config": SubConfigSpec(RQVAEConfig)}  # noqa: RUF012 (transformers ClassVar)
+
+    vae_config: dict | PreTrainedConfig | None = None
+    target_hidden_size: int = 0
+    target_name_or_path: str | None = None
+    hidden_size: int = 512
+    num_layers: int = 1
+    intermediate_size: int | None = None
+    depth_mode: str = "autoregressive"
+    depth_num_layers: int = 1
+    depth_hidden_size: int = 256
+    depth_num_attention_heads: int = 4
+    depth_intermediate_size: int | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.intermediate_size is None:
+            self.intermediate_size = 3 * self.hidden_size
+        if self.depth_intermediate_size is None:
+            self.depth_intermediate_size = 3 * self.depth_hidden_size
+        self.validate_values()
+
+    @property
+    def compression_factor(self) -> int:
+        """C: tokens per drafted chunk (the VAE's)."""
+        return self.vae_config.compression_factor
+
+    @property
+    def num_quantizers(self) -> int:
+        """D: codes per chunk (the VAE's)."""
+        return self.vae_config.num_quantizers
+
+    @property
+    def codebook_size(self) -> int:
+        """K: codes per codebook (the VAE's)."""
+        return self.vae_config.codebook_size
+
+    def validate_values(self) -> None:
+        """Fail early, in one line, on settings the head cannot build (the VAE and the target are checked by the
+        model, `RQDraftHead.check_parts`: transformers builds a default config of every class to diff against)."""
+        if self.depth_mode not in DEPTH_MODES:
+            raise ValueError(f"depth_mode must be one of {', '.join(DEPTH_MODES)}, got {self.depth_mode!r}")
+        for name in ("hidden_size", "depth_hidden_size", "depth_num_attention_heads", "depth_num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_layers < 0:
+            raise ValueError(f"num_layers must be >= 0, got {self.num_layers}")
+        if self.depth_hidden_size % self.depth_num_attention_heads:
+            raise ValueError(
+                f"depth_hidden_size {self.depth_hidden_size} is not divisible by depth_num_attention_heads "
+                f"{self.depth_num_attention_heads}"
+            )
+
+
+__all__ = ["RQDraftHeadConfig"]
