@@ -65,7 +65,7 @@ def drafted_and_plain(target, head, ids, **kwargs):
 
 # ----------------------------------------------------------------- training examples
 def test_every_position_learns_the_codes_of_the_chunk_after_its_next_token(pair):
-    target, head, text = pair
+    _target, head, text = pair
     ids = text[:2, :20]
     codes = head.window_codes(ids)
     assert codes.shape == (2, 20 - C + 1, head.num_quantizers)
@@ -99,7 +99,7 @@ def test_the_head_trains_and_the_target_and_vae_do_not(pair):
 
 
 def test_accepted_lengths_count_the_greedy_drafts_matching_prefix(pair):
-    target, head, text = pair
+    _target, head, text = pair
     ids = text[:3, :24]
     lengths = head.accepted_lengths(ids)
     states = head.target_states(ids)
@@ -222,7 +222,7 @@ def test_wrong_parts_are_one_line_errors(pair):
 
 
 def test_saved_head_loads_with_and_without_rqlm_and_drafts_the_same(pair, tmp_path):
-    target, head, text = pair
+    _target, head, text = pair
     states = head.target_states(text[:2, :12])[:, -2]
     expected = head.draft(states, text[:2, 11])
     head.save_pretrained(tmp_path)
@@ -248,27 +248,45 @@ def test_saved_head_loads_with_and_without_rqlm_and_drafts_the_same(pair, tmp_pa
 
 
 # ----------------------------------------------------------------- the commands
-def test_train_draft_head_then_generate_and_bench_with_it(tmp_path, capsys):
-    from test_drafting import continuation
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A repetitive corpus, a test-size Qwen3 target trained on it, and a chunk-local VAE on its tokenizer."""
     from test_train_lm import WORDS, fresh_accelerate_state
 
     from rqlm.cli import main
 
+    folder = tmp_path_factory.mktemp("head_cli")
     docs = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(24)) + "." for i in range(240)]
-    (tmp_path / "corpus.txt").write_text("\n".join(docs) + "\n")
-    common = ["--dataset", str(tmp_path / "corpus.txt"), "--block_size", "32", "--per_device_train_batch_size", "4",
-              "--max_minutes", "none", "--save_steps", "0", "--mixed_precision", "no"]  # fmt: skip
+    (folder / "corpus.txt").write_text("\n".join(docs) + "\n")
+    fresh_accelerate_state()
     assert main(["train-baseline", "--backbone", "test", "--max_steps", "40", "--learning_rate", "1e-2",
-                 "--eval_steps", "0", "--output_dir", str(tmp_path / "target"), *common]) == 0  # fmt: skip
+                 "--eval_steps", "0", "--output_dir", str(folder / "target"), *common_flags(folder)]) == 0  # fmt: skip
     fresh_accelerate_state()
-    assert main(["train-vae", "--backbone", "test", "--tokenizer", str(tmp_path / "target"), "--num_quantizers", "2",
-                 "--codebook_size", "32", "--latent_dim", "8", "--max_steps", "80", "--learning_rate", "1e-2", "--eval_steps", "0",
-                 "--output_dir", str(tmp_path / "vae"), *common]) == 0  # fmt: skip
+    assert main(["train-vae", "--backbone", "test", "--tokenizer", str(folder / "target"), "--num_quantizers", "2",
+                 "--codebook_size", "32", "--latent_dim", "8", "--max_steps", "80", "--learning_rate", "1e-2",
+                 "--eval_steps", "0", "--output_dir", str(folder / "vae"), *common_flags(folder)]) == 0  # fmt: skip
     fresh_accelerate_state()
-    head_flags = ["--target", str(tmp_path / "target"), "--vae", str(tmp_path / "vae"), "--hidden_size", "32",
-                  "--depth_hidden_size", "16", "--depth_num_attention_heads", "2", "--learning_rate", "1e-2",
-                  "--eval_steps", "20", "--eval_batches", "2", "--logging_steps", "1", *common]  # fmt: skip
-    assert main(["train-draft-head", *head_flags, "--max_steps", "60", "--output_dir", str(tmp_path / "head")]) == 0
+    return folder
+
+
+def common_flags(folder) -> list[str]:
+    return ["--dataset", str(folder / "corpus.txt"), "--block_size", "32", "--per_device_train_batch_size", "4",
+            "--max_minutes", "none", "--save_steps", "0", "--mixed_precision", "no"]  # fmt: skip
+
+
+def head_flags(folder) -> list[str]:
+    return ["--target", str(folder / "target"), "--vae", str(folder / "vae"), "--hidden_size", "32",
+            "--depth_hidden_size", "16", "--depth_num_attention_heads", "2", "--learning_rate", "1e-2",
+            "--eval_steps", "20", "--eval_batches", "2", "--logging_steps", "1", *common_flags(folder)]  # fmt: skip
+
+
+def test_train_draft_head_then_generate_and_bench_with_it(folders, tmp_path, capsys):
+    from test_drafting import continuation
+    from test_train_lm import fresh_accelerate_state
+
+    from rqlm.cli import main
+
+    assert main(["train-draft-head", *head_flags(folders), "--max_steps", "60", "--output_dir", str(tmp_path / "head")]) == 0
     fresh_accelerate_state()
     evals = [json.loads(line) for line in (tmp_path / "head" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if "eval_code_nll" in r]
@@ -276,17 +294,17 @@ def test_train_draft_head_then_generate_and_bench_with_it(tmp_path, capsys):
     assert evals[-1]["eval_code_nll"] < evals[0]["eval_code_nll"] - 0.2, evals
     assert 1 <= evals[0]["eval_tokens_per_step"] < evals[-1]["eval_tokens_per_step"] <= 1 + C, evals
     config = json.loads((tmp_path / "head" / "config.json").read_text())
-    assert config["model_type"] == "rq_draft_head" and config["target_name_or_path"] == str(tmp_path / "target")
+    assert config["model_type"] == "rq_draft_head" and config["target_name_or_path"] == str(folders / "target")
     capsys.readouterr()
 
     args = ["def main", "--max_new_tokens", "12"]
-    assert main(["generate", *args, "--model", str(tmp_path / "target")]) == 0
+    assert main(["generate", *args, "--model", str(folders / "target")]) == 0
     plain = capsys.readouterr().out
-    assert main(["generate", *args, "--model", str(tmp_path / "head"), "--verify-with", str(tmp_path / "target")]) == 0
+    assert main(["generate", *args, "--model", str(tmp_path / "head"), "--verify-with", str(folders / "target")]) == 0
     verified = capsys.readouterr().out
     assert continuation(verified) == continuation(plain) and "(rq_draft_head)" in verified
     output = tmp_path / "bench.json"
-    assert main(["bench", "--drafting", "--threads", "1", "--target", str(tmp_path / "target"), "--model",
+    assert main(["bench", "--drafting", "--threads", "1", "--target", str(folders / "target"), "--model",
                  str(tmp_path / "head"), "--draft_tokens", "4,8", "--prompts", "2", "--prompt_length", "8",
                  "--new_tokens", "8", "--output_json", str(output)]) == 0  # fmt: skip
     rows = json.loads(output.read_text())["rows"]
@@ -295,10 +313,69 @@ def test_train_draft_head_then_generate_and_bench_with_it(tmp_path, capsys):
     assert any(line.startswith("| head (C=4) | 4 | 4 | 0 | – |") for line in capsys.readouterr().out.splitlines())
     for argv, message in [
         (["generate", *args, "--model", str(tmp_path / "head")], "is a draft head"),
-        (["train-draft-head", *head_flags[2:], "--output_dir", str(tmp_path / "x")], "pass --target"),
-        (["train-draft-head", *head_flags, "--target", str(tmp_path / "vae"), "--output_dir", str(tmp_path / "x")],
+        (["train-draft-head", *head_flags(folders)[2:], "--output_dir", str(tmp_path / "x")], "pass --target"),
+        (["train-draft-head", *head_flags(folders), "--target", str(folders / "vae"), "--output_dir", str(tmp_path / "x")],
          "not a causal LM"),
     ]:  # fmt: skip
         assert main(argv) == 1
         err = [line for line in capsys.readouterr().err.strip().splitlines() if "%|" not in line]
         assert len(err) == 1 and message in err[0], err
+
+
+TWO_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, os, sys
+    import rqlm.trainer.loop
+    from rqlm import cli
+
+    trained = []
+    real_train = rqlm.trainer.loop.train
+
+    def train(model, *args, **kwargs):  # the command imports `train` when it runs, so it gets this one
+        trained.append(model)
+        return real_train(model, *args, **kwargs)
+
+    rqlm.trainer.loop.train = train
+    out, flags = sys.argv[1], sys.argv[2:]
+    rc = cli.main(["train-draft-head", *flags])
+    head = trained[0]
+    with open(f"{out}/rank{os.environ['RANK']}.json", "w") as f:
+        json.dump({
+            "rc": rc,
+            "digests": {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest() for k, v in head.state_dict().items()},
+            "target": hashlib.sha256(next(head._target.parameters()).detach().numpy().tobytes()).hexdigest(),
+        }, f)
+    """
+)
+
+
+def test_accelerate_launch_two_processes_train_the_same_head_and_leave_target_and_vae_alone(folders, tmp_path):
+    import os
+
+    from safetensors.torch import load_file
+    from test_train_lm import digest, free_port
+
+    script = tmp_path / "two_process.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script),
+        str(out), *head_flags(folders), "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--output_dir", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(r["rc"] == 0 for r in ranks)
+    differing = [k for k in ranks[0]["digests"] if ranks[0]["digests"][k] != ranks[1]["digests"].get(k)]
+    assert not differing, f"the ranks ended with different {differing}"
+    saved = load_file(out / "model.safetensors")
+    vae = load_file(folders / "vae" / "model.safetensors")
+    assert all(torch.equal(saved[f"vae.{k}"], v) for k, v in vae.items())  # the frozen VAE, as it was trained
+    assert not any(k.startswith(("_target", "target")) for k in saved)  # the target is not saved with the head
+    embedding = load_file(folders / "target" / "model.safetensors")["model.embed_tokens.weight"]
+    assert all(r["target"] == digest(embedding) for r in ranks)  # and stays as it was trained, on both ranks
+    halfway = load_file(out / "checkpoints" / "step-2" / "model.safetensors")
+    assert any(not torch.equal(saved[k], halfway[k]) for k in saved if not k.startswith("vae.")), "nothing trained"

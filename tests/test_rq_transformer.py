@@ -141,12 +141,14 @@ def test_cached_generation_equals_full_forward_greedy(lm, prompt_length):
         assert torch.equal(out[0], expected), use_cache
 
 
-def test_generation_depth_steps_give_the_teacher_forced_depth_logits():
+@pytest.mark.parametrize("depth_mode", ["autoregressive", "mlp"])
+def test_generation_depth_steps_give_the_teacher_forced_depth_logits(depth_mode):
     """_sample_codes builds each depth input step by step (projection once, running embedding sum): every depth's
-    scores equal `depth_logits` for the chosen codes. Strong random depth weights, so each input term matters."""
+    scores equal `depth_logits` for the chosen codes, and depend on the codes before them (`mlp`: through the sum
+    alone). Strong random depth weights, so each input term matters."""
     from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
-    model = make_lm()
+    model = make_lm(depth_mode=depth_mode)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith(("depth", "depth_code_embed", "depth_in")):
@@ -168,6 +170,12 @@ def test_generation_depth_steps_give_the_teacher_forced_depth_logits():
         expected = model.depth_logits(hidden[:, None], codes[:, None])[:, 0]  # (3, D, K)
     assert len(set(codes[:, 1:].flatten().tolist())) > 1
     torch.testing.assert_close(torch.stack(recorder.scores, dim=1), expected, rtol=1e-5, atol=1e-5)
+    other = codes.clone()
+    other[:, 0] = (other[:, 0] + 1) % K
+    with torch.no_grad():
+        changed = model.depth_logits(hidden[:, None], other[:, None])[:, 0]
+    torch.testing.assert_close(changed[:, 0], expected[:, 0])  # code 0 does not see itself
+    assert not torch.allclose(changed[:, 1], expected[:, 1])  # code 1 sees code 0
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")

@@ -2,7 +2,9 @@
 (over its spatial output) and the draft head (over the target's hidden state).
 
     h (N, H) -> depth_in (N, Dh); input j = depth_in(h) + position j + sum of the embeddings of codes 0..j-1
-    -> a small causal Qwen3 stack over the D inputs (`autoregressive`), or all D at once from h (`parallel`)
+    -> a small causal Qwen3 stack over the D inputs (`autoregressive`), or all D at once from h (`parallel`),
+       or SwiGLU blocks applied to each input alone (`mlp`: the running code sum is the only way earlier codes
+       reach code j; no attention and no cache, so a step is three small products)
     -> head j: logits of code j (N, K)
 """
 
@@ -38,6 +40,36 @@ def greedy_processors(depth: int) -> list[tuple[LogitsProcessorList, bool]]:
     return [(LogitsProcessorList(), False)] * depth
 
 
+class SwiGLUBlock(nn.Module):
+    """x + down(silu(gate(norm x)) * up(norm x))."""
+
+    def __init__(self, hidden: int, intermediate: int, eps: float):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden, eps=eps)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
+
+
+class DepthMLP(nn.Module):
+    """The `mlp` depth mode's stack: SwiGLU blocks and a final RMSNorm on every depth input alone; called like a
+    Qwen3Stack (the cache and positions are not needed: no input reads another)."""
+
+    def __init__(self, hidden: int, intermediate: int, num_layers: int, eps: float):
+        super().__init__()
+        self.layers = nn.ModuleList([SwiGLUBlock(hidden, intermediate, eps) for _ in range(num_layers)])
+        self.norm = nn.RMSNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor, attention_mask=None, cache=None, position_ids=None) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
 class CodeDepthMixin:
     """Mixin for a model whose config has `depth_*`, `depth_mode`, `num_quantizers` and `codebook_size`:
     `build_depth` makes the modules, the methods run them (teacher-forced, step by step, or all at once)."""
@@ -50,10 +82,13 @@ class CodeDepthMixin:
         self.depth_position = nn.Parameter(torch.zeros(num_codes, depth_hidden))
         self.depth_code_embed = (
             nn.ModuleList([nn.Embedding(codebook, depth_hidden) for _ in range(num_codes - 1)])
-            if config.depth_mode == "autoregressive"
+            if config.depth_mode != "parallel"
             else None
         )
-        self.depth = Qwen3Stack(depth_stack_config(config, like))
+        if config.depth_mode == "mlp":
+            self.depth = DepthMLP(depth_hidden, config.depth_intermediate_size, config.depth_num_layers, like.rms_norm_eps)
+        else:
+            self.depth = Qwen3Stack(depth_stack_config(config, like))
         self.depth_heads = nn.ModuleList([nn.Linear(depth_hidden, codebook, bias=False) for _ in range(num_codes)])
 
     @property
@@ -113,7 +148,7 @@ class CodeDepthMixin:
         """
         parallel = self.config.depth_mode == "parallel"
         logits = self.parallel_depth_logits(hidden) if parallel else None  # (B, D, K)
-        cache = None if parallel else DynamicCache(config=self.depth.config)
+        cache = DynamicCache(config=self.depth.config) if self.config.depth_mode == "autoregressive" else None
         projected = None if parallel else self.depth_in(hidden)[:, None]  # (B, 1, Dh), once per position
         partial = None  # running sum of the chosen codes' depth embeddings, as `depth_inputs` adds them
         codes = hidden.new_zeros(hidden.shape[0], 0, dtype=torch.long)
@@ -134,4 +169,4 @@ class CodeDepthMixin:
         return codes
 
 
-__all__ = ["CodeDepthMixin", "choose", "depth_stack_config", "greedy_processors"]
+__all__ = ["CodeDepthMixin", "DepthMLP", "SwiGLUBlock", "choose", "depth_stack_config", "greedy_processors"]

@@ -8,7 +8,7 @@ from transformers.configuration_utils import SubConfigSpec
 from .configuration_rq_vae import LORA_TARGETS, RQVAEConfig
 
 SPATIAL_INPUTS = ("quantized", "code_embeddings")
-DEPTH_MODES = ("autoregressive", "parallel")
+DEPTH_MODES = ("autoregressive", "parallel", "mlp")
 
 
 class RQTransformerConfig(PreTrainedConfig):
@@ -30,6 +30,8 @@ class RQTransformerConfig(PreTrainedConfig):
             `"autoregressive"`: a causal depth transformer reads the spatial output and the codes already
             chosen (D sequential steps per position at generation). `"parallel"`: every depth is predicted at
             once from the spatial output (one step, codes of one position independent given the context).
+            `"mlp"`: autoregressive over depth without attention: SwiGLU blocks read each depth input alone (the
+            spatial output plus the sum of the chosen codes' embeddings), no KV cache; the cheapest step.
         depth_num_layers (`int`, defaults to 1): layers of the depth transformer.
         depth_hidden_size (`int`, defaults to 256): width of the depth transformer.
         depth_num_attention_heads (`int`, defaults to 4): attention heads of the depth transformer.

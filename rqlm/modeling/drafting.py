@@ -35,6 +35,13 @@ target (and the drafter's VAE) under `prepacked_linears` (rqlm.modeling.prepacke
 to 32 rows of layers with large weights go through oneDNN on weights reordered once, the rest keep
 `F.linear`, so plain decoding is untouched. `prepack=False` turns it off.
 
+A draft head (`RQDraftHead`, `RQHeadCandidateGenerator`). Where the target is no larger than a
+drafter's spatial stack, that stack's step costs about a target token before anything is verified. A
+head instead reads the target's last hidden state at the token before the newest one (kept by a forward
+hook from the verification forward that produced it) and the newest token, and drafts the chunk after
+them (one chunk, C tokens at most, per step). It has no state of its own, so a rejection needs no rollback;
+the prefill step, with no state yet, drafts nothing.
+
 The confidence gate. Rejected drafts cost a target forward over C more tokens and the drafting; the
 probability of a chunk's depth-0 code predicts how much of it the target keeps, so with
 `confidence_threshold` a chunk is drafted only when that probability reaches it (the other depths

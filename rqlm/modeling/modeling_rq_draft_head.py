@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .code_depth import CodeDepthMixin, greedy_processors
+from .code_depth import CodeDepthMixin, SwiGLUBlock, greedy_processors
 from .configuration_rq_draft_head import RQDraftHeadConfig
 from .latent_lm import FrozenVAE
 from .modeling_rq_vae import IGNORE_INDEX, CheckedLoading
@@ -48,21 +48,6 @@ class RQDraftHeadOutput(ModelOutput):
     depth_accuracy: torch.FloatTensor | None = None
     codes: torch.LongTensor | None = None
     num_codes: torch.LongTensor | None = None
-
-
-class SwiGLUBlock(nn.Module):
-    """x + down(silu(gate(norm x)) * up(norm x))."""
-
-    def __init__(self, hidden: int, intermediate: int, eps: float):
-        super().__init__()
-        self.norm = nn.RMSNorm(hidden, eps=eps)
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
 
 
 class RQDraftHeadPreTrainedModel(CheckedLoading, PreTrainedModel):
