@@ -17,7 +17,7 @@ from transformers import AutoModel, Qwen3ForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper
 
 from rqlm import RQDraftHead
-from rqlm.modeling.drafting import DraftStats, generate_with_drafter
+from rqlm.modeling.drafting import DraftStats, RQHeadCandidateGenerator, generate_with_drafter
 
 NEW = 16
 HEAD = {"hidden_size": 32, "intermediate_size": 64, "depth_hidden_size": 16, "depth_num_attention_heads": 2}
@@ -122,7 +122,7 @@ def test_greedy_output_is_the_targets_and_every_draft_is_the_heads_draft_of_the_
     assert torch.equal(drafted, plain)
     assert sum(a + 1 for a in stats.accepted) == NEW and stats.drafts[0] == []  # the prefill step drafts nothing
     # each draft is what the head makes from a fresh forward of the text accepted by then: the hook's row is right
-    states = target.model(drafted).last_hidden_state
+    states = head.target_states(drafted)
     for context, draft, confidences in zip(stats.contexts[1:], stats.drafts[1:], stats.confidences[1:]):
         fresh = head.draft(states[:, context - 2], drafted[:, context - 1])[0, : len(draft)]
         if draft or not options.get("confidence_threshold"):
@@ -130,6 +130,32 @@ def test_greedy_output_is_the_targets_and_every_draft_is_the_heads_draft_of_the_
         if options.get("confidence_threshold") and confidences:  # none at the last step, which has no room to draft
             assert bool(draft) == (confidences[0] >= options["confidence_threshold"])
     assert max(len(d) for d in stats.drafts) == options.get("num_draft_tokens", C)
+
+
+def test_a_head_on_several_layers_drafts_from_the_states_of_those_layers(pair):
+    target, trained, _ = pair
+    torch.manual_seed(3)
+    head = RQDraftHead.for_target(target, trained.vae, target_layers=[1, 2], **HEAD).eval()
+    head.attach_target(target)
+    assert head.from_target.in_features == 2 * 32
+    states = head.target_states(prompt(9, seed=0))
+    full = target.model(prompt(9, seed=0), output_hidden_states=True).hidden_states
+    assert torch.equal(states, torch.cat([full[1], full[2]], dim=-1)) and not torch.equal(full[1], full[2])
+    generator = RQHeadCandidateGenerator(head, target, C, max_length=64)  # its hooks keep what a forward computes
+    with torch.no_grad():
+        target(prompt(9, seed=0))
+    torch.testing.assert_close(generator.states[:, -1], states[:, -1])
+    generator.close()
+    ids = prompt(7, seed=2)
+    drafted, plain, stats = drafted_and_plain(target, head, ids)
+    assert torch.equal(drafted, plain)
+    states = head.target_states(drafted)
+    for context, draft in zip(stats.contexts[1:], stats.drafts[1:]):
+        assert draft == head.draft(states[:, context - 2], drafted[:, context - 1])[0, : len(draft)].tolist()
+    with pytest.raises(ValueError, match="past the target's 2 layers"):
+        RQDraftHead.for_target(target, trained.vae, target_layers=[3], **HEAD)
+    with pytest.raises(ValueError, match="indices >= 1"):
+        RQDraftHead.for_target(target, trained.vae, target_layers=[0], **HEAD)
 
 
 def test_drafts_are_kept_and_rejected_inside_chunks(pair):

@@ -21,7 +21,7 @@ from rqlm.modeling.configuration_rq_transformer import DEPTH_MODES
 from rqlm.trainer.arguments import add_training_arguments, training_arguments_from_namespace
 
 HEAD_FIELDS = (
-    "hidden_size", "num_layers", "depth_num_layers", "depth_hidden_size", "depth_num_attention_heads", "depth_mode",
+    "target_layers", "hidden_size", "num_layers", "depth_num_layers", "depth_hidden_size", "depth_num_attention_heads", "depth_mode",
 )  # fmt: skip
 
 
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_vae_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--target", default=None, help="folder of the causal LM the head drafts for (frozen); required")
+    model.add_argument("--target_layers", default=None, type=lambda text: [int(v) for v in text.split(",")],
+                       help="the target's hidden states the head reads, e.g. 2,4 (i: after layer i; the last: the final "
+                       "norm's output; default: the final output alone)")
     model.add_argument("--hidden_size", type=int, default=512, help="width of the head's fusion layers")
     model.add_argument("--num_layers", type=int, default=1, help="SwiGLU residual blocks after the fusion")
     model.add_argument("--depth_num_layers", type=int, default=1, help="layers of the depth transformer")

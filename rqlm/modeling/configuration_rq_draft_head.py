@@ -20,7 +20,12 @@ class RQDraftHeadConfig(PreTrainedConfig):
             The frozen RQ-VAE: its codes are the head's targets and its decoder turns them into tokens. It
             must be chunk-local (no encoder, decoder or latent layers, and a decoder that does not read the
             previous tokens), so that any C consecutive tokens have codes of their own.
-        target_hidden_size (`int`): width of the target's last hidden state.
+        target_hidden_size (`int`): width of the target's hidden states.
+        target_layers (`list[int]`, *optional*):
+            Which of the target's hidden states the head reads, concatenated, as indices into the
+            `hidden_states` transformers returns (i = the residual stream after layer i; the last one, N, is the
+            final norm's output). None: the final output alone. Earlier layers keep more of the context than
+            the state tuned to the next token (EAGLE-3 fuses low, middle and high layers).
         target_name_or_path (`str`, *optional*): the target the head was trained on (for the model card).
         hidden_size (`int`, defaults to 512): width of the head's fusion layers.
         num_layers (`int`, defaults to 1): SwiGLU residual blocks after the fusion of state and token.
@@ -35,6 +40,7 @@ class RQDraftHeadConfig(PreTrainedConfig):
 
     vae_config: dict | PreTrainedConfig | None = None
     target_hidden_size: int = 0
+    target_layers: list[int] | None = None
     target_name_or_path: str | None = None
     hidden_size: int = 512
     num_layers: int = 1
@@ -73,6 +79,8 @@ class RQDraftHeadConfig(PreTrainedConfig):
     def validate_values(self) -> None:
         """Fail early, in one line, on settings the head cannot build (the VAE and the target are checked by the
         model, `RQDraftHead.check_parts`: transformers builds a default config of every class to diff against)."""
+        if self.target_layers is not None and (not self.target_layers or min(self.target_layers) < 1):
+            raise ValueError(f"target_layers are indices >= 1 of the target's hidden states, got {self.target_layers}")
         if self.depth_mode not in DEPTH_MODES:
             raise ValueError(f"depth_mode must be one of {', '.join(DEPTH_MODES)}, got {self.depth_mode!r}")
         for name in ("hidden_size", "depth_hidden_size", "depth_num_attention_heads", "depth_num_layers"):

@@ -205,8 +205,8 @@ class RQDraftCandidateGenerator(CandidateGenerator):
 class RQHeadCandidateGenerator(CandidateGenerator):
     """Candidates from an `RQDraftHead`: the chunk after the accepted text, drafted from the target's own state.
 
-    A forward hook on the target's base model keeps the last hidden states of its latest forward, whose last
-    k + 1 rows are the last accepted token and the k drafted ones. After the target keeps m of them (and adds
+    Forward hooks on the target (its base model, or the layers of the head's `target_layers`) keep the hidden
+    states of its latest forward, whose last k + 1 rows are the last accepted token and the k drafted ones. After the target keeps m of them (and adds
     its own token), row m is the state at the token before that new one: with the new token it is all the
     head reads. The first step (the prompt's prefill) has no state yet and drafts nothing.
     """
@@ -233,14 +233,24 @@ class RQHeadCandidateGenerator(CandidateGenerator):
         self.stats.compression_factor = c
         self.confidence_threshold = confidence_threshold
         self.eos_ids = torch.tensor(_token_ids(eos_token_id), dtype=torch.long, device=head.device)
-        self.states = None  # (1, k + 1, Ht): the target's last states of [last accepted token, the k drafted]
-        self.row = 0  # the row of `states` at the token before the newest one
+        self.captured = {}  # hooked module's index -> its output's last k + 1 rows: [last accepted token, the k drafted]
+        self.row = 0  # the row of the states at the token before the newest one
         self.drafted = 0  # k of the step being verified
-        self.hook = target.base_model.register_forward_hook(self._keep_states)
+        self.hooks = [
+            module.register_forward_hook(functools.partial(self._keep_states, i))
+            for i, module in enumerate(head.state_modules(target))
+        ]
 
-    def _keep_states(self, module, args, output) -> None:
-        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        self.states = hidden[:, -(self.drafted + 1) :]
+    def _keep_states(self, index: int, module, args, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
+        self.captured[index] = hidden[:, -(self.drafted + 1) :]
+
+    @property
+    def states(self) -> torch.FloatTensor | None:
+        """(1, k + 1, Ht x layers): the states the head reads, of the latest target forward's last k + 1 tokens."""
+        if len(self.captured) < len(self.hooks):
+            return None
+        return torch.cat([self.captured[i] for i in range(len(self.hooks))], dim=-1)
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
         """Accepted ids (1, T) -> (1, T + k): the head's draft appended (fewer at EOS, none when gated or first)."""
@@ -248,9 +258,10 @@ class RQHeadCandidateGenerator(CandidateGenerator):
         self.stats.contexts.append(input_ids.shape[1])
         self.stats.confidences.append([])
         draft = input_ids.new_zeros(1, 0)
-        if k > 0 and self.states is not None:
+        states = self.states
+        if k > 0 and states is not None:
             start = time.perf_counter()
-            state = self.states[:, self.row].to(self.head.device)
+            state = states[:, self.row].to(self.head.device)
             tokens = self.head.draft(state, input_ids[:, -1].to(self.head.device), gate=self._confident)
             if tokens is not None:
                 tokens = tokens[:, :k]
@@ -273,8 +284,9 @@ class RQHeadCandidateGenerator(CandidateGenerator):
         self.row = int(num_matches)
 
     def close(self) -> None:
-        """Remove the hook from the target."""
-        self.hook.remove()
+        """Remove the hooks from the target."""
+        for hook in self.hooks:
+            hook.remove()
 
 
 def _assisted_decoding_with(model, input_ids, *, candidate_generator: CandidateGenerator, streamer=None, **kwargs):
@@ -333,12 +345,7 @@ def generate_with_drafter(
     config, _ = target._prepare_generation_config(generate_kwargs.get("generation_config"), **settings)
     max_length = input_ids.shape[1] + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
     if isinstance(drafter, RQDraftHead):
-        width = target.config.get_text_config().hidden_size
-        if width != drafter.config.target_hidden_size:
-            raise ValueError(
-                f"the draft head reads states of width {drafter.config.target_hidden_size}, the target's are {width}; "
-                "pass the target the head was trained on"
-            )
+        drafter.check_target(target)
         candidates = RQHeadCandidateGenerator(
             drafter, target, num_draft_tokens, max_length=max_length, eos_token_id=config.eos_token_id, stats=stats,
             confidence_threshold=confidence_threshold,

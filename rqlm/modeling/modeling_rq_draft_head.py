@@ -79,7 +79,7 @@ class RQDraftHead(FrozenVAE, CodeDepthMixin, RQDraftHeadPreTrainedModel):
         self.check_parts(config)
         hidden = config.hidden_size
         self.vae = self._frozen_vae(vae_config)
-        self.from_target = nn.Linear(config.target_hidden_size, hidden)
+        self.from_target = nn.Linear(config.target_hidden_size * len(config.target_layers or [0]), hidden)
         self.embed_tokens = nn.Embedding(vae_config.backbone_config.vocab_size, hidden)
         self.blocks = nn.ModuleList(
             [SwiGLUBlock(hidden, config.intermediate_size, config.rms_norm_eps) for _ in range(config.num_layers)]
@@ -122,32 +122,54 @@ class RQDraftHead(FrozenVAE, CodeDepthMixin, RQDraftHeadPreTrainedModel):
             target_name_or_path=str(target.config._name_or_path or "") or None, **config_kwargs,
         )  # fmt: skip
         head = cls(config)
+        head.check_target(target)
         head.vae.load_state_dict(vae.state_dict())
         head.vae.eval()
         return head
 
     # ----------------------------------------------------------------- the target
+    def check_target(self, target) -> None:
+        """One-line error for a target whose states this head cannot read."""
+        text = target.config.get_text_config()
+        if text.hidden_size != self.config.target_hidden_size:
+            raise ValueError(
+                f"the draft head reads states of width {self.config.target_hidden_size}, the target's are "
+                f"{text.hidden_size}; pass the target the head was trained on"
+            )
+        layers = self.config.target_layers or []
+        if layers and max(layers) > text.num_hidden_layers:
+            raise ValueError(f"target_layers {layers} name hidden states past the target's {text.num_hidden_layers} layers")
+
+    def state_modules(self, target) -> list[nn.Module]:
+        """The target's modules whose outputs are the states the head reads, in order (for forward hooks): its
+        base model (the final norm's output) or the decoder layer whose output is hidden state i."""
+        base = target.base_model
+        last = target.config.get_text_config().num_hidden_layers
+        return [base if i == last else base.layers[i - 1] for i in self.config.target_layers or [last]]
+
     def attach_target(self, target) -> None:
         """Use `target` (a causal LM, frozen) for the states `forward` reads when it is given none.
 
         Kept out of the module tree: it is not saved with the head, not trained and not moved by `.to()`."""
-        width = target.config.get_text_config().hidden_size
-        if width != self.config.target_hidden_size:
-            raise ValueError(f"this head reads states of width {self.config.target_hidden_size}, the target's are {width}")
+        self.check_target(target)
         target.requires_grad_(False)
         self.__dict__["_target"] = target.eval()
 
     @torch.no_grad()
     def target_states(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.FloatTensor:
-        """The attached target's last hidden states (B, T, Ht) of `input_ids` (B, T)."""
+        """The attached target's hidden states (B, T, Ht x len(target_layers)) of `input_ids` (B, T) that the head reads."""
         target = self.__dict__.get("_target")
         if target is None:
             raise ValueError("no target attached: pass target_hidden, or call head.attach_target(target) first")
-        return target.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        layers = self.config.target_layers
+        out = target.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(layers))
+        if not layers:
+            return out.last_hidden_state
+        return torch.cat([out.hidden_states[i] for i in layers], dim=-1)
 
     # ----------------------------------------------------------------- the head
     def head_hidden(self, states: torch.FloatTensor, next_tokens: torch.LongTensor) -> torch.FloatTensor:
-        """The target's states (..., Ht) at token t and the tokens t + 1 (...) -> the depth transformer's input (..., H)."""
+        """The target's states (..., Ht x layers) at token t and the tokens t + 1 (...) -> the depth transformer's input (..., H)."""
         x = self.from_target(states.to(self.from_target.weight.dtype)) + self.embed_tokens(next_tokens)
         for block in self.blocks:
             x = block(x)
