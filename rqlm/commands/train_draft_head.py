@@ -17,7 +17,6 @@ import json
 
 import torch
 
-from rqlm.modeling.configuration_rq_transformer import DEPTH_MODES
 from rqlm.trainer.arguments import add_training_arguments, training_arguments_from_namespace
 
 HEAD_FIELDS = (
@@ -26,12 +25,9 @@ HEAD_FIELDS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from rqlm.commands.train_lm import add_vae_arguments
-    from rqlm.data.arguments import add_data_arguments
+    from rqlm.commands.train_lm import add_data_over_vae_arguments, add_depth_arguments
 
-    add_data_arguments(parser)
-    parser.set_defaults(block_size=128, compression_factor=None)  # C: the VAE's
-    add_vae_arguments(parser)
+    add_data_over_vae_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--target", default=None, help="folder of the causal LM the head drafts for (frozen); required")
     model.add_argument("--target_layers", default=None, type=lambda text: [int(v) for v in text.split(",")],
@@ -39,11 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "norm's output; default: the final output alone)")
     model.add_argument("--hidden_size", type=int, default=512, help="width of the head's fusion layers")
     model.add_argument("--num_layers", type=int, default=1, help="SwiGLU residual blocks after the fusion")
-    model.add_argument("--depth_num_layers", type=int, default=1, help="layers of the depth transformer")
-    model.add_argument("--depth_hidden_size", type=int, default=256, help="width of the depth transformer")
-    model.add_argument("--depth_num_attention_heads", type=int, default=4)
-    model.add_argument("--depth_mode", default="autoregressive", choices=DEPTH_MODES,
-                       help="depth transformer over the codes chosen so far, or all depths at once")
+    add_depth_arguments(model)
     add_training_arguments(
         parser, output_dir="runs/draft_head", max_steps=100_000, max_minutes=10, per_device_train_batch_size=16,
         per_device_eval_batch_size=16, learning_rate=1e-3, warmup_steps=50, eval_steps=200, eval_batches=10,

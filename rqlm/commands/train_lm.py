@@ -30,27 +30,38 @@ LM_FIELDS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from rqlm.data.arguments import add_data_arguments
-
-    add_data_arguments(parser)
-    parser.set_defaults(block_size=128, compression_factor=None)  # C: the VAE's
-    add_vae_arguments(parser)
+    add_data_over_vae_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--codes", default=None, help="codes folder written by `rqlm encode` (default: encode here, "
                        "cached by `datasets` under a fingerprint of the data and the VAE's weights)")
     model.add_argument("--backbone", default="tiny",
                        help=f"spatial transformer: a preset trained from scratch ({', '.join(PRESETS)}) "
                        "or a pretrained Qwen3 (folder or hub name) whose layers it starts from")
-    model.add_argument("--depth_num_layers", type=int, default=1, help="layers of the depth transformer")
-    model.add_argument("--depth_hidden_size", type=int, default=256, help="width of the depth transformer")
-    model.add_argument("--depth_num_attention_heads", type=int, default=4)
+    add_depth_arguments(model)
     model.add_argument("--spatial_input", default="code_embeddings", choices=SPATIAL_INPUTS,
                        help="each position's input: the VAE's quantized latent, or summed per-depth code embeddings")
-    model.add_argument("--depth_mode", default="autoregressive", choices=DEPTH_MODES,
-                       help="depth transformer over the codes chosen so far, or all depths at once")
     model.add_argument("--aux_token_loss_weight", type=float, default=0.0,
                        help="weight of C heads on the spatial output predicting the next chunk's tokens")
     add_spatial_training_arguments(parser, model, output_dir="runs/lm")
+
+
+def add_data_over_vae_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data flags, with C (and the tokenizer) taken from --vae, and the VAE's flags (train-lm, train-draft-head)."""
+    from rqlm.data.arguments import add_data_arguments
+
+    add_data_arguments(parser)
+    parser.set_defaults(block_size=128, compression_factor=None)  # C: the VAE's
+    add_vae_arguments(parser)
+
+
+def add_depth_arguments(model) -> None:
+    """The depth transformer's flags (train-lm, train-draft-head)."""
+    model.add_argument("--depth_num_layers", type=int, default=1, help="layers of the depth transformer")
+    model.add_argument("--depth_hidden_size", type=int, default=256, help="width of the depth transformer")
+    model.add_argument("--depth_num_attention_heads", type=int, default=4)
+    model.add_argument("--depth_mode", default="autoregressive", choices=DEPTH_MODES,
+                       help="depth transformer over the codes chosen so far, all depths at once, or SwiGLU blocks "
+                       "on each depth's input (mlp: no attention, the cheapest step)")
 
 
 def add_spatial_training_arguments(parser: argparse.ArgumentParser, model, output_dir: str) -> None:

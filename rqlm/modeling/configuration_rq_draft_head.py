@@ -5,11 +5,11 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .configuration_rq_transformer import DEPTH_MODES
+from .configuration_rq_transformer import DepthOverVAECodes
 from .configuration_rq_vae import RQVAEConfig
 
 
-class RQDraftHeadConfig(PreTrainedConfig):
+class RQDraftHeadConfig(DepthOverVAECodes, PreTrainedConfig):
     r"""
     Configuration of [`RQDraftHead`]: from a target causal LM's last hidden state at token t and the
     token t + 1, the D residual codes of the chunk of C tokens after it (t + 2 .. t + C + 1), which a
@@ -61,38 +61,16 @@ class RQDraftHeadConfig(PreTrainedConfig):
             self.depth_intermediate_size = 3 * self.depth_hidden_size
         self.validate_values()
 
-    @property
-    def compression_factor(self) -> int:
-        """C: tokens per drafted chunk (the VAE's)."""
-        return self.vae_config.compression_factor
-
-    @property
-    def num_quantizers(self) -> int:
-        """D: codes per chunk (the VAE's)."""
-        return self.vae_config.num_quantizers
-
-    @property
-    def codebook_size(self) -> int:
-        """K: codes per codebook (the VAE's)."""
-        return self.vae_config.codebook_size
-
     def validate_values(self) -> None:
         """Fail early, in one line, on settings the head cannot build (the VAE and the target are checked by the
         model, `RQDraftHead.check_parts`: transformers builds a default config of every class to diff against)."""
         if self.target_layers is not None and (not self.target_layers or min(self.target_layers) < 1):
             raise ValueError(f"target_layers are indices >= 1 of the target's hidden states, got {self.target_layers}")
-        if self.depth_mode not in DEPTH_MODES:
-            raise ValueError(f"depth_mode must be one of {', '.join(DEPTH_MODES)}, got {self.depth_mode!r}")
-        for name in ("hidden_size", "depth_hidden_size", "depth_num_attention_heads", "depth_num_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.validate_depth()
+        if self.hidden_size < 1:
+            raise ValueError(f"hidden_size must be >= 1, got {self.hidden_size}")
         if self.num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {self.num_layers}")
-        if self.depth_hidden_size % self.depth_num_attention_heads:
-            raise ValueError(
-                f"depth_hidden_size {self.depth_hidden_size} is not divisible by depth_num_attention_heads "
-                f"{self.depth_num_attention_heads}"
-            )
 
 
 __all__ = ["RQDraftHeadConfig"]

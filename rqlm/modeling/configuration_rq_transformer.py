@@ -11,7 +11,40 @@ SPATIAL_INPUTS = ("quantized", "code_embeddings")
 DEPTH_MODES = ("autoregressive", "parallel", "mlp")
 
 
-class RQTransformerConfig(PreTrainedConfig):
+class DepthOverVAECodes:
+    """What a config with a `vae_config` and the depth transformer's fields shares: the VAE's C, D and K, and
+    the depth fields' checks (the RQ-Transformer's and the draft head's)."""
+
+    @property
+    def compression_factor(self) -> int:
+        """C: tokens per latent position (the VAE's)."""
+        return self.vae_config.compression_factor
+
+    @property
+    def num_quantizers(self) -> int:
+        """D: codes per latent position (the VAE's)."""
+        return self.vae_config.num_quantizers
+
+    @property
+    def codebook_size(self) -> int:
+        """K: codes per codebook (the VAE's)."""
+        return self.vae_config.codebook_size
+
+    def validate_depth(self) -> None:
+        """One-line errors for depth settings the depth transformer cannot build."""
+        if self.depth_mode not in DEPTH_MODES:
+            raise ValueError(f"depth_mode must be one of {', '.join(DEPTH_MODES)}, got {self.depth_mode!r}")
+        for name in ("depth_hidden_size", "depth_num_attention_heads", "depth_num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.depth_hidden_size % self.depth_num_attention_heads:
+            raise ValueError(
+                f"depth_hidden_size {self.depth_hidden_size} is not divisible by depth_num_attention_heads "
+                f"{self.depth_num_attention_heads}"
+            )
+
+
+class RQTransformerConfig(DepthOverVAECodes, PreTrainedConfig):
     r"""
     Configuration of [`RQTransformerForCausalLM`]: a Qwen3 spatial transformer over latent positions and a
     small depth transformer over the D codes of each position, on top of a frozen [`RQVAEModel`].
@@ -77,40 +110,16 @@ class RQTransformerConfig(PreTrainedConfig):
             self.depth_intermediate_size = 3 * self.depth_hidden_size
         self.validate_values()
 
-    @property
-    def compression_factor(self) -> int:
-        """C: tokens per latent position (the VAE's)."""
-        return self.vae_config.compression_factor
-
-    @property
-    def num_quantizers(self) -> int:
-        """D: codes per latent position (the VAE's)."""
-        return self.vae_config.num_quantizers
-
-    @property
-    def codebook_size(self) -> int:
-        """K: codes per codebook (the VAE's)."""
-        return self.vae_config.codebook_size
-
     def validate_values(self) -> None:
         """Fail early, in one line, on combinations the model cannot build."""
         if self.spatial_input not in SPATIAL_INPUTS:
             raise ValueError(f"spatial_input must be one of {', '.join(SPATIAL_INPUTS)}, got {self.spatial_input!r}")
-        if self.depth_mode not in DEPTH_MODES:
-            raise ValueError(f"depth_mode must be one of {', '.join(DEPTH_MODES)}, got {self.depth_mode!r}")
-        for name in ("depth_hidden_size", "depth_num_attention_heads", "depth_num_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.validate_depth()
         for name in ("freeze_backbone_steps", "lora_r"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.depth_hidden_size % self.depth_num_attention_heads:
-            raise ValueError(
-                f"depth_hidden_size {self.depth_hidden_size} is not divisible by depth_num_attention_heads "
-                f"{self.depth_num_attention_heads}"
-            )
         if self.aux_token_loss_weight < 0:
             raise ValueError(f"aux_token_loss_weight must be >= 0, got {self.aux_token_loss_weight}")
 
 
-__all__ = ["RQTransformerConfig"]
+__all__ = ["DepthOverVAECodes", "RQTransformerConfig"]
