@@ -24,13 +24,21 @@ HEAD_FIELDS = (
 )  # fmt: skip
 
 
+def layer_list(text: str) -> list[int]:
+    """--target_layers: comma-separated hidden-state indices."""
+    try:
+        return [int(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated hidden-state indices such as 2,4, got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from rqlm.commands.train_lm import add_data_over_vae_arguments, add_depth_arguments
 
     add_data_over_vae_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--target", default=None, help="folder of the causal LM the head drafts for (frozen); required")
-    model.add_argument("--target_layers", default=None, type=lambda text: [int(v) for v in text.split(",")],
+    model.add_argument("--target_layers", default=None, type=layer_list,
                        help="the target's hidden states the head reads, e.g. 2,4 (i: after layer i; the last: the final "
                        "norm's output; default: the final output alone)")
     model.add_argument("--hidden_size", type=int, default=512, help="width of the head's fusion layers")
