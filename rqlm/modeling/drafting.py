@@ -206,9 +206,10 @@ class RQHeadCandidateGenerator(CandidateGenerator):
     """Candidates from an `RQDraftHead`: the chunk after the accepted text, drafted from the target's own state.
 
     Forward hooks on the target (its base model, or the layers of the head's `target_layers`) keep the hidden
-    states of its latest forward, whose last k + 1 rows are the last accepted token and the k drafted ones. After the target keeps m of them (and adds
-    its own token), row m is the state at the token before that new one: with the new token it is all the
-    head reads. The first step (the prompt's prefill) has no state yet and drafts nothing.
+    states of its latest forward, whose last k + 1 rows are the last accepted token and the k drafted ones.
+    After the target keeps m of them (and adds its own token), row m is the state at the token before that new
+    one: with the new token it is all the head reads. The first step (the prompt's prefill) has no state yet
+    and drafts nothing.
     """
 
     def __init__(
