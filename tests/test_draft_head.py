@@ -56,11 +56,11 @@ def pair():
 
 
 def drafted_and_plain(target, head, ids, **kwargs):
-    settings = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD, "eos_token_id": None}
-    stats = DraftStats()
     options = {k: kwargs.pop(k) for k in ("num_draft_tokens", "confidence_threshold", "prepack") if k in kwargs}
-    drafted = generate_with_drafter(target, head, ids, stats=stats, **options, **settings, **kwargs)
-    return drafted, target.generate(ids, **settings, **kwargs), stats
+    settings = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD, "eos_token_id": None} | kwargs
+    stats = DraftStats()
+    drafted = generate_with_drafter(target, head, ids, stats=stats, **options, **settings)
+    return drafted, target.generate(ids, **settings), stats
 
 
 # ----------------------------------------------------------------- training examples
@@ -176,6 +176,22 @@ def test_greedy_stops_at_eos_where_the_target_does(pair):
     settings = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD, "eos_token_id": eos}
     drafted = generate_with_drafter(target, head, ids, **settings)
     assert torch.equal(drafted, target.generate(ids, **settings)) and drafted.shape[1] < plain.shape[1]
+
+
+def test_drafts_end_at_their_first_eos(pair):
+    """A draft stops after its first EOS, as `generate` would: the token is one the head drafts mid-chunk."""
+    target, head, _ = pair
+    ids = prompt(6, seed=3)
+    *_, stats = drafted_and_plain(target, head, ids)
+    eos = next(d[1] for d in stats.drafts if len(d) == C and d[1] not in d[:1])
+    *_, stats = drafted_and_plain(target, head, ids, eos_token_id=eos)
+    drafts = [d for d in stats.drafts if eos in d]
+    assert drafts and all(d.index(eos) == len(d) - 1 for d in drafts), stats.drafts
+    generator = RQHeadCandidateGenerator(head, target, C, max_length=64, eos_token_id=eos)
+    generator.close()
+    cut, ended = generator._until_eos(torch.tensor([[eos + 1, eos, eos + 2, eos]]))
+    assert cut.tolist() == [[eos + 1, eos]] and ended
+    assert generator._until_eos(torch.tensor([[eos + 1]]))[0].tolist() == [[eos + 1]]
 
 
 @torch.no_grad()

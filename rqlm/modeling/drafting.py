@@ -96,7 +96,43 @@ class DraftStats:
         return sum(1 for draft, a in zip(self.drafts, self.accepted) if a < len(draft) and a % c)
 
 
-class RQDraftCandidateGenerator(CandidateGenerator):
+class _ChunkDrafts(CandidateGenerator):
+    """What both candidate generators share: the draft length, the stats, the confidence gate and the EOS cut."""
+
+    def __init__(self, drafter, num_draft_tokens, max_length, eos_token_id, stats, confidence_threshold):
+        if not 0.0 <= confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold is a probability in [0, 1], got {confidence_threshold}")
+        self.num_draft_tokens = num_draft_tokens
+        self.max_length = max_length
+        self.stats = stats if stats is not None else DraftStats()
+        self.stats.compression_factor = drafter.compression_factor
+        self.confidence_threshold = confidence_threshold  # draft a chunk only when its depth-0 code is this likely
+        self.eos_ids = torch.tensor(_token_ids(eos_token_id), dtype=torch.long, device=drafter.device)
+
+    def _begin_step(self, input_ids: torch.LongTensor) -> int:
+        """Record a step over the accepted ids (1, T); how many tokens it may draft (0: none fit before max_length)."""
+        self.stats.contexts.append(input_ids.shape[1])
+        self.stats.confidences.append([])
+        return min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+
+    def _until_eos(self, tokens: torch.LongTensor) -> tuple[torch.LongTensor, bool]:
+        """Drafted tokens (1, n) cut after their first EOS, as `generate` stops there; and whether one was found."""
+        is_eos = torch.isin(tokens[0], self.eos_ids)
+        if not is_eos.any():
+            return tokens, False
+        return tokens[:, : int(is_eos.float().argmax()) + 1], True
+
+    def _confident(self, probability: torch.FloatTensor) -> bool:
+        """The gate on a chunk: its depth-0 code's probability (1,) reaches `confidence_threshold` (recorded)."""
+        self.stats.confidences[-1].append(float(probability[0]))
+        return bool(probability[0] >= self.confidence_threshold)
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
+        """Record how many drafted tokens the target kept; the draft length stays fixed."""
+        self.stats.accepted.append(int(num_matches))
+
+
+class RQDraftCandidateGenerator(_ChunkDrafts):
     """Candidates for transformers' assisted decoding from an RQ model: its greedy continuation, C tokens per step."""
 
     def __init__(
@@ -110,21 +146,14 @@ class RQDraftCandidateGenerator(CandidateGenerator):
         incremental: bool = True,
         confidence_threshold: float = 0.0,
     ):
-        if not 0.0 <= confidence_threshold <= 1.0:
-            raise ValueError(f"confidence_threshold is a probability in [0, 1], got {confidence_threshold}")
+        super().__init__(drafter, num_draft_tokens, max_length, eos_token_id, stats, confidence_threshold)
         self.drafter = drafter
-        self.num_draft_tokens = num_draft_tokens
-        self.max_length = max_length
         self.prompt_padding = prompt_padding  # left padding of the target's prompt: never shown to the drafter
-        self.stats = stats if stats is not None else DraftStats()
-        self.stats.compression_factor = drafter.compression_factor
         c = drafter.compression_factor
         # the drafter reads at most its own positions: the start, the context's chunks and the draft's
         self.window = (drafter.config.backbone_config.max_position_embeddings - 1 - -(-num_draft_tokens // c)) * c
         self.incremental = incremental
-        self.confidence_threshold = confidence_threshold  # draft a chunk only when its depth-0 code is this likely
         self.phases = {}  # context length modulo C -> (_State of that chunk layout, the context it holds)
-        self.eos_ids = torch.tensor(_token_ids(eos_token_id), dtype=torch.long, device=drafter.device)
         self.depth_processors = drafter._depth_processors(GenerationConfig(do_sample=False), {}, None, drafter.device)
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
@@ -132,9 +161,7 @@ class RQDraftCandidateGenerator(CandidateGenerator):
 
         Fewer than k when the draft reaches EOS or a chunk fails the confidence gate (none when the first one does).
         """
-        k = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
-        self.stats.contexts.append(input_ids.shape[1])
-        self.stats.confidences.append([])
+        k = self._begin_step(input_ids)
         if k <= 0:
             self.stats.drafts.append([])
             return input_ids, None
@@ -184,25 +211,14 @@ class RQDraftCandidateGenerator(CandidateGenerator):
                 break
             tokens = state.append(codes, advance=made + n < k)[:, :n]
             made += n
-            is_eos = torch.isin(tokens[0], self.eos_ids)
-            if is_eos.any():  # the draft ends with its first EOS, as `generate` stops there
-                drafted.append(tokens[:, : int(is_eos.float().argmax()) + 1])
-                break
+            tokens, ended = self._until_eos(tokens)
             drafted.append(tokens)
+            if ended:
+                break
         state.rollback(mark)
         return torch.cat(drafted, dim=1) if drafted else state.tokens.new_zeros(1, 0)
 
-    def _confident(self, probability: torch.FloatTensor) -> bool:
-        """The gate on a chunk: its depth-0 code's probability (1,) reaches `confidence_threshold` (recorded)."""
-        self.stats.confidences[-1].append(float(probability[0]))
-        return bool(probability[0] >= self.confidence_threshold)
-
-    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
-        """Record how many drafted tokens the target kept; the draft length stays fixed."""
-        self.stats.accepted.append(int(num_matches))
-
-
-class RQHeadCandidateGenerator(CandidateGenerator):
+class RQHeadCandidateGenerator(_ChunkDrafts):
     """Candidates from an `RQDraftHead`: the chunk after the accepted text, drafted from the target's own state.
 
     Forward hooks on the target (its base model, or the layers of the head's `target_layers`) keep the hidden
@@ -225,15 +241,8 @@ class RQHeadCandidateGenerator(CandidateGenerator):
         c = head.compression_factor
         if not 1 <= num_draft_tokens <= c:
             raise ValueError(f"a draft head drafts one chunk per step: num_draft_tokens in [1, C={c}], got {num_draft_tokens}")
-        if not 0.0 <= confidence_threshold <= 1.0:
-            raise ValueError(f"confidence_threshold is a probability in [0, 1], got {confidence_threshold}")
+        super().__init__(head, num_draft_tokens, max_length, eos_token_id, stats, confidence_threshold)
         self.head = head
-        self.num_draft_tokens = num_draft_tokens
-        self.max_length = max_length
-        self.stats = stats if stats is not None else DraftStats()
-        self.stats.compression_factor = c
-        self.confidence_threshold = confidence_threshold
-        self.eos_ids = torch.tensor(_token_ids(eos_token_id), dtype=torch.long, device=head.device)
         self.captured = {}  # hooked module's index -> its output's last k + 1 rows: [last accepted token, the k drafted]
         self.row = 0  # the row of the states at the token before the newest one
         self.drafted = 0  # k of the step being verified
@@ -255,9 +264,7 @@ class RQHeadCandidateGenerator(CandidateGenerator):
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
         """Accepted ids (1, T) -> (1, T + k): the head's draft appended (fewer at EOS, none when gated or first)."""
-        k = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
-        self.stats.contexts.append(input_ids.shape[1])
-        self.stats.confidences.append([])
+        k = self._begin_step(input_ids)
         draft = input_ids.new_zeros(1, 0)
         states = self.states
         if k > 0 and states is not None:
@@ -265,23 +272,15 @@ class RQHeadCandidateGenerator(CandidateGenerator):
             state = states[:, self.row].to(self.head.device)
             tokens = self.head.draft(state, input_ids[:, -1].to(self.head.device), gate=self._confident)
             if tokens is not None:
-                tokens = tokens[:, :k]
-                is_eos = torch.isin(tokens[0], self.eos_ids)
-                if is_eos.any():  # the draft ends with its first EOS
-                    tokens = tokens[:, : int(is_eos.float().argmax()) + 1]
-                draft = tokens.to(input_ids.device)
+                draft = self._until_eos(tokens[:, :k])[0].to(input_ids.device)
             self.stats.draft_seconds += time.perf_counter() - start
         self.drafted = draft.shape[1]
         self.stats.drafts.append(draft[0].tolist())
         return torch.cat([input_ids, draft], dim=1), None
 
-    def _confident(self, probability: torch.FloatTensor) -> bool:
-        self.stats.confidences[-1].append(float(probability[0]))
-        return bool(probability[0] >= self.confidence_threshold)
-
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         """Record how many drafted tokens the target kept; the state to draft from next is row `num_matches`."""
-        self.stats.accepted.append(int(num_matches))
+        super().update_candidate_strategy(input_ids, scores, num_matches)
         self.row = int(num_matches)
 
     def close(self) -> None:
@@ -345,12 +344,14 @@ def generate_with_drafter(
     settings = {k: v for k, v in generate_kwargs.items() if k != "generation_config"}
     config, _ = target._prepare_generation_config(generate_kwargs.get("generation_config"), **settings)
     max_length = input_ids.shape[1] + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+    packing = contextlib.ExitStack()
     if isinstance(drafter, RQDraftHead):
         drafter.check_target(target)
         candidates = RQHeadCandidateGenerator(
             drafter, target, num_draft_tokens, max_length=max_length, eos_token_id=config.eos_token_id, stats=stats,
             confidence_threshold=confidence_threshold,
         )  # fmt: skip
+        packing.callback(candidates.close)  # its hooks leave the target with the call
     else:
         candidates = RQDraftCandidateGenerator(
             drafter,
@@ -363,12 +364,9 @@ def generate_with_drafter(
             confidence_threshold=confidence_threshold,
         )
     decoding = functools.partial(_assisted_decoding_with, candidate_generator=candidates, streamer=streamer)
-    packing = contextlib.ExitStack()
     if prepack:  # the target's verification forwards (k + 1 rows) and the drafter's decoding (C rows)
         packing.enter_context(prepacked_linears(target))
         packing.enter_context(prepacked_linears(drafter.vae))
-    if isinstance(candidates, RQHeadCandidateGenerator):
-        packing.callback(candidates.close)
     with packing:
         return target.generate(
             input_ids, attention_mask=attention_mask, streamer=streamer, custom_generate=decoding, **generate_kwargs
