@@ -7,8 +7,10 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_rq_vae import LORA_TARGETS, RQVAEConfig
 
-SPATIAL_INPUTS = ("quantized", "code_embeddings")
+SPATIAL_INPUTS = ("quantized", "code_embeddings", "token_embeddings", "token_and_code_embeddings")
+TOKEN_SPATIAL_INPUTS = ("token_embeddings", "token_and_code_embeddings")  # inputs that read the chunk's tokens
 DEPTH_MODES = ("autoregressive", "parallel", "mlp")
+DEPTH_OUTPUTS = ("codes", "tokens")
 
 
 class DepthOverVAECodes:
@@ -47,7 +49,8 @@ class DepthOverVAECodes:
 class RQTransformerConfig(DepthOverVAECodes, PreTrainedConfig):
     r"""
     Configuration of [`RQTransformerForCausalLM`]: a Qwen3 spatial transformer over latent positions and a
-    small depth transformer over the D codes of each position, on top of a frozen [`RQVAEModel`].
+    small depth decoder per position (over the D codes of the next position, or over the C tokens of the next
+    chunk), on top of a frozen [`RQVAEModel`].
 
     Args:
         backbone_config (`Qwen3Config` or `dict`):
@@ -55,18 +58,30 @@ class RQTransformerConfig(DepthOverVAECodes, PreTrainedConfig):
             is unused (the spatial input is a latent, not a token).
         vae_config (`RQVAEConfig` or `dict`):
             The frozen RQ-VAE whose codes the model predicts and whose decoder turns them back into tokens.
-        spatial_input (`str`, defaults to `"code_embeddings"`):
-            What represents a latent position at the spatial input: `"code_embeddings"`, a sum of learned
-            per-depth code embeddings (H wide; measured slightly ahead at equal steps), or `"quantized"`, the
-            VAE's exact quantized vector of the codes (d wide, projected to H).
+        depth_output (`str`, defaults to `"codes"`):
+            What the depth decoder writes for the next latent position. `"codes"`: its D residual codes, which
+            the frozen VAE decoder turns into C tokens (the likelihood is a bound). `"tokens"`: its C tokens,
+            one by one, with logits over the vocabulary (a Block-Transformer-style local decoder that reads the
+            spatial state as its first input); the model is then a plain causal LM with exact likelihood,
+            `forward` gives (B, T, V) logits and transformers' own `generate` drives it through
+            `RQTokenCache`.
+        spatial_input (`str`, *optional*):
+            What represents a finished chunk at the spatial input: `"code_embeddings"`, a sum of learned
+            per-depth embeddings of the VAE's codes; `"quantized"`, the VAE's exact quantized vector of the
+            codes (d wide, projected to H); `"token_embeddings"`, the chunk's C token embeddings concatenated
+            and projected (no VAE in the loop); `"token_and_code_embeddings"`, the sum of the last two.
+            The token inputs need `depth_output="tokens"`. Defaults to `"code_embeddings"` for codes and
+            `"token_embeddings"` for tokens.
         depth_mode (`str`, defaults to `"autoregressive"`):
             `"autoregressive"`: a causal depth transformer reads the spatial output and the codes already
             chosen (D sequential steps per position at generation). `"parallel"`: every depth is predicted at
             once from the spatial output (one step, codes of one position independent given the context).
             `"mlp"`: autoregressive over depth without attention: SwiGLU blocks read each depth input alone (the
             spatial output plus the sum of the chosen codes' embeddings), no KV cache; the cheapest step.
-        depth_num_layers (`int`, defaults to 1): layers of the depth transformer.
-        depth_hidden_size (`int`, defaults to 256): width of the depth transformer.
+            With `depth_output="tokens"` the token decoder is always causal over the chunk (`"autoregressive"`).
+        depth_num_layers (`int`, defaults to 1): layers of the depth transformer (the token decoder's layers).
+        depth_hidden_size (`int`, defaults to 256): width of the depth transformer (and of the token decoder's
+            token embeddings and vocabulary head: its cost per token is vocab_size x width).
         depth_num_attention_heads (`int`, defaults to 4): attention heads of the depth transformer.
         depth_intermediate_size (`int`, *optional*): SwiGLU width of the depth transformer (default 3 x width).
         aux_token_loss_weight (`float`, defaults to 0.0):
@@ -89,7 +104,8 @@ class RQTransformerConfig(DepthOverVAECodes, PreTrainedConfig):
 
     backbone_config: dict | PreTrainedConfig | None = None
     vae_config: dict | PreTrainedConfig | None = None
-    spatial_input: str = "code_embeddings"
+    depth_output: str = "codes"
+    spatial_input: str | None = None
     depth_mode: str = "autoregressive"
     depth_num_layers: int = 1
     depth_hidden_size: int = 256
@@ -106,14 +122,26 @@ class RQTransformerConfig(DepthOverVAECodes, PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.lora_target_modules = list(self.lora_target_modules or LORA_TARGETS)
+        if self.spatial_input is None:
+            self.spatial_input = "token_embeddings" if self.depth_output == "tokens" else "code_embeddings"
         if self.depth_intermediate_size is None:
             self.depth_intermediate_size = 3 * self.depth_hidden_size
         self.validate_values()
 
     def validate_values(self) -> None:
         """Fail early, in one line, on combinations the model cannot build."""
+        if self.depth_output not in DEPTH_OUTPUTS:
+            raise ValueError(f"depth_output must be one of {', '.join(DEPTH_OUTPUTS)}, got {self.depth_output!r}")
         if self.spatial_input not in SPATIAL_INPUTS:
             raise ValueError(f"spatial_input must be one of {', '.join(SPATIAL_INPUTS)}, got {self.spatial_input!r}")
+        if self.spatial_input in TOKEN_SPATIAL_INPUTS and self.depth_output != "tokens":
+            raise ValueError(f"spatial_input={self.spatial_input!r} needs depth_output='tokens'; the codes mode reads "
+                             "codes only ('code_embeddings' or 'quantized')")
+        if self.depth_output == "tokens" and self.depth_mode != "autoregressive":
+            raise ValueError(f"depth_mode={self.depth_mode!r} is for codes; the token decoder is autoregressive over "
+                             "the chunk (leave depth_mode at 'autoregressive')")
+        if self.depth_output == "tokens" and self.aux_token_loss_weight > 0:
+            raise ValueError("aux_token_loss_weight is for depth_output='codes'; the tokens mode is trained on tokens")
         self.validate_depth()
         for name in ("freeze_backbone_steps", "lora_r"):
             if getattr(self, name) < 0:
@@ -122,4 +150,20 @@ class RQTransformerConfig(DepthOverVAECodes, PreTrainedConfig):
             raise ValueError(f"aux_token_loss_weight must be >= 0, got {self.aux_token_loss_weight}")
 
 
-__all__ = ["DepthOverVAECodes", "RQTransformerConfig"]
+    @property
+    def vocab_size(self) -> int:
+        """V: the tokenizer's vocabulary (the VAE's); transformers' generate reads it (assisted decoding)."""
+        return self.vae_config.backbone_config.vocab_size
+
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether the spatial input embeds the chunk's tokens."""
+        return self.spatial_input in TOKEN_SPATIAL_INPUTS
+
+    @property
+    def reads_codes(self) -> bool:
+        """Whether the spatial input embeds the VAE's codes of the chunk."""
+        return self.spatial_input != "token_embeddings"
+
+
+__all__ = ["DEPTH_OUTPUTS", "DepthOverVAECodes", "RQTransformerConfig"]

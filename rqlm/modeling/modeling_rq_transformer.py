@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from .backbone import TrainableBackbone
@@ -35,6 +36,7 @@ from .generation_rq_transformer import RQTransformerGenerationMixin
 from .latent_lm import FrozenVAELatentLM
 from .layers import Qwen3Stack
 from .modeling_rq_vae import IGNORE_INDEX, CheckedLoading
+from .token_depth import RQTokenCache, TokenDepthMixin
 
 
 @dataclass
@@ -76,13 +78,20 @@ class RQTransformerPreTrainedModel(CheckedLoading, PreTrainedModel):
         if isinstance(module, RQTransformerForCausalLM):
             std = self.config.backbone_config.initializer_range
             init.normal_(module.start, std=std)
-            init.normal_(module.depth_position, std=std)
+            if getattr(module, "depth_position", None) is not None:
+                init.normal_(module.depth_position, std=std)
 
 
 class RQTransformerForCausalLM(
-    FrozenVAELatentLM, TrainableBackbone, CodeDepthMixin, RQTransformerGenerationMixin, RQTransformerPreTrainedModel
+    FrozenVAELatentLM,
+    TrainableBackbone,
+    CodeDepthMixin,
+    TokenDepthMixin,
+    RQTransformerGenerationMixin,
+    RQTransformerPreTrainedModel,
 ):
-    """Spatial + depth transformers over a frozen RQ-VAE's codes (see the module docstring)."""
+    """Spatial + depth transformers over a frozen RQ-VAE's codes, or (`depth_output="tokens"`) a spatial
+    transformer over chunks and a token decoder per chunk (see the module docstrings)."""
 
     def __init__(self, config: RQTransformerConfig):
         super().__init__(config)
@@ -100,17 +109,19 @@ class RQTransformerForCausalLM(
                 f"not D={num_codes} of K={codebook}"
             )
 
-        # spatial input: one vector of width H per latent position
+        # spatial input: one vector of width H per latent position (codes here; tokens in build_token_depth)
+        self.code_embed = self.latent_proj = None
         if config.spatial_input == "quantized":
-            self.code_embed = None
             self.latent_proj = nn.Linear(config.vae_config.latent_dim, hidden)
-        else:
+        elif config.reads_codes:
             self.code_embed = nn.ModuleList([nn.Embedding(codebook, hidden) for _ in range(num_codes)])
-            self.latent_proj = None
         self.start = nn.Parameter(torch.zeros(hidden))
         self.spatial = Qwen3Stack(backbone)
 
-        self.build_depth(hidden, like=backbone)  # D positions per latent position
+        if config.depth_output == "tokens":
+            self.build_token_depth(hidden, like=backbone)  # C token slots per latent position
+        else:
+            self.build_depth(hidden, like=backbone)  # D positions per latent position
 
         # optional auxiliary next-chunk token heads
         if config.aux_token_loss_weight > 0:
@@ -156,13 +167,18 @@ class RQTransformerForCausalLM(
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         codes: torch.LongTensor | None = None,
+        cache: RQTokenCache | None = None,
+        use_cache: bool | None = None,
         **kwargs,
-    ) -> RQTransformerOutput:
-        """Code NLL of text (B, T) or of its precomputed codes (B, L, D): teacher-forced logits (B, L, D, K).
+    ) -> RQTransformerOutput | CausalLMOutputWithPast:
+        """Codes mode: code NLL of text (B, T) or of its precomputed codes (B, L, D), teacher-forced logits
+        (B, L, D, K). Tokens mode: a causal LM's forward (see `_token_lm_forward`).
 
-        Padding (attention_mask 0, or code -1) never enters the loss. `labels` is accepted for the
-        trainer's interface; the targets are the codes themselves.
+        Padding (attention_mask 0, or code -1) never enters the loss. In codes mode `labels` is accepted for
+        the trainer's interface; the targets are the codes themselves.
         """
+        if self.config.depth_output == "tokens":
+            return self._token_lm_forward(input_ids, attention_mask, labels, codes, cache, use_cache, **kwargs)
         if codes is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (B, T) or their codes (B, L, D)")
@@ -199,6 +215,56 @@ class RQTransformerForCausalLM(
             num_codes=count,
             hidden_states=hidden,
         )
+
+    def _token_lm_forward(self, input_ids, attention_mask, labels, codes, cache, use_cache, **kwargs):
+        """Tokens (B, T) -> `CausalLMOutputWithPast`: logits (B, T, V), logits[:, t] from tokens 0..t only;
+        `loss` the mean NLL of labels[:, 1:] (-100 ignored). With `use_cache` the output holds an
+        `RQTokenCache`; given a filled one, `input_ids` are the new tokens only (as in transformers' generate)."""
+        unused = sorted(k for k, v in kwargs.items() if v not in (None, False) and k != "return_dict")
+        if unused:
+            raise ValueError(f"the tokens-mode forward does not take {unused}")
+        if input_ids is None or input_ids.dim() != 2 or input_ids.numel() == 0:
+            shape = None if input_ids is None else tuple(input_ids.shape)
+            raise ValueError(f"input_ids must be a non-empty (batch, length) tensor of token ids, got {shape}")
+        if cache is not None and not isinstance(cache, RQTokenCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError(f"a tokens-mode model keeps an RQTokenCache, not a filled {type(cache).__name__}")
+            cache = None  # an empty cache of another kind: start ours
+        if cache is not None and cache.get_seq_length() > 0:
+            if attention_mask is not None and attention_mask.shape[1] != cache.get_seq_length() + input_ids.shape[1]:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} columns; the cache holds "
+                    f"{cache.get_seq_length()} and input_ids add {input_ids.shape[1]}"
+                )
+            hidden = self.token_step(cache, input_ids)  # (B, k, w)
+        else:
+            if cache is None and (use_cache if use_cache is not None else False):
+                cache = RQTokenCache()
+            hidden = self.token_forward(input_ids, attention_mask, codes, cache=cache)  # (B, T, w)
+        logits = self.token_head(hidden)  # (B, T, V)
+        if attention_mask is not None and cache is None:
+            logits = logits.masked_fill(attention_mask[..., None] == 0, 0.0)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """False: transformers' generate must not make a DynamicCache; the tokens mode makes its RQTokenCache."""
+        return False
+
+    def generate(self, *args, **kwargs):
+        """Codes mode: `RQTransformerGenerationMixin.generate`. Tokens mode: transformers' own `generate`, with
+        every option of a causal LM (the model steps its spatial transformer once per chunk)."""
+        if self.config.depth_output == "tokens":
+            config = kwargs.get("generation_config") or self.generation_config
+            if kwargs.get("cache") is None and kwargs.get("use_cache", config.use_cache) is not False:
+                kwargs["cache"] = RQTokenCache()  # transformers makes none for this model (assisted decoding needs one)
+            return GenerationMixin.generate(self, *args, **kwargs)
+        return super().generate(*args, **kwargs)
 
     def _aux_token_loss(self, hidden, input_ids, attention_mask) -> torch.FloatTensor:
         """C heads on h_l predict the C tokens of chunk l: mean token cross-entropy."""

@@ -1,0 +1,284 @@
+"""RQTransformerForCausalLM(depth_output="tokens"): a plain causal LM whose spatial model steps once per chunk.
+
+The invariants: causality of forward's logits, loss = mean next-token NLL, greedy generate = repeated argmax
+of forward, cache = no cache (scores), batched left-padded = one by one, assisted decoding and beam search
+through transformers' own loops, save / load / remote code.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers.generation.streamers import BaseStreamer
+
+from rqlm import RQTransformerConfig, RQTransformerForCausalLM, RQVAEConfig, RQVAEModel
+
+VOCAB, EOS, PAD = 40, 1, 0
+C, D, K = 4, 2, 16
+
+
+def backbone(**overrides) -> Qwen3Config:
+    values = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 16, "vocab_size": VOCAB, "eos_token_id": EOS, "pad_token_id": PAD, "max_position_embeddings": 64,
+    }  # fmt: skip
+    return Qwen3Config(**{**values, **overrides})
+
+
+def make_vae(layers: int = 0) -> RQVAEModel:
+    config = RQVAEConfig(
+        backbone_config=backbone(), compression_factor=C, num_quantizers=D, codebook_size=K, latent_dim=8,
+        num_encoder_layers=layers, num_decoder_layers=layers, num_latent_layers=layers,
+        latent_num_attention_heads=2, zero_init_residual_branches=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return RQVAEModel(config).eval()
+
+
+def make_lm(spatial_input: str = "token_embeddings", vae_layers: int = 0, **overrides) -> RQTransformerForCausalLM:
+    torch.manual_seed(1)
+    kwargs = {"depth_hidden_size": 16, "depth_num_attention_heads": 2, "depth_num_layers": 2}
+    model = RQTransformerForCausalLM.from_vae(
+        make_vae(vae_layers), backbone_config=backbone(), depth_output="tokens", spatial_input=spatial_input,
+        **{**kwargs, **overrides},
+    )  # fmt: skip
+    return model.eval()
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB, (n,), generator=g) for n in lengths]
+
+
+def left_pad(rows):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+INPUTS = {
+    "tokens": ("token_embeddings", 0),
+    "tokens+codes": ("token_and_code_embeddings", 0),
+    "codes, VAE with layers": ("code_embeddings", 1),
+}
+
+
+@pytest.fixture(params=list(INPUTS), scope="module")
+def lm(request):
+    spatial_input, vae_layers = INPUTS[request.param]
+    return make_lm(spatial_input, vae_layers)
+
+
+@torch.no_grad()
+def test_logits_at_t_depend_on_tokens_up_to_t_only(lm):
+    ids = prompts([13, 13], seed=3)
+    ids = torch.stack(ids)
+    base = lm(ids).logits
+    for t in range(ids.shape[1] - 1):
+        changed = ids.clone()
+        changed[:, t + 1 :] = (changed[:, t + 1 :] + 7) % (VOCAB - 2) + 2
+        moved = lm(changed).logits
+        torch.testing.assert_close(moved[:, : t + 1], base[:, : t + 1])
+        assert not torch.allclose(moved[:, t + 1 :], base[:, t + 1 :]), f"tokens after {t} change nothing"
+
+
+@torch.no_grad()
+def test_loss_is_the_mean_next_token_nll_with_ignored_labels(lm):
+    ids = torch.stack(prompts([11, 11], seed=4))
+    labels = ids.clone()
+    labels[0, 3] = -100
+    out = lm(ids, labels=labels)
+    logp = F.log_softmax(out.logits.float(), dim=-1)
+    terms = [-logp[b, t, labels[b, t + 1]] for b in range(2) for t in range(10) if labels[b, t + 1] != -100]
+    torch.testing.assert_close(out.loss, torch.stack(terms).mean())
+    assert out.logits.shape == (2, 11, VOCAB)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prompt_length", [1, 3, 4, 6])
+def test_greedy_generate_is_repeated_argmax_of_forward(lm, prompt_length):
+    prompt = prompts([prompt_length], seed=prompt_length)[0][None]
+    out = lm.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    ids = prompt
+    for _ in range(10):
+        ids = torch.cat([ids, lm(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+
+
+@torch.no_grad()
+def test_cached_scores_equal_uncached_scores_on_a_left_padded_batch(lm):
+    ids, mask = left_pad(prompts([2, 5, 7], seed=5))
+    settings = dict(max_new_tokens=11, do_sample=False, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    cached = lm.generate(ids, attention_mask=mask, use_cache=True, **settings)
+    uncached = lm.generate(ids, attention_mask=mask, use_cache=False, **settings)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores))
+
+
+@torch.no_grad()
+def test_a_left_padded_batch_computes_what_its_rows_compute_alone(lm):
+    rows = prompts([3, 6, 9], seed=6)
+    ids, mask = left_pad(rows)
+    logits = lm(ids, attention_mask=mask).logits
+    out = lm.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, eos_token_id=None)
+    for i, row in enumerate(rows):
+        alone = lm(row[None]).logits[0]
+        torch.testing.assert_close(logits[i, -len(row) :], alone)
+        single = lm.generate(row[None], max_new_tokens=9, do_sample=False, eos_token_id=None)
+        assert torch.equal(out[i, -(len(row) + 9) :], single[0])
+
+
+@torch.no_grad()
+def test_assisted_decoding_and_prompt_lookup_keep_the_targets_greedy_output():
+    target = make_lm()
+    assistant = make_lm(depth_num_layers=1)  # another tokens-mode model with the same vocabulary
+    prompt = torch.tensor([[5, 6, 7, 5, 6, 7, 5]])
+    expected = target.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None)
+    drafted = target.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None, assistant_model=assistant)
+    looked_up = target.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None, prompt_lookup_num_tokens=3)
+    assert torch.equal(drafted, expected) and torch.equal(looked_up, expected)
+
+
+@torch.no_grad()
+def test_the_cache_crops_back_to_what_a_fresh_prefill_holds():
+    model = make_lm()
+    ids = prompts([14], seed=8)[0][None]
+    out = model(ids[:, :5], use_cache=True)
+    cache = out.cache
+    model(ids[:, 5:12], cache=cache, use_cache=True)
+    for keep in (11, 9, 8, 6):  # each rollback is followed by another token than the one cropped
+        cache.crop(keep - cache.get_seq_length())
+        other = (ids[:, keep : keep + 1] + 5) % (VOCAB - 2) + 2
+        step = model(other, cache=cache, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(step, model(torch.cat([ids[:, :keep], other], 1)).logits[:, -1])
+        cache.crop(-1)
+
+
+@torch.no_grad()
+def test_beam_search_with_the_cache_equals_beam_search_without():
+    model = make_lm()
+    ids, mask = left_pad(prompts([3, 6], seed=9))
+    settings = dict(max_new_tokens=7, num_beams=3, num_return_sequences=2, do_sample=False, eos_token_id=None)
+    cached = model.generate(ids, attention_mask=mask, use_cache=True, **settings)
+    uncached = model.generate(ids, attention_mask=mask, use_cache=False, **settings)
+    assert cached.shape == (4, ids.shape[1] + 7) and torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+def test_logits_processors_act_on_tokens():
+    model = make_lm()
+    prompt = prompts([5], seed=10)[0][None]
+    greedy = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, 5:]
+    banned = int(greedy[0])
+    no_bad = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, bad_words_ids=[[banned]])
+    assert banned not in no_bad[0, 5:].tolist()
+    # EOS as the greedy choice at the first step: min_new_tokens holds it off, and it ends a row inside a chunk
+    eos = int(greedy[2])
+    stopped = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+    assert stopped.shape[1] == 5 + 3 and int(stopped[0, -1]) == eos
+    held = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=PAD, min_new_tokens=6)
+    assert eos not in held[0, 5:10].tolist() and held.shape[1] >= 5 + 6
+    torch.manual_seed(0)
+    a = model.generate(prompt, max_new_tokens=12, do_sample=True, temperature=1.0, eos_token_id=None)
+    torch.manual_seed(0)
+    b = model.generate(prompt, max_new_tokens=12, do_sample=True, temperature=1.0, eos_token_id=None)
+    top1 = model.generate(prompt, max_new_tokens=12, do_sample=True, top_k=1, eos_token_id=None)
+    assert torch.equal(a, b) and torch.equal(top1[0, 5:], greedy)
+
+
+@torch.no_grad()
+def test_streamer_receives_the_tokens_as_they_are_made():
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.parts = []
+
+        def put(self, value):
+            self.parts.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    model, streamer = make_lm(), Collect()
+    prompt = prompts([6], seed=11)[0][None]
+    out = model.generate(prompt, max_new_tokens=9, do_sample=False, eos_token_id=None, streamer=streamer)
+    assert streamer.parts[0] == prompt[0].tolist() and streamer.ended
+    assert sum(streamer.parts[1:], []) == out[0, 6:].tolist() and len(streamer.parts) == 1 + 9
+
+
+def test_training_steps_lower_the_loss_and_reach_every_part():
+    model = make_lm("token_and_code_embeddings").train()
+    ids = torch.stack(prompts([16, 16, 16, 16], seed=12))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = model(ids, labels=ids).loss
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        for name in ("spatial.layers.0.mlp.up_proj.weight", "depth.layers.0.mlp.up_proj.weight", "chunk_proj.weight",
+                     "code_embed.0.weight", "token_head.weight", "start"):  # fmt: skip
+            assert model.get_parameter(name).grad.abs().sum() > 0, name
+        optimizer.step()
+    assert loss.item() < 0.7 * first  # 3.7 -> 2.3 nats when measured
+    assert not any(p.requires_grad for p in model.vae.parameters())
+
+
+def test_save_load_and_remote_code_give_identical_generations(tmp_path):
+    model = make_lm("token_and_code_embeddings")
+    prompt = prompts([6], seed=13)[0][None]
+    expected = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is RQTransformerForCausalLM and loaded.config.depth_output == "tokens"
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None), expected)
+    torch.save({"prompt": prompt, "expected": expected}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.modules["rqlm"] = None  # rqlm is not installed for this user
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        assert "rqlm" not in type(model).__module__.split(".")[0], type(model).__module__
+        data = torch.load({str(tmp_path / "expected.pt")!r})
+        out = model.generate(data["prompt"], max_new_tokens=8, do_sample=False, eos_token_id=None)
+        assert torch.equal(out, data["expected"]), (out, data["expected"])
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"depth_output": "words"}, "depth_output must be one of codes, tokens"),
+        ({"depth_output": "codes", "spatial_input": "token_embeddings"}, "needs depth_output='tokens'"),
+        ({"depth_output": "tokens", "depth_mode": "parallel"}, "the token decoder is autoregressive"),
+        ({"depth_output": "tokens", "aux_token_loss_weight": 0.5}, "aux_token_loss_weight is for depth_output='codes'"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        RQTransformerConfig(backbone_config=backbone(), vae_config=make_vae().config, **overrides)
+
+
+@torch.no_grad()
+def test_bad_input_is_a_one_line_error():
+    model = make_lm()
+    with pytest.raises(ValueError, match="all padding"):
+        model(torch.tensor([[3, 4]]), attention_mask=torch.tensor([[0, 0]]))
+    with pytest.raises(ValueError, match="contiguous"):
+        model(torch.tensor([[3, 4, 5]]), attention_mask=torch.tensor([[1, 0, 1]]))
+    with pytest.raises(ValueError, match="does not take"):
+        model(torch.tensor([[3, 4, 5]]), output_attentions=True)
