@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config, TextIteratorStreamer
+from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from rqlm import RQTransformerForCausalLM, RQVAEConfig, RQVAEModel
@@ -134,11 +134,34 @@ def reference_greedy(model, prompt: torch.Tensor, num_chunks: int) -> torch.Tens
 
 @pytest.mark.parametrize("prompt_length", [8, 7])
 def test_cached_generation_equals_full_forward_greedy(lm, prompt_length):
+    """Ids equal the reference's, and every step's code scores (D, K) equal the teacher-forced logits of the whole
+    code sequence at that position (an argmax survives a spatial step at the wrong position; the scores do not)."""
     prompt = prompts([prompt_length])[0]
     expected = reference_greedy(lm, prompt, num_chunks=4)
+    padded = torch.cat([torch.full(((-prompt_length) % C,), EOS), prompt])[None]
     for use_cache in (True, False):
-        out = lm.generate(prompt[None], max_new_tokens=4 * C, do_sample=False, eos_token_id=None, use_cache=use_cache)
-        assert torch.equal(out[0], expected), use_cache
+        out = lm.generate(prompt[None], max_new_tokens=4 * C, do_sample=False, eos_token_id=None, use_cache=use_cache,
+                          return_dict_in_generate=True, output_scores=True)
+        assert torch.equal(out.sequences[0], expected), use_cache
+        codes = torch.cat([lm.encode(padded), out.codes], dim=1)  # (1, L0 + 4, D)
+        teacher_forced = lm(codes=codes).logits[:, -4:]  # (1, 4, D, K)
+        assert len(out.scores) == 4
+        torch.testing.assert_close(torch.stack(out.scores, dim=1), teacher_forced, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_and_uncached_steps_give_the_same_scores_for_a_padded_batch(lm):
+    rows = prompts([5, 12, 8], seed=7)
+    ids, mask = left_pad(rows)
+    kwargs = {"max_new_tokens": 5 * C, "do_sample": False, "eos_token_id": None, "return_dict_in_generate": True,
+              "output_scores": True, "output_logits": True}
+    cached = lm.generate(ids, attention_mask=mask, use_cache=True, **kwargs)
+    uncached = lm.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences) and torch.equal(cached.codes, uncached.codes)
+    assert len(cached.scores) == len(uncached.scores) == 5 and cached.scores[0].shape == (3, D, K)
+    for step, (a, b) in enumerate(zip(cached.scores, uncached.scores)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    for a, b in zip(cached.scores, cached.logits):  # greedy: the processed scores are the logits
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("depth_mode", ["autoregressive", "mlp"])
@@ -236,14 +259,19 @@ def test_streamer_receives_exactly_the_returned_tokens(lm):
     assert out.shape[1] == 6 + 9
 
 
-def test_text_iterator_streamer_gives_the_decoded_text(lm):
+def word_tokenizer():
+    """Token i is the word `t{i}` (id 2, the unknown word, is `abcdef`: the prefix StopStringCriteria probes with)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
+    vocab = {("abcdef" if i == 2 else f"t{i}"): i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="abcdef"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", pad_token="t0")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", pad_token="t0")
+
+
+def test_text_iterator_streamer_gives_the_decoded_text(lm):
+    tokenizer = word_tokenizer()
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
     prompt = prompts([4])[0][None]
     out = lm.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, streamer=streamer)
@@ -290,6 +318,134 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(lm):
     torch.manual_seed(0)
     hot = lm.generate(prompt, do_sample=True, top_k=1, depth_top_k=[0, 1, 1], depth_temperature=[3.0, 1, 1], **kwargs)
     assert not torch.equal(hot.codes[:, :, 0], greedy.codes[:, :, 0])
+
+
+GREEDY = {"do_sample": False, "eos_token_id": None}
+
+
+def greedy_new_tokens(model, prompt, max_new_tokens=16, **kwargs):
+    return model.generate(prompt, max_new_tokens=max_new_tokens, **{**GREEDY, **kwargs})[0, prompt.shape[1] :]
+
+
+def test_min_new_tokens_and_min_length_keep_eos_out_of_the_decoders_choice_until_then(lm):
+    prompt = prompts([8])[0][None]
+    free = greedy_new_tokens(lm, prompt)
+    stop = int(free[0])  # EOS = the first greedy token: the row ends at once
+    assert len(greedy_new_tokens(lm, prompt, eos_token_id=stop)) == 1
+    held = greedy_new_tokens(lm, prompt, eos_token_id=stop, min_new_tokens=6)
+    assert stop not in held[:6].tolist() and len(held) > 6
+    assert torch.equal(greedy_new_tokens(lm, prompt, eos_token_id=stop, min_length=8 + 6), held)
+
+
+def test_token_space_settings_act_on_the_decoders_choice(lm):
+    """Each setting changes the greedy text the way transformers' token LogitsProcessor does, chunk after chunk."""
+    prompt = prompts([8])[0][None]
+    free = greedy_new_tokens(lm, prompt)
+    first = int(free[0])
+    common = max(set(free.tolist()), key=free.tolist().count)
+    for settings in ({"suppress_tokens": [common]}, {"bad_words_ids": [[common]]}, {"sequence_bias": {(common,): -1e4}}):
+        out = greedy_new_tokens(lm, prompt, **settings)
+        assert common not in out.tolist() and not torch.equal(out, free), settings
+    out = greedy_new_tokens(lm, prompt, begin_suppress_tokens=[first])
+    assert int(out[0]) != first
+    def repeats(new):  # new tokens that repeat one before them (the prompt's included)
+        text = torch.cat([prompt[0], new]).tolist()
+        return sum(text[8 + i] in text[: 8 + i] for i in range(len(new)))
+
+    assert repeats(free) > 0
+    for settings in ({"no_repeat_ngram_size": 1}, {"repetition_penalty": 100.0}):
+        assert repeats(greedy_new_tokens(lm, prompt, **settings)) == 0, settings
+    forced = greedy_new_tokens(lm, prompt, max_new_tokens=10, forced_eos_token_id=7)
+    assert int(forced[-1]) == 7 and torch.equal(forced[:-1], free[:9])
+
+
+def test_stop_strings_end_a_row_at_the_token_that_completes_one(lm):
+    tokenizer = word_tokenizer()
+    rows = torch.cat([prompts([8])[0][None], prompts([8], seed=5)[0][None]])
+    free = lm.generate(rows, max_new_tokens=16, **GREEDY)[:, 8:]
+    stop = tokenizer.decode(free[0, 5])  # the text of row 0's sixth token
+    assert stop not in tokenizer.decode(rows[0]) and stop not in tokenizer.decode(rows[1])
+    ends = [min((i + 1 for i in range(16) if stop in tokenizer.decode(torch.cat([r, f[: i + 1]]))), default=16)
+            for r, f in zip(rows, free)]
+    assert ends[0] <= 6
+    out = lm.generate(rows, max_new_tokens=16, stop_strings=[stop], tokenizer=tokenizer, pad_token_id=PAD, **GREEDY)
+    assert out.shape[1] == 8 + max(ends)
+    for row, end in enumerate(ends):
+        assert torch.equal(out[row, 8 : 8 + end], free[row, :end]) and (out[row, 8 + end :] == PAD).all()
+
+
+def test_max_time_ends_the_run_after_the_chunk_it_ran_out_in(lm):
+    out = lm.generate(prompts([8])[0][None], max_new_tokens=4 * C, max_time=0.0, **GREEDY)
+    assert out.shape[1] == 8 + C
+    assert lm.generate(prompts([8])[0][None], max_new_tokens=4 * C, max_time=60.0, **GREEDY).shape[1] == 8 + 4 * C
+
+
+def test_num_return_sequences_repeats_each_row(lm):
+    ids, mask = left_pad(prompts([8, 5], seed=2))
+    torch.manual_seed(0)
+    out = lm.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, num_return_sequences=3,
+                      eos_token_id=None)
+    assert out.shape == (6, ids.shape[1] + 8)
+    for i in range(6):
+        assert torch.equal(out[i, : ids.shape[1]], ids[i // 3])
+    assert len({tuple(row.tolist()) for row in out[:3]}) > 1  # sampled copies differ
+    torch.manual_seed(0)
+    single = lm.generate(ids[:1, -8:], max_new_tokens=8, do_sample=True, num_return_sequences=3, eos_token_id=None)
+    assert single.shape == (3, 16)
+
+
+def test_output_scores_and_logits_give_each_steps_code_scores(lm):
+    prompt = prompts([8])[0][None]
+    torch.manual_seed(0)
+    out = lm.generate(prompt, max_new_tokens=3 * C - 1, do_sample=True, temperature=2.0, top_k=0,
+                      return_dict_in_generate=True, output_scores=True, output_logits=True, eos_token_id=None)
+    assert len(out.scores) == len(out.logits) == 3 and out.codes.shape == (1, 3, D)
+    for scores, logits in zip(out.scores, out.logits):
+        assert scores.shape == logits.shape == (1, D, K)
+        torch.testing.assert_close(scores, logits / 2.0)  # temperature 2 is the only processor
+
+
+def test_decoder_sampling_draws_the_chunks_tokens_from_the_decoders_softmax():
+    """Codes greedy in every run: argmax tokens are a function of the codes; sampled ones are not. At a temperature
+    near 0 the sample is the argmax; at 1 it gives chunks that no code sequence's argmax gives."""
+    model = make_lm()  # a decoder that sees the codes only: one chunk's argmax depends on its own codes
+    prompt = prompts([8])[0][None]
+    kwargs = {"max_new_tokens": 5 * C, "return_dict_in_generate": True, **GREEDY}
+    greedy = model.generate(prompt, **kwargs)
+    cold = model.generate(prompt, decoder_do_sample=True, decoder_temperature=1e-4, **kwargs)
+    assert torch.equal(cold.sequences, greedy.sequences)
+    torch.manual_seed(0)
+    hot = model.generate(prompt, decoder_do_sample=True, decoder_temperature=1.0, **kwargs)
+    assert torch.equal(hot.codes, greedy.codes) and not torch.equal(hot.sequences, greedy.sequences)
+    every_code = torch.cartesian_prod(*[torch.arange(K)] * D)[:, None]  # (K^D, 1, D)
+    reachable = {tuple(chunk) for chunk in model.vae.decode(every_code).argmax(-1).tolist()}  # argmax chunks
+    sampled = hot.sequences[0, 8:].view(-1, C).tolist()
+    assert any(tuple(chunk) not in reachable for chunk in sampled)
+    model.generation_config.decoder_do_sample = True  # a checkpoint's default, as a GenerationConfig entry
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(prompt, **kwargs).sequences, hot.sequences)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"num_beams": 4}, {"num_beams": 2, "num_return_sequences": 2}, {"guidance_scale": 1.5},
+        {"penalty_alpha": 0.6, "top_k": 4}, {"cache_implementation": "static"}, {"output_attentions": True},
+        {"output_hidden_states": True}, {"exponential_decay_length_penalty": (2, 1.5)}, {"renormalize_logits": True},
+        {"low_memory": True}, {"top_h": 0.5}, {"prompt_lookup_num_tokens": 3}, {"decoder_start_token_id": 3},
+    ],
+    ids=lambda settings: ",".join(settings),
+)
+def test_settings_the_loop_does_not_implement_are_one_line_errors(settings):
+    model = make_lm()
+    prompt = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError) as error:
+        model.generate(prompt, max_new_tokens=4, **settings)
+    assert "\n" not in str(error.value)
+    assert next(iter(settings)) in str(error.value), str(error.value)  # the first setting it meets is named
+    model.generation_config.update(**settings)  # the model's own generation_config is checked too
+    with pytest.raises(ValueError):
+        model.generate(prompt, max_new_tokens=4)
 
 
 def test_parallel_depth_mode_generates_and_is_causal_over_positions():
@@ -424,6 +580,12 @@ def test_loading_a_vae_folder_as_the_lm_is_a_one_line_error(tmp_path):
         (lambda m: m.generate(torch.full((1, 4), VOCAB)), "lie in"),
         (lambda m: m.generate(torch.ones(1, 4, dtype=torch.long), depth_temperature=[1.0]), "D=3"),
         (lambda m: m.generate(torch.ones(1, 4, dtype=torch.long), bogus_flag=3), "does not use"),
+        (lambda m: m.generate(torch.ones(1, 4, dtype=torch.long), generation_config=GenerationConfig(bogus=3)), "bogus"),
+        (lambda m: m.generate(torch.ones(1, 4, dtype=torch.long), stop_strings="t3"), "tokenizer"),
+        (lambda m: m.generate(torch.ones(1, 4, dtype=torch.long), output_scores=True), "return_dict_in_generate"),
+        (lambda m: m.generate(torch.ones(1, 4, dtype=torch.long), decoder_bogus=1), "decoder_bogus"),
+        (lambda m: m.generate(torch.ones(1, 4, dtype=torch.long), max_time=-1.0), "max_time"),
+        (lambda m: m.generate(torch.ones(1, 4, dtype=torch.long), num_return_sequences=2), "num_return_sequences"),
         (lambda m: m(codes=torch.full((1, 2, D), K)), "lie in"),
         (lambda m: m(codes=torch.zeros(1, 2, D + 1, dtype=torch.long)), "shape"),
         (lambda m: m(), "input_ids"),

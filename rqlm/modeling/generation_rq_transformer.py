@@ -4,9 +4,27 @@ Per step, for every row of the batch:
     one spatial step (KV cache over latent positions)         h (B, H)
     -> D depth steps (KV cache over depth), each code chosen
        through transformers' LogitsProcessors (per-depth overrides)   codes (B, D)
-    -> the frozen VAE decoder emits C tokens (argmax; KV cache over
-       earlier chunks when it has layers)                      tokens (B, C)
-    -> streamer -> stop at EOS (inside a chunk: the rest is padding) or max_new_tokens
+    -> the frozen VAE decoder's logits for the chunk's C tokens (KV cache over
+       earlier chunks when it has layers); each token chosen in order, through
+       transformers' token-space LogitsProcessors, by argmax or a sample  tokens (B, C)
+    -> streamer -> stop at EOS or a stop string (inside a chunk: the rest is padding),
+       max_new_tokens or max_time
+
+As in transformers' CSM (a backbone, a depth decoder over codebooks, its own loop), there are two generation
+modes, greedy and sampling. The settings the loop implements:
+  - codes: do_sample, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, each with a
+    per-depth override `depth_<name>=value or [one per depth]`, and `logits_processor` (on the code logits);
+  - tokens (the VAE decoder's choice of each token of a chunk, given the chunk's codes, which are not re-decided):
+    repetition_penalty, no_repeat_ngram_size, bad_words_ids, suppress_tokens, begin_suppress_tokens,
+    sequence_bias, min_length, min_new_tokens (EOS is masked out of the choice until then), forced_eos_token_id,
+    and `decoder_<name>` for the same names as the depths' (default argmax; `decoder_do_sample=True` samples
+    the decoder's softmax at `decoder_temperature`, so sampling both the codes and the tokens draws from
+    p(x) = sum_z p(z) p_dec(x | z), the model whose perplexity the bound of rqlm/evaluation/bound.py bounds);
+  - the run: max_new_tokens / max_length, eos_token_id, pad_token_id, use_cache, num_return_sequences,
+    stop_strings (with `tokenizer=`), max_time (checked after each chunk), return_dict_in_generate with
+    output_scores / output_logits (code scores, one (B, D, K) tensor per step), streamer.
+Any other GenerationConfig field set away from its default (num_beams, guidance_scale, penalty_alpha,
+cache_implementation, ..., and fields of later transformers releases) is a one-line ValueError.
 
 Prompts whose length is not a multiple of C are left-padded with EOS (the separator that
 packing puts between training documents) up to the next multiple, so every latent position
@@ -18,28 +36,99 @@ real chunk, so a batch generates what its rows generate one by one.
 from __future__ import annotations
 
 import copy
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, GenerationConfig, GenerationMixin
-from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation import StopStringCriteria
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.utils import ModelOutput
 
+from .code_depth import choose
 from .prepacked import prepacked_linears
+from .transformers_private import default_generation_params, logits_processors, prepare_generation_config
 
 
 @dataclass
 class RQGenerateOutput(ModelOutput):
-    """`generate(..., return_dict_in_generate=True)`: the ids (B, T0 + new) and the sampled codes (B, steps, D)."""
+    """`generate(..., return_dict_in_generate=True)`, for B rows (B = prompts x num_return_sequences).
+
+    sequences (B, T0 + new) the ids; codes (B, steps, D) the chosen codes; with `output_scores`, scores: one
+    (B, D, K) tensor per step, the processed code scores each depth chose from (what transformers'
+    `output_scores` gives per token, here per depth); with `output_logits`, logits: the raw code logits, same shapes.
+    """
 
     sequences: torch.LongTensor | None = None
     codes: torch.LongTensor | None = None
+    scores: tuple[torch.FloatTensor, ...] | None = None
+    logits: tuple[torch.FloatTensor, ...] | None = None
 
 
-# sampling settings a depth may override with `depth_<name>=value or [value per depth]`
+# sampling settings a depth may override with `depth_<name>=value or [value per depth]`; the VAE decoder's
+# token choice takes the same names as `decoder_<name>` (a single value each)
 DEPTH_SETTINGS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+# GenerationConfig fields that act on the VAE decoder's choice of each token (transformers' LogitsProcessors)
+TOKEN_SETTINGS = (
+    "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+    "sequence_bias", "min_length", "min_new_tokens", "forced_eos_token_id",
+)  # fmt: skip
+# the other GenerationConfig fields the loop implements (bos_token_id: a prompt is never empty, so it is unused)
+RUN_SETTINGS = (
+    "max_length", "max_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id", "use_cache",
+    "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits", "stop_strings", "max_time",
+)  # fmt: skip
+
+
+class _Record(LogitsProcessor):
+    """Keeps every score tensor (N, K) it is called with, unchanged (`output_scores`, `output_logits`)."""
+
+    def __init__(self):
+        self.seen: list[torch.FloatTensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(scores.clone())
+        return scores
+
+
+@dataclass
+class _TokenChoice:
+    """The VAE decoder's choice of a chunk's tokens: each, in order, from its logits after `processors` (which see
+    the sequence so far, as transformers' do), by argmax or a sample of the softmax."""
+
+    processors: LogitsProcessorList
+    do_sample: bool
+
+    @property
+    def is_argmax(self) -> bool:
+        return not self.processors and not self.do_sample
+
+    def __call__(self, logits: torch.FloatTensor, sequence: torch.LongTensor) -> torch.LongTensor:
+        """Decoder logits (B, C, V) and the ids before the chunk (B, S) -> tokens (B, C)."""
+        tokens = sequence.new_zeros(sequence.shape[0], 0)
+        for t in range(logits.shape[1]):
+            scores = self.processors(torch.cat([sequence, tokens], dim=1), logits[:, t].float())  # (B, V)
+            tokens = torch.cat([tokens, choose(scores, self.do_sample)[:, None]], dim=1)
+        return tokens
+
+
+@dataclass
+class _Run:
+    """The checked settings of one `generate` call."""
+
+    max_new_tokens: int
+    eos: list[int]
+    pad: int
+    depth_processors: list
+    tokens: _TokenChoice
+    stop: StopStringCriteria | None = None
+    max_time: float | None = None
+    use_cache: bool = True
+    return_dict: bool = False
+    scores: list[_Record] | None = None  # one per depth (output_scores)
+    logits: list[_Record] | None = None  # one per depth (output_logits)
 
 
 class RQTransformerGenerationMixin(GenerationMixin):
@@ -53,69 +142,108 @@ class RQTransformerGenerationMixin(GenerationMixin):
         generation_config: GenerationConfig | None = None,
         logits_processor: LogitsProcessorList | None = None,
         streamer=None,
+        tokenizer=None,
         prepack: bool = True,
         **kwargs,
     ) -> torch.LongTensor | RQGenerateOutput:
-        """Prompt ids (B, T0) (left-padded, with `attention_mask`) -> (B, T0 + new) ids starting with the prompt.
+        """Prompt ids (B, T0) (left-padded, with `attention_mask`) -> (B * num_return_sequences, T0 + new) ids
+        starting with the prompt, or an `RQGenerateOutput` with `return_dict_in_generate`.
 
-        Accepts GenerationConfig fields as keywords (`max_new_tokens`, `do_sample`, `temperature`, `top_k`,
-        `top_p`, `eos_token_id`, `pad_token_id`, `use_cache`, ...) and per-depth overrides
-        `depth_temperature=[t_0, .., t_{D-1}]` (or one value), likewise for the other DEPTH_SETTINGS.
-        `logits_processor` acts on the code logits (N, K) of every depth. `prepack` runs the VAE's large
-        linear layers' calls of 4 to 32 rows (its decoder's LM head over C rows per step) through
-        `prepacked_linears`: on CPU in fp32, MKL's GEMM costs 1.5-2x as much for 4 rows as for one there.
+        Accepts the GenerationConfig fields of the module docstring as keywords or in `generation_config`, per-depth
+        overrides `depth_temperature=[t_0, .., t_{D-1}]` (or one value, likewise for the other DEPTH_SETTINGS) and
+        the decoder's `decoder_do_sample`, `decoder_temperature`, ... `logits_processor` acts on the code logits
+        (N, K) of every depth; `tokenizer` is needed by `stop_strings`. `prepack` runs the VAE's large linear
+        layers' calls of 4 to 32 rows (its decoder's LM head over C rows per step) through `prepacked_linears`: on
+        CPU in fp32, MKL's GEMM costs 1.5-2x as much for 4 rows as for one there.
         """
-        depth_overrides = {k[len("depth_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("depth_")}
-        generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        started = time.perf_counter()
+        depth_overrides = _pop_prefixed(kwargs, "depth_")
+        decoder_settings = _pop_prefixed(kwargs, "decoder_")
+        generation_config, model_kwargs = prepare_generation_config(self, generation_config, kwargs)
         unknown = sorted(k for k in model_kwargs if k not in ("output_attentions", "output_hidden_states"))
         if unknown:
             raise ValueError(f"generate() got arguments it does not use: {unknown}")
+        # depth_* / decoder_* entries of a GenerationConfig (passed, or the model's), the keywords winning
+        depth_overrides = {**_custom_entries(generation_config, "depth_"), **depth_overrides}
+        decoder_settings = {**_custom_entries(generation_config, "decoder_"), **decoder_settings}
+        self._check_generation_config(generation_config)
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask)
-        max_new_tokens = self._max_new_tokens(generation_config, input_ids.shape[1])
-        processors = self._depth_processors(generation_config, depth_overrides, logits_processor, input_ids.device)
+        copies = generation_config.num_return_sequences or 1
+        if copies > 1:  # as transformers does: each prompt's row repeated, in place
+            input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
+        run = self._run_settings(
+            generation_config, depth_overrides, decoder_settings, logits_processor, tokenizer, input_ids, attention_mask
+        )
         with prepacked_linears(self.vae) if prepack else nullcontext():
-            return self._generate(input_ids, attention_mask, generation_config, processors, streamer, max_new_tokens)
+            return self._generate(input_ids, attention_mask, run, streamer, started)
 
-    def _generate(self, input_ids, attention_mask, generation_config, processors, streamer, max_new_tokens):
+    def _generate(self, input_ids, attention_mask, run: _Run, streamer, started: float):
         """The decoding loop of `generate`, on checked arguments."""
-        eos = _token_ids(generation_config.eos_token_id)
-        pad = generation_config.pad_token_id
-        pad = pad if pad is not None else (eos[0] if eos else 0)
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        state = _State(self, input_ids, attention_mask, use_cache=generation_config.use_cache is not False)
-        c = self.compression_factor
+        state = _State(self, input_ids, attention_mask, use_cache=run.use_cache)
+        c, pad, max_new_tokens = self.compression_factor, run.pad, run.max_new_tokens
+        eos = torch.tensor(run.eos, dtype=torch.long, device=input_ids.device)
         new = torch.full((input_ids.shape[0], max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         produced, longest = 0, 0
         while produced < max_new_tokens and not done.all():
-            codes = self._sample_codes(state.hidden(), processors)  # (B, D)
+            codes = self._sample_codes(state.hidden(), run.depth_processors)  # (B, D)
             n = min(c, max_new_tokens - produced)
-            tokens = state.append(codes, advance=produced + n < max_new_tokens)  # (B, C)
+            sequence = torch.cat([input_ids, new[:, :produced]], dim=1)  # (B, T0 + produced): what is returned so far
+            chooser = None if run.tokens.is_argmax else (lambda logits, before=sequence: run.tokens(logits, before))
+            tokens = state.append(codes, advance=produced + n < max_new_tokens, choose=chooser)  # (B, C)
             tokens = tokens[:, :n].masked_fill(done[:, None], pad)
-            emitted = torch.full_like(done, n, dtype=torch.long)
-            if eos:
-                is_eos = torch.isin(tokens, torch.tensor(eos, device=tokens.device)) & ~done[:, None]
-                first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, n)
-                after = torch.arange(n, device=tokens.device)[None] >= first[:, None]
-                tokens = tokens.masked_fill(after, pad)
-                emitted = torch.where(done, 0, first)
-                done = done | is_eos.any(1)
+            ends = torch.isin(tokens, eos) if len(run.eos) else torch.zeros_like(tokens, dtype=torch.bool)  # (B, n)
+            if run.stop is not None:  # a stop string completed by token t
+                for t in range(n):
+                    ends[:, t] |= run.stop(torch.cat([sequence, tokens[:, : t + 1]], dim=1), None)
+            ends &= ~done[:, None]
+            first = torch.where(ends.any(1), ends.float().argmax(1) + 1, n)  # tokens kept in this chunk
+            after = torch.arange(n, device=tokens.device)[None] >= first[:, None]
+            tokens = tokens.masked_fill(after, pad)
+            emitted = torch.where(done, 0, first)
+            done = done | ends.any(1)
             new[:, produced : produced + n] = tokens
             if streamer is not None:
                 streamer.put(tokens[:, : int(emitted.max())].cpu())
             longest = produced + int(emitted.max())
             produced += n
+            if run.max_time is not None and time.perf_counter() - started > run.max_time:
+                break
         if streamer is not None:
             streamer.end()
         sequences = torch.cat([input_ids, new[:, :longest]], dim=1)
-        if generation_config.return_dict_in_generate:
-            steps = -(-produced // c)
-            return RQGenerateOutput(sequences=sequences, codes=state.codes[:, state.codes.shape[1] - steps :])
-        return sequences
+        if not run.return_dict:
+            return sequences
+        steps = -(-produced // c)
+        return RQGenerateOutput(
+            sequences=sequences,
+            codes=state.codes[:, state.codes.shape[1] - steps :],
+            scores=_per_step(run.scores, steps),
+            logits=_per_step(run.logits, steps),
+        )
 
-    # ----------------------------------------------------------------- steps
     # ----------------------------------------------------------------- checks and settings
+    def _check_generation_config(self, generation_config: GenerationConfig) -> None:
+        """No field set away from its default that the loop does not implement: every mode but greedy and sampling
+        needs one (num_beams, penalty_alpha, assistant settings, ...), so those two are all there is, as in CSM."""
+        reference = GenerationConfig()
+        reference.update(**default_generation_params(), defaults_only=True)
+        defaults, values = reference.to_dict(), generation_config.to_dict()
+        implemented = set(DEPTH_SETTINGS + TOKEN_SETTINGS + RUN_SETTINGS)
+        for name, value in values.items():
+            custom = name not in defaults and name.startswith(("depth_", "decoder_"))  # read by generate
+            if name in implemented or custom or name.startswith("_") or name == "transformers_version":
+                continue
+            default = defaults.get(name)
+            if value == default or (value in (None, False) and default in (None, False)):
+                continue
+            raise ValueError(
+                f"{name}={value!r} is not implemented by {type(self).__name__}.generate (greedy or sampled codes, "
+                "C tokens per step); leave it unset"
+            )
+
     def _check_prompt(self, input_ids, attention_mask):
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
             shape = None if input_ids is None else tuple(input_ids.shape)
@@ -150,6 +278,47 @@ class RQTransformerGenerationMixin(GenerationMixin):
             raise ValueError(f"max_new_tokens must be at least 1, got {n}")
         return n
 
+    def _run_settings(
+        self, generation_config, depth_overrides, decoder_settings, logits_processor, tokenizer, input_ids, attention_mask
+    ) -> _Run:
+        """The checked settings of a call: lengths, special tokens, the depths' and the tokens' processors, stops."""
+        eos = _token_ids(generation_config.eos_token_id)
+        pad = generation_config.pad_token_id
+        max_new_tokens = self._max_new_tokens(generation_config, input_ids.shape[1])
+        stop = None
+        if generation_config.stop_strings is not None:
+            if tokenizer is None:
+                raise ValueError("stop_strings needs the model's tokenizer: pass generate(..., tokenizer=tokenizer)")
+            stop = StopStringCriteria(tokenizer, generation_config.stop_strings)
+        max_time = generation_config.max_time
+        if max_time is not None and max_time < 0:
+            raise ValueError(f"max_time must be >= 0 seconds, got {max_time}")
+        run = _Run(
+            max_new_tokens=max_new_tokens,
+            eos=eos,
+            pad=pad if pad is not None else (eos[0] if eos else 0),
+            depth_processors=self._depth_processors(generation_config, depth_overrides, logits_processor, input_ids.device),
+            tokens=self._token_choice(generation_config, decoder_settings, eos, input_ids, attention_mask, max_new_tokens),
+            stop=stop,
+            max_time=max_time,
+            use_cache=generation_config.use_cache is not False,
+            return_dict=bool(generation_config.return_dict_in_generate),
+        )
+        if generation_config.output_scores or generation_config.output_logits:
+            if not run.return_dict:
+                raise ValueError("output_scores and output_logits come back in the output of return_dict_in_generate=True")
+            if not isinstance(run.depth_processors, list):  # GIVT: (temperature, do_sample)
+                raise ValueError(f"{type(self).__name__} samples continuous latents: it has no code scores to output")
+            if generation_config.output_scores:  # after every processor of each depth
+                run.scores = [_Record() for _ in run.depth_processors]
+                for (procs, _), record in zip(run.depth_processors, run.scores):
+                    procs.append(record)
+            if generation_config.output_logits:  # before any
+                run.logits = [_Record() for _ in run.depth_processors]
+                for (procs, _), record in zip(run.depth_processors, run.logits):
+                    procs.insert(0, record)
+        return run
+
     def _depth_processors(self, generation_config, overrides, logits_processor, device):
         """One (LogitsProcessorList, do_sample) per depth: the run's sampling settings, then the overrides."""
         d = self.config.num_quantizers
@@ -166,12 +335,49 @@ class RQTransformerGenerationMixin(GenerationMixin):
                     value = value[j]
                 settings[name] = value
             config = GenerationConfig(**settings)
-            config.update(**{k: v for k, v in config._get_default_generation_params().items() if getattr(config, k) is None})
-            processors = self._get_logits_processor(
-                config, input_ids_seq_length=0, logits_processor=copy.copy(logits_processor) or LogitsProcessorList(), device=device
+            config.update(**{k: v for k, v in default_generation_params().items() if getattr(config, k) is None})
+            processors = logits_processors(
+                self, config, 0, logits_processor=copy.copy(logits_processor) or LogitsProcessorList(), device=device
             )
             per_depth.append((processors, bool(config.do_sample)))
         return per_depth
+
+    def _token_choice(self, generation_config, decoder_settings, eos, input_ids, attention_mask, max_new_tokens):
+        """How the VAE decoder's tokens are chosen: the run's TOKEN_SETTINGS, then `decoder_<name>` sampling
+        (default argmax; sampling reads the softmax as it is, with no top_k unless `decoder_top_k` is given)."""
+        unknown = sorted(set(decoder_settings) - set(DEPTH_SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown decoder settings {['decoder_' + k for k in unknown]}; use decoder_ + one of {DEPTH_SETTINGS}")
+        for name, value in decoder_settings.items():
+            if isinstance(value, (list, tuple)):
+                raise TypeError(f"decoder_{name} takes one value (the decoder has no depths), got {value!r}")
+        settings = {name: getattr(generation_config, name) for name in TOKEN_SETTINGS}
+        config = GenerationConfig(**settings, **decoder_settings, max_length=input_ids.shape[1] + max_new_tokens)
+        processors = logits_processors(
+            self, config, input_ids.shape[1], device=input_ids.device, eos_token_ids=eos, attention_mask=attention_mask
+        )
+        return _TokenChoice(processors, bool(config.do_sample))
+
+
+def _pop_prefixed(kwargs: dict, prefix: str) -> dict:
+    """Remove the `prefix<name>` keywords that are no GenerationConfig field from `kwargs`: {name: value}."""
+    fields = GenerationConfig().to_dict()
+    return {k[len(prefix) :]: kwargs.pop(k) for k in list(kwargs) if k.startswith(prefix) and k not in fields}
+
+
+def _custom_entries(generation_config: GenerationConfig, prefix: str) -> dict:
+    """The `prefix<name>` entries a GenerationConfig carries beyond its fields: {name: value}."""
+    fields = GenerationConfig().to_dict()
+    return {
+        k[len(prefix) :]: v for k, v in generation_config.to_dict().items() if k.startswith(prefix) and k not in fields
+    }
+
+
+def _per_step(records: list[_Record] | None, steps: int) -> tuple[torch.FloatTensor, ...] | None:
+    """One recorder per depth, each called once per step -> one (B, D, K) tensor per step."""
+    if records is None:
+        return None
+    return tuple(torch.stack([record.seen[s] for record in records], dim=1) for s in range(steps))
 
 
 def _token_ids(value) -> list[int]:
@@ -241,11 +447,11 @@ class _State:
         """The spatial output at the last position (B, H): it predicts the next position's codes."""
         return self._hidden
 
-    def append(self, codes: torch.LongTensor, advance: bool = True) -> torch.LongTensor:
+    def append(self, codes: torch.LongTensor, advance: bool = True, choose=None) -> torch.LongTensor:
         """Add the next position's codes (B, D): decode its C tokens (B, C) and step the spatial model.
 
-        `advance=False` skips the spatial step (nothing will be drawn after this position); `hidden()` is
-        then stale until `rollback`.
+        `choose` turns the decoder's logits (B, C, V) into the tokens (default: argmax). `advance=False` skips
+        the spatial step (nothing will be drawn after this position); `hidden()` is then stale until `rollback`.
         """
         model, c = self.model, self.model.compression_factor
         previous = self.tokens[:, -c:]
@@ -263,7 +469,7 @@ class _State:
             logits = model.vae.decode(self.codes, placeholder, self.token_mask)[:, -c:]
             if advance:
                 self._hidden = self._spatial_prefill()
-        tokens = logits.argmax(-1)  # (B, C)
+        tokens = logits.argmax(-1) if choose is None else choose(logits)  # (B, C)
         self.tokens = torch.cat([self.tokens, tokens], dim=1)
         return tokens
 
