@@ -119,6 +119,19 @@ def test_generation_bench_quick(tmp_path, capsys):
     assert result["setup"]["prepack"]  # the RQ models' generate(prepack=True) unless --no_prepack
 
 
+def test_generation_bench_quick_tokens_mode(tmp_path, capsys):
+    output = tmp_path / "generation.json"
+    flags = ["--quick", "--threads", "1", "--no_memory", "--depth_output", "tokens", "--depth_num_layers", "2",
+             "--output_json", str(output)]  # fmt: skip
+    assert cli.main(["bench", *flags]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out.strip().splitlines()
+    assert all(SUMMARY.fullmatch(line) for line in out[-2:]), out[-2:]
+    rows = json.loads(output.read_text())["shapes"][0]["rows"]
+    rq = [r for r in rows if r["model"].startswith("RQ")]
+    assert {r["model"] for r in rq} == {"RQ C=4 tokens num_layers=2"} and len(rq) == 2  # no parallel-depth row
+    assert all(r["depth_output"] == "tokens" and r["new_tokens"] == 8 and r["tokens_per_second"] > 0 for r in rq)
+
+
 def test_part_timers_split_the_steps_and_leave_the_model_as_it_was(small_layers_prepacked):
     from rqlm.evaluation import generation_speed as gs
 

@@ -137,6 +137,23 @@ def test_train_lm_lowers_held_out_code_nll_and_the_bound(corpus, tmp_path, capsy
     assert inside.keys() == saved_vae.keys() and all(torch.equal(inside[k], saved_vae[k]) for k in saved_vae)
 
 
+def test_train_lm_tokens_mode_lowers_held_out_perplexity_and_saves_a_causal_lm(corpus, tmp_path, capsys):
+    out = tmp_path / "lm"
+    flags = lm_flags(corpus, out, depth_output="tokens", spatial_input="token_and_code_embeddings", depth_num_layers=2)
+    assert cli.main(["train-lm", *flags]) == 0, capsys.readouterr().err
+    evals = [r for r in records(out) if "eval_token_nll" in r]
+    assert [r["step"] for r in evals] == [20, 40, 60]
+    first, last = evals[0], evals[-1]
+    assert last["eval_perplexity"] < 0.8 * first["eval_perplexity"], (first, last)
+    for r in evals:  # the likelihood is exact: the "bound" is the perplexity itself
+        assert r["eval_perplexity_bound"] == r["eval_perplexity"]
+        assert r["eval_perplexity"] == pytest.approx(math.exp(r["eval_token_nll"]), rel=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(model, RQTransformerForCausalLM) and model.config.depth_output == "tokens"
+    prompt = torch.tensor([[5, 6, 7]])
+    assert model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None).shape == (1, 9)
+
+
 def tiny_lm(codebook_size=6, num_quantizers=2, compression_factor=2, vocab=12) -> RQTransformerForCausalLM:
     backbone = Qwen3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                            num_key_value_heads=1, head_dim=8, vocab_size=vocab, eos_token_id=1, pad_token_id=0)

@@ -110,10 +110,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated C of the RQ models; C={HEADLINE_C} is the headline",
     )
     gen.add_argument(
+        "--depth_output",
+        default="codes",
+        choices=("codes", "tokens"),
+        help="what the random-weight RQ models' depth decoder writes: the D codes the VAE decodes (a 1-layer depth "
+        "transformer), or the chunk's tokens (a 4-layer token decoder of width 256)",
+    )
+    gen.add_argument("--depth_hidden_size", type=int, default=None, help="width of the random-weight models' depth decoder")
+    gen.add_argument("--depth_num_layers", type=int, default=None, help="layers of the random-weight models' depth decoder")
+    gen.add_argument(
         "--parallel_depth",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help=f"also time depth_mode='parallel' at C={HEADLINE_C}",
+        default=None,
+        help=f"also time depth_mode='parallel' at C={HEADLINE_C} (default: on with --depth_output codes)",
     )
     gen.add_argument(
         "--compile_shapes",
@@ -288,9 +297,15 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
         raise ValueError("--model and --baseline go together: pass both trained folders, or neither")
     if HEADLINE_C not in args.compression_factors:
         args.compression_factors = [HEADLINE_C, *args.compression_factors]
-    variants = [gs.Variant(c) for c in sorted(args.compression_factors, key=lambda c: c != HEADLINE_C)]
-    if args.parallel_depth:
-        variants.append(gs.Variant(HEADLINE_C, "parallel"))
+    if args.parallel_depth and args.depth_output == "tokens":
+        raise ValueError("--parallel_depth is a codes-mode depth; drop it with --depth_output tokens")
+    depth = {k: v for k in ("depth_hidden_size", "depth_num_layers") if (v := getattr(args, k)) is not None}
+    variants = [
+        gs.Variant(c, depth_output=args.depth_output, depth=depth)
+        for c in sorted(args.compression_factors, key=lambda c: c != HEADLINE_C)
+    ]
+    if args.parallel_depth is not False and args.depth_output == "codes":
+        variants.append(gs.Variant(HEADLINE_C, "parallel", depth=depth))
     from rqlm.modeling.configuration_givt import HEADS
 
     unknown = sorted(set(args.givt_heads) - set(HEADS))
@@ -368,7 +383,7 @@ def trained_variant(model):
 
     if model.config.model_type == "givt":
         return gs.Variant(model.compression_factor, None, model.config.head)
-    return gs.Variant(model.compression_factor)
+    return gs.Variant(model.compression_factor, depth_output=model.config.depth_output)
 
 
 def _load_trained(args):

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from rqlm.modeling.configuration_rq_transformer import DEPTH_MODES, SPATIAL_INPUTS
+from rqlm.modeling.configuration_rq_transformer import DEPTH_MODES, DEPTH_OUTPUTS, SPATIAL_INPUTS
 from rqlm.presets import PRESETS, backbone_config, is_preset
 from rqlm.trainer.arguments import add_training_arguments, training_arguments_from_namespace
 
 LM_FIELDS = (
-    "depth_num_layers", "depth_hidden_size", "depth_num_attention_heads", "spatial_input", "depth_mode",
+    "depth_output", "depth_num_layers", "depth_hidden_size", "depth_num_attention_heads", "spatial_input", "depth_mode",
     "aux_token_loss_weight", "freeze_backbone_steps", "lora_r", "lora_alpha",
 )  # fmt: skip
 
@@ -37,9 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--backbone", default="tiny",
                        help=f"spatial transformer: a preset trained from scratch ({', '.join(PRESETS)}) "
                        "or a pretrained Qwen3 (folder or hub name) whose layers it starts from")
+    model.add_argument("--depth_output", default="codes", choices=DEPTH_OUTPUTS,
+                       help="what the depth decoder writes per latent position: the D codes the VAE decodes, or the "
+                       "chunk's C tokens (a causal LM with exact likelihood)")
     add_depth_arguments(model)
-    model.add_argument("--spatial_input", default="code_embeddings", choices=SPATIAL_INPUTS,
-                       help="each position's input: the VAE's quantized latent, or summed per-depth code embeddings")
+    model.add_argument("--spatial_input", default=None, choices=SPATIAL_INPUTS,
+                       help="each finished chunk's input: the VAE's quantized latent, summed per-depth code embeddings, "
+                       "the chunk's token embeddings, or tokens and codes summed (the last two with --depth_output "
+                       "tokens; default: code_embeddings for codes, token_embeddings for tokens)")
     model.add_argument("--aux_token_loss_weight", type=float, default=0.0,
                        help="weight of C heads on the spatial output predicting the next chunk's tokens")
     add_spatial_training_arguments(parser, model, output_dir="runs/lm")
@@ -191,10 +196,13 @@ def build_model(args: argparse.Namespace, vae, tokenizer):
 @torch.no_grad()
 def lm_evaluate_fn(model, eval_dataloader, accelerator) -> dict[str, float]:
     """The loop's `evaluate_fn`: held-out code NLL and accuracy per depth, each depth's marginal entropy,
-    code and reconstruction NLL per token and the perplexity bound, summed over batches and ranks."""
+    code and reconstruction NLL per token and the perplexity bound, summed over batches and ranks (tokens mode:
+    `token_lm_evaluate`)."""
     from rqlm.evaluation.bound import bound_terms
 
     unwrapped = accelerator.unwrap_model(model)
+    if unwrapped.config.depth_output == "tokens":
+        return token_lm_evaluate(unwrapped, eval_dataloader, accelerator)
     d, k = unwrapped.num_quantizers, unwrapped.config.codebook_size
     sums, counts = None, torch.zeros(d, k, dtype=torch.float64, device=accelerator.device)
     for batch in eval_dataloader:
@@ -211,6 +219,28 @@ def lm_evaluate_fn(model, eval_dataloader, accelerator) -> dict[str, float]:
     sums = {name: accelerator.reduce(value.to(accelerator.device), "sum").cpu() for name, value in sums.items()}
     counts = accelerator.reduce(counts, "sum").cpu()
     return bound_metrics(sums, counts, unwrapped.compression_factor)
+
+
+@torch.no_grad()
+def token_lm_evaluate(model, eval_dataloader, accelerator) -> dict[str, float]:
+    """Held-out NLL of every token of the blocks under a tokens-mode LM, each block read after one separator as
+    `rqlm evaluate` reads the baseline's, summed over batches and ranks: its exact perplexity (also reported as
+    `perplexity_bound`, which it equals, so tables compare it with the codes mode's bound)."""
+    from rqlm.evaluation.perplexity import block_nll, safe_exp
+
+    separator = model.config.vae_config.backbone_config.eos_token_id
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # nats, tokens
+    for batch in eval_dataloader:
+        if "attention_mask" in batch and not batch["attention_mask"].all():
+            raise ValueError("the held-out blocks are padded; the evaluation reads whole packed blocks")
+        scored = block_nll(model, batch["input_ids"], separator)
+        total += torch.stack([scored["nll"], scored["num_tokens"]]).to(total)
+    if not total[1]:
+        raise ValueError("the held-out split gave no evaluation batch; pass more data or a smaller eval batch size")
+    nats, tokens = accelerator.reduce(total, "sum").tolist()
+    perplexity = safe_exp(nats / tokens)
+    return {"token_nll": nats / tokens, "bits_per_token": nats / tokens / math.log(2), "perplexity": perplexity,
+            "perplexity_bound": perplexity, "num_tokens": tokens}
 
 
 def marginal_entropy(counts: torch.Tensor) -> torch.Tensor:

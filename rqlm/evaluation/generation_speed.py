@@ -56,6 +56,8 @@ VAE_DEFAULTS = {
     "num_latent_layers": 0,
 }
 DEPTH_DEFAULTS = {"depth_hidden_size": 256, "depth_num_layers": 1, "depth_num_attention_heads": 4}
+# depth_output="tokens": a 4-layer token decoder of width 256 (its vocabulary head runs once per token)
+TOKEN_DEPTH_DEFAULTS = {"depth_hidden_size": 256, "depth_num_layers": 4, "depth_num_attention_heads": 4}
 PARTS = ("spatial", "depth", "decoder", "sampling", "other")
 BASELINE_WAYS = ("default", "static", "static+compile")
 
@@ -76,9 +78,14 @@ def shape_config(shape: str, vocab_size: int = 8192) -> Qwen3Config:
 
 
 def build_rq_model(
-    backbone: Qwen3Config, compression_factor: int = 4, depth_mode: str = "autoregressive", **overrides
+    backbone: Qwen3Config,
+    compression_factor: int = 4,
+    depth_mode: str = "autoregressive",
+    depth_output: str = "codes",
+    **overrides,
 ) -> torch.nn.Module:
-    """A random-weight RQTransformerForCausalLM: spatial stack of `backbone`'s shape over a VAE at the CPU defaults."""
+    """A random-weight RQTransformerForCausalLM: spatial stack of `backbone`'s shape over a VAE at the CPU defaults,
+    with the depth decoder of `depth_output` (DEPTH_DEFAULTS or TOKEN_DEPTH_DEFAULTS, then `overrides`)."""
     from rqlm import RQTransformerConfig, RQTransformerForCausalLM, RQVAEConfig
 
     vae_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in VAE_DEFAULTS}
@@ -91,7 +98,8 @@ def build_rq_model(
         backbone_config=copy.deepcopy(backbone),
         vae_config=vae_config,
         depth_mode=depth_mode,
-        **{**DEPTH_DEFAULTS, **overrides},
+        depth_output=depth_output,
+        **{**(TOKEN_DEPTH_DEFAULTS if depth_output == "tokens" else DEPTH_DEFAULTS), **overrides},
     )
     torch.manual_seed(0)
     return RQTransformerForCausalLM(config).eval()
@@ -115,7 +123,7 @@ def build_variant(backbone: Qwen3Config, variant: Variant) -> torch.nn.Module:
     """The random-weight latent LM a `Variant` names: an RQ model, or a GIVT model with its head."""
     if variant.head is not None:
         return build_givt_model(backbone, variant.compression_factor, variant.head)
-    return build_rq_model(backbone, variant.compression_factor, variant.depth_mode)
+    return build_rq_model(backbone, variant.compression_factor, variant.depth_mode, variant.depth_output, **variant.depth)
 
 
 def build_baseline(backbone: Qwen3Config) -> Qwen3ForCausalLM:
@@ -147,9 +155,9 @@ def rq_cache_bytes(model, prompt_length: int, new_tokens: int, batch_size: int, 
     chunks = -(-prompt_length // c) + -(-new_tokens // c)
     vae = model.vae
     spatial = kv_cache_bytes(model.config.backbone_config, chunks + 1, batch_size, dtype)
-    depth = (  # GIVT has no depth transformer
+    depth = (  # GIVT has no depth transformer; the token decoder re-reads its open chunk and keeps no cache
         kv_cache_bytes(model.depth.config, model.num_quantizers, batch_size, dtype)
-        if getattr(model.config, "depth_mode", None) == "autoregressive"
+        if getattr(model.config, "depth_mode", None) == "autoregressive" and getattr(model.config, "depth_output", "codes") == "codes"
         else 0
     )
     decoder = 0
@@ -320,9 +328,7 @@ def _no_timers():
 
 def rq_generate(model, new_tokens: int, prepack: bool = True) -> Callable[..., torch.LongTensor]:
     """The latent LM's greedy `generate`; an RQ model's with `prepack` (its VAE decoder's C-row calls through oneDNN)."""
-    from rqlm.modeling.generation_rq_transformer import RQTransformerGenerationMixin
-
-    settings = {"prepack": prepack} if isinstance(model, RQTransformerGenerationMixin) else {}
+    settings = {"prepack": prepack} if _runs_own_loop(model) else {"pad_token_id": 0}
 
     def generate(input_ids, streamer=None, max_new_tokens=new_tokens):
         return model.generate(
@@ -330,6 +336,13 @@ def rq_generate(model, new_tokens: int, prepack: bool = True) -> Callable[..., t
         )
 
     return generate
+
+
+def _runs_own_loop(model) -> bool:
+    """Whether a latent LM generates through rqlm's own loop (the codes mode), not transformers' (the tokens mode)."""
+    from rqlm.modeling.generation_rq_transformer import RQTransformerGenerationMixin
+
+    return isinstance(model, RQTransformerGenerationMixin) and getattr(model.config, "depth_output", "codes") == "codes"
 
 
 def baseline_generate(model, new_tokens: int, way: str, prepack: bool = True) -> Callable[..., torch.LongTensor]:
@@ -377,14 +390,17 @@ class Variant:
     compression_factor: int
     depth_mode: str | None = "autoregressive"
     head: str | None = None
+    depth_output: str = "codes"
+    depth: dict = field(default_factory=dict)  # depth decoder overrides (depth_hidden_size, depth_num_layers)
 
     @property
     def name(self) -> str:
         if self.head is not None:
             return f"GIVT C={self.compression_factor} {self.head}"
+        sizes = "".join(f" {k.removeprefix('depth_')}={v}" for k, v in sorted(self.depth.items()))
         return f"RQ C={self.compression_factor}" + (
             " parallel-depth" if self.depth_mode == "parallel" else ""
-        )
+        ) + (" tokens" if self.depth_output == "tokens" else "") + sizes
 
 
 def benchmark_shape(
@@ -434,6 +450,7 @@ def benchmark_shape(
             "way": way,
             "compression_factor": variant.compression_factor if variant else 1,
             "depth_mode": variant.depth_mode if variant else None,
+            "depth_output": variant.depth_output if variant else None,
             "head": variant.head if variant else None,
             "batch_size": batch,
             "new_tokens": run.new_tokens,
@@ -466,7 +483,8 @@ def benchmark_shape(
     def measure_rq(model, variant: Variant, batch: int, input_ids: torch.LongTensor) -> None:
         generate = rq_generate(model, new_tokens, prepack)
         _warm(generate, input_ids, variant.compression_factor)
-        run = measure(generate, input_ids, new_tokens, device, model=model, repeats=repeats)
+        timed = model if _runs_own_loop(model) or variant.head is not None else None  # parts: the codes loop's
+        run = measure(generate, input_ids, new_tokens, device, model=timed, repeats=repeats)
         peak = run_peak_mb(generate, input_ids, model, device) if memory else None
         cache = rq_cache_bytes(model, prompt_length, new_tokens, batch, torch_dtype)
         add_row(variant.name, variant, batch, run, peak, cache)

@@ -104,7 +104,9 @@ class TokenDepthMixin:
         tokens = input_ids.gather(1, index).masked_fill(~real, self._filler_token())  # (B, n): from each row's start
 
         finished = tokens[:, : n - c]  # chunks 0..L-2 feed positions 1..L-1
-        if codes is not None and (start == 0).all() and codes.shape[1] >= num_chunks - 1:
+        if not self.config.reads_codes:
+            codes = None
+        elif codes is not None and (start == 0).all() and codes.shape[1] >= num_chunks - 1:
             codes = codes[:, : num_chunks - 1]  # precomputed by the same VAE on the same layout
         else:
             codes = self.chunk_codes(finished, length) if num_chunks > 1 else None
