@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from test_drafting import chi_square_p_value, prompt
+from test_drafting import assert_drafts_fresh_and_kept_where_target_agrees, chi_square_p_value, prompt
 from test_rq_transformer import PAD, VOCAB, C, backbone, make_vae
 from transformers import AutoModel, Qwen3ForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper
@@ -61,6 +61,19 @@ def drafted_and_plain(target, head, ids, **kwargs):
     stats = DraftStats()
     drafted = generate_with_drafter(target, head, ids, stats=stats, **options, **settings)
     return drafted, target.generate(ids, **settings), stats
+
+
+def fresh_head_draft(head, output, eos_token_id=None):
+    """`fresh_draft` for a head: its draft from a fresh forward of the target over the accepted ids (the states
+    of `output` (1, T) up to them are theirs: the target is causal), cut after its first EOS as `generate` cuts."""
+    states = head.target_states(output)
+
+    def draft(context: torch.LongTensor, n: int) -> list[int]:
+        start = context.shape[1]
+        tokens = head.draft(states[:, start - 2], context[:, start - 1])[0, :n].tolist()
+        return tokens[: tokens.index(eos_token_id) + 1] if eos_token_id in tokens else tokens
+
+    return draft
 
 
 # ----------------------------------------------------------------- training examples
@@ -122,12 +135,11 @@ def test_greedy_output_is_the_targets_and_every_draft_is_the_heads_draft_of_the_
     assert torch.equal(drafted, plain)
     assert sum(a + 1 for a in stats.accepted) == NEW and stats.drafts[0] == []  # the prefill step drafts nothing
     # each draft is what the head makes from a fresh forward of the text accepted by then: the hook's row is right
-    states = head.target_states(drafted)
-    for context, draft, confidences in zip(stats.contexts[1:], stats.drafts[1:], stats.confidences[1:]):
-        fresh = head.draft(states[:, context - 2], drafted[:, context - 1])[0, : len(draft)]
-        if draft or not options.get("confidence_threshold"):
-            assert draft == fresh.tolist(), (context, draft, fresh)
-        if options.get("confidence_threshold") and confidences:  # none at the last step, which has no room to draft
+    assert_drafts_fresh_and_kept_where_target_agrees(drafted, stats, fresh_head_draft(head, drafted))
+    for draft, confidences in zip(stats.drafts[1:], stats.confidences[1:]):
+        if not options.get("confidence_threshold"):  # ungated: each step after the prefill drafts, if it fits
+            assert draft or not confidences
+        elif confidences:  # none at the last step, which has no room to draft
             assert bool(draft) == (confidences[0] >= options["confidence_threshold"])
     assert max(len(d) for d in stats.drafts) == options.get("num_draft_tokens", C)
 
@@ -149,9 +161,7 @@ def test_a_head_on_several_layers_drafts_from_the_states_of_those_layers(pair):
     ids = prompt(7, seed=2)
     drafted, plain, stats = drafted_and_plain(target, head, ids)
     assert torch.equal(drafted, plain)
-    states = head.target_states(drafted)
-    for context, draft in zip(stats.contexts[1:], stats.drafts[1:]):
-        assert draft == head.draft(states[:, context - 2], drafted[:, context - 1])[0, : len(draft)].tolist()
+    assert_drafts_fresh_and_kept_where_target_agrees(drafted, stats, fresh_head_draft(head, drafted))
     with pytest.raises(ValueError, match="past the target's 2 layers"):
         RQDraftHead.for_target(target, trained.vae, target_layers=[3], **HEAD)
     with pytest.raises(ValueError, match="indices >= 1"):
@@ -164,6 +174,7 @@ def test_drafts_are_kept_and_rejected_inside_chunks(pair):
     for seed in range(6):
         drafted, plain, stats = drafted_and_plain(target, head, prompt(5 + seed % 4, seed=seed))
         assert torch.equal(drafted, plain)
+        assert_drafts_fresh_and_kept_where_target_agrees(drafted, stats, fresh_head_draft(head, drafted))
         kept, inside, steps = kept + sum(stats.accepted), inside + stats.rejections_inside_a_chunk, steps + stats.steps
     assert kept > 0 and inside > 0 and steps < 6 * NEW
 
@@ -174,8 +185,12 @@ def test_greedy_stops_at_eos_where_the_target_does(pair):
     plain = target.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     eos = int(plain[0, ids.shape[1] + 9])  # a token the target emits: as EOS it ends generation there
     settings = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD, "eos_token_id": eos}
-    drafted = generate_with_drafter(target, head, ids, **settings)
+    stats = DraftStats()
+    drafted = generate_with_drafter(target, head, ids, stats=stats, **settings)
     assert torch.equal(drafted, target.generate(ids, **settings)) and drafted.shape[1] < plain.shape[1]
+    assert_drafts_fresh_and_kept_where_target_agrees(
+        drafted, stats, fresh_head_draft(head, drafted, eos_token_id=eos)
+    )
 
 
 def test_drafts_end_at_their_first_eos(pair):

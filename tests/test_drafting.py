@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 from test_rq_transformer import EOS, PAD, VOCAB, C, backbone, make_lm, make_vae
-from transformers import GenerationConfig, Qwen3ForCausalLM
+from transformers import GenerationConfig, GenerationMixin, Qwen3ForCausalLM
+from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.logits_process import TopKLogitsWarper
 
 import rqlm.modeling.layers
@@ -15,6 +17,7 @@ from rqlm.modeling import prepacked
 from rqlm.modeling.drafting import DraftStats, generate_with_drafter
 from rqlm.modeling.generation_rq_transformer import _State
 from rqlm.modeling.prepacked import prepacked_linears
+from rqlm.modeling.transformers_private import SUPPORTED_TRANSFORMERS
 
 NEW = 16
 
@@ -68,6 +71,30 @@ def plain_and_drafted(
     return target.generate(ids, **settings), drafted, stats
 
 
+def assert_drafts_fresh_and_kept_where_target_agrees(output, stats, fresh_draft):
+    """The drafter's side of a greedy run whose output (1, T) is the target's: each step's draft is
+    `fresh_draft(accepted ids, n)`, a stateless draft of the text accepted by then, and the target kept it up to
+    its first token the output disagrees with (fewer only where the output ends); steps advance by kept + 1."""
+    ends = [*stats.contexts[1:], output.shape[1]]
+    for start, end, draft, kept in zip(stats.contexts, ends, stats.drafts, stats.accepted, strict=True):
+        assert end == start + kept + 1, (start, end, kept)
+        if draft:
+            assert draft == fresh_draft(output[:, :start], len(draft)), (start, draft)
+        following = output[0, start : start + len(draft)].tolist()
+        agree = next((i for i, (d, t) in enumerate(zip(draft, following)) if d != t), len(following))
+        assert kept == min(agree, output.shape[1] - start - 1), (start, draft, following, kept)
+
+
+def fresh_rq_draft(drafter, eos_token_id=None):
+    """`fresh_draft` for an RQ drafter: its `generate` from the accepted ids, with no state kept between calls."""
+
+    def draft(context: torch.LongTensor, n: int) -> list[int]:
+        out = drafter.generate(context, max_new_tokens=n, do_sample=False, eos_token_id=eos_token_id)
+        return out[0, context.shape[1] :].tolist()
+
+    return draft
+
+
 @pytest.mark.parametrize(
     ("length", "with_eos", "num_draft_tokens"),
     [(8, False, C), (5, False, C), (7, True, C), (1, False, C), (6, True, 2 * C + 1)],  # a multiple of C, and not
@@ -77,6 +104,8 @@ def test_greedy_output_is_the_targets(target, drafter, length, with_eos, num_dra
     plain, drafted, stats = plain_and_drafted(target, drafter, ids, eos_token_id=None, num_draft_tokens=num_draft_tokens)
     assert torch.equal(drafted, plain)
     assert sum(a + 1 for a in stats.accepted) == NEW and stats.steps < NEW  # some drafted tokens were kept
+    # the output is the target's whatever the drafts are: the drafts and the kept counts are the drafter's test
+    assert_drafts_fresh_and_kept_where_target_agrees(drafted, stats, fresh_rq_draft(drafter))
 
 
 def onednn_calls(layer, x) -> int:
@@ -134,10 +163,11 @@ def test_the_verification_runs_the_targets_multi_row_linears_prepacked(target, d
     calls = []  # (rows, reordered) of every q_proj call
     hook = q.register_forward_pre_hook(lambda m, args: calls.append((args[0].numel() // m.in_features, "forward" in vars(m))))
     try:
-        plain, drafted, _ = plain_and_drafted(target, drafter, prompt(6, seed=6), eos_token_id=None, prepack=prepack)
+        plain, drafted, stats = plain_and_drafted(target, drafter, prompt(6, seed=6), eos_token_id=None, prepack=prepack)
     finally:
         hook.remove()
-    assert torch.equal(drafted, plain)
+    assert torch.equal(drafted, plain) and sum(stats.accepted) > 0
+    assert_drafts_fresh_and_kept_where_target_agrees(drafted, stats, fresh_rq_draft(drafter))
     reordered_rows = {rows for rows, reordered in calls if reordered}
     assert reordered_rows >= ({C + 1} if prepack else set()) and (prepack or not reordered_rows)
     assert "forward" not in vars(q)
@@ -163,9 +193,10 @@ def test_greedy_stops_at_eos_where_the_target_does(target, drafter):
     ids = prompt(7, seed=3)
     free = target.generate(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=PAD)
     eos = int(free[0, ids.shape[1] + 9])  # a token the target emits mid-way stands in for EOS
-    plain, drafted, _ = plain_and_drafted(target, drafter, ids, eos_token_id=eos)
+    plain, drafted, stats = plain_and_drafted(target, drafter, ids, eos_token_id=eos)
     assert plain.shape[1] < free.shape[1] and int(plain[0, -1]) == eos
-    assert torch.equal(drafted, plain)
+    assert torch.equal(drafted, plain) and sum(stats.accepted) > 0
+    assert_drafts_fresh_and_kept_where_target_agrees(drafted, stats, fresh_rq_draft(drafter, eos))
 
 
 @pytest.mark.parametrize("num_draft_tokens", [None, 2 * C + 1])
@@ -177,11 +208,7 @@ def test_every_draft_continues_the_accepted_text_after_rejections_inside_chunks(
         ids = prompt(length, seed=10 + length)
         _, drafted, stats = plain_and_drafted(target, drafter, ids, eos_token_id=None, num_draft_tokens=num_draft_tokens)
         inside += stats.rejections_inside_a_chunk
-        for start, draft in zip(stats.contexts, stats.drafts):
-            if not draft:
-                continue
-            fresh = drafter.generate(drafted[:, :start], max_new_tokens=len(draft), do_sample=False, eos_token_id=None)
-            assert fresh[0, start:].tolist() == draft, (length, start)
+        assert_drafts_fresh_and_kept_where_target_agrees(drafted, stats, fresh_rq_draft(drafter))
         assert sum(stats.accepted) > 0  # some drafted tokens were kept: the drafts are exercised
     assert inside > 0  # an accepted prefix ended inside a drafted chunk
 
@@ -228,13 +255,10 @@ def test_the_confidence_gate_drafts_only_chunks_whose_first_code_is_likely_enoug
         state = _State(drafter, context, torch.ones_like(context), use_cache=True)
         logits = drafter.depth_step(state.hidden(), context.new_zeros(1, 0), None)
         assert confidences[0] == pytest.approx(float(logits.softmax(-1).max()), rel=1e-4)
-        if confidences[0] < threshold:
-            assert draft == [] and len(confidences) == 1
-        else:
-            fresh = drafter.generate(context, max_new_tokens=len(draft), do_sample=False, eos_token_id=None)
-            assert fresh[0, start:].tolist() == draft
+        assert bool(draft) == (confidences[0] >= threshold) and (draft or len(confidences) == 1)
         kinds.add(bool(draft))
     assert kinds == {True, False}  # both gated and drafted steps
+    assert_drafts_fresh_and_kept_where_target_agrees(drafted, stats, fresh_rq_draft(drafter))
     assert stats.steps > ungated.steps  # gated steps emit one token each
     with pytest.raises(ValueError, match="confidence_threshold is a probability"):
         plain_and_drafted(target, drafter, ids, confidence_threshold=1.5)
@@ -247,6 +271,22 @@ def test_batches_and_other_vocabularies_are_one_line_errors(target, drafter):
     other = Qwen3ForCausalLM(backbone(vocab_size=VOCAB + 2)).eval()
     with pytest.raises(ValueError, match="draft with a model trained on the target's tokenizer"):
         generate_with_drafter(other, drafter, ids[:1], max_new_tokens=4)
+
+
+def test_a_release_without_the_private_assisted_loop_is_a_one_line_error_naming_the_supported_range(
+    target, drafter, monkeypatch
+):
+    """The private assisted loop, or what it reads of a candidate generator, moved: one line with the tested range."""
+    ids = prompt(6, seed=1)
+    monkeypatch.delattr(CandidateGenerator, "requires_model_outputs")  # read by the loop of 5.24 and 5.25
+    with pytest.raises(RuntimeError, match=f"rqlm supports transformers{re.escape(SUPPORTED_TRANSFORMERS)}") as error:
+        generate_with_drafter(target, drafter, ids, max_new_tokens=4)
+    assert "requires_model_outputs" in str(error.value) and "\n" not in str(error.value)
+    monkeypatch.undo()
+    monkeypatch.delattr(GenerationMixin, "_assisted_decoding")
+    with pytest.raises(RuntimeError, match="no _assisted_decoding.*rqlm supports transformers>="):
+        generate_with_drafter(target, drafter, ids, max_new_tokens=4)
+    assert "_get_candidate_generator" not in vars(target)  # the stand-in leaves the target with the call
 
 
 # ----------------------------------------------------------------- sampling keeps the target's distribution

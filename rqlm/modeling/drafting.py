@@ -2,7 +2,7 @@
 
     accepted text (1, T) -> the drafter's greedy continuation, as its `generate` would draft it, from
                             state kept per chunk layout (grown by the accepted chunks)   draft (1, k)
-    -> one forward of the target over the k drafted tokens, in transformers' `_assisted_decoding`
+    -> one forward of the target over the k drafted tokens, in transformers' assisted decoding loop
        (greedy: keep the draft up to the first token the target's argmax disagrees with, then the
        target's own token; sampling: keep it while it equals the token sampled from the target's
        processed p at that position, then that sample)                        accepted (1, n + 1)
@@ -12,12 +12,13 @@ logits processors and keeps its cache through `DynamicCache.crop` in tokens, and
 takes the assistant's per-step token scores as the proposal q of the min(1, p/q) rule. The RQ model
 has none of these: its randomness is over codes, and the tokens of a chunk are the argmax of the VAE
 decoder, so the marginal q of a drafted token is not available. A `CandidateGenerator` that returns
-no logits sends `_assisted_decoding` to its other rule, which is exact for any draft drawn
+no logits sends the assisted loop to its other rule, which is exact for any draft drawn
 independently of the target's sampling: every emitted token is a sample of the target's p given the
-accepted text, and the draft only decides how many come out of one target forward. transformers 5.24
-has no argument that takes a candidate generator, so `generate_with_drafter` passes
-`custom_generate=` a function that runs `_assisted_decoding` with `_get_candidate_generator`
-answered by `RQDraftCandidateGenerator` on the target instance for that call only.
+accepted text, and the draft only decides how many come out of one target forward. transformers
+(5.24, 5.25) has no argument that takes a candidate generator, so `generate_with_drafter` passes
+`generate` a `custom_generate=` callable: it gets the prepared generation config (max_length, EOS),
+builds the candidate generator from it and runs the private assisted loop with it through
+`rqlm.modeling.transformers_private.assisted_decoding`, the one place that calls it.
 
 State after a rejection: `drafter.generate(accepted)` EOS-pads the accepted text on the left to a
 multiple of C, so where its chunks begin depends on the accepted length modulo C, and that changes
@@ -56,12 +57,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, GenerationMixin
+from transformers import GenerationConfig
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from rqlm.modeling.generation_rq_transformer import _State, _token_ids
 from rqlm.modeling.modeling_rq_draft_head import RQDraftHead
 from rqlm.modeling.prepacked import prepacked_linears
+from rqlm.modeling.transformers_private import assisted_decoding
 
 
 @dataclass
@@ -109,6 +111,11 @@ class _ChunkDrafts(CandidateGenerator):
         self.confidence_threshold = confidence_threshold  # draft a chunk only when its depth-0 code is this likely
         self.eos_ids = torch.tensor(_token_ids(eos_token_id), dtype=torch.long, device=drafter.device)
 
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The most tokens a step drafts (transformers 5.25's assisted loop reads it to size its cache records)."""
+        return self.num_draft_tokens
+
     def _begin_step(self, input_ids: torch.LongTensor) -> int:
         """Record a step over the accepted ids (1, T); how many tokens it may draft (0: none fit before max_length)."""
         self.stats.contexts.append(input_ids.shape[1])
@@ -130,6 +137,9 @@ class _ChunkDrafts(CandidateGenerator):
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         """Record how many drafted tokens the target kept; the draft length stays fixed."""
         self.stats.accepted.append(int(num_matches))
+
+    def close(self) -> None:
+        """Release what the generator holds on the target (nothing here)."""
 
 
 class RQDraftCandidateGenerator(_ChunkDrafts):
@@ -218,6 +228,7 @@ class RQDraftCandidateGenerator(_ChunkDrafts):
         state.rollback(mark)
         return torch.cat(drafted, dim=1) if drafted else state.tokens.new_zeros(1, 0)
 
+
 class RQHeadCandidateGenerator(_ChunkDrafts):
     """Candidates from an `RQDraftHead`: the chunk after the accepted text, drafted from the target's own state.
 
@@ -289,13 +300,23 @@ class RQHeadCandidateGenerator(_ChunkDrafts):
             hook.remove()
 
 
-def _assisted_decoding_with(model, input_ids, *, candidate_generator: CandidateGenerator, streamer=None, **kwargs):
-    """`custom_generate` body: transformers' `_assisted_decoding` with `candidate_generator` as its candidate source."""
-    model._get_candidate_generator = lambda **_: candidate_generator  # this call only: removed below
-    try:
-        return GenerationMixin._assisted_decoding(model, input_ids, streamer=streamer, **kwargs)
-    finally:
-        del model._get_candidate_generator
+def _drafted_decoding(candidates_for, streamer=None):
+    """A `custom_generate` callable: assisted decoding with the drafts of `candidates_for(generation_config)`.
+
+    `generate` calls it with the prepared inputs and generation config (its final max_length and EOS ids), after
+    putting the prompt to `streamer`; it passes a callable no streamer, so the streamer is bound here.
+    """
+
+    def decode(model, input_ids: torch.LongTensor, *, generation_config: GenerationConfig, **kwargs):
+        candidates = candidates_for(generation_config)
+        try:
+            return assisted_decoding(
+                model, input_ids, candidates, generation_config=generation_config, streamer=streamer, **kwargs
+            )
+        finally:
+            candidates.close()  # a head's hooks leave the target with the call
+
+    return decode
 
 
 @torch.inference_mode()
@@ -341,29 +362,25 @@ def generate_with_drafter(
         raise ValueError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    settings = {k: v for k, v in generate_kwargs.items() if k != "generation_config"}
-    config, _ = target._prepare_generation_config(generate_kwargs.get("generation_config"), **settings)
-    max_length = input_ids.shape[1] + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
-    packing = contextlib.ExitStack()
+    prompt_padding = int((attention_mask[0] == 0).sum())
     if isinstance(drafter, RQDraftHead):
         drafter.check_target(target)
-        candidates = RQHeadCandidateGenerator(
-            drafter, target, num_draft_tokens, max_length=max_length, eos_token_id=config.eos_token_id, stats=stats,
+
+    def candidates_for(config: GenerationConfig) -> _ChunkDrafts:
+        """The candidate generator of this call, up to its prepared max_length and EOS ids."""
+        if isinstance(drafter, RQDraftHead):
+            return RQHeadCandidateGenerator(
+                drafter, target, num_draft_tokens, max_length=config.max_length, eos_token_id=config.eos_token_id,
+                stats=stats, confidence_threshold=confidence_threshold,
+            )  # fmt: skip
+        return RQDraftCandidateGenerator(
+            drafter, num_draft_tokens, max_length=config.max_length, eos_token_id=config.eos_token_id,
+            prompt_padding=prompt_padding, stats=stats, incremental=incremental,
             confidence_threshold=confidence_threshold,
         )  # fmt: skip
-        packing.callback(candidates.close)  # its hooks leave the target with the call
-    else:
-        candidates = RQDraftCandidateGenerator(
-            drafter,
-            num_draft_tokens,
-            max_length=max_length,
-            eos_token_id=config.eos_token_id,
-            prompt_padding=int((attention_mask[0] == 0).sum()),
-            stats=stats,
-            incremental=incremental,
-            confidence_threshold=confidence_threshold,
-        )
-    decoding = functools.partial(_assisted_decoding_with, candidate_generator=candidates, streamer=streamer)
+
+    decoding = _drafted_decoding(candidates_for, streamer=streamer)
+    packing = contextlib.ExitStack()
     if prepack:  # the target's verification forwards (k + 1 rows) and the drafter's decoding (C rows)
         packing.enter_context(prepacked_linears(target))
         packing.enter_context(prepacked_linears(drafter.vae))

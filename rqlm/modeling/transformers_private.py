@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import transformers
 from packaging.version import Version
+from transformers import GenerationMixin
+from transformers.generation.candidate_generator import CandidateGenerator
 
 # the transformers releases the suite passes on (pyproject.toml pins the same range)
 SUPPORTED_TRANSFORMERS = ">=5.24,<5.26"
@@ -25,6 +27,36 @@ def private_api_error(name: str, error: Exception) -> RuntimeError:
 
 def transformers_version() -> Version:
     return Version(transformers.__version__)
+
+
+# ----------------------------------------------------------------- assisted decoding from rqlm's drafts
+# (rqlm.modeling.drafting) transformers 5.24 and 5.25 take no candidate generator from outside: `generate`
+# builds its own from `assistant_model` or `prompt_lookup_num_tokens`. Its public `custom_generate=` callable
+# receives the prepared inputs and runs the private assisted loop below, whose `_get_candidate_generator` is
+# answered, on the model and for that call only, with rqlm's generator.
+
+
+def assisted_decoding(model, input_ids: torch.LongTensor, candidate_generator: CandidateGenerator, **kwargs):
+    """transformers' assisted decoding of `input_ids` (1, T) with `candidate_generator` proposing every draft.
+
+    `kwargs` are what `generate` passes a `custom_generate` callable (logits processors, stopping criteria, the
+    prepared generation config, the cache, the model kwargs) and the streamer. Private: it runs
+    `GenerationMixin._assisted_decoding`, answering the `_get_candidate_generator` that loop calls; the loop
+    reads more of the generator than the `CandidateGenerator` base class has (5.25: `num_drafting_tokens`).
+    """
+    decoding = getattr(GenerationMixin, "_assisted_decoding", None)
+    if decoding is None or not hasattr(GenerationMixin, "_get_candidate_generator"):
+        missing = AttributeError("GenerationMixin has no _assisted_decoding or _get_candidate_generator")
+        raise private_api_error("assisted decoding loop", missing)
+    model._get_candidate_generator = lambda *args, **options: candidate_generator  # this call only: see below
+    try:
+        return decoding(model, input_ids, **kwargs)
+    except AttributeError as error:
+        if error.obj is candidate_generator:  # the loop asks the generator for what it lacks: the contract moved
+            raise private_api_error("assisted decoding loop's use of its CandidateGenerator", error) from error
+        raise
+    finally:
+        del model._get_candidate_generator
 
 
 # ----------------------------------------------------------------- generate() of the latent LMs
@@ -87,6 +119,7 @@ def logits_processors(
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
+    "assisted_decoding",
     "default_generation_params",
     "logits_processors",
     "prepare_generation_config",
