@@ -7,8 +7,11 @@ reconstruction NLL, so
     perplexity_bound = exp((NLL_codes(z) + NLL_recon(x | z)) / num_tokens)
 
 is an upper bound on the RQ model's perplexity, comparable with a token LM's perplexity on
-the same tokens. `bound_terms` returns the summed terms of one batch (so batches and ranks
-add up); `perplexity_bound` turns summed terms into the figure.
+the same tokens. The model is p(x) = sum_z p(z) p_dec(x | z); the sampler that draws from it
+samples the codes and the decoder's tokens, both at temperature 1 with no truncation:
+`generate(do_sample=True, top_k=0, decoder_do_sample=True)` (the default decoder argmax is
+another sampler, which the bound does not describe). `bound_terms` returns the summed terms
+of one batch (so batches and ranks add up); `perplexity_bound` turns summed terms into the figure.
 """
 
 from __future__ import annotations
@@ -17,8 +20,29 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from rqlm.modeling.modeling_rq_vae import IGNORE_INDEX
+
+
+def spatial_hidden(model, latents: torch.Tensor, valid: torch.BoolTensor | None = None) -> torch.FloatTensor:
+    """Teacher-forced spatial outputs h (B, L, H) of a latent LM over codes (B, L, D) or latents (B, L, d).
+
+    `valid` (B, L) marks the positions holding a real token (None: all). Padding is masked out of the spatial
+    stack, the start vector sits at each row's first real position and positions count from it, as `generate`
+    lays out a left-padded prompt: a padded row gives the outputs it gives alone.
+    """
+    inputs = model.spatial_inputs(latents)  # (B, L, H): [start, x_0 .. x_{L-2}]
+    if valid is None or bool(valid.all()):
+        return model.spatial_forward(inputs)
+    first = valid.int().argmax(1)  # (B,) each row's first real position (0 for a row of padding only)
+    rows = torch.arange(len(first), device=first.device)
+    inputs = inputs.clone()
+    inputs[rows, first] = model.start.to(inputs.dtype)
+    mask = valid.long()
+    mask[rows, first] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, L)
+    return model.spatial_forward(inputs, mask, positions)
 
 
 @torch.no_grad()
@@ -35,27 +59,40 @@ def bound_terms(
       'correct_depth'    (D,) codes predicted right (argmax) at each depth
       'num_codes_depth'  (D,) codes scored at each depth
     `codes` (B, L, D) may be passed when already computed by the same VAE (`rqlm encode`); padding
-    (mask 0 or code -1) is left out of every term.
+    (mask 0 or code -1) is left out of every term, and a left-padded row scores what it scores alone.
     """
+    if getattr(model.config, "depth_output", "codes") == "tokens":
+        raise ValueError("a depth_output='tokens' model has an exact likelihood: score it with its forward's loss, "
+                         "not the bound")
     was_training = model.training
     model.eval()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, codes=codes)
+    if codes is None:
+        codes = model.encode(input_ids, attention_mask)  # (B, L, D), -1 on chunks of padding only
+    model._check_codes(codes)
+    hidden = spatial_hidden(model, codes, codes[..., 0] >= 0)  # (B, L, H)
+    code_logits = model.depth_logits(hidden, codes).float()  # (B, L, D, K)
     model.train(was_training)
-    num_codes = out.num_codes.double()  # (D,)
+    valid = codes >= 0  # (B, L, D)
+    nll = F.cross_entropy(
+        rearrange(code_logits, "b l d k -> b k l d"), codes.masked_fill(~valid, IGNORE_INDEX),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    )  # (B, L, D), 0 on padding
+    correct = (code_logits.argmax(-1) == codes) & valid  # (B, L, D)
     vae = model.vae
     decoder_tokens = input_ids if vae.config.decoder_sees_previous_tokens else None
-    logits = vae.decode(out.codes.clamp(min=0), input_ids=decoder_tokens, attention_mask=attention_mask)  # (B, T, V)
+    logits = vae.decode(codes.clamp(min=0), input_ids=decoder_tokens, attention_mask=attention_mask)  # (B, T, V)
     targets = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     nll_recon = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+    nll_codes_depth = nll.sum(dim=(0, 1)).double()  # (D,)
     return {
-        "nll_codes": (out.depth_nll.double() * num_codes).sum(),
+        "nll_codes": nll_codes_depth.sum(),
         "nll_recon": nll_recon.double(),
         "num_tokens": (targets != IGNORE_INDEX).sum().double(),
-        "nll_codes_depth": out.depth_nll.double() * num_codes,
-        "correct_depth": out.depth_accuracy.double() * num_codes,
-        "num_codes_depth": num_codes,
+        "nll_codes_depth": nll_codes_depth,
+        "correct_depth": correct.sum(dim=(0, 1)).double(),
+        "num_codes_depth": valid.sum(dim=(0, 1)).double(),
     }
 
 
