@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -215,6 +216,8 @@ def folders(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("evaluate")
     rq = save_rq_model(root / "rq", tokenizer, seed=0, num_decoder_layers=1, num_encoder_layers=1,
                        decoder_sees_previous_tokens=True)
+    # the model card's data line, as train-lm writes it: evaluate reads the block size from it
+    (root / "rq" / "README.md").write_text("## Data\n\n- dataset: embedded corpus; block size 32 tokens\n")
     base = save_baseline(root / "base", tokenizer, seed=1)
     return root, rq, base
 
@@ -272,6 +275,22 @@ def test_evaluate_reports_the_bound_and_the_baseline_on_the_same_tokens(folders,
     assert again["judged_perplexity_rq_samples"] == figures["judged_perplexity_rq_samples"]
 
 
+def test_evaluate_reads_the_block_size_the_model_was_trained_on(folders, tmp_path, capsys):
+    root, _, _ = folders
+    quick = ["--baseline", str(root / "base"), "--max_eval_blocks", "3", "--num_prompts", "0", "--brier_prefixes", "0",
+             "--output_json", str(tmp_path / "figures.json")]
+    assert main(["evaluate", "--model", str(root / "rq"), *quick]) == 0  # its README.md says 32
+    assert "3 blocks of 32 tokens" in capsys.readouterr().out
+    assert json.loads((tmp_path / "figures.json").read_text())["num_tokens"] == 3 * 32
+    assert main(["evaluate", "--model", str(root / "rq"), "--block_size", "16", *quick]) == 0  # the flag wins
+    assert json.loads((tmp_path / "figures.json").read_text())["num_tokens"] == 3 * 16
+    capsys.readouterr()
+    shutil.copytree(root / "rq", tmp_path / "no_card", ignore=shutil.ignore_patterns("README.md"))
+    assert main(["evaluate", "--model", str(tmp_path / "no_card"), *quick]) == 1
+    err = capsys.readouterr().err
+    assert "pass --block_size" in err and err.count("\n") == 1
+
+
 def word_level_tokenizer(folder):
     """Another vocabulary: a 4-word word-level tokenizer with an EOS, saved to `folder`."""
     vocab = {"<pad>": 0, "<eos>": 1, "def": 2, "main": 3}
@@ -288,7 +307,7 @@ def test_evaluate_errors_are_one_line(folders, tokenizer, tmp_path, capsys):
     save_baseline(tmp_path / "other_tokenizer", tokenizer)
     word_level_tokenizer(tmp_path / "other_tokenizer")
     capsys.readouterr()  # the saves' progress bars
-    model, baseline = ["--model", str(root / "rq")], ["--baseline", str(root / "base")]
+    model, baseline = ["--model", str(root / "rq"), "--block_size", "128"], ["--baseline", str(root / "base")]
     cases = [
         ([*model, "--baseline", str(tmp_path / "wider")], f"a vocabulary of {len(tokenizer) + 8} tokens"),
         ([*model, "--baseline", str(tmp_path / "other_tokenizer")], "another tokenizer (4 entries"),

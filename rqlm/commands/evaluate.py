@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
-# train-lm's block size: the bound is read on blocks of the length the LM learned
-DEFAULT_BLOCK_SIZE = 128
+# the block size a training command writes into its model card (README.md): train-lm and train-givt write
+# "block size 128 tokens", train-baseline "block size: 128 tokens"
+TRAINED_BLOCK_SIZE = re.compile(r"block size:? (\d+) tokens")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or a `rqlm train-givt` one (continuous latents)")
     parser.add_argument("--baseline", required=True, help="a `rqlm train-baseline` output folder (Qwen3ForCausalLM)")
     add_data_arguments(parser)
-    parser.set_defaults(block_size=DEFAULT_BLOCK_SIZE, compression_factor=None)
+    parser.set_defaults(block_size=None, compression_factor=None)
+    parser._option_string_actions["--block_size"].help = (
+        "tokens per held-out block, a multiple of C (default: the block size --model was trained on, which "
+        "train-lm and train-givt write into its README.md): the bound is read on blocks of the length the LM learned"
+    )
     parser._option_string_actions["--compression_factor"].help = "C; read from --model (a different value is an error)"
     parser._option_string_actions["--tokenizer"].help = "tokenizer folder (default: the --model folder's)"
     parser.add_argument("--batch_size", type=int, default=8, help="held-out blocks per forward pass")
@@ -51,6 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "that each model samples twice at temperature 1, seeded by --seed: every block's start, "
                             "then windows 4, 8, ... tokens further in when more are asked for (0: skip)")
     parser.add_argument("--output_json", default=None, help="write every figure to this JSON file")
+
+
+def trained_block_size(folder) -> int:
+    """The block size a `rqlm train-lm` / `train-givt` folder was trained on, from its model card (README.md)."""
+    card = Path(folder) / "README.md"
+    found = TRAINED_BLOCK_SIZE.search(card.read_text()) if card.is_file() else None
+    if found is None:
+        raise ValueError(f"--model '{folder}' does not say which block size it was trained on (no 'block size N "
+                         "tokens' in its README.md, which train-lm writes); pass --block_size")
+    return int(found.group(1))
 
 
 def check_arguments(args: argparse.Namespace, config) -> None:
@@ -300,6 +316,8 @@ def main(args: argparse.Namespace) -> int:
 
     config = read_config(args.model, "--model", LATENT_LM_TYPES)
     baseline_config = read_config(args.baseline, "--baseline", ("qwen3",))
+    if args.block_size is None:
+        args.block_size = trained_block_size(args.model)
     check_arguments(args, config)
     check_positions(args, config, baseline_config)
     tokenizer = load_folder_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
