@@ -104,6 +104,37 @@ def test_loglikelihood_is_the_continuations_terms_after_an_eos_padded_context(ad
     assert -logp == pytest.approx(adapter.sequence_nll(prefix + cont) - adapter.sequence_nll(prefix), rel=1e-9)
 
 
+def test_a_tokens_mode_model_scores_exact_log_likelihoods(tmp_path, tokenizer):
+    from test_generate_cli import tiny_backbone
+
+    from rqlm import RQTransformerForCausalLM
+
+    vae = save_rq_model(tmp_path / "vae_lm", tokenizer).vae
+    torch.manual_seed(1)
+    model = RQTransformerForCausalLM.from_vae(
+        vae, backbone_config=tiny_backbone(tokenizer, max_position_embeddings=64), depth_output="tokens",
+        depth_hidden_size=16, depth_num_attention_heads=2,
+    ).eval()  # fmt: skip
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    adapter = RQTransformerLM(pretrained=str(tmp_path / "lm"), device="cpu")
+    ctx, cont = adapter._encode_pair(CONTEXT, CONTINUATION)
+    ((logp, _),) = adapter.loglikelihood([request("loglikelihood", CONTEXT, CONTINUATION)], disable_tqdm=True)
+    # by hand: the continuation's log-probabilities under forward, the context read after one EOS, unpadded
+    ids = torch.tensor([[adapter.eot_token_id, *ctx, *cont]])
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+    expected = sum(logprobs[len(ctx) + i, token] for i, token in enumerate(cont))
+    assert logp == pytest.approx(float(expected), rel=1e-4)
+    ((rolling,),) = [adapter.loglikelihood_rolling([request("loglikelihood_rolling", CONTEXT + CONTINUATION)],
+                                                   disable_tqdm=True)]  # fmt: skip
+    whole = adapter.tok_encode(CONTEXT + CONTINUATION)
+    ids = torch.tensor([[adapter.eot_token_id, *whole]])
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+    assert rolling == pytest.approx(float(logprobs.gather(1, ids[0, 1:, None]).sum()), rel=1e-4)
+
+
 def test_is_greedy_says_whether_greedy_generation_gives_the_continuation(adapter, tokenizer):
     ctx = adapter.tok_encode(CONTEXT)
     (greedy,) = adapter._generate([ctx], max_new_tokens=10, do_sample=False)

@@ -31,6 +31,11 @@ scored from the model's learned start position (no EOS in front), so
 
 which is `rqlm evaluate`'s figure for the same tokens (its blocks start at the learned start position).
 
+A tokens-mode model (`depth_output="tokens"`) has an exact likelihood: there `sequence_nll` is the exact NLL
+of the ids read after one EOS (as `rqlm evaluate` reads the baseline's blocks), the context is not padded,
+and every log-likelihood above is exact (the difference of two exact sums of a causal model). Such a
+folder also scores unchanged under lm-eval's own `--model hf --model_args pretrained=DIR,trust_remote_code=True`.
+
 is_greedy: whether `model.generate(context, do_sample=False)` reproduces the continuation's tokens.
 It costs one batched greedy `generate` of len(continuation) new tokens per request (ceil(n / C) spatial
 steps of D depth steps each), on top of the two scoring passes; it is False for an empty context (there
@@ -51,6 +56,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from rqlm.evaluation.bound import bound_terms
+from rqlm.evaluation.perplexity import block_nll
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_GEN_TOKS = 256
@@ -83,7 +89,8 @@ class RQTransformerLM(TemplateLM):
         self.batch_size = _batch_size(batch_size)
         config = self.model.config
         self.c = config.compression_factor
-        positions = config.backbone_config.max_position_embeddings
+        self.exact = getattr(config, "depth_output", "codes") == "tokens"  # exact likelihood, not a bound
+        positions = config.backbone_config.max_position_embeddings - self.exact  # exact: room for the EOS read first
         self.max_length = positions * self.c if max_length is None else int(max_length)
         if self.max_length < self.c or self.max_length > positions * self.c:
             raise ValueError(f"max_length {self.max_length} must lie in [{self.c}, {positions * self.c}] "
@@ -117,6 +124,8 @@ class RQTransformerLM(TemplateLM):
         """
         if not ids:
             return 0.0
+        if self.exact:  # the exact NLL of every token, read after one EOS
+            return float(block_nll(self.model, torch.tensor([ids], device=self.device), self.eot_token_id)["nll"])
         padding = -len(ids) % self.c
         input_ids = torch.tensor([ids + [self.pad_token_id] * padding], device=self.device)  # (1, T)
         mask = None
@@ -133,7 +142,10 @@ class RQTransformerLM(TemplateLM):
         return self._prefix_nll[key]
 
     def chunk_prefix(self, context: list[int]) -> list[int]:
-        """Context ids left-padded with EOS to whole chunks, as `generate` pads a prompt ([] stays [])."""
+        """Context ids left-padded with EOS to whole chunks, as `generate` pads a prompt ([] stays []); a tokens-mode
+        model reads any length, and its context stays as it is."""
+        if self.exact:
+            return list(context)
         return [self.eot_token_id] * (-len(context) % self.c) + context
 
     def continuation_nll(self, context: list[int], continuation: list[int]) -> float:
