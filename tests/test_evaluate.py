@@ -275,6 +275,33 @@ def test_evaluate_reports_the_bound_and_the_baseline_on_the_same_tokens(folders,
     assert again["judged_perplexity_rq_samples"] == figures["judged_perplexity_rq_samples"]
 
 
+def test_evaluate_scores_a_tokens_mode_model_exactly_beside_the_baseline(folders, tokenizer, tmp_path, capsys):
+    from rqlm import RQTransformerForCausalLM
+
+    root, rq, _ = folders
+    torch.manual_seed(2)
+    model = RQTransformerForCausalLM.from_vae(rq.vae, backbone_config=rq.config.backbone_config, depth_output="tokens",
+                                              depth_hidden_size=16, depth_num_attention_heads=2).eval()
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    output = tmp_path / "figures.json"
+    argv = ["evaluate", "--model", str(tmp_path / "lm"), "--baseline", str(root / "base"), *EVAL_FLAGS,
+            "--output_json", str(output)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "RQ perplexity (tokens mode, exact)" in out and "rq samples" in out
+    figures = json.loads(output.read_text())
+    _, blocks = get_lm_datasets(None, tokenizer, block_size=32, compression_factor=4, max_eval_blocks=3)
+    ids = blocks[:]["input_ids"].long()
+    with torch.no_grad():  # every token of the blocks, read after one separator, as the baseline reads them
+        with_separator = torch.cat([torch.full((len(ids), 1), tokenizer.eos_token_id), ids], 1)
+        labels = torch.cat([torch.full((len(ids), 1), -100), ids], 1)
+        nats = float(model(input_ids=with_separator, labels=labels).loss)
+    assert figures["perplexity"] == pytest.approx(math.exp(nats), rel=1e-4)
+    assert figures["perplexity_bound"] == figures["perplexity"]
+    assert figures["ratio"] == pytest.approx(figures["perplexity"] / figures["baseline_perplexity"])
+
+
 def test_evaluate_reads_the_block_size_the_model_was_trained_on(folders, tmp_path, capsys):
     root, _, _ = folders
     quick = ["--baseline", str(root / "base"), "--max_eval_blocks", "3", "--num_prompts", "0", "--brier_prefixes", "0",

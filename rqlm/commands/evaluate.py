@@ -120,6 +120,11 @@ def check_positions(args: argparse.Namespace, config, baseline_config) -> None:
                              f"of {role}; lower them")
 
 
+def is_exact(config) -> bool:
+    """Whether the latent LM has an exact likelihood (the RQ model with depth_output='tokens')."""
+    return getattr(config, "depth_output", "codes") == "tokens"
+
+
 def has_bound(config) -> bool:
     """Whether the latent LM has a perplexity bound: the RQ model and GIVT's Gaussian head do, the energy head not."""
     return config.model_type != "givt" or config.head == "gaussian"
@@ -144,10 +149,14 @@ def held_out_figures(model, baseline, eval_blocks, batch_size: int, separator_id
 
     totals: dict[str, torch.Tensor] = {}
     baseline_nll, baseline_tokens, blocks = 0.0, 0.0, 0
-    bounded = has_bound(model.config)
+    exact_nll = 0.0
+    exact = is_exact(model.config)
+    bounded = has_bound(model.config) and not exact
     for batch in DataLoader(eval_blocks, batch_size=batch_size):
         input_ids = batch["input_ids"].long()
         blocks += len(input_ids)
+        if exact:  # a tokens-mode LM: scored exactly as the baseline is, on the same tokens
+            exact_nll += float(block_nll(model, input_ids, separator_id)["nll"])
         if bounded:
             for name, value in latent_bound_terms(model, input_ids).items():
                 totals[name] = totals[name] + value if name in totals else value
@@ -167,6 +176,16 @@ def held_out_figures(model, baseline, eval_blocks, batch_size: int, separator_id
         "num_tokens": tokens,
         "num_blocks": float(len(eval_blocks)),
     }
+    if exact:
+        perplexity = safe_exp(exact_nll / tokens)
+        figures.update({
+            "perplexity": perplexity,
+            "perplexity_bound": perplexity,  # the exact figure is its own bound: tables compare it with the codes mode's
+            "ratio": perplexity / baseline_perplexity,
+            "nll_bound_per_token": exact_nll / tokens,
+            "bits_per_token": exact_nll / tokens / math.log(2),
+        })
+        return figures
     if not bounded:
         return figures
     bound = perplexity_bound(totals)
@@ -250,7 +269,9 @@ def print_table(figures: dict[str, float], args: argparse.Namespace, config) -> 
           f"({int(figures['num_tokens']):,} tokens), C={c}, {latent}")
     print(f"{'':32}{'nats/token':>12}{'bits/token':>12}{'perplexity':>14}")
     rows = [("baseline perplexity", figures["nll_baseline_per_token"])]
-    if "perplexity_bound" in figures:
+    if is_exact(config):
+        rows[:0] = [("RQ perplexity (tokens mode, exact)", figures["nll_bound_per_token"])]
+    elif "perplexity_bound" in figures:
         rows[:0] = [
             ("GIVT ELBO perplexity bound" if continuous else "RQ perplexity bound", figures["nll_bound_per_token"]),
             ("  latent KL term" if continuous else "  code NLL term", figures["nll_codes_per_token"]),
@@ -259,7 +280,10 @@ def print_table(figures: dict[str, float], args: argparse.Namespace, config) -> 
     for name, nats in rows:
         print(f"{name:32}{nats:12.4f}{nats / math.log(2):12.4f}{_number(math.exp(min(nats, 700))):>14}")
     if "ratio" in figures:
-        print(f"{'ratio bound / baseline':32}{'':24}{_number(figures['ratio']):>14}")
+        print(f"{'ratio ' + ('' if is_exact(config) else 'bound ') + '/ baseline':32}{'':24}{_number(figures['ratio']):>14}")
+    if is_exact(config):
+        _print_judged(figures, args, "rq")
+        return
     if continuous:
         if "perplexity_bound" not in figures:
             print("the energy head is likelihood-free: no perplexity bound; BrierLM compares it")
