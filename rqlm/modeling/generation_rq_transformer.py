@@ -18,8 +18,8 @@ modes, greedy and sampling. The settings the loop implements:
     repetition_penalty, no_repeat_ngram_size, bad_words_ids, suppress_tokens, begin_suppress_tokens,
     sequence_bias, min_length, min_new_tokens (EOS is masked out of the choice until then), forced_eos_token_id,
     and `decoder_<name>` for the same names as the depths' (default argmax; `decoder_do_sample=True` samples
-    the decoder's softmax at `decoder_temperature`, so sampling both the codes and the tokens draws from
-    p(x) = sum_z p(z) p_dec(x | z), the model whose perplexity the bound of rqlm/evaluation/bound.py bounds);
+    the decoder's softmax at `decoder_temperature`: `do_sample=True, top_k=0, decoder_do_sample=True` draws
+    from p(x) = sum_z p(z) p_dec(x | z), the model whose perplexity rqlm/evaluation/bound.py bounds);
   - the run: max_new_tokens / max_length, eos_token_id, pad_token_id, use_cache, num_return_sequences,
     stop_strings (with `tokenizer=`), max_time (checked after each chunk), return_dict_in_generate with
     output_scores / output_logits (code scores, one (B, D, K) tensor per step), streamer.
@@ -36,6 +36,7 @@ real chunk, so a batch generates what its rows generate one by one.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -228,9 +229,7 @@ class RQTransformerGenerationMixin(GenerationMixin):
     def _check_generation_config(self, generation_config: GenerationConfig) -> None:
         """No field set away from its default that the loop does not implement: every mode but greedy and sampling
         needs one (num_beams, penalty_alpha, assistant settings, ...), so those two are all there is, as in CSM."""
-        reference = GenerationConfig()
-        reference.update(**default_generation_params(), defaults_only=True)
-        defaults, values = reference.to_dict(), generation_config.to_dict()
+        defaults, values = _default_settings(), generation_config.to_dict()
         implemented = set(DEPTH_SETTINGS + TOKEN_SETTINGS + RUN_SETTINGS)
         for name, value in values.items():
             custom = name not in defaults and name.startswith(("depth_", "decoder_"))  # read by generate
@@ -359,15 +358,23 @@ class RQTransformerGenerationMixin(GenerationMixin):
         return _TokenChoice(processors, bool(config.do_sample))
 
 
+@functools.cache
+def _default_settings() -> dict:
+    """Every GenerationConfig field with the value `generate` gives it when nobody sets it (read only)."""
+    reference = GenerationConfig()
+    reference.update(**default_generation_params(), defaults_only=True)
+    return reference.to_dict()
+
+
 def _pop_prefixed(kwargs: dict, prefix: str) -> dict:
     """Remove the `prefix<name>` keywords that are no GenerationConfig field from `kwargs`: {name: value}."""
-    fields = GenerationConfig().to_dict()
+    fields = _default_settings()
     return {k[len(prefix) :]: kwargs.pop(k) for k in list(kwargs) if k.startswith(prefix) and k not in fields}
 
 
 def _custom_entries(generation_config: GenerationConfig, prefix: str) -> dict:
     """The `prefix<name>` entries a GenerationConfig carries beyond its fields: {name: value}."""
-    fields = GenerationConfig().to_dict()
+    fields = _default_settings()
     return {
         k[len(prefix) :]: v for k, v in generation_config.to_dict().items() if k.startswith(prefix) and k not in fields
     }
