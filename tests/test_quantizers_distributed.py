@@ -1,7 +1,7 @@
 """A real 2-process gloo run: ranks see different data, yet after training steps with EMA, kmeans init,
-dead-code expiry and quantize dropout every rank holds bit-identical codebooks; and those codebooks are
-the ones one process reaches on the two ranks' batches concatenated (the statistics are summed over
-ranks, not taken from one of them)."""
+dead-code expiry (below an EMA count, and below a ratio of the mean count) and quantize dropout every rank
+holds bit-identical codebooks; and those codebooks are the ones one process reaches on the two ranks'
+batches concatenated (the statistics are summed over ranks, not taken from one of them)."""
 
 import os
 import socket
@@ -28,19 +28,30 @@ def build_quantizers(
     sync_codebook: bool | None, threshold_ema_dead_code: float = 2, quantize_dropout: bool = True
 ) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)  # same initial weights on every rank
-    common = {
-        "kmeans_init": True,
-        "kmeans_iters": 3,
-        "threshold_ema_dead_code": threshold_ema_dead_code,
-        "sync_codebook": sync_codebook,
-    }
+    common = {"kmeans_init": True, "kmeans_iters": 3, "sync_codebook": sync_codebook}
+    absolute = {"threshold_ema_dead_code": threshold_ema_dead_code}
+    # "heads" expires codes below a share of its mean EMA count instead: both rules run across ranks
+    ratio = {"dead_code_threshold_ratio": threshold_ema_dead_code / 4, "reset_cluster_size_ratio": 0.25}
     return {
         "rvq": ResidualVQ(
-            dim=DIM, num_quantizers=3, codebook_size=16, quantize_dropout=quantize_dropout, **common
+            dim=DIM,
+            num_quantizers=3,
+            codebook_size=16,
+            quantize_dropout=quantize_dropout,
+            **common,
+            **absolute,
         ),
-        "shared": ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=16, shared_codebook=True, **common),
+        "shared": ResidualVQ(
+            dim=DIM, num_quantizers=2, codebook_size=16, shared_codebook=True, **common, **absolute
+        ),
         "heads": VectorQuantize(
-            dim=DIM, codebook_size=16, heads=2, separate_codebook_per_head=True, use_cosine_sim=True, **common
+            dim=DIM,
+            codebook_size=16,
+            heads=2,
+            separate_codebook_per_head=True,
+            use_cosine_sim=True,
+            **common,
+            **(ratio if threshold_ema_dead_code else {}),
         ),
     }
 

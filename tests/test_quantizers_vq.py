@@ -268,6 +268,22 @@ def test_shared_codebook_is_one_module_saved_once():
 # ----------------------------------------------------------------------------- parity with the reference
 
 
+# The EMA rule rqlm follows is the reference's since 1.34 (the version pinned in pyproject's dev extra):
+# statistics start at zero and code = (embed_avg + eps * code) / (cluster_size + eps), so a code that gets
+# no vector stays where it is. Up to 1.31 both libraries Laplace-smoothed the counts, which pulled unused
+# codes to the origin. The dead-code ratios (dead_code_threshold_ratio, reset_cluster_size_ratio) follow
+# the reference too; threshold_ema_dead_code and reset_cluster_size keep their meaning up to 1.31 (EMA
+# counts), which the reference now converts into ratios (see rqlm.modeling.vector_quantize).
+SEPARATE_HEADS = {"heads": 2, "separate_codebook_per_head": True, "codebook_dim": 4}
+PARITY_CASES = [
+    ("VectorQuantize", {"dim": DIM, "codebook_size": CODES}),
+    ("VectorQuantize", {"dim": DIM, "codebook_size": CODES, **SEPARATE_HEADS}),
+    ("ResidualVQ", {"dim": DIM, "num_quantizers": 3, "codebook_size": CODES}),
+    ("ResidualVQ", {"dim": DIM, "num_quantizers": 3, "codebook_size": CODES, "codebook_dim": 8}),
+]
+PARITY_IDS = ["vq", "vq_heads", "rvq", "rvq_projection"]
+
+
 def reference_pair(name: str, **kwargs):
     """(ours, reference) with the reference's weights loaded into ours."""
     ref = pytest.importorskip("vector_quantize_pytorch")
@@ -279,26 +295,14 @@ def reference_pair(name: str, **kwargs):
 
 
 @pytest.mark.parametrize("use_cosine_sim", [False, True], ids=["euclidean", "cosine"])
-@pytest.mark.parametrize(
-    "name,kwargs",
-    [
-        ("VectorQuantize", {"dim": DIM, "codebook_size": CODES}),
-        (
-            "VectorQuantize",
-            {
-                "dim": DIM,
-                "codebook_size": CODES,
-                "heads": 2,
-                "separate_codebook_per_head": True,
-                "codebook_dim": 4,
-            },
-        ),
-        ("ResidualVQ", {"dim": DIM, "num_quantizers": 3, "codebook_size": CODES}),
-        ("ResidualVQ", {"dim": DIM, "num_quantizers": 3, "codebook_size": CODES, "codebook_dim": 8}),
-    ],
-    ids=["vq", "vq_heads", "rvq", "rvq_projection"],
-)
+@pytest.mark.parametrize("name,kwargs", PARITY_CASES, ids=PARITY_IDS)
 def test_parity_with_reference(name, kwargs, use_cosine_sim):
+    """Same indices, outputs, losses, gradients and EMA step as the reference, with gradients flowing.
+
+    Within rounding: the reference's rotation-trick output is the rotated input, equal to the code up to
+    rounding, and that rounding reaches the residuals of later depths (rqlm returns the code exactly).
+    The EMA rule itself is compared bit for bit in `test_ema_step_equals_the_reference_bit_for_bit`.
+    """
     ours, reference = reference_pair(name, use_cosine_sim=use_cosine_sim, **kwargs)
     x = inputs(2, length=40)
     for training in (False, True):  # eval first: training moves the EMA codebooks
@@ -315,6 +319,22 @@ def test_parity_with_reference(name, kwargs, use_cosine_sim):
             torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
             for key, value in reference.state_dict().items():
                 torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("use_cosine_sim", [False, True], ids=["euclidean", "cosine"])
+@pytest.mark.parametrize("name,kwargs", PARITY_CASES, ids=PARITY_IDS)
+def test_ema_step_equals_the_reference_bit_for_bit(name, kwargs, use_cosine_sim):
+    """rqlm's EMA update is the reference's rule: three training steps leave every buffer bitwise equal."""
+    ours, reference = reference_pair(name, use_cosine_sim=use_cosine_sim, **kwargs)
+    ours.train(), reference.train()
+    for step in range(3):
+        x = inputs(10 + step, length=40)
+        with torch.no_grad():  # no rotation trick: each depth gets the same residual bit for bit
+            q_ours, i_ours, l_ours = ours(x)
+            q_ref, i_ref, l_ref = reference(x)
+        assert torch.equal(i_ours, i_ref) and torch.equal(q_ours, q_ref) and torch.equal(l_ours, l_ref)
+        for key, value in reference.state_dict().items():
+            assert torch.equal(ours.state_dict()[key], value), f"step {step}: {key}"
 
 
 def test_simvq_and_random_projection_parity_with_reference():
@@ -346,7 +366,6 @@ def test_ema_fits_gaussian_mixture_clusters():
     centers = 3 * torch.randn(8, 4, generator=generator)
     vq = VectorQuantize(dim=4, codebook_size=8, decay=0.8)
     vq.codebook = centers + 0.4 * torch.randn(8, 4, generator=generator)  # right clusters, wrong places
-    vq._codebook.embed_avg.copy_(vq._codebook.embed)
     start_error = (vq.codebook - centers).norm(dim=-1).max()
     for _ in range(30):
         vq(gaussian_mixture(centers, 512, generator).unsqueeze(0))
@@ -362,24 +381,109 @@ def codebook_usage_perplexity(indices: torch.Tensor, size: int) -> float:
     return codebook_usage(indices.reshape(-1), size)["perplexity"][0]
 
 
-@pytest.mark.parametrize("threshold", [0, 1])
-def test_dead_code_expiry_revives_unused_codes(threshold):
+def test_ema_step_moves_used_codes_to_their_mean_and_leaves_unused_codes_alone():
+    """From zero statistics, one step puts each used code at the mean of its vectors; unused codes stay.
+
+    The Laplace-smoothed rule of the reference up to 1.31 fails the second half: after enough steps
+    without a vector, a code's sums and count vanish together and it collapsed toward the origin.
+    """
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=4, codebook_size=8, decay=0.5)
+    vq.codebook = torch.arange(8.0).repeat_interleave(4).view(8, 4)  # code k = (k, k, k, k)
+    x = torch.tensor([[0.1, 0.2, 0.0, -0.1], [-0.1, 0.0, 0.1, 0.3], [3.2, 2.9, 3.0, 3.1]])
+    vq(x.unsqueeze(0))
+    torch.testing.assert_close(vq.codebook[0], x[:2].mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vq.codebook[3], x[2], rtol=1e-5, atol=1e-5)
+    unused = [1, 2, 4, 5, 6, 7]
+    for _ in range(60):  # 0.5 ** 60: the unused codes' statistics are long gone
+        vq(x.unsqueeze(0))
+    start = torch.arange(8.0)[unused, None].expand(-1, 4)
+    torch.testing.assert_close(vq.codebook[unused], start, rtol=1e-6, atol=0)
+
+
+DEAD_CODE_CASES = {
+    "none": {},
+    "absolute": {"threshold_ema_dead_code": 1},
+    "ratio": {"dead_code_threshold_ratio": 0.1},
+}
+
+
+@pytest.mark.parametrize("case", DEAD_CODE_CASES, ids=DEAD_CODE_CASES.keys())
+def test_dead_code_expiry_revives_unused_codes(case):
     generator = torch.Generator().manual_seed(0)
     centers = 3 * torch.randn(8, 4, generator=generator)
-    vq = VectorQuantize(dim=4, codebook_size=8, threshold_ema_dead_code=threshold)
+    vq = VectorQuantize(dim=4, codebook_size=8, **DEAD_CODE_CASES[case])
     far_away = torch.full((8, 4), 100.0)
     far_away[0] = 0.0  # a bad init: code 0 is nearest to everything
     vq.codebook = far_away
-    vq._codebook.embed_avg.copy_(far_away)
     for _ in range(30):
         vq(gaussian_mixture(centers, 512, generator).unsqueeze(0))
     vq.eval()
     _, indices, _ = vq(gaussian_mixture(centers, 2048, generator).unsqueeze(0))
     perplexity = codebook_usage_perplexity(indices, 8)
-    if threshold:
+    if DEAD_CODE_CASES[case]:
         assert perplexity > 6 and int(vq.codes_replaced) >= 7
     else:
         assert perplexity == pytest.approx(1.0) and int(vq.codes_replaced) == 0
+
+
+def dead_code_pair(**kwargs):
+    """(ours, reference) VectorQuantize, 8 codes of dim 2 at distinct EMA counts 8 + k (code k at (k, 0))."""
+    codes = torch.stack([torch.arange(8.0), torch.zeros(8)], dim=-1)
+    counts = 8.0 + torch.arange(8.0)
+    ours, reference = reference_pair("VectorQuantize", dim=2, codebook_size=8, **kwargs)
+    for quantizer in (ours, reference):
+        quantizer._codebook.embed.copy_(codes.unsqueeze(0))
+        quantizer._codebook.cluster_size.copy_(counts.unsqueeze(0))
+        quantizer._codebook.embed_avg.copy_((codes * counts[:, None]).unsqueeze(0))
+    return ours, reference
+
+
+def replaced_codes(quantizer) -> set[int]:
+    """Codes 0-6 no longer on the (k, 0) grid of `dead_code_pair` (code 7 gets every vector and moves)."""
+    return set(torch.nonzero(quantizer.codebook[:7, 1] != 0).flatten().tolist())
+
+
+@pytest.mark.parametrize("num_vectors", [40, 3], ids=["enough_vectors", "fewer_vectors_than_dead_codes"])
+def test_dead_code_ratios_match_the_reference(num_vectors):
+    """dead_code_threshold_ratio expires codes below that share of the mean EMA count, and
+    reset_cluster_size_ratio sets a replaced code's count to its share of the mean, as in the reference;
+    with fewer vectors than dead codes, the least used are replaced first."""
+    ours, reference = dead_code_pair(dead_code_threshold_ratio=0.99, reset_cluster_size_ratio=0.25)
+    x = torch.stack([torch.full((num_vectors,), 7.0), 1 + torch.rand(num_vectors)], dim=-1)  # nearest code 7
+    ours(x.unsqueeze(0)), reference(x.unsqueeze(0))
+    # after the step: counts 0.8 * (8 + k) for k < 7 and 0.8 * 15 + 0.2 * num_vectors for code 7
+    counts = 0.8 * (8.0 + torch.arange(8.0))
+    counts[7] += 0.2 * num_vectors
+    dead = torch.nonzero(counts < 0.99 * counts.mean()).flatten().tolist()
+    expected = set(dead[:num_vectors])  # counts rise with k: the least used are the first dead ones
+    assert replaced_codes(ours) == replaced_codes(reference) == expected and len(dead) > 3
+    reset = 0.25 * counts.mean()
+    torch.testing.assert_close(ours._codebook.cluster_size, reference._codebook.cluster_size, rtol=0, atol=0)
+    torch.testing.assert_close(ours._codebook.cluster_size[0, sorted(expected)], reset.expand(len(expected)))
+    kept = [k for k in range(8) if k not in expected]
+    assert torch.equal(ours.codebook[kept], reference.codebook[kept])
+    assert all((ours.codebook[k] == x).all(-1).any() for k in expected)  # replaced by vectors of the batch
+    replaced = sorted(expected)
+    torch.testing.assert_close(ours._codebook.embed_avg[0, replaced], ours.codebook[replaced] * reset)
+    assert int(ours.codes_replaced) == len(expected)
+
+
+@pytest.mark.parametrize("reset_cluster_size,reset", [(None, 7.5), (2.0, 2.0)])
+def test_absolute_dead_code_threshold_keeps_its_meaning(reset_cluster_size, reset):
+    """threshold_ema_dead_code and reset_cluster_size are EMA counts in rqlm, as in the reference up to
+    1.31. The reference now reads them as the ratios T / codebook_size of the mean count, a different
+    rule: here it replaces codes 0-3 where rqlm replaces the codes below count 7.5 (0 and 1). A replaced
+    code restarts at count reset_cluster_size, by default the threshold."""
+    ours, reference = dead_code_pair(threshold_ema_dead_code=7.5, reset_cluster_size=reset_cluster_size)
+    x = torch.stack([torch.full((40,), 7.0), 1 + torch.rand(40)], dim=-1)
+    ours(x.unsqueeze(0)), reference(x.unsqueeze(0))
+    counts = 0.8 * (8.0 + torch.arange(8.0))
+    counts[7] += 0.2 * 40
+    assert replaced_codes(ours) == set(torch.nonzero(counts < 7.5).flatten().tolist()) == {0, 1}
+    converted = torch.nonzero(counts < 7.5 / 8 * counts.mean()).flatten().tolist()
+    assert replaced_codes(reference) == set(converted) == {0, 1, 2, 3}
+    assert torch.equal(ours._codebook.cluster_size[0, :2], torch.full((2,), reset))
 
 
 def test_kmeans_init_fits_clusters_at_first_step():
@@ -389,6 +493,20 @@ def test_kmeans_init_fits_clusters_at_first_step():
     vq(gaussian_mixture(centers, 256, generator).unsqueeze(0))
     distance = torch.cdist(vq.codebook, centers).min(dim=0).values  # every cluster has a code
     assert bool(vq._codebook.initted) and distance.max() < 0.5
+
+
+def test_kmeans_init_seeds_the_ema_statistics():
+    """Kmeans init leaves its clusters' counts and sums (unlike the reference, which leaves zeros): codes
+    with 2 or more vectors in the first batch survive threshold_ema_dead_code=2, where counts started
+    from zero would be 0.2 * count after the first step and expire every code with fewer than 10."""
+    generator = torch.Generator().manual_seed(0)
+    centers = 10 * torch.randn(4, 4, generator=generator)
+    x = gaussian_mixture(centers, 32, generator).unsqueeze(0)
+    vq = VectorQuantize(dim=4, codebook_size=4, kmeans_init=True, threshold_ema_dead_code=2)
+    _, indices, _ = vq(x)
+    counts = torch.bincount(indices.flatten(), minlength=4).float()
+    assert 2 <= counts.min() < 10 and int(vq.codes_replaced) == 0
+    torch.testing.assert_close(vq._codebook.cluster_size[0], counts)
 
 
 # ----------------------------------------------------------------------------- masks and numerics
@@ -502,6 +620,27 @@ def test_fp32_codebook_math_under_bf16_autocast():
             "num_quantizers=1",
         ),
         (lambda: build_quantizer("fsq", dim=DIM, num_quantizers=1, codebook_size=1000), "levels"),
+        (
+            lambda: VectorQuantize(
+                dim=DIM, codebook_size=CODES, threshold_ema_dead_code=2, dead_code_threshold_ratio=0.1
+            ),
+            "pass one dead-code threshold",
+        ),
+        (lambda: VectorQuantize(dim=DIM, codebook_size=CODES, dead_code_threshold_ratio=1.0), r"\[0, 1\)"),
+        (
+            lambda: VectorQuantize(
+                dim=DIM,
+                codebook_size=CODES,
+                dead_code_threshold_ratio=0.1,
+                reset_cluster_size=1,
+                reset_cluster_size_ratio=0.1,
+            ),
+            "not both",
+        ),
+        (
+            lambda: ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=CODES, reset_cluster_size_ratio=0.5),
+            "no effect without dead-code expiry",
+        ),
     ],
 )
 def test_bad_arguments_raise_one_line_errors(build, match):

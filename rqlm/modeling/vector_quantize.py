@@ -9,6 +9,18 @@ Inside, h codebooks of K codes live in one (h, K, d) tensor and every input is l
 (h, M, d): h = heads with `separate_codebook_per_head`, else 1 (heads then share one codebook and
 their vectors are stacked along M). Under data parallelism (`sync_codebook`), the EMA statistics and
 kmeans sums are all-reduced and replacement codes are broadcast, so every rank holds the same codebook.
+
+The EMA update is the reference's since 1.34 (up to 1.31 both Laplace-smoothed the counts): the
+statistics start at zero and a code is (embed_avg + eps * code) / (cluster_size + eps), the EMA mean
+of the vectors assigned to it; a code that gets none stays where it is (the smoothed rule pulled it to
+the origin). Dead codes expire below a ratio of their codebook's mean EMA count, as in the reference
+(`dead_code_threshold_ratio`, `reset_cluster_size_ratio`), or below an EMA count, as up to 1.31
+(`threshold_ema_dead_code`, `reset_cluster_size`). The reference now reads a count T >= 1 as the ratio
+T / codebook_size, a different threshold (the same only when the counts sum to codebook_size ** 2):
+rqlm keeps the count, so its configs mean what they meant. Kmeans init also seeds the statistics with
+its clusters' counts and sums (the reference leaves zeros): they are a fixed point of the update, and
+from zero counts a threshold T would expire every code with fewer than T / (1 - decay) vectors in the
+first batch.
 """
 
 from __future__ import annotations
@@ -64,7 +76,12 @@ def orthogonal_loss(codebooks: torch.Tensor) -> torch.Tensor:
 
 
 class Codebook(nn.Module):
-    """h codebooks of K codes, embed (h, K, d), with EMA statistics, kmeans init and dead-code expiry."""
+    """h codebooks of K codes, embed (h, K, d), with EMA statistics, kmeans init and dead-code expiry.
+
+    Dead-code expiry uses an absolute EMA count (`threshold_ema_dead_code` > 0) or a ratio of the
+    codebook's mean EMA count (`dead_code_threshold_ratio` > 0). A replaced code restarts at the count
+    `reset_cluster_size`, or `reset_cluster_size_ratio` times the mean count; by default at the threshold.
+    """
 
     def __init__(
         self,
@@ -76,6 +93,9 @@ class Codebook(nn.Module):
         decay: float = 0.8,
         eps: float = 1e-5,
         threshold_ema_dead_code: float = 0,
+        dead_code_threshold_ratio: float = 0.0,
+        reset_cluster_size: float | None = None,
+        reset_cluster_size_ratio: float | None = None,
         learnable_codebook: bool = False,
         ema_update: bool = True,
         use_cosine_sim: bool = False,
@@ -88,6 +108,11 @@ class Codebook(nn.Module):
         self.decay = decay
         self.eps = eps
         self.threshold_ema_dead_code = threshold_ema_dead_code
+        self.dead_code_threshold_ratio = dead_code_threshold_ratio
+        if threshold_ema_dead_code > 0 and not exists(reset_cluster_size_ratio):
+            reset_cluster_size = default(reset_cluster_size, threshold_ema_dead_code)
+        self.reset_cluster_size = reset_cluster_size
+        self.reset_cluster_size_ratio = default(reset_cluster_size_ratio, dead_code_threshold_ratio)
         self.ema_update = ema_update
         self.use_cosine_sim = use_cosine_sim
         self.sync_codebook = sync_codebook
@@ -99,8 +124,8 @@ class Codebook(nn.Module):
             embed = uniform_init(num_codebooks, codebook_size, dim)
             embed = l2norm(embed) if use_cosine_sim else embed
         self.register_buffer("initted", torch.tensor(not kmeans_init))
-        self.register_buffer("cluster_size", torch.ones(num_codebooks, codebook_size))
-        self.register_buffer("embed_avg", embed.clone())
+        self.register_buffer("cluster_size", torch.zeros(num_codebooks, codebook_size))
+        self.register_buffer("embed_avg", torch.zeros(num_codebooks, codebook_size, dim))
         # saved with the codebook (a non-persistent buffer stays uninitialized after from_pretrained)
         self.register_buffer("codes_replaced", torch.zeros((), dtype=torch.long))
         self.register_load_state_dict_pre_hook(_allow_missing_codes_replaced)
@@ -113,6 +138,10 @@ class Codebook(nn.Module):
     def offsets(self) -> torch.Tensor:
         """(h, 1) start of each codebook in the flattened (h * K, d) table."""
         return torch.arange(self.num_codebooks, device=self.embed.device)[:, None] * self.codebook_size
+
+    @property
+    def expires_codes(self) -> bool:
+        return self.threshold_ema_dead_code > 0 or self.dead_code_threshold_ratio > 0
 
     @property
     def needs_sync(self) -> bool:
@@ -163,16 +192,14 @@ class Codebook(nn.Module):
         return all_reduce_sum_(stats) if self.needs_sync else stats
 
     def _refresh_embed_(self) -> None:
-        """Codes = Laplace-smoothed EMA sums / EMA counts."""
-        total = self.cluster_size.sum(-1, keepdim=True)
-        counts = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
-        embed = self.embed_avg / counts.unsqueeze(-1)
+        """Codes = EMA sums / EMA counts, eps pulling toward the current code (a code with no count stays)."""
+        embed = (self.embed_avg + self.embed * self.eps) / (self.cluster_size + self.eps).unsqueeze(-1)
         self.embed.copy_(l2norm(embed) if self.use_cosine_sim else embed)
 
     @torch.no_grad()
     def update_(self, x: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """One EMA step from x (h, M, d) assigned to indices (h, M), then replace expired codes."""
-        if not (self.ema_update or self.threshold_ema_dead_code > 0):
+        if not (self.ema_update or self.expires_codes):
             return
         d = x.shape[-1]
         stats = self._assignment_stats(x.float(), indices, valid).view(
@@ -187,34 +214,51 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def expire_codes_(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Codes whose EMA count fell below the threshold restart at random vectors of x (h, M, d)."""
-        if self.threshold_ema_dead_code <= 0 or x.shape[1] == 0:
+        if not self.expires_codes or x.shape[1] == 0:
             return
-        expired = self.cluster_size < self.threshold_ema_dead_code  # (h, K)
+        threshold, reset = self._expiry_counts()  # (h, 1) each
+        expired = self.cluster_size < threshold  # (h, K)
         sync = self.needs_sync
         if sync and not expired.any():  # same answer on every rank: the counts were all-reduced
             return
         candidates, replace = self._replacement_candidates(x, valid, expired)
         if sync:
             candidates, replace = self._broadcast_candidates(candidates, replace)
-        reset = float(self.threshold_ema_dead_code)
         keep = ~replace.unsqueeze(-1)
         self.embed.copy_(torch.where(keep, self.embed, candidates))
-        self.embed_avg.copy_(torch.where(keep, self.embed_avg, candidates * reset))
-        self.cluster_size.masked_fill_(replace, reset)
+        self.embed_avg.copy_(torch.where(keep, self.embed_avg, candidates * reset.unsqueeze(-1)))
+        self.cluster_size.copy_(torch.where(replace, reset, self.cluster_size))
         self.codes_replaced += replace.sum()
+
+    def _expiry_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, 1) EMA count below which a code expires, and (h, 1) count a replaced code restarts at."""
+        mean = self.cluster_size.mean(-1, keepdim=True)  # (h, 1)
+        if self.threshold_ema_dead_code > 0:
+            threshold = torch.full_like(mean, float(self.threshold_ema_dead_code))
+        else:
+            threshold = mean * self.dead_code_threshold_ratio
+        if exists(self.reset_cluster_size):
+            reset = torch.full_like(mean, float(self.reset_cluster_size))
+        else:
+            reset = mean.clamp(min=self.eps) * self.reset_cluster_size_ratio
+        return threshold, reset
 
     def _replacement_candidates(
         self, x: torch.Tensor, valid: torch.Tensor | None, expired: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Distinct random rows of x (h, M, d) for expired codes (h, K), without a host sync.
 
-        Valid rows are ordered randomly, expired codes are ranked randomly, and the code of rank r takes
-        row r; when there are more expired codes than rows, the rest wait for a later batch.
+        Valid rows are ordered randomly, expired codes are ranked by EMA count (ties in random order),
+        and the code of rank r takes row r: when there are more expired codes than rows, the least used
+        are replaced now and the rest wait for a later batch.
         """
         h, m, d = x.shape
         valid = default(valid, torch.ones(h, m, dtype=torch.bool, device=x.device))
         row_order = torch.rand(h, m, device=x.device).masked_fill(~valid, 2.0).argsort(-1)  # valid rows first
-        code_order = torch.rand(h, self.codebook_size, device=x.device).masked_fill(~expired, 2.0).argsort(-1)
+        # expired codes first, least used first, ties in random order: a stable sort of a random order
+        shuffled = torch.rand(h, self.codebook_size, device=x.device).argsort(-1)  # (h, K)
+        counts = self.cluster_size.gather(-1, shuffled).masked_fill(~expired.gather(-1, shuffled), torch.inf)
+        code_order = shuffled.gather(-1, counts.argsort(dim=-1, stable=True))
         rank = torch.empty_like(code_order).scatter_(
             -1, code_order, torch.arange(self.codebook_size, device=x.device).expand_as(code_order)
         )
@@ -245,9 +289,9 @@ class Codebook(nn.Module):
             new_means = sums / counts.clamp(min=1).unsqueeze(-1)
             new_means = l2norm(new_means) if self.use_cosine_sim else new_means
             means = torch.where((counts == 0).unsqueeze(-1), means, new_means)
-        self.embed_avg.copy_(means * counts.unsqueeze(-1))
+        self.embed.copy_(means)
+        self.embed_avg.copy_(means * counts.unsqueeze(-1))  # a fixed point of the EMA update
         self.cluster_size.copy_(counts)
-        self._refresh_embed_()
         self.initted.fill_(True)
 
     def _kmeans_seed(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor | None:
@@ -349,6 +393,9 @@ class VectorQuantize(nn.Module):
         kmeans_iters: int = 10,
         use_cosine_sim: bool = False,
         threshold_ema_dead_code: float = 0,
+        dead_code_threshold_ratio: float = 0.0,
+        reset_cluster_size: float | None = None,
+        reset_cluster_size_ratio: float | None = None,
         channel_last: bool = True,
         accept_image_fmap: bool = False,
         accept_3d_fmap: bool = False,
@@ -383,6 +430,9 @@ class VectorQuantize(nn.Module):
             ema_update,
             orthogonal_reg_active_codes_only,
             separate_codebook_per_head,
+        )
+        _check_dead_code_arguments(
+            threshold_ema_dead_code, dead_code_threshold_ratio, reset_cluster_size, reset_cluster_size_ratio
         )
         codebook_dim = default(codebook_dim, dim)
         self.dim = dim
@@ -420,6 +470,9 @@ class VectorQuantize(nn.Module):
             decay=decay,
             eps=eps,
             threshold_ema_dead_code=threshold_ema_dead_code,
+            dead_code_threshold_ratio=dead_code_threshold_ratio,
+            reset_cluster_size=reset_cluster_size,
+            reset_cluster_size_ratio=reset_cluster_size_ratio,
             learnable_codebook=learnable_codebook or orthogonal_reg_weight > 0,
             ema_update=ema_update,
             use_cosine_sim=use_cosine_sim,
@@ -656,3 +709,26 @@ def _check_arguments(
         )
     if orthogonal_reg_active_codes_only and separate_codebook_per_head and heads > 1:
         raise ValueError("orthogonal_reg_active_codes_only does not support separate_codebook_per_head=True")
+
+
+def _check_dead_code_arguments(threshold, ratio, reset, reset_ratio) -> None:
+    """One-line errors for the dead-code keywords: one threshold, one reset count, each used and in range."""
+    if threshold < 0:
+        raise ValueError(f"threshold_ema_dead_code must be >= 0 (an EMA count), got {threshold}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"dead_code_threshold_ratio must lie in [0, 1) (of the mean EMA count), got {ratio}")
+    if threshold > 0 and ratio > 0:
+        raise ValueError(
+            f"pass one dead-code threshold: threshold_ema_dead_code={threshold} (an EMA count) or "
+            f"dead_code_threshold_ratio={ratio} (of the mean EMA count), not both"
+        )
+    if exists(reset) and exists(reset_ratio):
+        raise ValueError("pass reset_cluster_size (an EMA count) or reset_cluster_size_ratio, not both")
+    for name, value in (("reset_cluster_size", reset), ("reset_cluster_size_ratio", reset_ratio)):
+        if exists(value) and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+        if exists(value) and threshold == 0 and ratio == 0:
+            raise ValueError(
+                f"{name}={value} has no effect without dead-code expiry; "
+                "set dead_code_threshold_ratio or threshold_ema_dead_code too"
+            )
