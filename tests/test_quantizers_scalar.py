@@ -133,6 +133,37 @@ def test_fsq_matches_reference(kwargs):
     assert torch.equal(ours.codes_to_indices(codes), torch.arange(ours.codebook_size))
 
 
+def test_fsq_without_materialized_codebook():
+    """materialize_codebook=False: no implicit codebook (None, as in the reference), the same codes and
+    indices, and a grid of 8 ** 12 codes, too large to list, quantizes and decodes exactly."""
+    listed, unlisted = FSQ(levels=[8, 5, 5, 5]), FSQ(levels=[8, 5, 5, 5], materialize_codebook=False)
+    assert listed.implicit_codebook.shape == (1000, 4) and unlisted.implicit_codebook is None
+    x = make_input(listed)
+    out, indices = unlisted(x)
+    assert all(torch.equal(a, b) for a, b in zip((out, indices), listed(x)))
+    assert torch.equal(unlisted.indices_to_codes(indices), out)
+    huge = FSQ(levels=[8] * 12, materialize_codebook=False)
+    assert huge.implicit_codebook is None and huge.codebook_size == 8**12
+    out, indices = huge(torch.randn(BATCH, LENGTH, 12))
+    assert int(indices.max()) > 2**31 and torch.equal(huge.indices_to_codes(indices), out)
+    residual = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=2, materialize_codebook=False)
+    assert all(layer.implicit_codebook is None for layer in residual.layers)
+    assert torch.equal(residual.codebooks, ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=2).codebooks)
+
+
+@needs_reference
+def test_fsq_without_materialized_codebook_matches_reference():
+    kwargs = {"levels": [8] * 12, "materialize_codebook": False}
+    reference, ours = pair(vqp.FSQ, FSQ, kwargs)
+    assert reference.implicit_codebook is None and ours.implicit_codebook is None
+    x = torch.randn(BATCH, LENGTH, 12)
+    (out, indices), (ref_out, ref_indices) = ours(x), reference(x)
+    assert torch.equal(out, ref_out) and torch.equal(indices, ref_indices)
+    kwargs = {"levels": [8, 5, 5], "num_quantizers": 2, "materialize_codebook": False}
+    reference, ours = pair(vqp.ResidualFSQ, ResidualFSQ, kwargs)
+    assert torch.equal(ours.codebooks, reference.codebooks)
+
+
 def test_fsq_computes_in_fp32_under_bf16_autocast():
     fsq = FSQ(levels=[8, 5, 5, 5], dim=16).eval()
     grid_only = FSQ(levels=[8, 5, 5, 5]).eval()

@@ -35,6 +35,8 @@ class FSQ(nn.Module):
     `dim` defaults to len(levels) * num_codebooks; any other `dim` adds linear projections in and out.
     `preserve_symmetry` uses the symmetric grid of arXiv:2411.19842 (needed for levels of 2, and for
     `noise_dropout`); `bound_hard_clamp` clamps instead of tanh (for inputs already soft-clamped).
+    `materialize_codebook=False` makes `implicit_codebook` None, as in the reference, so that nothing of
+    size codebook_size is ever built (for grids too large to list); quantizing and decoding never need it.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class FSQ(nn.Module):
         noise_dropout: float = 0.0,
         bound_hard_clamp: bool = False,
         orthogonal_rotation: bool = False,
+        materialize_codebook: bool = True,
         **reference_only,
     ):
         super().__init__()
@@ -78,6 +81,7 @@ class FSQ(nn.Module):
         self.noise_dropout = noise_dropout
         self.bound_hard_clamp = bound_hard_clamp
         self.orthogonal_rotation = orthogonal_rotation
+        self.materialize_codebook = materialize_codebook
 
         self.has_projections = self.dim != self.effective_codebook_dim
         if self.has_projections:
@@ -225,8 +229,12 @@ class FSQ(nn.Module):
         return codes
 
     @property
-    def implicit_codebook(self) -> torch.Tensor:
-        """Every code of the grid, (codebook_size, d), before any projection, on the module's device."""
+    def implicit_codebook(self) -> torch.Tensor | None:
+        """The grid's codes (codebook_size, d) before any projection; None unless materialize_codebook."""
+        return self.grid_codes() if self.materialize_codebook else None
+
+    def grid_codes(self) -> torch.Tensor:
+        """The grid's codes (codebook_size, d) before any projection, built now on the module's device."""
         all_indices = torch.arange(self.codebook_size, device=module_device(self))
         return self._level_indices_to_codes(self.indices_to_level_indices(all_indices))
 

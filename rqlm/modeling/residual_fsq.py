@@ -105,8 +105,8 @@ class ResidualFSQ(nn.Module):
 
     @property
     def codebooks(self) -> torch.Tensor:
-        """Every depth's unscaled implicit codebook, (Q, codebook_size, d)."""
-        return torch.stack([layer.implicit_codebook for layer in self.layers])
+        """Every depth's unscaled implicit codebook, (Q, codebook_size, d), built even if not materialized."""
+        return torch.stack([layer.grid_codes() for layer in self.layers])
 
     def forward(
         self,
