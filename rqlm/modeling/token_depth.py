@@ -86,7 +86,9 @@ class TokenDepthMixin:
     def token_decoder_hidden(self, h: torch.FloatTensor, chunk_tokens: torch.LongTensor) -> torch.FloatTensor:
         """h (N, H) and the first tokens of each chunk (N, R - 1) -> decoder outputs (N, R, w) at slots 0..R-1."""
         slots = torch.cat([self.depth_in(h)[:, None], self.token_embed(chunk_tokens)], dim=1)  # (N, R, w)
-        return self.depth(slots)
+        # without gradients, a throwaway cache sends the call down the stack's lean path (the same arithmetic)
+        cache = None if torch.is_grad_enabled() else DynamicCache(config=self.depth.config)
+        return self.depth(slots, cache=cache)
 
     # ----------------------------------------------------------------- teacher-forced pass
     def token_forward(self, input_ids, attention_mask=None, codes=None, cache: RQTokenCache | None = None):
