@@ -16,7 +16,7 @@ from rqlm import RQTransformerForCausalLM, RQVAEConfig, RQVAEModel
 from rqlm.cli import main
 from rqlm.data.loading import get_lm_datasets
 from rqlm.data.tokenizer import load_tokenizer
-from rqlm.evaluation.bound import bound_terms
+from rqlm.evaluation.bound import bound_terms, perplexity_bound
 from rqlm.evaluation.perplexity import block_nll, continuation_mask, continuation_nll
 
 # ----------------------------------------------------------------- the two-chunk toy
@@ -99,6 +99,7 @@ def test_bound_is_never_below_the_exact_nll_of_a_two_chunk_toy(layers, vae_overr
     assert len(set(rows.tolist())) > 50 and (expected - exact).min() < 1.5  # many z, a tight case: not vacuous
     terms = bound_terms(model, texts)  # the batch's sums
     torch.testing.assert_close(terms["nll_codes"] + terms["nll_recon"], expected.sum(), rtol=1e-5, atol=1e-3)
+    assert math.log(perplexity_bound(terms)) == pytest.approx(float(expected.sum()) / texts.numel(), rel=1e-5)
     torch.testing.assert_close(terms["nll_codes_depth"].sum(), terms["nll_codes"])
     assert terms["num_tokens"] == texts.numel() and terms["num_codes_depth"].tolist() == [len(texts) * 2] * TOY_D
     sample = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))[:24].tolist()
