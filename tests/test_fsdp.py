@@ -11,10 +11,12 @@ sharded save_state / load_state, gathered final save) on gloo. Nothing else is p
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -40,6 +42,22 @@ FSDP_ON_CPU_SCRIPT = textwrap.dedent(
     if precision != "no":
         plugin.set_mixed_precision(precision)  # what accelerate does on a GPU: bf16 params in forward and reduce
     AcceleratorState().fsdp_plugin = plugin
+
+    if "DTYPES_OUT" in os.environ:  # the dtypes the forwards computed in, written per rank at exit
+        import atexit, json, torch
+        from rqlm.modeling.vector_quantize import VectorQuantize
+
+        seen = {"linear_weights": set(), "vector_quantize_outputs": set()}
+
+        def record(module, args, output):
+            if isinstance(module, torch.nn.Linear):
+                seen["linear_weights"].add(str(module.weight.dtype))  # the unsharded weight FSDP gathered
+            elif isinstance(module, VectorQuantize):  # (quantized, indices, loss)
+                seen["vector_quantize_outputs"].add(" ".join(str(t.dtype) for t in output))
+
+        torch.nn.modules.module.register_module_forward_hook(record)
+        path = f"{os.environ['DTYPES_OUT']}.{os.environ['RANK']}.json"
+        atexit.register(lambda: open(path, "w").write(json.dumps({k: sorted(v) for k, v in seen.items()})))
     sys.exit(cli.main(sys.argv[1:]))
     """
 )
@@ -81,12 +99,12 @@ def one_process(command: str, flags: list[str]) -> None:
     fresh_accelerate_state()
 
 
-def fsdp_two_processes(tmp_path, command: str, flags: list[str], mixed_precision: str = "no") -> str:
-    """`accelerate launch` 2 CPU processes of `rqlm COMMAND FLAGS` under FSDP2; returns stdout."""
+def fsdp_two_processes(tmp_path, command: str, flags: list[str], mixed_precision: str = "no", env=None) -> str:
+    """`accelerate launch` 2 CPU processes of `rqlm COMMAND FLAGS` under FSDP2 (`env` added); returns stdout."""
     script = tmp_path / "fsdp_on_cpu.py"
     script.write_text(FSDP_ON_CPU_SCRIPT)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"),
-           "HF_DATASETS_CACHE": str(tmp_path / "codes_cache")}
+           "HF_DATASETS_CACHE": str(tmp_path / "codes_cache"), **(env or {})}
     launch = [sys.executable, "-m", "accelerate.commands.launch", *FSDP_FLAGS, "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), str(script), command, *flags]  # fmt: skip
@@ -154,19 +172,49 @@ def test_train_lm_under_fsdp_equals_one_process_and_resumes(text_corpus, vae_dir
 
 
 def test_quantizer_math_stays_fp32_under_a_bf16_fsdp_policy(text_corpus, tmp_path):  # noqa: F811
-    """bf16 mixed precision under FSDP2 casts the sharded parameters to bf16 for forward; the EMA codebooks are
-    buffers (never cast, still fp32 and synchronized) and the quantizer computes in fp32, so its loss is not a
-    bf16 number while the reconstruction loss (the bf16 forward's output) is."""
+    """bf16 mixed precision under FSDP2 gathers the sharded parameters in bf16 for forward; the EMA codebooks are
+    buffers (never cast, still fp32 and synchronized), the quantizer computes in fp32, and the losses reach the
+    loop as the model computed them (fp32), not rounded to bf16 by the policy's `output_dtype` (accelerate 1.15
+    sets one, 1.16 does not; `keep_fsdp_outputs_as_computed` clears it)."""
     out = tmp_path / "vae_bf16"
     flags = vae_flags(text_corpus, per_device_train_batch_size=2, mixed_precision="auto")
-    fsdp_two_processes(tmp_path, "train-vae", [*flags, "--output_dir", str(out)], mixed_precision="bf16")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "quantizer_loss" in r]
+    dtypes = tmp_path / "dtypes"
+    fsdp_two_processes(tmp_path, "train-vae", [*flags, "--output_dir", str(out)], mixed_precision="bf16",
+                       env={"DTYPES_OUT": str(dtypes)})  # fmt: skip
+    for rank in range(2):
+        seen = json.loads((tmp_path / f"dtypes.{rank}.json").read_text())
+        assert seen["linear_weights"] == ["torch.bfloat16"], f"the forward did not run on bf16 weights: {seen}"
+        assert seen["vector_quantize_outputs"] == ["torch.float32 torch.int64 torch.float32"], seen
 
-    def is_bf16(value: float) -> bool:
-        return torch.tensor(value).bfloat16().double().item() == value
+    def fits_10_bits(value: float) -> bool:
+        """A bf16 number (8 significant bits) or the mean of two close ones (the ranks' mean the loop logs)."""
+        return (math.frexp(value)[0] * 2**10).is_integer()
 
-    assert all(is_bf16(r["recon_loss"]) for r in steps), "the forward did not run in bf16: the policy is off"
-    assert not all(is_bf16(r["quantizer_loss"]) for r in steps), "the quantizer computed in bf16"
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "quantizer_loss" in r]
+    for key in ("loss", "recon_loss", "quantizer_loss"):
+        assert not all(fits_10_bits(r[key]) for r in steps), f"{key} reached the loop rounded to bf16: {steps}"
     saved = load_file(out / "model.safetensors")
     assert all(v.dtype == torch.float32 for k, v in saved.items() if k.endswith(("_codebook.embed", "cluster_size")))
+
+
+def test_fsdp2_outputs_keep_the_dtype_the_model_computed():
+    """accelerate 1.15's bf16 FSDP2 policy rounds the root's outputs to bf16 (`output_dtype`): the loop clears it,
+    keeping the bf16 parameters and reductions; FSDP1's policy and no plugin are left alone."""
+    from torch.distributed.fsdp import MixedPrecision, MixedPrecisionPolicy
+
+    from rqlm.trainer.loop import keep_fsdp_outputs_as_computed
+
+    bf16 = torch.bfloat16
+    for policy, kept in [
+        (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16, output_dtype=bf16),
+         MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16)),
+        (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16), MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16)),
+        (MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16),
+         MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16)),
+        (None, None),
+    ]:  # fmt: skip
+        plugin = SimpleNamespace(mixed_precision_policy=policy)
+        keep_fsdp_outputs_as_computed(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+        assert plugin.mixed_precision_policy == kept
+    keep_fsdp_outputs_as_computed(SimpleNamespace(state=SimpleNamespace()))  # not FSDP: nothing to do

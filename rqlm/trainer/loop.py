@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -120,6 +120,19 @@ def logged_output_keys(model, outputs) -> list[str]:
         and isinstance(value, torch.Tensor)
         and value.numel() == 1
     ]
+
+
+def keep_fsdp_outputs_as_computed(accelerator: Accelerator) -> None:
+    """Under FSDP2 mixed precision, let the model's outputs keep the dtypes it computes them in (fp32 losses).
+
+    accelerate 1.15's policy for bf16 also has `output_dtype=bf16`, which rounds every output of the sharded
+    root to bf16, the fp32 losses included (an eval loss near 5 nats moves in steps of 1/32); 1.16's has none.
+    Clearing it makes both releases run the same: bf16 parameters in forward and reduce, fp32 losses out.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if getattr(policy, "output_dtype", None) is not None:  # FSDP2's MixedPrecisionPolicy (FSDP1's has none)
+        plugin.mixed_precision_policy = replace(policy, output_dtype=None)
 
 
 def ignored_parameter_names(model: torch.nn.Module) -> set[str]:
@@ -346,6 +359,7 @@ def train(
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=may_change_trainable)],
     )
+    keep_fsdp_outputs_as_computed(accelerator)
     set_seed(args.seed)
 
     # 2. Data: shuffled per epoch from (seed, epoch) alone, so a resumed run sees the same order.
