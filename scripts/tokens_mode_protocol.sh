@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The accuracy protocol of docs/results/latent_lm.md: every row trained on the same blocks of the embedded corpus
+# for the same number of tokens (STEPS x 16 blocks x 128 tokens), with the same optimizer settings, from scratch.
+#   bash scripts/tokens_mode_protocol.sh ROW [OUT]   ROW: tokenizer | vae | baseline | a train-lm row below
+set -euo pipefail
+ROW=$1; OUT=${2:-runs/research}; STEPS=${STEPS:-600}; SEED=${SEED:-0}
+RQLM=${RQLM:-.venv/bin/rqlm}
+COMMON=(--block_size 128 --per_device_train_batch_size 16 --per_device_eval_batch_size 16 --learning_rate 1e-3
+        --warmup_steps 50 --lr_scheduler cosine --max_steps "$STEPS" --max_minutes none --eval_steps 100
+        --eval_batches 21 --save_steps 200 --logging_steps 20 --mixed_precision no --seed "$SEED")
+LM=(train-lm --vae "$OUT/vae" --backbone tiny "${COMMON[@]}")
+TOKENS=(--depth_output tokens --depth_hidden_size 256 --depth_num_attention_heads 4)
+case $ROW in
+  tokenizer) $RQLM train-tokenizer --vocab_size 8192 --output_dir "$OUT/tokenizer" ;;
+  vae) $RQLM train-vae --tokenizer "$OUT/tokenizer" --backbone tiny --output_dir "$OUT/vae" --block_size 128 \
+         --max_steps 1500 --max_minutes none --eval_steps 500 --save_steps 500 --logging_steps 100 ;;
+  baseline) $RQLM train-baseline --tokenizer "$OUT/tokenizer" --backbone tiny --output_dir "$OUT/baseline-s$SEED" "${COMMON[@]}" ;;
+  codes) $RQLM "${LM[@]}" --output_dir "$OUT/codes-s$SEED" ;;
+  tokens-emb-4l) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --spatial_input token_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
+  tokens-emb-2l) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 2 --spatial_input token_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
+  tokens-sum-4l) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --spatial_input token_and_code_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
+  tokens-codes-4l) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --spatial_input code_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
+  *) echo "unknown row $ROW" >&2; exit 2 ;;
+esac
