@@ -189,6 +189,16 @@ def test_block_nll_scores_every_token_after_the_separator():
     torch.testing.assert_close(scored["nll"].float() / blocks.numel(), mean)
 
 
+def test_diversity_counts_distinct_and_repeated_ngrams():
+    from rqlm.evaluation.perplexity import diversity
+
+    figures = diversity([[1, 2, 1, 2, 1, 2], [3, 4, 5]])
+    # 2-grams: (1,2) x3, (2,1) x2, (3,4), (4,5) -> 4 unique of 7; 3-grams: (1,2,1) x2, (2,1,2) x2, (3,4,5) -> 3 of 5
+    assert figures["distinct_2"] == pytest.approx(4 / 7) and figures["distinct_3"] == pytest.approx(3 / 5)
+    assert figures["repeated_3gram_rate"] == pytest.approx(2 / 5)  # the second (1,2,1) and (2,1,2)
+    assert diversity([[7]]) == {"distinct_2": 0.0, "distinct_3": 0.0, "repeated_3gram_rate": 0.0}
+
+
 def test_continuations_are_scored_up_to_their_first_eos():
     eos = 1
     continuations = torch.tensor([[5, 6, 7, 8], [5, eos, 2, 2], [eos, eos, 2, 2]])
@@ -268,6 +278,7 @@ def test_evaluate_reports_the_bound_and_the_baseline_on_the_same_tokens(folders,
     for d, nll in enumerate(out_rq.depth_nll.tolist()):
         assert figures[f"nll_codes_depth_{d}"] == pytest.approx(nll, rel=1e-4)
     for who in ("rq", "baseline"):
+        assert 0 < figures[f"distinct_2_{who}_samples"] <= 1 and 0 <= figures[f"repeated_3gram_rate_{who}_samples"] < 1
         assert 1 < figures[f"judged_perplexity_{who}_samples"] < float("inf")
         assert 1 <= figures[f"judged_mean_length_{who}_samples"] <= 12
     # seeded: a second run gives the same judged figures

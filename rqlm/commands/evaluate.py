@@ -226,6 +226,8 @@ def judged_figures(model, baseline, eval_blocks, args: argparse.Namespace, token
         "judged_perplexity_baseline_samples": own["perplexity"],
         "judged_mean_length_rq_samples": rq["mean_length"],
         "judged_mean_length_baseline_samples": own["mean_length"],
+        **{f"{name}_{who}_samples": result[name] for who, result in (("rq", rq), ("baseline", own))
+           for name in ("distinct_2", "distinct_3", "repeated_3gram_rate")},
         "judged_num_prompts": float(count),
     }
 
@@ -305,7 +307,9 @@ def _print_judged(figures: dict[str, float], args: argparse.Namespace, label: st
               f"seed {args.seed})")
         for who in ("rq", "baseline"):
             print(f"  {(label if who == 'rq' else who) + ' samples':30}{_number(figures[f'judged_perplexity_{who}_samples']):>14}"
-                  f"   (mean length {figures[f'judged_mean_length_{who}_samples']:.1f} tokens)")
+                  f"   (mean length {figures[f'judged_mean_length_{who}_samples']:.1f} tokens, distinct-2 "
+                  f"{figures[f'distinct_2_{who}_samples']:.2f}, distinct-3 {figures[f'distinct_3_{who}_samples']:.2f}, "
+                  f"repeated 3-grams {figures[f'repeated_3gram_rate_{who}_samples']:.0%})")
 
 
 def print_brier(figures: dict[str, float], args: argparse.Namespace, label: str = "RQ model") -> None:

@@ -92,7 +92,7 @@ def judged_perplexity(
 ) -> dict[str, float]:
     """The judge's perplexity on `model`'s sampled continuations of prompts (B, P) ->
     {'perplexity', 'num_tokens', 'mean_length'} (length: continuation tokens up to the first EOS)."""
-    nll, tokens = 0.0, 0.0
+    nll, tokens, texts = 0.0, 0.0, []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         continuations = sample_continuations(
@@ -101,12 +101,35 @@ def judged_perplexity(
         terms = continuation_nll(judge, batch, continuations, eos_token_id)
         nll += float(terms["nll"])
         tokens += float(terms["num_tokens"])
+        mask = continuation_mask(continuations, eos_token_id)
+        texts += [row[keep].tolist() for row, keep in zip(continuations, mask)]
     return {
         "perplexity": safe_exp(nll / max(tokens, 1.0)),
         "num_tokens": tokens,
         "mean_length": tokens / max(len(prompts), 1),
+        **diversity(texts),
     }
 
 
-__all__ = ["block_nll", "continuation_mask", "continuation_nll", "judged_perplexity", "safe_exp",
+def diversity(texts: list[list[int]]) -> dict[str, float]:
+    """Token id sequences -> distinct-2 and distinct-3 (unique n-grams / n-grams over all sequences, Li et al.
+    2016) and the repeated 3-gram rate (the share of each sequence's 3-grams seen earlier in the same
+    sequence): the judged perplexity rewards repetition, these say how much of it there is."""
+    figures = {}
+    for n in (2, 3):
+        grams = [tuple(t[i : i + n]) for t in texts for i in range(len(t) - n + 1)]
+        figures[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    repeated = total = 0
+    for t in texts:
+        seen = set()
+        for i in range(len(t) - 2):
+            gram = tuple(t[i : i + 3])
+            repeated += gram in seen
+            total += 1
+            seen.add(gram)
+    figures["repeated_3gram_rate"] = repeated / total if total else 0.0
+    return figures
+
+
+__all__ = ["block_nll", "continuation_mask", "continuation_nll", "diversity", "judged_perplexity", "safe_exp",
            "sample_continuations"]
