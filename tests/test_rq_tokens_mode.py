@@ -282,3 +282,9 @@ def test_bad_input_is_a_one_line_error():
         model(torch.tensor([[3, 4, 5]]), attention_mask=torch.tensor([[1, 0, 1]]))
     with pytest.raises(ValueError, match="does not take"):
         model(torch.tensor([[3, 4, 5]]), output_attentions=True)
+    limit = 64 * C - 1  # the spatial model's 64 positions: a start and 63 finished chunks
+    model(torch.randint(2, VOCAB, (1, limit)))
+    with pytest.raises(ValueError, match="more than the model's 64"):
+        model(torch.randint(2, VOCAB, (1, limit + 1)))
+    with pytest.raises(ValueError, match="more than the model's 64"):
+        model.generate(torch.randint(2, VOCAB, (1, limit - 2)), max_new_tokens=4, eos_token_id=None)

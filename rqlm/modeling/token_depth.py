@@ -100,6 +100,7 @@ class TokenDepthMixin:
         start, length = real_spans(input_ids, attention_mask)
         b, t = input_ids.shape
         num_chunks = -(-(int(length.max()) + 1) // c)  # chunks holding a prediction of tokens 1..length
+        self._check_positions(num_chunks)
         n = num_chunks * c
         index = (start[:, None] + torch.arange(n, device=input_ids.device)[None]).clamp(max=t - 1)
         real = torch.arange(n, device=input_ids.device)[None] < length[:, None]  # (B, n)
@@ -136,6 +137,14 @@ class TokenDepthMixin:
         x = self.chunk_embeddings(finished, codes)
         return torch.cat([start.to(x.dtype), x], dim=1)
 
+    def _check_positions(self, num_positions: int) -> None:
+        """One line when a text needs more latent positions than the spatial model has."""
+        limit = self.config.backbone_config.max_position_embeddings
+        if num_positions > limit:
+            c = self.compression_factor
+            raise ValueError(f"the text needs {num_positions} latent positions, more than the model's {limit} "
+                             f"({limit * c - 1} tokens at C={c}); shorten it")
+
     def _filler_token(self) -> int:
         """What fills the slots after a row's real tokens (never read by a prediction that is used)."""
         pad = self.config.vae_config.backbone_config.pad_token_id
@@ -170,6 +179,7 @@ class TokenDepthMixin:
         steps = int(added.max())
         if steps == 0:
             return
+        self._check_positions(int(done_now.max()) + 1)
         device = cache.tokens.device
         j = torch.arange(steps, device=device)[None]
         real = j < added[:, None]  # (B, A)
