@@ -18,6 +18,7 @@ back into C tokens at once.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ from .generation_rq_transformer import RQTransformerGenerationMixin
 from .latent_lm import FrozenVAELatentLM
 from .layers import Qwen3Stack
 from .modeling_rq_vae import IGNORE_INDEX, CheckedLoading
+from .prepacked import prepacked_linears
 from .token_depth import RQTokenCache, TokenDepthMixin
 
 
@@ -258,12 +260,15 @@ class RQTransformerForCausalLM(
 
     def generate(self, *args, **kwargs):
         """Codes mode: `RQTransformerGenerationMixin.generate`. Tokens mode: transformers' own `generate`, with
-        every option of a causal LM (the model steps its spatial transformer once per chunk)."""
+        every option of a causal LM (the model steps its spatial transformer once per chunk); `prepack` (default
+        True) runs its linear calls of 4 to 32 rows through `prepacked_linears`, as the codes mode does."""
         if self.config.depth_output == "tokens":
+            prepack = kwargs.pop("prepack", True)
             config = kwargs.get("generation_config") or self.generation_config
             if kwargs.get("cache") is None and kwargs.get("use_cache", config.use_cache) is not False:
                 kwargs["cache"] = RQTokenCache()  # transformers makes none for this model (assisted decoding needs one)
-            return GenerationMixin.generate(self, *args, **kwargs)
+            with prepacked_linears(self) if prepack else nullcontext():
+                return GenerationMixin.generate(self, *args, **kwargs)
         return super().generate(*args, **kwargs)
 
     def _aux_token_loss(self, hidden, input_ids, attention_mask) -> torch.FloatTensor:
