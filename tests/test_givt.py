@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 from torch.distributions import Categorical, MixtureSameFamily, Normal
+from transformers import GenerationConfig
 
 from rqlm import GIVTConfig, GIVTForCausalLM, RQTransformerForCausalLM, RQVAEConfig, RQVAEModel
 from rqlm.modeling.continuous_heads import EnergyHead, GaussianMixtureHead, energy_score, gaussian_mixture_nll
@@ -319,6 +320,85 @@ def test_one_line_errors_across_the_two_latent_kinds():
         make_givt(head="flow")
     with pytest.raises(ValueError, match="float latents"):
         make_gaussian_vae().decode(torch.zeros(1, 2, D_LATENT, dtype=torch.long))
+
+
+# ----------------------------------------------------------------- generate's settings
+# fields the loop applies to code logits, modes neither latent LM implements, a field of a later transformers release
+REFUSED = [
+    {"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.1}, {"typical_p": 0.5}, {"epsilon_cutoff": 0.01}, {"eta_cutoff": 0.01},
+    {"output_scores": True, "return_dict_in_generate": True}, {"output_logits": True, "return_dict_in_generate": True},
+    {"num_beams": 2}, {"guidance_scale": 1.5}, {"penalty_alpha": 0.6}, {"top_h": 0.5}, {"low_memory": True},
+    {"cache_implementation": "static"}, {"prompt_lookup_num_tokens": 3}, {"a_later_release_field": 0.3},
+]
+
+
+@pytest.mark.parametrize("way", ["keyword", "generation_config", "model_default"])
+@pytest.mark.parametrize("settings", REFUSED, ids=lambda settings: next(iter(settings)))
+def test_generate_refuses_in_one_line_each_setting_it_does_not_implement(settings, way):
+    model, prompt = make_givt(head="gaussian"), prompts([6])[0][None]
+    if way == "keyword":
+        call = lambda: model.generate(prompt, max_new_tokens=4, **settings)
+    elif way == "generation_config":
+        call = lambda: model.generate(prompt, generation_config=GenerationConfig(max_new_tokens=4, **settings))
+    else:  # a checkpoint's generation_config.json
+        for name, value in settings.items():
+            setattr(model.generation_config, name, value)
+        call = lambda: model.generate(prompt, max_new_tokens=4)
+    with pytest.raises(ValueError) as error:
+        call()
+    assert "\n" not in str(error.value) and next(iter(settings)) in str(error.value), str(error.value)
+
+
+def _sampled(model, prompt, **settings):
+    torch.manual_seed(0)
+    return model.generate(prompt, max_new_tokens=12, do_sample=True, eos_token_id=None, **settings)
+
+
+# each implemented setting (given t, the greedy run's first new token) and what it does to the 12 greedy new tokens
+# after the 8 prompt tokens: ids, base: the run with it and without it
+IMPLEMENTED = {
+    "do_sample+temperature": (
+        lambda t: {"do_sample": True, "temperature": 50.0}, lambda ids, base, **_: not torch.equal(ids, base),
+    ),
+    "top_k=0,top_p=1 (no filter)": (
+        lambda t: {"do_sample": True, "top_k": 0, "top_p": 1.0},
+        lambda ids, model, prompt, **_: torch.equal(ids, _sampled(model, prompt)),
+    ),
+    "repetition_penalty": (lambda t: {"repetition_penalty": 100.0}, lambda ids, base, **_: not torch.equal(ids, base)),
+    "no_repeat_ngram_size": (
+        lambda t: {"no_repeat_ngram_size": 1},
+        lambda ids, prompt, **_: len(set(ids[0, 8:].tolist()) - set(prompt[0].tolist())) == 12,
+    ),
+    "bad_words_ids": (lambda t: {"bad_words_ids": [[t]]}, lambda ids, t, **_: t not in ids[0, 8:].tolist()),
+    "suppress_tokens": (lambda t: {"suppress_tokens": [t]}, lambda ids, t, **_: t not in ids[0, 8:].tolist()),
+    "eos_token_id": (lambda t: {"eos_token_id": t}, lambda ids, **_: ids.shape[1] == 8 + 1),
+    "min_new_tokens": (  # t as EOS ends the greedy run at once, but not before 6 new tokens
+        lambda t: {"eos_token_id": t, "min_new_tokens": 6},
+        lambda ids, t, **_: ids.shape[1] >= 8 + 6 and t not in ids[0, 8:14].tolist(),
+    ),
+    "max_length": (lambda t: {"max_length": 8 + 5, "max_new_tokens": None}, lambda ids, **_: ids.shape[1] == 8 + 5),
+    "num_return_sequences": (  # sampling at a tiny temperature takes the head's mean: two greedy rows
+        lambda t: {"num_return_sequences": 2, "do_sample": True, "temperature": 1e-12},
+        lambda ids, base, **_: torch.equal(ids, base.repeat(2, 1)),
+    ),
+    "decoder_do_sample": (  # the VAE decoder samples each chunk's tokens; the latents are the greedy run's
+        lambda t: {"decoder_do_sample": True, "decoder_temperature": 5.0, "return_dict_in_generate": True},
+        lambda ids, base, model, prompt, **_: not torch.equal(ids.sequences, base) and torch.equal(
+            ids.codes, model.generate(prompt, max_new_tokens=12, eos_token_id=None, return_dict_in_generate=True).codes
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(IMPLEMENTED))
+def test_generate_settings_it_implements_still_act(name):
+    settings, acts = IMPLEMENTED[name]
+    model, prompt = make_givt(head="gaussian"), prompts([8])[0][None]
+    base = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)  # (1, 8 + 12)
+    t = int(base[0, 8])
+    torch.manual_seed(0)
+    ids = model.generate(prompt, **{"max_new_tokens": 12, "do_sample": False, "eos_token_id": None, **settings(t)})
+    assert acts(ids, base=base, model=model, prompt=prompt, t=t), (name, ids)
 
 
 # ----------------------------------------------------------------- the ELBO bound
