@@ -306,8 +306,6 @@ class RQTransformerGenerationMixin(GenerationMixin):
         if generation_config.output_scores or generation_config.output_logits:
             if not run.return_dict:
                 raise ValueError("output_scores and output_logits come back in the output of return_dict_in_generate=True")
-            if not isinstance(run.depth_processors, list):  # GIVT: (temperature, do_sample)
-                raise ValueError(f"{type(self).__name__} samples continuous latents: it has no code scores to output")
             if generation_config.output_scores:  # after every processor of each depth
                 run.scores = [_Record() for _ in run.depth_processors]
                 for (procs, _), record in zip(run.depth_processors, run.scores):
