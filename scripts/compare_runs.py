@@ -1,6 +1,9 @@
 """Plot one metric of several training runs against step: NAME=RUN_DIR ... -> a PNG.
 
     python scripts/compare_runs.py --metric eval_accuracy --output docs/vae_accuracy.png c4=runs/vae c2=runs/vae-c2
+
+`--metric a,b`: each run plots the first of the named metrics it logged (train-lm's eval_token_nll beside
+train-baseline's eval_loss).
 """
 
 import argparse

@@ -118,15 +118,19 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_metric_comparison(runs: dict[str, str | Path], metric: str, path: str | Path, title: str | None = None) -> Path:
-    """One curve per run of `metric` (e.g. eval_accuracy) against step; saves a PNG."""
+    """One curve per run of `metric` (e.g. eval_accuracy) against step; saves a PNG. `metric` may name several
+    comma-separated metrics: each run plots the first it logged (runs of different commands name theirs apart)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = metric.split(",")
     for name, run_dir in runs.items():
-        points = [(r["step"], r[metric]) for r in read_metrics(run_dir) if metric in r]
+        records = read_metrics(run_dir)
+        found = next((m for m in names if any(m in r for r in records)), names[0])
+        points = [(r["step"], r[found]) for r in records if found in r]
         if points:
             steps, values = zip(*points)
             ax.plot(steps, values, marker="o", markersize=3, label=name)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(" or ".join(names))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:
