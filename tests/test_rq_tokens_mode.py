@@ -67,16 +67,17 @@ def left_pad(rows):
 
 
 INPUTS = {
-    "tokens": ("token_embeddings", 0),
-    "tokens+codes": ("token_and_code_embeddings", 0),
-    "codes, VAE with layers": ("code_embeddings", 1),
+    "tokens": ("token_embeddings", 0, 0),
+    "tokens+codes": ("token_and_code_embeddings", 0, 0),
+    "codes, VAE with layers": ("code_embeddings", 1, 0),
+    "tokens, 6 tokens of context": ("token_embeddings", 0, 6),
 }
 
 
 @pytest.fixture(params=list(INPUTS), scope="module")
 def lm(request):
-    spatial_input, vae_layers = INPUTS[request.param]
-    return make_lm(spatial_input, vae_layers)
+    spatial_input, vae_layers, context = INPUTS[request.param]
+    return make_lm(spatial_input, vae_layers, token_decoder_context=context)
 
 
 @torch.no_grad()

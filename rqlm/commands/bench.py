@@ -118,6 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     gen.add_argument("--depth_hidden_size", type=int, default=None, help="width of the random-weight models' depth decoder")
     gen.add_argument("--depth_num_layers", type=int, default=None, help="layers of the random-weight models' depth decoder")
+    gen.add_argument("--token_decoder_context", type=int, default=None,
+                     help="tokens mode: tokens before the chunk the random-weight models' token decoder also reads")
     gen.add_argument(
         "--parallel_depth",
         action=argparse.BooleanOptionalAction,
@@ -299,7 +301,8 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
         args.compression_factors = [HEADLINE_C, *args.compression_factors]
     if args.parallel_depth and args.depth_output == "tokens":
         raise ValueError("--parallel_depth is a codes-mode depth; drop it with --depth_output tokens")
-    depth = {k: v for k in ("depth_hidden_size", "depth_num_layers") if (v := getattr(args, k)) is not None}
+    depth = {k: v for k in ("depth_hidden_size", "depth_num_layers", "token_decoder_context")
+             if (v := getattr(args, k)) is not None}
     variants = [
         gs.Variant(c, depth_output=args.depth_output, depth=depth)
         for c in sorted(args.compression_factors, key=lambda c: c != HEADLINE_C)

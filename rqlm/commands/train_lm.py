@@ -24,7 +24,7 @@ from rqlm.presets import PRESETS, backbone_config, is_preset
 from rqlm.trainer.arguments import add_training_arguments, training_arguments_from_namespace
 
 LM_FIELDS = (
-    "depth_output", "depth_num_layers", "depth_hidden_size", "depth_num_attention_heads", "spatial_input", "depth_mode",
+    "depth_output", "token_decoder_context", "depth_num_layers", "depth_hidden_size", "depth_num_attention_heads", "spatial_input", "depth_mode",
     "aux_token_loss_weight", "freeze_backbone_steps", "lora_r", "lora_alpha",
 )  # fmt: skip
 
@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--depth_output", default="codes", choices=DEPTH_OUTPUTS,
                        help="what the depth decoder writes per latent position: the D codes the VAE decodes, or the "
                        "chunk's C tokens (a causal LM with exact likelihood)")
+    model.add_argument("--token_decoder_context", type=int, default=0,
+                       help="tokens mode: tokens before the chunk the token decoder also reads (0: the chunk alone)")
     add_depth_arguments(model)
     model.add_argument("--spatial_input", default=None, choices=SPATIAL_INPUTS,
                        help="each finished chunk's input: the VAE's quantized latent, summed per-depth code embeddings, "

@@ -84,6 +84,11 @@ class RQTransformerConfig(DepthOverVAECodes, PreTrainedConfig):
             token embeddings and vocabulary head: its cost per token is vocab_size x width).
         depth_num_attention_heads (`int`, defaults to 4): attention heads of the depth transformer.
         depth_intermediate_size (`int`, *optional*): SwiGLU width of the depth transformer (default 3 x width).
+        token_decoder_context (`int`, defaults to 0):
+            Tokens mode: how many tokens before the chunk the token decoder also reads, in front of the spatial
+            state (its input is then [x_{lC-P} .. x_{lC-1}, h_l, x_{lC} .. x_{lC+C-2}]), so the chunk's first
+            tokens see their neighbours across the chunk boundary and not only the spatial summary. Before the
+            text's start these slots hold the pad token. 0 reads the chunk alone (Block Transformer's decoder).
         aux_token_loss_weight (`float`, defaults to 0.0):
             Weight of an auxiliary loss: C linear heads on the spatial output predict the next chunk's tokens
             (cross-entropy), a learning signal as direct as the token baseline's. 0 turns the heads off.
@@ -111,6 +116,7 @@ class RQTransformerConfig(DepthOverVAECodes, PreTrainedConfig):
     depth_hidden_size: int = 256
     depth_num_attention_heads: int = 4
     depth_intermediate_size: int | None = None
+    token_decoder_context: int = 0
     aux_token_loss_weight: float = 0.0
     freeze_backbone_steps: int = 0
     lora_r: int = 0
@@ -140,6 +146,10 @@ class RQTransformerConfig(DepthOverVAECodes, PreTrainedConfig):
         if self.depth_output == "tokens" and self.depth_mode != "autoregressive":
             raise ValueError(f"depth_mode={self.depth_mode!r} is for codes; the token decoder is autoregressive over "
                              "the chunk (leave depth_mode at 'autoregressive')")
+        if self.token_decoder_context < 0:
+            raise ValueError(f"token_decoder_context must be >= 0, got {self.token_decoder_context}")
+        if self.token_decoder_context and self.depth_output != "tokens":
+            raise ValueError("token_decoder_context is for depth_output='tokens' (the token decoder's reach)")
         if self.depth_output == "tokens" and self.aux_token_loss_weight > 0:
             raise ValueError("aux_token_loss_weight is for depth_output='codes'; the tokens mode is trained on tokens")
         self.validate_depth()

@@ -4,7 +4,8 @@
     -> spatial input of position l: the embedding of chunk l-1 (its C token embeddings
        concatenated and projected, and/or the frozen VAE's codes of it); a start vector at l = 0
     -> SPATIAL Qwen3 layers, causal over chunks                                         h (B, L, H)
-    -> TOKEN DECODER per chunk over [depth_in(h_l), e(x_l,0) .. e(x_l,C-2)], causal     (B, L, C, w)
+    -> TOKEN DECODER per chunk over [e(P tokens before the chunk), depth_in(h_l),
+       e(x_l,0) .. e(x_l,C-2)], causal (P = token_decoder_context, 0 by default)         (B, L, C, w)
     -> vocabulary head: slot j predicts x_l,j                                           (B, L * C, V)
 
 So the prediction of token t reads the spatial state of the chunks before t's chunk and the tokens of
@@ -59,7 +60,7 @@ class TokenDepthMixin:
         self.depth_in = nn.Linear(hidden, width)
         self.depth = Qwen3Stack(
             small_stack_config(width, config.depth_intermediate_size, config.depth_num_layers,
-                               config.depth_num_attention_heads, max(c, 8), like=like)
+                               config.depth_num_attention_heads, max(config.token_decoder_context + c, 8), like=like)
         )  # fmt: skip
         self.token_head = nn.Linear(width, vocab, bias=False)
 
@@ -83,12 +84,29 @@ class TokenDepthMixin:
         return self.encode(tokens, mask)
 
     # ----------------------------------------------------------------- token decoder
-    def token_decoder_hidden(self, h: torch.FloatTensor, chunk_tokens: torch.LongTensor) -> torch.FloatTensor:
-        """h (N, H) and the first tokens of each chunk (N, R - 1) -> decoder outputs (N, R, w) at slots 0..R-1."""
-        slots = torch.cat([self.depth_in(h)[:, None], self.token_embed(chunk_tokens)], dim=1)  # (N, R, w)
+    def token_decoder_hidden(
+        self, h: torch.FloatTensor, chunk_tokens: torch.LongTensor, before: torch.LongTensor | None = None
+    ) -> torch.FloatTensor:
+        """h (N, H), the first tokens of each chunk (N, R - 1) and the P tokens before it (N, P) -> decoder outputs
+        (N, R, w) at the state's slot and after it."""
+        parts = [self.depth_in(h)[:, None], self.token_embed(chunk_tokens)]
+        if before is not None and before.shape[1]:
+            parts.insert(0, self.token_embed(before))
+        slots = torch.cat(parts, dim=1)  # (N, P + R, w)
         # without gradients, a throwaway cache sends the call down the stack's lean path (the same arithmetic)
         cache = None if torch.is_grad_enabled() else DynamicCache(config=self.depth.config)
-        return self.depth(slots, cache=cache)
+        r = chunk_tokens.shape[1] + 1
+        return self.depth(slots, cache=cache)[:, -r:]
+
+    def tokens_before(self, tokens: torch.LongTensor, chunk: torch.LongTensor) -> torch.LongTensor | None:
+        """The P tokens before each chunk (B, ..., P) of chunk indices (B, ...) in tokens (B, N); pad before the
+        text's start. None when the decoder reads no context."""
+        p = self.config.token_decoder_context
+        if not p:
+            return None
+        index = chunk[..., None] * self.compression_factor - p + torch.arange(p, device=chunk.device)  # (B, ..., P)
+        gathered = tokens.gather(1, index.clamp(min=0).flatten(1)).view(index.shape)
+        return gathered.masked_fill(index < 0, self._filler_token())
 
     # ----------------------------------------------------------------- teacher-forced pass
     def token_forward(self, input_ids, attention_mask=None, codes=None, cache: RQTokenCache | None = None):
@@ -120,7 +138,9 @@ class TokenDepthMixin:
         h = self.spatial_forward(x, cache=spatial_cache)  # (B, L, H)
 
         chunks = rearrange(tokens, "b (l c) -> (b l) c", c=c)
-        y = self.token_decoder_hidden(rearrange(h, "b l h -> (b l) h"), chunks[:, :-1])  # (B * L, C, w)
+        before = self.tokens_before(tokens, torch.arange(num_chunks, device=tokens.device)[None].expand(b, -1))
+        before = None if before is None else before.flatten(0, 1)  # (B * L, P)
+        y = self.token_decoder_hidden(rearrange(h, "b l h -> (b l) h"), chunks[:, :-1], before)  # (B * L, C, w)
         y = rearrange(y, "(b l) c w -> b (l c) w", b=b)  # row j predicts internal token j
 
         if cache is not None:
@@ -166,7 +186,9 @@ class TokenDepthMixin:
         index = chunk[..., None] * c + torch.arange(r - 1, device=new_ids.device)  # (B, k, R - 1)
         cache.reserve(int(index.max()) + 1 if r > 1 else 0)
         chunk_tokens = cache.tokens.gather(1, index.flatten(1)).view(index.shape) if r > 1 else index
-        y = self.token_decoder_hidden(h.flatten(0, 1), chunk_tokens.flatten(0, 1))  # (B * k, R, w)
+        before = self.tokens_before(cache.tokens, chunk)  # (B, k, P) or None
+        before = None if before is None else before.flatten(0, 1)
+        y = self.token_decoder_hidden(h.flatten(0, 1), chunk_tokens.flatten(0, 1), before)  # (B * k, R, w)
         y = y.view(*chunk.shape, r, -1)
         return y.gather(2, slot[..., None, None].expand(-1, -1, 1, y.shape[-1]))[:, :, 0]  # (B, k, w)
 
