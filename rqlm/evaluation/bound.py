@@ -25,26 +25,6 @@ from einops import rearrange
 from rqlm.modeling.modeling_rq_vae import IGNORE_INDEX
 
 
-def spatial_hidden(model, latents: torch.Tensor, valid: torch.BoolTensor | None = None) -> torch.FloatTensor:
-    """Teacher-forced spatial outputs h (B, L, H) of a latent LM over codes (B, L, D) or latents (B, L, d).
-
-    `valid` (B, L) marks the positions holding a real token (None: all). Padding is masked out of the spatial
-    stack, the start vector sits at each row's first real position and positions count from it, as `generate`
-    lays out a left-padded prompt: a padded row gives the outputs it gives alone.
-    """
-    inputs = model.spatial_inputs(latents)  # (B, L, H): [start, x_0 .. x_{L-2}]
-    if valid is None or bool(valid.all()):
-        return model.spatial_forward(inputs)
-    first = valid.int().argmax(1)  # (B,) each row's first real position (0 for a row of padding only)
-    rows = torch.arange(len(first), device=first.device)
-    inputs = inputs.clone()
-    inputs[rows, first] = model.start.to(inputs.dtype)
-    mask = valid.long()
-    mask[rows, first] = 1
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, L)
-    return model.spatial_forward(inputs, mask, positions)
-
-
 @torch.no_grad()
 def bound_terms(
     model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, codes: torch.LongTensor | None = None
@@ -68,9 +48,8 @@ def bound_terms(
     model.eval()
     if codes is None:
         codes = model.encode(input_ids, attention_mask)  # (B, L, D), -1 on chunks of padding only
-    model._check_codes(codes)
-    hidden = spatial_hidden(model, codes, codes[..., 0] >= 0)  # (B, L, H)
-    code_logits = model.depth_logits(hidden, codes).float()  # (B, L, D, K)
+    # through forward (padding masked there), so wrappers that act on forward (FSDP's unsharding) see the call
+    code_logits = model(input_ids=input_ids, attention_mask=attention_mask, codes=codes).logits.float()  # (B, L, D, K)
     model.train(was_training)
     valid = codes >= 0  # (B, L, D)
     nll = F.cross_entropy(

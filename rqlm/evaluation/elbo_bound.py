@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rqlm.evaluation.bound import spatial_hidden
 from rqlm.modeling.gaussian_posterior import gaussian_log_density
 from rqlm.modeling.modeling_rq_vae import IGNORE_INDEX
 
@@ -49,7 +48,7 @@ def elbo_terms(
       'nll_recon'   ()  -log p(x|z), the decoder's cross-entropy of the tokens
       'num_tokens'  ()  tokens scored (attention_mask 1)
       'num_latents' ()  latent positions scored
-    A left-padded row scores what it scores alone (see bound.spatial_hidden).
+    A left-padded row scores what it scores alone (`padded_spatial_forward`, inside the model's forward).
     """
     if model.config.head != "gaussian":
         raise ValueError("the energy head is likelihood-free: it has no perplexity bound (BrierLM compares it)")
@@ -65,7 +64,7 @@ def elbo_terms(
     latent_nats = recon_nats = torch.zeros((), dtype=torch.float64, device=mean.device)
     for _ in range(num_samples):
         z = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)).masked_fill(~valid[..., None], 0.0)
-        hidden = spatial_hidden(model, z, None if latent_mask is None else valid)  # (B, L, H), padding masked
+        hidden = model(latents=z, latent_mask=latent_mask).hidden_states  # (B, L, H), padding masked
         if head.num_mixtures == 1:
             _, mean_p, log_scale_p = head.parameters_of(hidden)  # (B, L, 1, d)
             kl = gaussian_kl(mean, logvar, mean_p[..., 0, :], log_scale_p[..., 0, :]).sum(-1)  # (B, L)

@@ -74,6 +74,24 @@ class FrozenVAELatentLM(FrozenVAE):
         """Spatial inputs (B, S, H) -> hidden states (B, S, H), causal over positions."""
         return self.spatial(inputs_embeds, attention_mask, cache=cache, position_ids=position_ids)
 
+    def padded_spatial_forward(self, inputs: torch.FloatTensor, valid: torch.BoolTensor | None = None) -> torch.FloatTensor:
+        """Teacher-forced spatial outputs h (B, L, H) of inputs [start, x_0 .. x_{L-2}] (B, L, H).
+
+        `valid` (B, L) marks the positions holding a real token (None: all). Padding is masked out of the spatial
+        stack, the start vector sits at each row's first real position and positions count from it, as `generate`
+        lays out a left-padded prompt: a padded row gives the outputs it gives alone.
+        """
+        if valid is None or bool(valid.all()):
+            return self.spatial_forward(inputs)
+        first = valid.int().argmax(1)  # (B,) each row's first real position (0 for a row of padding only)
+        rows = torch.arange(len(first), device=first.device)
+        inputs = inputs.clone()
+        inputs[rows, first] = self.start.to(inputs.dtype)
+        mask = valid.long()
+        mask[rows, first] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, L)
+        return self.spatial_forward(inputs, mask, positions)
+
     def get_input_embeddings(self) -> None:
         """None: a latent position's input is a latent, not a token (accelerate's FSDP2 asks when it shards)."""
         return

@@ -146,7 +146,7 @@ class GIVTForCausalLM(FrozenVAELatentLM, TrainableBackbone, GIVTGenerationMixin,
                 latents = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         self._check_latents(latents)
         valid = torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device) if latent_mask is None else latent_mask.bool()
-        hidden = self.spatial_forward(self.spatial_inputs(latents))  # (B, L, H)
+        hidden = self.padded_spatial_forward(self.spatial_inputs(latents), None if latent_mask is None else valid)
         count = valid.sum().clamp(min=1)
         if self.config.head == "gaussian":
             nll = self.head.nll(hidden, latents)  # (B, L)

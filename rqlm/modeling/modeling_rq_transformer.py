@@ -186,7 +186,7 @@ class RQTransformerForCausalLM(
                 raise ValueError("pass input_ids (B, T) or their codes (B, L, D)")
             codes = self.encode(input_ids, attention_mask)
         self._check_codes(codes)
-        hidden = self.spatial_forward(self.spatial_inputs(codes))  # (B, L, H)
+        hidden = self.padded_spatial_forward(self.spatial_inputs(codes), codes[..., 0] >= 0)  # (B, L, H)
         logits = self.depth_logits(hidden, codes)  # (B, L, D, K)
 
         valid = codes >= 0  # (B, L, D)
