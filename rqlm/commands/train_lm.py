@@ -40,9 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--depth_output", default="codes", choices=DEPTH_OUTPUTS,
                        help="what the depth decoder writes per latent position: the D codes the VAE decodes, or the "
                        "chunk's C tokens (a causal LM with exact likelihood)")
-    model.add_argument("--token_decoder_context", type=int, default=0,
-                       help="tokens mode: tokens before the chunk the token decoder also reads (0: the chunk alone)")
+    model.add_argument("--token_decoder_context", type=int, default=None,
+                       help="tokens mode: tokens before the chunk the token decoder also reads (default: C, one chunk; "
+                       "0: the chunk alone)")
     add_depth_arguments(model)
+    parser.set_defaults(depth_num_layers=None)  # the mode's: 1 for codes, 4 for tokens
     model.add_argument("--spatial_input", default=None, choices=SPATIAL_INPUTS,
                        help="each finished chunk's input: the VAE's quantized latent, summed per-depth code embeddings, "
                        "the chunk's token embeddings, or tokens and codes summed (the last two with --depth_output "

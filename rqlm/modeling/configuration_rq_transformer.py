@@ -79,16 +79,19 @@ class RQTransformerConfig(DepthOverVAECodes, PreTrainedConfig):
             `"mlp"`: autoregressive over depth without attention: SwiGLU blocks read each depth input alone (the
             spatial output plus the sum of the chosen codes' embeddings), no KV cache; the cheapest step.
             With `depth_output="tokens"` the token decoder is always causal over the chunk (`"autoregressive"`).
-        depth_num_layers (`int`, defaults to 1): layers of the depth transformer (the token decoder's layers).
+        depth_num_layers (`int`, *optional*): layers of the depth transformer (the token decoder's layers); defaults
+            to 1 for codes and 4 for tokens (a 4-layer decoder measured far ahead of 1 or 2 in the tokens mode).
         depth_hidden_size (`int`, defaults to 256): width of the depth transformer (and of the token decoder's
             token embeddings and vocabulary head: its cost per token is vocab_size x width).
         depth_num_attention_heads (`int`, defaults to 4): attention heads of the depth transformer.
         depth_intermediate_size (`int`, *optional*): SwiGLU width of the depth transformer (default 3 x width).
-        token_decoder_context (`int`, defaults to 0):
+        token_decoder_context (`int`, *optional*):
             Tokens mode: how many tokens before the chunk the token decoder also reads, in front of the spatial
             state (its input is then [x_{lC-P} .. x_{lC-1}, h_l, x_{lC} .. x_{lC+C-2}]), so the chunk's first
             tokens see their neighbours across the chunk boundary and not only the spatial summary. Before the
             text's start these slots hold the pad token. 0 reads the chunk alone (Block Transformer's decoder).
+            Defaults to C (one chunk) for tokens, which measured 1.09x the baseline's perplexity against 1.49x
+            without it, and 0 for codes.
         aux_token_loss_weight (`float`, defaults to 0.0):
             Weight of an auxiliary loss: C linear heads on the spatial output predict the next chunk's tokens
             (cross-entropy), a learning signal as direct as the token baseline's. 0 turns the heads off.
@@ -112,11 +115,11 @@ class RQTransformerConfig(DepthOverVAECodes, PreTrainedConfig):
     depth_output: str = "codes"
     spatial_input: str | None = None
     depth_mode: str = "autoregressive"
-    depth_num_layers: int = 1
+    depth_num_layers: int | None = None
     depth_hidden_size: int = 256
     depth_num_attention_heads: int = 4
     depth_intermediate_size: int | None = None
-    token_decoder_context: int = 0
+    token_decoder_context: int | None = None
     aux_token_loss_weight: float = 0.0
     freeze_backbone_steps: int = 0
     lora_r: int = 0
@@ -128,6 +131,11 @@ class RQTransformerConfig(DepthOverVAECodes, PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.lora_target_modules = list(self.lora_target_modules or LORA_TARGETS)
+        tokens = self.depth_output == "tokens"
+        if self.depth_num_layers is None:
+            self.depth_num_layers = 4 if tokens else 1
+        if self.token_decoder_context is None:
+            self.token_decoder_context = self.vae_config.compression_factor if tokens else 0
         if self.spatial_input is None:
             self.spatial_input = "token_embeddings" if self.depth_output == "tokens" else "code_embeddings"
         if self.depth_intermediate_size is None:
