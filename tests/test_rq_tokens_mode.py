@@ -14,31 +14,11 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, Qwen3Config
+from test_rq_transformer import PAD, VOCAB, C, backbone, left_pad, make_vae, prompts
+from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-from rqlm import RQTransformerConfig, RQTransformerForCausalLM, RQVAEConfig, RQVAEModel
-
-VOCAB, EOS, PAD = 40, 1, 0
-C, D, K = 4, 2, 16
-
-
-def backbone(**overrides) -> Qwen3Config:
-    values = {
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-        "head_dim": 16, "vocab_size": VOCAB, "eos_token_id": EOS, "pad_token_id": PAD, "max_position_embeddings": 64,
-    }  # fmt: skip
-    return Qwen3Config(**{**values, **overrides})
-
-
-def make_vae(layers: int = 0) -> RQVAEModel:
-    config = RQVAEConfig(
-        backbone_config=backbone(), compression_factor=C, num_quantizers=D, codebook_size=K, latent_dim=8,
-        num_encoder_layers=layers, num_decoder_layers=layers, num_latent_layers=layers,
-        latent_num_attention_heads=2, zero_init_residual_branches=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return RQVAEModel(config).eval()
+from rqlm import RQTransformerConfig, RQTransformerForCausalLM
 
 
 def make_lm(spatial_input: str = "token_embeddings", vae_layers: int = 0, **overrides) -> RQTransformerForCausalLM:
@@ -49,21 +29,6 @@ def make_lm(spatial_input: str = "token_embeddings", vae_layers: int = 0, **over
         **{**kwargs, **overrides},
     )  # fmt: skip
     return model.eval()
-
-
-def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, VOCAB, (n,), generator=g) for n in lengths]
-
-
-def left_pad(rows):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    return ids, mask
 
 
 INPUTS = {
@@ -120,7 +85,8 @@ def test_greedy_generate_is_repeated_argmax_of_forward(lm, prompt_length):
 @torch.no_grad()
 def test_cached_scores_equal_uncached_scores_on_a_left_padded_batch(lm):
     ids, mask = left_pad(prompts([2, 5, 7], seed=5))
-    settings = dict(max_new_tokens=11, do_sample=False, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    settings = {"max_new_tokens": 11, "do_sample": False, "eos_token_id": None, "output_scores": True,
+                "return_dict_in_generate": True}
     cached = lm.generate(ids, attention_mask=mask, use_cache=True, **settings)
     uncached = lm.generate(ids, attention_mask=mask, use_cache=False, **settings)
     assert torch.equal(cached.sequences, uncached.sequences)
@@ -170,7 +136,7 @@ def test_the_cache_crops_back_to_what_a_fresh_prefill_holds():
 def test_beam_search_with_the_cache_equals_beam_search_without():
     model = make_lm()
     ids, mask = left_pad(prompts([3, 6], seed=9))
-    settings = dict(max_new_tokens=7, num_beams=3, num_return_sequences=2, do_sample=False, eos_token_id=None)
+    settings = {"max_new_tokens": 7, "num_beams": 3, "num_return_sequences": 2, "do_sample": False, "eos_token_id": None}
     cached = model.generate(ids, attention_mask=mask, use_cache=True, **settings)
     uncached = model.generate(ids, attention_mask=mask, use_cache=False, **settings)
     assert cached.shape == (4, ids.shape[1] + 7) and torch.equal(cached, uncached)
@@ -214,7 +180,7 @@ def test_streamer_receives_the_tokens_as_they_are_made():
     prompt = prompts([6], seed=11)[0][None]
     out = model.generate(prompt, max_new_tokens=9, do_sample=False, eos_token_id=None, streamer=streamer)
     assert streamer.parts[0] == prompt[0].tolist() and streamer.ended
-    assert sum(streamer.parts[1:], []) == out[0, 6:].tolist() and len(streamer.parts) == 1 + 9
+    assert [t for part in streamer.parts[1:] for t in part] == out[0, 6:].tolist() and len(streamer.parts) == 1 + 9
 
 
 def test_training_steps_lower_the_loss_and_reach_every_part():
