@@ -25,14 +25,15 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest tests
 
 # The newest release of every dependency that pyproject's ranges allow, in a venv of its own: where a
-# new release breaks rqlm, this shows it before a fresh clone's `make test` does.
+# new release breaks rqlm, this shows it before a fresh clone's `make test` does. torch stays the CPU build on
+# this disk: an eager upgrade would otherwise take the newest torch, a CUDA build of several GB.
 LATEST := .venv-latest
 test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q torch==2.13.0
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,eval]"
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,eval]" torch==2.13.0
 	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE '^(transformers|accelerate|datasets|peft|lm.eval|vector.quantize.pytorch|torch)=='
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LATEST)/bin/python -m pytest tests
 
