@@ -7,14 +7,19 @@ through transformers' own loops, save / load / remote code.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
-from test_rq_transformer import PAD, VOCAB, C, backbone, left_pad, make_vae, prompts
+from test_rq_transformer import (
+    PAD,
+    VOCAB,
+    C,
+    assert_remote_code_generates,
+    backbone,
+    left_pad,
+    make_vae,
+    prompts,
+)
 from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
@@ -209,22 +214,7 @@ def test_save_load_and_remote_code_give_identical_generations(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is RQTransformerForCausalLM and loaded.config.depth_output == "tokens"
     assert torch.equal(loaded.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None), expected)
-    torch.save({"prompt": prompt, "expected": expected}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.modules["rqlm"] = None  # rqlm is not installed for this user
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
-        assert "rqlm" not in type(model).__module__.split(".")[0], type(model).__module__
-        data = torch.load({str(tmp_path / "expected.pt")!r})
-        out = model.generate(data["prompt"], max_new_tokens=8, do_sample=False, eos_token_id=None)
-        assert torch.equal(out, data["expected"]), (out, data["expected"])
-        print("ok")
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    assert_remote_code_generates(tmp_path, prompt, expected)
 
 
 @pytest.mark.parametrize(

@@ -544,16 +544,22 @@ def test_save_load_and_remote_code_give_identical_generations(tmp_path):
     assert not any(p.requires_grad for p in loaded.vae.parameters()) and not loaded.train().vae.training
     loaded.eval()
     assert torch.equal(loaded.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None), expected)
-    torch.save({"prompt": prompt, "expected": expected}, tmp_path / "expected.pt")
+    assert_remote_code_generates(tmp_path, prompt, expected)
+
+
+def assert_remote_code_generates(folder, prompt: torch.Tensor, expected: torch.Tensor) -> None:
+    """A user without rqlm loads `folder` with trust_remote_code, and greedy `generate` of `prompt` gives `expected`."""
+    torch.save({"prompt": prompt, "expected": expected}, folder / "expected.pt")
     script = textwrap.dedent(
         f"""
         import sys, torch
         sys.modules["rqlm"] = None  # rqlm is not installed for this user
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         assert "rqlm" not in type(model).__module__.split(".")[0], type(model).__module__
-        data = torch.load({str(tmp_path / "expected.pt")!r})
-        out = model.generate(data["prompt"], max_new_tokens=8, do_sample=False, eos_token_id=None)
+        data = torch.load({str(folder / "expected.pt")!r})
+        out = model.generate(data["prompt"], max_new_tokens=data["expected"].shape[1] - data["prompt"].shape[1],
+                             do_sample=False, eos_token_id=None)
         assert torch.equal(out, data["expected"]), (out, data["expected"])
         print("ok")
         """
