@@ -244,7 +244,7 @@ class RQTransformerForCausalLM(
                 cache = RQTokenCache()
             hidden = self.token_forward(input_ids, attention_mask, codes, cache=cache)  # (B, T, w)
         logits = self.token_head(hidden)  # (B, T, V)
-        if attention_mask is not None and cache is None:
+        if attention_mask is not None and attention_mask.shape[1] == logits.shape[1]:  # padding columns read 0
             logits = logits.masked_fill(attention_mask[..., None] == 0, 0.0)
         loss = None
         if labels is not None:

@@ -144,7 +144,7 @@ class TokenDepthMixin:
         y = rearrange(y, "(b l) c w -> b (l c) w", b=b)  # row j predicts internal token j
 
         if cache is not None:
-            cache.start_from(self, tokens, start, length, t, h, spatial_cache)
+            cache.start_from(self, tokens, length, t, h, spatial_cache)
         # external row s (a real column) predicts token s + 1, i.e. internal row s - start + 1
         ext = torch.arange(t, device=input_ids.device)[None] - start[:, None] + 1
         return y.gather(1, ext.clamp(0, n - 1)[..., None].expand(-1, -1, y.shape[-1]))  # (B, T, w)
@@ -232,8 +232,8 @@ class TokenDepthMixin:
 class RQTokenCache:
     """What `generate` keeps between steps of a tokens-mode model: the tokens, and the spatial model's KV cache.
 
-    Each row's real tokens are kept from its first one (`tokens` (B, N), `length` (B,)); `start` is where
-    they began in the caller's (left-padded) layout. The spatial cache holds columns: the start column and
+    Each row's real tokens are kept from its first one (`tokens` (B, N), `length` (B,)); `columns` counts the
+    caller's (left-padded) columns. The spatial cache holds columns: the start column and
     one per finished chunk; a row that finished fewer chunks than another in a step gets masked columns
     (`spatial_mask` 0, `spatial_chunk` -1), and `spatial_chunk` says which h_q each column holds.
     `crop` rolls the whole state back to a shorter text (assisted decoding), `reorder_cache` follows beam search.
@@ -246,12 +246,12 @@ class RQTokenCache:
     def __init__(self):
         self.tokens = None
 
-    def start_from(self, model, tokens, start, length, columns, hidden, spatial_cache) -> None:
+    def start_from(self, model, tokens, length, columns, hidden, spatial_cache) -> None:
         """Fill the cache from a teacher-forced pass: tokens (B, n) from each row's start, hidden (B, L, H)."""
         c = model.compression_factor
         self.compression_factor = c
         self.filler = model._filler_token()
-        self.tokens, self.start, self.length, self.columns = tokens, start, length.clone(), columns
+        self.tokens, self.length, self.columns = tokens, length.clone(), columns
         num = hidden.shape[1]
         q = torch.arange(num, device=tokens.device)[None].expand(tokens.shape[0], -1)
         real = q <= (length // c)[:, None]  # column q reads chunk q - 1, which must be finished
@@ -320,7 +320,7 @@ class RQTokenCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the rows for beam search."""
-        for name in ("tokens", "start", "length", "spatial_mask", "spatial_chunk", "spatial_hidden"):
+        for name in ("tokens", "length", "spatial_mask", "spatial_chunk", "spatial_hidden"):
             setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.tokens.device)))
         self.spatial_cache.reorder_cache(beam_idx)
 
