@@ -89,7 +89,7 @@ def vae_flags(corpus, **overrides) -> list[str]:
 
 def lm_flags(corpus, vae_dir, **overrides) -> list[str]:
     return ["--vae", str(vae_dir), "--dataset", str(corpus / "docs.jsonl"), "--backbone", "test",
-            "--depth_hidden_size", "32", "--depth_num_attention_heads", "2", "--per_device_eval_batch_size", "4",
+            "--depth_output", "codes", "--depth_hidden_size", "32", "--depth_num_attention_heads", "2", "--per_device_eval_batch_size", "4",
             *common_flags(**overrides)]
 
 

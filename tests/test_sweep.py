@@ -73,6 +73,7 @@ def test_points_expand_to_stage_command_lines_and_equal_recipes_share_folders(tm
     assert lm[lm.index("--backbone") + 1] == str(tmp_path / "out" / "baseline")
     assert lm[lm.index("--codes") + 1] == str(pretrained.codes_dir)
     assert lm[lm.index("--block_size") + 1] == "32"  # the data flags reach every stage
+    assert lm[lm.index("--depth_output") + 1] == "codes"  # the sweeps compare codes-mode LMs (train-lm's default: tokens)
     assert c4.bench_argv is not None and scratch.bench_argv is None  # speed only where the sweep asks for it
     assert plans["families/fsq"].lm_argv is None  # a quantizer sweep trains the VAE only
     assert code_bits("fsq", 1, 256, {"levels": [8, 8, 4]}) == code_bits("residual_vq", 2, 16, {}) == 8

@@ -65,9 +65,11 @@ def corpus(tmp_path_factory):
 
 
 def lm_flags(corpus, output_dir, **overrides) -> list[str]:
-    """`rqlm train-lm` flags for a test-preset spatial transformer over the corpus's VAE."""
+    """`rqlm train-lm` flags for a test-preset spatial transformer over the corpus's VAE (the codes mode unless
+    `depth_output="tokens"`: these tests read its code NLL)."""
     values = {
         "vae": corpus / "vae",
+        "depth_output": "codes",
         "dataset": corpus / "corpus.txt",
         "backbone": "test",
         "depth_hidden_size": 16,
@@ -351,3 +353,4 @@ def test_shipped_cpu_recipe_is_the_commands_defaults():
     recipe = str(Path(__file__).parents[1] / "configs" / "lm_cpu.yaml")
     from_yaml, defaults = parse(["--config", recipe]), parse(["--vae", "runs/vae"])
     assert {k: v for k, v in from_yaml.items() if k != "config"} == {k: v for k, v in defaults.items() if k != "config"}
+    assert defaults["depth_output"] == "tokens"  # the measured best mode is the default (docs/results/latent_lm.md)

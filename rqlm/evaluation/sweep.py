@@ -327,8 +327,10 @@ def vae_values(config: SweepConfig, point: Point) -> dict:
 
 
 def lm_values(config: SweepConfig, point: Point, baseline_dir: Path) -> dict:
-    """train-lm flags of a point; `backbone: baseline` becomes the shared baseline's folder."""
-    values = {**data_flags(config, "train-lm"), **config.lm, **point.lm}
+    """train-lm flags of a point; `backbone: baseline` becomes the shared baseline's folder. The LM is the codes
+    mode unless the YAML says `depth_output: tokens` (the sweeps' figures are its code NLL and bound per bit
+    budget; train-lm's own default is the tokens mode)."""
+    values = {"depth_output": "codes", **data_flags(config, "train-lm"), **config.lm, **point.lm}
     if values.get("backbone") == BASELINE_BACKBONE:
         values["backbone"] = str(baseline_dir)
     return values
