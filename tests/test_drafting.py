@@ -481,3 +481,26 @@ def test_distill_data_writes_the_targets_greedy_continuations_of_training_text_a
         assert main([*argv, *change]) == 1
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+@torch.no_grad()
+def test_a_tokens_mode_drafter_is_measured_through_transformers_assisted_decoding(target):
+    """The bench's row for a tokens-mode drafter: `assistant_model`, the target's greedy text, and acceptance read from
+    the calls it made (steps = the target's forwards, so tokens / steps is at most draft length + 1)."""
+    from test_rq_tokens_mode import make_lm as make_tokens_lm
+
+    from rqlm.evaluation.drafting_speed import Drafter, benchmark_drafting, format_drafting_table
+
+    drafter = make_tokens_lm()
+    prompts = [prompt(7, seed=s) for s in range(2)]
+    result = benchmark_drafting(target, [Drafter("tokens", drafter)], prompts, NEW, num_draft_tokens=[3],
+                                log=lambda *_: None)
+    (row,) = result["rows"]
+    assert row["identical"] and row["draft_tokens"] == 3
+    steps_per_prompt = row["steps"] / len(prompts)
+    # every verification step emits between 1 and 4 tokens: NEW tokens take between NEW / 4 and NEW steps
+    assert NEW / 4 <= steps_per_prompt <= NEW and row["acceptance"] == pytest.approx(len(prompts) * NEW / row["steps"])
+    assert 0 <= row["kept_share"] <= 1 and 1 < row["bound_on_target_text"] < float("inf")
+    # the assistant drafted: 3 tokens a step, fewer only where the text ends
+    assert row["steps"] <= row["drafted_tokens"] <= 3 * row["steps"]
+    assert "| tokens | 4 | 3 |" in format_drafting_table(result)

@@ -95,17 +95,19 @@ def benchmark_drafting(
         model = drafter.model.to(device).eval()
         c = model.compression_factor
         head = isinstance(model, RQDraftHead)  # drafts from the target's state: nothing to run alone, no bound
+        assisted = getattr(model.config, "depth_output", None) == "tokens"  # exact q(token): transformers' path
         if head:
             alone = bound = float("nan")
         else:
             model.generate(prompts[0], max_new_tokens=c, do_sample=False, eos_token_id=None)  # warm-up
             alone = sum(_timed(lambda ids=ids, model=model: model.generate(ids, **greedy), device)[1] for ids in prompts)
-            bound = _bound_on(model, references)
+            bound = _perplexity_on(model, references) if assisted else _bound_on(model, references)
         for length in lengths:
             if head and (length or c) > c:  # a head drafts one chunk per step
                 continue
             for threshold in confidence_thresholds:
-                row = _verified_row(target, model, prompts, references, length, threshold, verified, device)
+                row_of = _assisted_row if assisted else _verified_row
+                row = row_of(target, model, prompts, references, length, threshold, verified, device)
                 row |= {
                     "drafter": drafter.name,
                     "compression_factor": c,
@@ -161,6 +163,61 @@ def _verified_row(target, model, prompts, references, num_draft_tokens, threshol
     }
 
 
+def _assisted_row(target, model, prompts, references, num_draft_tokens, threshold, settings, device) -> dict:
+    """`target.generate(assistant_model=model)` over every prompt, as `_verified_row` measures its drafter.
+
+    Steps are the target's forward calls (each verifies one draft), drafted tokens the assistant's forward calls
+    that made a token (its prefill makes the first). A gated step is not reported (nan): the gate only shortens drafts.
+    """
+    calls = {"target": 0, "assistant": 0}
+
+    def counter(name):
+        def hook(module, args, kwargs):
+            calls[name] += 1
+        return hook
+
+    options = {k: v for k, v in settings.items() if k != "prepack"} | {
+        "assistant_model": model,
+        "num_assistant_tokens": num_draft_tokens or model.compression_factor,
+        "num_assistant_tokens_schedule": "constant",
+        "assistant_confidence_threshold": threshold,
+    }
+    target.generate(prompts[0], **(options | {"max_new_tokens": 2}))  # warm-up
+    handles = [target.register_forward_pre_hook(counter("target"), with_kwargs=True),
+               model.register_forward_pre_hook(counter("assistant"), with_kwargs=True)]
+    seconds, emitted, identical = 0.0, 0, True
+    try:
+        for ids, reference in zip(prompts, references):
+            out, s = _timed(lambda ids=ids: target.generate(ids, **options), device)
+            seconds += s
+            emitted += out.shape[1] - ids.shape[1]
+            identical &= torch.equal(out, reference)
+    finally:
+        for handle in handles:
+            handle.remove()
+    steps = calls["target"]
+    return {
+        "seconds": seconds,
+        "steps": steps,
+        "acceptance": emitted / max(steps, 1),
+        "kept_share": (emitted - steps) / max(calls["assistant"], 1),
+        "drafted_tokens": calls["assistant"],
+        "drafting_share": float("nan"),
+        "gated_share": float("nan"),
+        "identical": bool(identical),
+    }
+
+
+def _perplexity_on(model, references: list[torch.LongTensor]) -> float:
+    """A tokens-mode drafter's exact perplexity on the target's greedy sequences."""
+    nll = count = 0.0
+    with torch.no_grad():
+        for ids in references:
+            nll += float(model(ids, labels=ids).loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    return math.exp(nll / count) if nll / count < 700 else float("inf")
+
+
 def _bound_on(model, references: list[torch.LongTensor]) -> float:
     """The drafter's perplexity bound on the target's greedy sequences (each cut to a multiple of C)."""
     c = model.compression_factor
@@ -181,7 +238,7 @@ def format_drafting_table(result: dict) -> str:
         "",
         (
             "| drafter | C | draft tokens | gate | RQ alone tok/s | target verified tok/s | speedup | acceptance tokens/step "
-            "| drafted tokens kept | steps gated | break-even tokens/step | drafting share | drafter's bound on the target's text "
+            "| drafted tokens kept | steps gated | break-even tokens/step | drafting share | drafter's perplexity (codes: bound) on the target's text "
             "| identical |"
         ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -191,10 +248,14 @@ def format_drafting_table(result: dict) -> str:
             f"| {r['drafter']} | {r['compression_factor']} | {r['draft_tokens']} | {r['confidence_threshold']:g} "
             f"| {_number(r['rq_tokens_per_second'])} | {r['verified_tokens_per_second']:,.1f} | {r['speedup']:.2f}x "
             f"| {r['acceptance']:.2f} | {100 * r['kept_share']:.0f}% | {100 * r['gated_share']:.0f}% "
-            f"| {r['break_even_acceptance']:.2f} | {100 * r['drafting_share']:.0f}% | {_number(r['bound_on_target_text'])} "
+            f"| {r['break_even_acceptance']:.2f} | {_percent(r['drafting_share'])} | {_number(r['bound_on_target_text'])} "
             f"| {'yes' if r['identical'] else 'NO'} |"
         )
     return "\n".join(lines)
+
+
+def _percent(x: float) -> str:
+    return "–" if math.isnan(x) else f"{100 * x:.0f}%"
 
 
 def _number(x: float) -> str:

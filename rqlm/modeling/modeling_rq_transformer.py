@@ -222,7 +222,10 @@ class RQTransformerForCausalLM(
         """Tokens (B, T) -> `CausalLMOutputWithPast`: logits (B, T, V), logits[:, t] from tokens 0..t only;
         `loss` the mean NLL of labels[:, 1:] (-100 ignored). With `use_cache` the output holds an
         `RQTokenCache`; given a filled one, `input_ids` are the new tokens only (as in transformers' generate)."""
-        unused = sorted(k for k, v in kwargs.items() if v not in (None, False) and k != "return_dict")
+        # positions follow attention_mask (chunks start at each row's first real token); the position_ids that
+        # transformers derives from the same mask (an assisted target passes them on) are not read
+        unused = sorted(k for k, v in kwargs.items() if v is not None and v is not False
+                        and k not in ("return_dict", "position_ids"))
         if unused:
             raise ValueError(f"the tokens-mode forward does not take {unused}")
         if input_ids is None or input_ids.dim() != 2 or input_ids.numel() == 0:
