@@ -9,6 +9,7 @@ from .lora import LORA_TARGETS
 from .quantizer_registry import QUANTIZER_CLASSES
 
 GAUSSIAN = "gaussian"  # quantizer_type of the continuous (diagonal-Gaussian) VAE
+SEMANTIC_QUANTIZERS = ("residual_vq", "rvq")  # the quantizer types whose first level can be distilled
 
 
 class RQVAEConfig(PreTrainedConfig):
@@ -77,6 +78,13 @@ class RQVAEConfig(PreTrainedConfig):
         lora_alpha (`int`, defaults to 16): LoRA scaling numerator.
         lora_dropout (`float`, defaults to 0.0): LoRA dropout.
         lora_target_modules (`list[str]`, *optional*): modules given adapters (default q/k/v/o/gate/up/down).
+        semantic_dim (`int`, defaults to 0):
+            The width of a teacher's hidden states the first residual level is distilled toward (Mimi's and
+            SpeechTokenizer's semantic level 0); 0 for none. When set, `semantic_proj` (d -> semantic_dim) maps
+            each position's level-0 quantized vector onto its teacher vector, and `forward(semantic_targets=)`
+            reports `semantic_loss`, the mean over real positions of 1 - cosine. Needs `quantizer_type="residual_vq"`.
+        semantic_weight (`float`, defaults to 0.0):
+            Weight of `semantic_loss` in the loss (0: reported only). Needs `semantic_dim > 0` when positive.
     """
 
     model_type = "rq_vae"
@@ -107,6 +115,8 @@ class RQVAEConfig(PreTrainedConfig):
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | None = None
+    semantic_dim: int = 0
+    semantic_weight: float = 0.0
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -130,7 +140,10 @@ class RQVAEConfig(PreTrainedConfig):
         for name in ("num_quantizers", "codebook_size", "latent_dim", "latent_num_attention_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_encoder_layers", "num_decoder_layers", "num_latent_layers", "freeze_backbone_steps", "lora_r"):
+        for name in (
+            "num_encoder_layers", "num_decoder_layers", "num_latent_layers", "freeze_backbone_steps", "lora_r",
+            "semantic_dim", "semantic_weight",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.quantizer_type not in QUANTIZER_CLASSES and not self.is_continuous:
@@ -143,6 +156,15 @@ class RQVAEConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         if self.kl_weight < 0 or self.kl_clamp < 0:
             raise ValueError(f"kl_weight and kl_clamp must be >= 0, got {self.kl_weight} and {self.kl_clamp}")
+        if self.semantic_dim and self.quantizer_type not in SEMANTIC_QUANTIZERS:
+            raise ValueError(
+                f"a semantic level 0 (semantic_dim={self.semantic_dim}) needs quantizer_type 'residual_vq', "
+                f"got {self.quantizer_type!r}; set semantic_dim=0 or use residual_vq"
+            )
+        if self.semantic_weight > 0 and not self.semantic_dim:
+            raise ValueError(
+                f"semantic_weight={self.semantic_weight} needs semantic_dim > 0 (the teacher's hidden size)"
+            )
         if self.latent_dim % self.latent_num_attention_heads:
             raise ValueError(
                 f"latent_dim {self.latent_dim} is not divisible by latent_num_attention_heads "

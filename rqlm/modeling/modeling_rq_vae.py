@@ -30,6 +30,7 @@ from .configuration_rq_vae import RQVAEConfig
 from .gaussian_posterior import GaussianPosterior
 from .layers import Downsample, Qwen3Stack, Upsample, small_stack_config
 from .quantizer_registry import _codebook_size, build_quantizer, code_depth, codes_to_quantized, quantize
+from .quantizer_utils import fp32_region
 
 IGNORE_INDEX = -100
 
@@ -54,7 +55,8 @@ class RQVAEEncoderOutput(ModelOutput):
 @dataclass
 class RQVAEOutput(ModelOutput):
     """What `forward` returns; `accuracy` is the token reconstruction accuracy over non-padding tokens; `kl` the
-    Gaussian VAE's KL(q(z|x) || N(0, I)) in nats per position (None for quantizers)."""
+    Gaussian VAE's KL(q(z|x) || N(0, I)) in nats per position (None for quantizers); `semantic_loss` the mean over
+    real positions of 1 - cosine(semantic_proj(level-0 vector), teacher vector) (None without `semantic_targets`)."""
 
     loss: torch.FloatTensor | None = None
     recon_loss: torch.FloatTensor | None = None
@@ -64,6 +66,7 @@ class RQVAEOutput(ModelOutput):
     quantized: torch.FloatTensor | None = None
     accuracy: torch.FloatTensor | None = None
     kl: torch.FloatTensor | None = None
+    semantic_loss: torch.FloatTensor | None = None
 
 
 def latent_stack_config(config: RQVAEConfig) -> Qwen3Config:
@@ -165,6 +168,8 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
         block_size = config.compression_factor if config.decoder_block_causal else None
         self.decoder = Qwen3Stack(backbone, config.num_decoder_layers, block_size=block_size)
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        # the semantic level 0: level-0 quantized vector (d) -> the teacher's hidden width, trained only
+        self.semantic_proj = nn.Linear(config.latent_dim, config.semantic_dim) if config.semantic_dim else None
         if config.zero_init_residual_branches:
             for stack in (self.encoder, self.decoder):
                 for layer in stack.layers:
@@ -335,9 +340,11 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        semantic_targets: torch.FloatTensor | None = None,
         **kwargs,
     ) -> RQVAEOutput:
-        """Reconstruct input_ids (B, T): loss = cross-entropy(logits, labels or input_ids) + quantizer loss."""
+        """Reconstruct input_ids (B, T): loss = cross-entropy(logits, labels or input_ids) + quantizer loss
+        [+ semantic_weight x semantic loss, given a teacher's `semantic_targets` (B, L, semantic_dim)]."""
         encoded = self.encode(input_ids, attention_mask)
         quantized = self.latent_dropout(encoded.quantized)  # identity unless training with latent_dropout > 0
         logits = self.decode_quantized(quantized, input_ids, attention_mask)
@@ -347,6 +354,10 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
         recon_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         quantizer_loss = encoded.quantizer_loss
         loss = recon_loss + self.config.quantizer_loss_weight * quantizer_loss
+        semantic_loss = None
+        if semantic_targets is not None:
+            semantic_loss = self.semantic_loss(encoded, semantic_targets)
+            loss = loss + self.config.semantic_weight * semantic_loss
         with torch.no_grad():
             valid = targets != IGNORE_INDEX
             accuracy = ((logits.argmax(-1) == targets) & valid).sum() / valid.sum().clamp(min=1)
@@ -359,7 +370,44 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
             quantized=encoded.quantized,
             accuracy=accuracy,
             kl=encoded.kl,
+            semantic_loss=semantic_loss,
         )
+
+    # ----------------------------------------------------------------- semantic level 0
+    def level0_quantized(self, latents: torch.FloatTensor, codes: torch.LongTensor) -> torch.FloatTensor:
+        """Latents (B, L, d) before the quantizer and their codes (B, L, D) -> the first residual level's quantized
+        vector (B, L, d), fp32: the level-0 code's value, with a straight-through gradient to the latents (the
+        encoder) and, for a learnable codebook, to the code itself, as the commitment loss has. Padding gives 0."""
+        quantizer = self.quantizer
+        z = quantizer.project_in(latents)  # (B, L, codebook_dim), as ResidualVQ.forward feeds its first level
+        with fp32_region(z.device.type):
+            z = z.float()
+            code = quantizer.layers[0].get_codes_from_indices(codes[..., 0])  # (B, L, codebook_dim)
+            level0 = code + (z - z.detach())  # value: the code; gradient: to z and to the code
+        return quantizer.project_out(level0.to(latents.dtype)).float()  # (B, L, d)
+
+    def semantic_loss(self, encoded: RQVAEEncoderOutput, semantic_targets: torch.FloatTensor) -> torch.FloatTensor:
+        """Mean over real latent positions of 1 - cosine(semantic_proj(level-0 vector), target); targets (B, L, S)."""
+        if self.semantic_proj is None:
+            raise ValueError(
+                "this RQ-VAE has no semantic level 0 (semantic_dim=0); build it with semantic_dim set to the "
+                "teacher's hidden size to pass semantic_targets"
+            )
+        expected = (*encoded.codes.shape[:2], self.config.semantic_dim)
+        if tuple(semantic_targets.shape) != expected:
+            raise ValueError(
+                f"semantic_targets must have shape (batch, latent_length, semantic_dim) = {expected}, "
+                f"got {tuple(semantic_targets.shape)}"
+            )
+        level0 = self.level0_quantized(encoded.latents, encoded.codes)  # (B, L, d)
+        weight, bias = self.semantic_proj.weight, self.semantic_proj.bias
+        with fp32_region(level0.device.type):
+            projected = F.linear(level0, weight.float(), bias.float())  # (B, L, S)
+            distance = 1 - F.cosine_similarity(projected, semantic_targets.float(), dim=-1)  # (B, L)
+            if encoded.latent_mask is None:
+                return distance.mean()
+            valid = encoded.latent_mask.float()
+            return (distance * valid).sum() / valid.sum().clamp(min=1)
 
     # ----------------------------------------------------------------- backbone
     def backbone_stacks(self) -> list[nn.Module]:
