@@ -8,14 +8,24 @@ RQLM=${RQLM:-.venv/bin/rqlm}
 COMMON=(--block_size 128 --per_device_train_batch_size 16 --per_device_eval_batch_size 16 --learning_rate 1e-3
         --warmup_steps 50 --lr_scheduler cosine --max_steps "$STEPS" --max_minutes none --eval_steps 100
         --eval_batches 21 --save_steps 200 --logging_steps 20 --mixed_precision no --seed "$SEED")
-LM=(train-lm --vae "$OUT/vae" --backbone tiny "${COMMON[@]}")
+VAE=${VAE:-$OUT/vae}; VAE_NAME=$(basename "$VAE")
+LM=(train-lm --vae "$VAE" --backbone tiny "${COMMON[@]}")
+# The code path's levers: every VAE trains the same 640 steps (the reference VAE above stopped at 624 on a time budget).
+VAE640=(train-vae --tokenizer "$OUT/tokenizer" --backbone tiny --block_size 128 --max_steps 640 --max_minutes none
+        --eval_steps 320 --save_steps 320 --logging_steps 40 --seed "$SEED")
+KW='"kmeans_init": true, "threshold_ema_dead_code": 2, "decay": 0.8, "commitment_weight": 0.25'
 TOKENS=(--depth_output tokens --depth_hidden_size 256 --depth_num_attention_heads 4)
 case $ROW in
   tokenizer) $RQLM train-tokenizer --vocab_size 8192 --output_dir "$OUT/tokenizer" ;;
   vae) $RQLM train-vae --tokenizer "$OUT/tokenizer" --backbone tiny --output_dir "$OUT/vae" --block_size 128 \
          --max_steps 1500 --max_minutes none --eval_steps 500 --save_steps 500 --logging_steps 100 ;;
   baseline) $RQLM train-baseline --tokenizer "$OUT/tokenizer" --backbone tiny --output_dir "$OUT/baseline-s$SEED" "${COMMON[@]}" ;;
-  codes) $RQLM "${LM[@]}" --output_dir "$OUT/codes-s$SEED" ;;
+  vae640) $RQLM "${VAE640[@]}" --output_dir "$OUT/vae640" ;;
+  vae640-qdrop) $RQLM "${VAE640[@]}" --quantizer_kwargs "{$KW, \"quantize_dropout\": true}" --output_dir "$OUT/$ROW" ;;
+  vae640-d2k4096) $RQLM "${VAE640[@]}" --num_quantizers 2 --codebook_size 4096 --output_dir "$OUT/$ROW" ;;
+  draft-head) $RQLM train-draft-head --target "$OUT/baseline-s0" --vae "$VAE" --block_size 128 --max_steps "$STEPS" \
+                --max_minutes none --eval_steps 200 --save_steps 200 --logging_steps 20 --seed "$SEED" --output_dir "$OUT/draft-head-s$SEED" ;;
+  codes) $RQLM "${LM[@]}" --output_dir "$OUT/codes-$VAE_NAME-s$SEED" ;;
   tokens-emb-4l) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --spatial_input token_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
   tokens-emb-4l-ctx4) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --token_decoder_context 4 --spatial_input token_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
   tokens-emb-4l-ctx8) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --token_decoder_context 8 --spatial_input token_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
