@@ -4,6 +4,11 @@ Defaults train a from-scratch tiny Qwen3 backbone on the embedded corpus with th
 tokenizer; `--backbone Qwen/Qwen3-0.6B` starts encoder and decoder from pretrained layers
 (`RQVAEModel.from_backbone`). Held-out reconstruction accuracy and codebook usage are
 evaluated every `--eval_steps` and written to the model card and the training plot.
+
+`--semantic_teacher DIR --semantic_weight W` distils the first residual level toward a frozen causal LM of the
+same tokenizer (e.g. a `rqlm train-baseline` folder): its mean last-layer hidden state over each chunk, computed
+on every batch (`rqlm.trainer.semantic_teacher`), never saved with the VAE. `semantic_loss` is logged in training
+and evaluated on the held-out split.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 from rqlm.presets import PRESETS, backbone_config, is_preset
 from rqlm.trainer.arguments import add_training_arguments, training_arguments_from_namespace
@@ -82,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lora_r", type=int, default=0,
                        help="LoRA rank on the Qwen3 layers; 0 trains them fully (default: %(default)s)")
     model.add_argument("--lora_alpha", type=int, default=16, help="LoRA scaling alpha (default: %(default)s)")
+    model.add_argument("--semantic_teacher", default=None,
+                       help="a causal LM of the same tokenizer (folder, e.g. a `rqlm train-baseline` output, or hub "
+                       "name) whose per-chunk mean hidden state the first residual level is distilled toward "
+                       "(residual_vq only) (default: none)")
+    model.add_argument("--semantic_weight", type=float, default=None,
+                       help="weight of the semantic loss, 1 - cosine to the teacher (default: 1.0 with "
+                       "--semantic_teacher)")
     add_training_arguments(
         parser,
         output_dir="runs/vae",
@@ -104,12 +117,15 @@ VAE_FIELDS = (
 )
 
 
-def build_model(args: argparse.Namespace, tokenizer):
-    """An RQVAEModel from a preset backbone sized to the tokenizer, or from a pretrained Qwen3."""
+def build_model(args: argparse.Namespace, tokenizer, semantic_dim: int = 0):
+    """An RQVAEModel from a preset backbone sized to the tokenizer, or from a pretrained Qwen3; with a semantic
+    level 0 of width `semantic_dim` (the teacher's hidden size) when > 0."""
     from rqlm import RQVAEConfig, RQVAEModel
     from rqlm.modeling.configuration_rq_vae import GAUSSIAN
 
     fields = {name: getattr(args, name) for name in VAE_FIELDS}
+    if semantic_dim:
+        fields.update(semantic_dim=semantic_dim, semantic_weight=args.semantic_weight)
     if fields["quantizer_type"] == GAUSSIAN:  # no quantizer: its (RVQ) keyword defaults do not apply
         fields["quantizer_kwargs"] = {}
     if not is_preset(args.backbone):
@@ -136,18 +152,28 @@ def main(args: argparse.Namespace) -> int:
     from rqlm.trainer.loop import train
 
     train_args = training_arguments_from_namespace(args)
+    check_semantic_arguments(args)
     check_before_data(train_args, args.backbone)
     tokenizer, train_blocks, eval_blocks = load_blocks(args, default_tokenizer=None if is_preset(args.backbone) else args.backbone)
+    teacher = None
+    if args.semantic_teacher is not None:
+        from rqlm.trainer.semantic_teacher import SemanticTeacher
+
+        teacher = SemanticTeacher.from_pretrained(args.semantic_teacher, tokenizer, args.compression_factor)
     set_seed(train_args.seed)
-    model = build_model(args, tokenizer)
+    model = build_model(args, tokenizer, semantic_dim=teacher.hidden_size if teacher is not None else 0)
     n_params = sum(p.numel() for p in model.parameters())
     latent = (f"Gaussian d={args.latent_dim}" if model.is_continuous else
               f"D={args.num_quantizers} K={args.codebook_size} d={args.latent_dim}")
     print(f"RQ-VAE: {n_params / 1e6:.2f}M parameters, C={args.compression_factor} {latent}, "
           f"{len(train_blocks)} train / {len(eval_blocks)} held-out blocks")
     start = time.perf_counter()
+    if teacher is not None:
+        print(f"semantic level 0: distilled toward {args.semantic_teacher} (hidden size {teacher.hidden_size}), "
+              f"weight {args.semantic_weight:g}")
     result = train(model, train_blocks, eval_blocks, train_args, tokenizer=tokenizer,
-                   evaluate_fn=reconstruction_evaluate_fn)
+                   evaluate_fn=partial(reconstruction_evaluate_fn, semantic_teacher=teacher),
+                   inputs_fn=teacher.model_inputs if teacher is not None else None)
     conditions = run_conditions(result, train_args, time.perf_counter() - start)
     accuracy = result.eval_metrics.get("eval_accuracy")
     print(f"held-out reconstruction accuracy {accuracy:.1%} {conditions}" if accuracy is not None else
@@ -155,6 +181,23 @@ def main(args: argparse.Namespace) -> int:
     summary = {k: round(v, 4) for k, v in result.eval_metrics.items()}
     print(f"all held-out figures: {json.dumps(summary)}")
     return 0
+
+
+def check_semantic_arguments(args: argparse.Namespace) -> None:
+    """--semantic_weight needs --semantic_teacher; the teacher's weight defaults to 1; a residual VQ only."""
+    from rqlm.modeling.configuration_rq_vae import SEMANTIC_QUANTIZERS
+
+    if args.semantic_teacher is None:
+        if args.semantic_weight is not None:
+            raise ValueError("--semantic_weight needs --semantic_teacher (the causal LM to distil level 0 toward)")
+        return
+    if args.semantic_weight is None:
+        args.semantic_weight = 1.0
+    if args.quantizer_type not in SEMANTIC_QUANTIZERS:
+        raise ValueError(
+            f"--semantic_teacher distils the first level of a residual VQ; --quantizer_type is "
+            f"{args.quantizer_type!r}, use residual_vq"
+        )
 
 
 def run_conditions(result, train_args, seconds: float) -> str:

@@ -76,10 +76,15 @@ def codebook_usage_figures(codes: torch.LongTensor, codebook_size: int) -> dict[
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: int | None = None) -> dict[str, float]:
+def evaluate_reconstruction(
+    model, dataloader, accelerator=None, max_batches: int | None = None, semantic_teacher=None
+) -> dict[str, float]:
     """Held-out blocks -> {'accuracy', 'recon_loss', 'accuracy_pos{i}', 'usage_perplexity_d{j}', 'dead_fraction_d{j}',
     'usage_perplexity_mean', 'dead_fraction_mean', 'codes_replaced'} (a Gaussian VAE: 'kl', 'accuracy_sampled' and
-    'accuracy_noise{std}' instead of the usage figures); codes are gathered over data-parallel ranks. At most `max_batches` batches (>= 1; None: all); a dataloader without a batch is a ValueError."""
+    'accuracy_noise{std}' instead of the usage figures); codes are gathered over data-parallel ranks. At most `max_batches` batches (>= 1; None: all); a dataloader without a batch is a ValueError.
+
+    With a `semantic_teacher` (`rqlm.trainer.semantic_teacher.SemanticTeacher`) also 'semantic_loss', the mean
+    over real latent positions of the semantic level 0's 1 - cosine to the teacher."""
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be at least 1 or None (the whole split), got {max_batches}")
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
@@ -88,6 +93,7 @@ def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: in
     c = unwrapped.config.compression_factor
     counts = torch.zeros(2, c, dtype=torch.float64)  # right, counted per position inside a chunk
     loss_sum, loss_tokens, kl_sum, batches = 0.0, 0.0, 0.0, 0
+    semantic = torch.zeros(2, dtype=torch.float64)  # summed 1 - cosine over real latent positions, positions
     all_codes = []
     continuous = getattr(unwrapped.config, "is_continuous", False)
     noisy = {}
@@ -96,7 +102,18 @@ def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: in
             break
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask")
-        out = unwrapped(input_ids=input_ids, attention_mask=attention_mask)
+        if semantic_teacher is None:
+            out = unwrapped(input_ids=input_ids, attention_mask=attention_mask)
+        else:
+            targets = semantic_teacher(input_ids, attention_mask)  # (B, L, S)
+            out = unwrapped(input_ids=input_ids, attention_mask=attention_mask, semantic_targets=targets)
+            latent_mask = unwrapped.latent_mask(attention_mask)
+            valid = torch.ones(targets.shape[:2], device=targets.device) if latent_mask is None else latent_mask
+            positions = valid.sum().double()
+            batch_semantic = torch.stack([out.semantic_loss.double() * positions, positions])
+            if accelerator is not None:
+                batch_semantic = accelerator.reduce(batch_semantic.to(accelerator.device), "sum")
+            semantic += batch_semantic.cpu()
         stats = position_accuracy_counts(out.logits.argmax(-1), input_ids, attention_mask, c)  # (2, C)
         tokens = stats[1].sum()
         loss = torch.stack([out.recon_loss.double() * tokens, tokens])
@@ -126,6 +143,8 @@ def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: in
     if not all_codes:
         raise ValueError("the held-out dataloader yielded no batch; reconstruction needs at least one block")
     metrics = {**accuracy_figures(counts), "recon_loss": loss_sum / max(loss_tokens, 1.0)}
+    if semantic_teacher is not None:
+        metrics["semantic_loss"] = (semantic[0] / semantic[1].clamp(min=1)).item()
     if continuous:
         metrics["kl"] = kl_sum / batches
         for name, counted in noisy.items():
@@ -137,6 +156,6 @@ def evaluate_reconstruction(model, dataloader, accelerator=None, max_batches: in
     return metrics
 
 
-def reconstruction_evaluate_fn(model, eval_dataloader, accelerator) -> dict[str, float]:
-    """The training loop's `evaluate_fn` for RQ-VAE models."""
-    return evaluate_reconstruction(model, eval_dataloader, accelerator)
+def reconstruction_evaluate_fn(model, eval_dataloader, accelerator, semantic_teacher=None) -> dict[str, float]:
+    """The training loop's `evaluate_fn` for RQ-VAE models (bind `semantic_teacher` with functools.partial)."""
+    return evaluate_reconstruction(model, eval_dataloader, accelerator, semantic_teacher=semantic_teacher)

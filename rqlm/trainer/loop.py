@@ -8,7 +8,9 @@
 A model plugs in with `forward(input_ids=, attention_mask=, labels=) -> output with .loss` and,
 optionally, `on_step_begin(step)` (called before the first forward of every optimizer step),
 `backbone_parameters()` (weights frozen for `config.freeze_backbone_steps` steps, then trained) and
-`logged_output_keys` (scalar output fields logged besides `loss` and every `*_loss`).
+`logged_output_keys` (scalar output fields logged besides `loss` and every `*_loss`). `train(inputs_fn=)` maps a
+batch to the forward's kwargs (default `model_inputs`), e.g. to add a frozen teacher's targets that the model's
+checkpoint must not hold.
 
 Schedule. The learning rate of optimizer step s (0-based) is peak x warmup x decay x unfreeze:
 warmup = min(1, (s + 1) / warmup_steps); decay goes from 1 to `min_lr_ratio` as the run's progress
@@ -214,9 +216,13 @@ def model_signature(model) -> dict:
     return {"class": type(model).__name__, "config": flatten(config)}
 
 
+OFF_VALUES = (None, False, 0, 0.0, "", [], {})  # a config field at one of these is a feature left off
+
+
 def check_model_signature(checkpoint: Path, signature: dict) -> None:
     """Raise a one-line ValueError if `checkpoint` was saved from another model class or config than the one
-    `signature` (`model_signature` of the model before `prepare`: FSDP2 renames the class it shards) describes."""
+    `signature` (`model_signature` of the model before `prepare`: FSDP2 renames the class it shards) describes.
+    A config field the checkpoint predates (absent from its signature) matches while this run leaves it off."""
     path = checkpoint / MODEL_SIGNATURE_NAME
     if not path.is_file():
         return
@@ -228,6 +234,8 @@ def check_model_signature(checkpoint: Path, signature: dict) -> None:
         )
     for key in sorted(saved["config"].keys() | current["config"].keys()):
         was, now = saved["config"].get(key, "unset"), current["config"].get(key, "unset")
+        if was == "unset" and now in OFF_VALUES:  # a field added since the checkpoint, left off in this run
+            continue
         if was != now:
             raise ValueError(
                 f"checkpoint {checkpoint} was trained with {key}={was!r}, this run has {key}={now!r}; {advice}"
@@ -337,10 +345,14 @@ def train(
     tokenizer=None,
     evaluate_fn: Callable | None = None,
     model_card_extra: str | None = None,
+    inputs_fn: Callable[[dict], dict] | None = None,
 ) -> TrainResult:
-    """Train `model` on blocks of `input_ids` for `args.max_steps` optimizer steps; save it to `args.output_dir`."""
+    """Train `model` on blocks of `input_ids` for `args.max_steps` optimizer steps; save it to `args.output_dir`.
+
+    `inputs_fn(batch) -> forward kwargs` prepares each training batch (default `model_inputs`)."""
     output_dir = Path(args.output_dir)
     evaluate_fn = evaluate_fn or evaluate_loss
+    inputs_fn = inputs_fn or model_inputs
     resume_dir = (
         find_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     )
@@ -539,7 +551,7 @@ def train(
                         set_learning_rates(step, projected_seconds)
                         step_begun = True
                     with accelerator.accumulate(model):
-                        outputs = model(**model_inputs(batch))
+                        outputs = model(**inputs_fn(batch))
                         accelerator.backward(outputs.loss)
                         if accelerator.sync_gradients and args.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
