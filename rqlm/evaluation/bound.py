@@ -10,7 +10,9 @@ is an upper bound on the RQ model's perplexity, comparable with a token LM's per
 the same tokens. The model is p(x) = sum_z p(z) p_dec(x | z); the sampler that draws from it
 samples the codes and the decoder's tokens, both at temperature 1 with no truncation:
 `generate(do_sample=True, top_k=0, decoder_do_sample=True)` (the default decoder argmax is
-another sampler, which the bound does not describe). `bound_terms` returns the summed terms
+another sampler, which the bound does not describe). With `depth_output="codes_then_tokens"` the same
+bound reads p(x | z) from the model's own token decoder (given the codes and the text before), and
+`generate(do_sample=True, top_k=0)` draws from its joint. `bound_terms` returns the summed terms
 of one batch (so batches and ranks add up); `perplexity_bound` turns summed terms into the figure.
 """
 
@@ -33,7 +35,8 @@ def bound_terms(
 
     Returns float64 tensors, all sums over the batch (nats):
       'nll_codes'        ()   code NLL, summed over positions and depths
-      'nll_recon'        ()   reconstruction NLL of the tokens given their codes
+      'nll_recon'        ()   reconstruction NLL of the tokens given their codes (the VAE decoder's, or with
+                              codes_then_tokens the token decoder's)
       'num_tokens'       ()   tokens scored (attention_mask 1)
       'nll_codes_depth'  (D,) code NLL of each depth
       'correct_depth'    (D,) codes predicted right (argmax) at each depth
@@ -46,24 +49,31 @@ def bound_terms(
                          "not the bound")
     was_training = model.training
     model.eval()
-    if codes is None:
+    planned = getattr(model.config, "depth_output", "codes") == "codes_then_tokens"
+    if codes is None and not planned:
         codes = model.encode(input_ids, attention_mask)  # (B, L, D), -1 on chunks of padding only
     # through forward (padding masked there), so wrappers that act on forward (FSDP's unsharding) see the call
-    code_logits = model(input_ids=input_ids, attention_mask=attention_mask, codes=codes).logits.float()  # (B, L, D, K)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, codes=codes)
     model.train(was_training)
+    if planned:  # codes per chunk from each row's first real token; the token decoder's NLL given them
+        codes, code_logits = out.codes, out.code_logits.float()  # (B, L, D), (B, L, D, K)
+        nll_recon = (out.token_loss * out.num_tokens).double()
+    else:
+        code_logits = out.logits.float()  # (B, L, D, K)
     valid = codes >= 0  # (B, L, D)
     nll = F.cross_entropy(
         rearrange(code_logits, "b l d k -> b k l d"), codes.masked_fill(~valid, IGNORE_INDEX),
         ignore_index=IGNORE_INDEX, reduction="none",
     )  # (B, L, D), 0 on padding
     correct = (code_logits.argmax(-1) == codes) & valid  # (B, L, D)
-    vae = model.vae
-    decoder_tokens = input_ids if vae.config.decoder_sees_previous_tokens else None
-    logits = vae.decode(codes.clamp(min=0), input_ids=decoder_tokens, attention_mask=attention_mask)  # (B, T, V)
     targets = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-    nll_recon = F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    if not planned:
+        vae = model.vae
+        decoder_tokens = input_ids if vae.config.decoder_sees_previous_tokens else None
+        logits = vae.decode(codes.clamp(min=0), input_ids=decoder_tokens, attention_mask=attention_mask)  # (B, T, V)
+        nll_recon = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
     nll_codes_depth = nll.sum(dim=(0, 1)).double()  # (D,)
     return {
         "nll_codes": nll_codes_depth.sum(),

@@ -26,6 +26,13 @@ modes, greedy and sampling. The settings the loop implements:
 Any other GenerationConfig field set away from its default (num_beams, guidance_scale, penalty_alpha,
 cache_implementation, ..., and fields of later transformers releases) is a one-line ValueError.
 
+With `depth_output="codes_then_tokens"` the same `generate` runs the loop of codes_then_tokens.py: per step the D
+codes (the depth processors above, `depth_<name>` overriding the run's settings), then the chunk's C tokens one by
+one from the model's token decoder, each chosen through the LogitsProcessors transformers' generate builds for a
+causal LM: the run's sampling settings (do_sample, temperature, top_k, top_p, ...) and TOKEN_SETTINGS act on the
+tokens, as does `logits_processor`; `decoder_<name>` (there is no VAE decoder) and output_scores / output_logits
+are one-line errors, and the streamer receives each token as it is chosen.
+
 Prompts whose length is not a multiple of C are left-padded with EOS (the separator that
 packing puts between training documents) up to the next multiple, so every latent position
 is a full chunk; the returned ids start with the exact prompt, without that padding.
@@ -175,8 +182,12 @@ class RQTransformerGenerationMixin(GenerationMixin):
         run = self._run_settings(
             generation_config, depth_overrides, decoder_settings, logits_processor, tokenizer, input_ids, attention_mask
         )
-        with prepacked_linears(self.vae) if prepack else nullcontext():
-            return self._generate(input_ids, attention_mask, run, streamer, started)
+        if self.config.depth_output == "codes_then_tokens":  # the token decoder's head runs B rows per token
+            loop, packed = self._generate_codes_then_tokens, self
+        else:
+            loop, packed = self._generate, self.vae
+        with prepacked_linears(packed) if prepack else nullcontext():
+            return loop(input_ids, attention_mask, run, streamer, started)
 
     def _generate(self, input_ids, attention_mask, run: _Run, streamer, started: float):
         """The decoding loop of `generate`, on checked arguments."""
@@ -292,12 +303,20 @@ class RQTransformerGenerationMixin(GenerationMixin):
         max_time = generation_config.max_time
         if max_time is not None and max_time < 0:
             raise ValueError(f"max_time must be >= 0 seconds, got {max_time}")
+        if self.config.depth_output == "codes_then_tokens":  # the text is the token decoder's: settings act on it
+            self._check_codes_then_tokens_settings(generation_config, decoder_settings)
+            code_processor = None
+            tokens = self._text_token_choice(generation_config, logits_processor, eos, input_ids, attention_mask,
+                                             max_new_tokens)  # fmt: skip
+        else:
+            code_processor = logits_processor
+            tokens = self._token_choice(generation_config, decoder_settings, eos, input_ids, attention_mask, max_new_tokens)
         run = _Run(
             max_new_tokens=max_new_tokens,
             eos=eos,
             pad=pad if pad is not None else (eos[0] if eos else 0),
-            depth_processors=self._depth_processors(generation_config, depth_overrides, logits_processor, input_ids.device),
-            tokens=self._token_choice(generation_config, decoder_settings, eos, input_ids, attention_mask, max_new_tokens),
+            depth_processors=self._depth_processors(generation_config, depth_overrides, code_processor, input_ids.device),
+            tokens=tokens,
             stop=stop,
             max_time=max_time,
             use_cache=generation_config.use_cache is not False,
@@ -338,6 +357,27 @@ class RQTransformerGenerationMixin(GenerationMixin):
             )
             per_depth.append((processors, bool(config.do_sample)))
         return per_depth
+
+    def _check_codes_then_tokens_settings(self, generation_config, decoder_settings) -> None:
+        """codes_then_tokens has no VAE decoder to set, and records no scores."""
+        if decoder_settings:
+            raise ValueError(f"{sorted('decoder_' + k for k in decoder_settings)} set the codes mode's VAE decoder; with "
+                             "codes_then_tokens the run's settings act on the tokens and depth_<name> on the codes")
+        if generation_config.output_scores or generation_config.output_logits:
+            raise ValueError("output_scores and output_logits are not implemented by the codes_then_tokens generate; "
+                             "leave them unset")
+
+    def _text_token_choice(self, generation_config, logits_processor, eos, input_ids, attention_mask, max_new_tokens):
+        """codes_then_tokens: how each token is chosen from the token decoder's logits, as transformers' generate
+        chooses a causal LM's (the run's sampling and TOKEN_SETTINGS, its defaults, and `logits_processor`)."""
+        settings = {name: getattr(generation_config, name) for name in DEPTH_SETTINGS + TOKEN_SETTINGS}
+        config = GenerationConfig(**settings, max_length=input_ids.shape[1] + max_new_tokens)
+        config.update(**{k: v for k, v in default_generation_params().items() if getattr(config, k, 0) is None})
+        processors = logits_processors(
+            self, config, input_ids.shape[1], logits_processor=copy.copy(logits_processor) or LogitsProcessorList(),
+            device=input_ids.device, eos_token_ids=eos, attention_mask=attention_mask,
+        )  # fmt: skip
+        return _TokenChoice(processors, bool(config.do_sample))
 
     def _token_choice(self, generation_config, decoder_settings, eos, input_ids, attention_mask, max_new_tokens):
         """How the VAE decoder's tokens are chosen: the run's TOKEN_SETTINGS, then `decoder_<name>` sampling
@@ -402,26 +442,16 @@ class _State:
     def __init__(self, model, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, use_cache: bool):
         self.model, self.use_cache = model, use_cache
         vae, c = model.vae, model.compression_factor
-        eos = model.config.vae_config.backbone_config.eos_token_id
         pad = vae.config.backbone_config.pad_token_id or 0
-        self.separator = eos if isinstance(eos, int) else (eos[0] if eos else pad)
+        self.separator = separator_token(model)
         lengths = attention_mask.sum(1)  # (B,)
         chunks = -(-lengths // c)  # (B,) latent positions of each prompt
         num = int(chunks.max())
         b, device = input_ids.shape[0], input_ids.device
-        # tokens (B, num * C): whole-chunk left padding (mask 0), then EOS up to a multiple of C, then the prompt
-        tokens = torch.full((b, num * c), pad, dtype=torch.long, device=device)
-        token_mask = torch.zeros_like(tokens)
-        for i in range(b):
-            real = input_ids[i, attention_mask[i].bool()]
-            start = num * c - int(chunks[i]) * c
-            tokens[i, start : num * c - len(real)] = self.separator
-            tokens[i, num * c - len(real) :] = real
-            token_mask[i, start:] = 1
-        self.tokens, self.token_mask = tokens, token_mask
-        self.codes = model.encode(tokens, token_mask)  # (B, num, D), -1 on padding chunks
+        self.tokens, self.token_mask = whole_chunk_layout(input_ids, attention_mask, c, self.separator, pad)
+        self.codes = model.encode(self.tokens, self.token_mask)  # (B, num, D), -1 on padding chunks
         # spatial sequence (B, num + 1): padding, start, prompt latents
-        latent_mask = vae.latent_mask(token_mask)  # (B, num): chunks holding a real token (codes -1 elsewhere)
+        latent_mask = vae.latent_mask(self.token_mask)  # (B, num): chunks holding a real token (codes -1 elsewhere)
         self.spatial_mask = torch.cat([torch.zeros_like(latent_mask[:, :1]), latent_mask], dim=1).long()
         first = num - chunks  # index of the start position
         self.spatial_mask[torch.arange(b, device=device), first] = 1
@@ -520,6 +550,29 @@ class _State:
             _crop(self.decoder.token_cache, self.tokens.shape[1])
 
 
+def separator_token(model) -> int:
+    """What fills a prompt's first chunk in front of it: the tokenizer's EOS (what packing puts between documents)."""
+    eos = model.config.vae_config.backbone_config.eos_token_id
+    pad = model.config.vae_config.backbone_config.pad_token_id or 0
+    return eos if isinstance(eos, int) else (eos[0] if eos else pad)
+
+
+def whole_chunk_layout(input_ids, attention_mask, c: int, separator: int, pad: int):
+    """Left-padded prompts (B, T0) -> tokens (B, num * C) and their mask: whole-chunk left padding (mask 0), then
+    the separator up to a multiple of C (mask 1), then the prompt, so every row's chunks start at a multiple of C."""
+    chunks = -(-attention_mask.sum(1) // c)  # (B,) latent positions of each prompt
+    num = int(chunks.max())
+    tokens = torch.full((input_ids.shape[0], num * c), pad, dtype=torch.long, device=input_ids.device)
+    token_mask = torch.zeros_like(tokens)
+    for i in range(input_ids.shape[0]):
+        real = input_ids[i, attention_mask[i].bool()]
+        start = num * c - int(chunks[i]) * c
+        tokens[i, start : num * c - len(real)] = separator
+        tokens[i, num * c - len(real) :] = real
+        token_mask[i, start:] = 1
+    return tokens, token_mask
+
+
 def _crop(cache: DynamicCache | None, length: int) -> None:
     """Cut a KV cache back to its first `length` positions."""
     if cache is not None and cache.get_seq_length() > length:
@@ -571,4 +624,4 @@ class _ChunkDecoder:
         return self._run(codes, previous, token_mask)
 
 
-__all__ = ["DEPTH_SETTINGS", "RQGenerateOutput", "RQTransformerGenerationMixin"]
+__all__ = ["DEPTH_SETTINGS", "RQGenerateOutput", "RQTransformerGenerationMixin", "separator_token", "whole_chunk_layout"]

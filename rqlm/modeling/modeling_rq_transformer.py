@@ -9,6 +9,9 @@
     loss = cross-entropy over the codes, averaged over depth
          [+ aux: C heads on h_l predict the tokens of chunk l]
 
+`depth_output="tokens"` replaces the depth transformer with a token decoder (token_depth.py), and
+`"codes_then_tokens"` keeps both: the codes first, then the tokens given them (codes_then_tokens.py).
+
 h_l is computed from the codes of positions < l, and the logits of depth d from h_l and
 the codes of depths < d at position l, so sampling goes position by position and, inside
 a position, depth by depth (see generation_rq_transformer.py). The frozen RQ-VAE is a
@@ -32,6 +35,7 @@ from transformers.utils import ModelOutput
 
 from .backbone import TrainableBackbone
 from .code_depth import CodeDepthMixin
+from .codes_then_tokens import CodeDepthDecoder, CodesThenTokensMixin, CodesThenTokensOutput
 from .configuration_rq_transformer import RQTransformerConfig
 from .generation_rq_transformer import RQTransformerGenerationMixin
 from .latent_lm import FrozenVAELatentLM
@@ -77,11 +81,11 @@ class RQTransformerPreTrainedModel(CheckedLoading, PreTrainedModel):
         if getattr(module, "_owns_its_init", False):
             return
         super()._init_weights(module)
+        std = self.config.backbone_config.initializer_range
         if isinstance(module, RQTransformerForCausalLM):
-            std = self.config.backbone_config.initializer_range
             init.normal_(module.start, std=std)
-            if getattr(module, "depth_position", None) is not None:
-                init.normal_(module.depth_position, std=std)
+        if isinstance(module, (RQTransformerForCausalLM, CodeDepthDecoder)) and getattr(module, "depth_position", None) is not None:
+            init.normal_(module.depth_position, std=std)
 
 
 class RQTransformerForCausalLM(
@@ -89,11 +93,13 @@ class RQTransformerForCausalLM(
     TrainableBackbone,
     CodeDepthMixin,
     TokenDepthMixin,
+    CodesThenTokensMixin,
     RQTransformerGenerationMixin,
     RQTransformerPreTrainedModel,
 ):
     """Spatial + depth transformers over a frozen RQ-VAE's codes, or (`depth_output="tokens"`) a spatial
-    transformer over chunks and a token decoder per chunk (see the module docstrings)."""
+    transformer over chunks and a token decoder per chunk, or (`"codes_then_tokens"`) both decoders, the codes first
+    (see the module docstrings)."""
 
     def __init__(self, config: RQTransformerConfig):
         super().__init__(config)
@@ -122,6 +128,8 @@ class RQTransformerForCausalLM(
 
         if config.depth_output == "tokens":
             self.build_token_depth(hidden, like=backbone)  # C token slots per latent position
+        elif config.depth_output == "codes_then_tokens":
+            self.build_codes_then_tokens(hidden, like=backbone)  # D code positions, then C token slots
         else:
             self.build_depth(hidden, like=backbone)  # D positions per latent position
 
@@ -172,15 +180,18 @@ class RQTransformerForCausalLM(
         cache: RQTokenCache | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> RQTransformerOutput | CausalLMOutputWithPast:
+    ) -> RQTransformerOutput | CausalLMOutputWithPast | CodesThenTokensOutput:
         """Codes mode: code NLL of text (B, T) or of its precomputed codes (B, L, D), teacher-forced logits
-        (B, L, D, K). Tokens mode: a causal LM's forward (see `_token_lm_forward`).
+        (B, L, D, K). Tokens mode: a causal LM's forward (see `_token_lm_forward`). codes_then_tokens: the bound
+        per token and its two parts (see `_codes_then_tokens_forward`).
 
         Padding (attention_mask 0, or code -1) never enters the loss. In codes mode `labels` is accepted for
         the trainer's interface; the targets are the codes themselves.
         """
         if self.config.depth_output == "tokens":
             return self._token_lm_forward(input_ids, attention_mask, labels, codes, cache, use_cache, **kwargs)
+        if self.config.depth_output == "codes_then_tokens":
+            return self._codes_then_tokens_forward(input_ids, attention_mask, labels, codes, cache, use_cache, **kwargs)
         if codes is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (B, T) or their codes (B, L, D)")
@@ -262,7 +273,7 @@ class RQTransformerForCausalLM(
         return False
 
     def generate(self, *args, **kwargs):
-        """Codes mode: `RQTransformerGenerationMixin.generate`. Tokens mode: transformers' own `generate`, with
+        """Codes and codes_then_tokens modes: `RQTransformerGenerationMixin.generate`. Tokens mode: transformers' own `generate`, with
         every option of a causal LM (the model steps its spatial transformer once per chunk); `prepack` (default
         True) runs its linear calls of 4 to 32 rows through `prepacked_linears`, as the codes mode does."""
         if self.config.depth_output == "tokens":
@@ -294,4 +305,4 @@ class RQTransformerForCausalLM(
             raise ValueError(f"codes must lie in [0, {k}) (or -1 for padding); got [{codes.min()}, {codes.max()}]")
 
 
-__all__ = ["RQTransformerForCausalLM", "RQTransformerOutput", "RQTransformerPreTrainedModel"]
+__all__ = ["CodesThenTokensOutput", "RQTransformerForCausalLM", "RQTransformerOutput", "RQTransformerPreTrainedModel"]

@@ -47,6 +47,13 @@ def real_spans(input_ids: torch.LongTensor, attention_mask: torch.Tensor | None)
     return start, length
 
 
+def token_head(width: int, vocab: int, rank: int) -> nn.Module:
+    """The token decoder's vocabulary head (..., w) -> (..., V): one Linear, or Linear(w, rank) then Linear(rank, V)."""
+    if not rank:
+        return nn.Linear(width, vocab, bias=False)
+    return nn.Sequential(nn.Linear(width, rank, bias=False), nn.Linear(rank, vocab, bias=False))
+
+
 class TokenDepthMixin:
     """The tokens mode's modules and passes, for `RQTransformerForCausalLM` (see the module docstring)."""
 
@@ -62,7 +69,7 @@ class TokenDepthMixin:
             small_stack_config(width, config.depth_intermediate_size, config.depth_num_layers,
                                config.depth_num_attention_heads, max(config.token_decoder_context + c, 8), like=like)
         )  # fmt: skip
-        self.token_head = nn.Linear(width, vocab, bias=False)
+        self.token_head = token_head(width, vocab, config.token_head_rank)
 
     # ----------------------------------------------------------------- spatial inputs
     def chunk_embeddings(self, tokens: torch.LongTensor, codes: torch.LongTensor | None) -> torch.FloatTensor:
@@ -85,11 +92,17 @@ class TokenDepthMixin:
 
     # ----------------------------------------------------------------- token decoder
     def token_decoder_hidden(
-        self, h: torch.FloatTensor, chunk_tokens: torch.LongTensor, before: torch.LongTensor | None = None
+        self,
+        h: torch.FloatTensor,
+        chunk_tokens: torch.LongTensor,
+        before: torch.LongTensor | None = None,
+        plan: torch.FloatTensor | None = None,
     ) -> torch.FloatTensor:
         """h (N, H), the first tokens of each chunk (N, R - 1) and the P tokens before it (N, P) -> decoder outputs
-        (N, R, w) at the state's slot and after it."""
-        parts = [self.depth_in(h)[:, None], self.token_embed(chunk_tokens)]
+        (N, R, w) at the state's slot and after it. `plan` (N, w), when given, is added to the state's slot (the
+        embedded codes of the chunk, `codes_then_tokens`)."""
+        state = self.depth_in(h) if plan is None else self.depth_in(h) + plan
+        parts = [state[:, None], self.token_embed(chunk_tokens)]
         if before is not None and before.shape[1]:
             parts.insert(0, self.token_embed(before))
         slots = torch.cat(parts, dim=1)  # (N, P + R, w)
@@ -325,4 +338,4 @@ class RQTokenCache:
         self.spatial_cache.reorder_cache(beam_idx)
 
 
-__all__ = ["RQTokenCache", "TokenDepthMixin", "real_spans"]
+__all__ = ["RQTokenCache", "TokenDepthMixin", "real_spans", "token_head"]
