@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+from rqlm.modeling.configuration_rq_transformer import DEPTH_OUTPUTS
 from rqlm.presets import PRESETS
 
 HEADLINE_C = 4
@@ -112,14 +113,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--depth_output",
         default="codes",
-        choices=("codes", "tokens"),
+        choices=DEPTH_OUTPUTS,
         help="what the random-weight RQ models' depth decoder writes: the D codes the VAE decodes (a 1-layer depth "
-        "transformer), or the chunk's tokens (a 4-layer token decoder of width 256)",
+        "transformer), the chunk's tokens (a 4-layer token decoder of width 256), or both, the codes first",
     )
     gen.add_argument("--depth_hidden_size", type=int, default=None, help="width of the random-weight models' depth decoder")
     gen.add_argument("--depth_num_layers", type=int, default=None, help="layers of the random-weight models' depth decoder")
     gen.add_argument("--token_decoder_context", type=int, default=None,
                      help="tokens mode: tokens before the chunk the random-weight models' token decoder also reads")
+    gen.add_argument("--token_head_rank", type=int, default=None,
+                     help="the random-weight models' token decoder head: Linear(w, r) then Linear(r, V) (0: one Linear)")
     gen.add_argument(
         "--parallel_depth",
         action=argparse.BooleanOptionalAction,
@@ -301,7 +304,7 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
         args.compression_factors = [HEADLINE_C, *args.compression_factors]
     if args.parallel_depth and args.depth_output == "tokens":
         raise ValueError("--parallel_depth is a codes-mode depth; drop it with --depth_output tokens")
-    depth = {k: v for k in ("depth_hidden_size", "depth_num_layers", "token_decoder_context")
+    depth = {k: v for k in ("depth_hidden_size", "depth_num_layers", "token_decoder_context", "token_head_rank")
              if (v := getattr(args, k)) is not None}
     variants = [
         gs.Variant(c, depth_output=args.depth_output, depth=depth)

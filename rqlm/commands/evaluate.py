@@ -277,7 +277,8 @@ def print_table(figures: dict[str, float], args: argparse.Namespace, config) -> 
         rows[:0] = [
             ("GIVT ELBO perplexity bound" if continuous else "RQ perplexity bound", figures["nll_bound_per_token"]),
             ("  latent KL term" if continuous else "  code NLL term", figures["nll_codes_per_token"]),
-            ("  reconstruction NLL term", figures["nll_recon_per_token"]),
+            ("  token NLL given codes term" if getattr(config, "depth_output", "codes") == "codes_then_tokens"
+             else "  reconstruction NLL term", figures["nll_recon_per_token"]),
         ]
     for name, nats in rows:
         print(f"{name:32}{nats:12.4f}{nats / math.log(2):12.4f}{_number(math.exp(min(nats, 700))):>14}")

@@ -24,7 +24,7 @@ from rqlm.presets import PRESETS, backbone_config, is_preset
 from rqlm.trainer.arguments import add_training_arguments, training_arguments_from_namespace
 
 LM_FIELDS = (
-    "depth_output", "token_decoder_context", "depth_num_layers", "depth_hidden_size", "depth_num_attention_heads", "spatial_input", "depth_mode",
+    "depth_output", "token_decoder_context", "token_head_rank", "depth_num_layers", "depth_hidden_size", "depth_num_attention_heads", "spatial_input", "depth_mode",
     "aux_token_loss_weight", "freeze_backbone_steps", "lora_r", "lora_alpha",
 )  # fmt: skip
 
@@ -41,10 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="what the depth decoder writes per latent position: the chunk's C tokens (default: a "
                        "causal LM with exact likelihood; 1.09x the baseline's held-out perplexity at equal tokens and "
                        "3.47x its tokens/s at the Qwen3-0.6B shape, docs/results/latent_lm.md), or the D codes the "
-                       "VAE decodes (codes: only a perplexity bound, 1,800-3,700x the baseline's)")
+                       "VAE decodes (codes: only a perplexity bound, 1,800-3,700x the baseline's), or both, the codes "
+                       "first (codes_then_tokens: a bound, code NLL + token NLL given the codes)")
     model.add_argument("--token_decoder_context", type=int, default=None,
                        help="tokens mode: tokens before the chunk the token decoder also reads (default: C, one chunk; "
                        "0: the chunk alone)")
+    model.add_argument("--token_head_rank", type=int, default=0,
+                       help="the token decoder's vocabulary head: Linear(width, r) then Linear(r, V) (0: one Linear; "
+                       "r cuts its cost per token at a large vocabulary)")
     add_depth_arguments(model)
     parser.set_defaults(depth_num_layers=None)  # the mode's: 1 for codes, 4 for tokens
     model.add_argument("--spatial_input", default=None, choices=SPATIAL_INPUTS,
@@ -203,7 +207,7 @@ def build_model(args: argparse.Namespace, vae, tokenizer):
 def lm_evaluate_fn(model, eval_dataloader, accelerator) -> dict[str, float]:
     """The loop's `evaluate_fn`: held-out code NLL and accuracy per depth, each depth's marginal entropy,
     code and reconstruction NLL per token and the perplexity bound, summed over batches and ranks (tokens mode:
-    `token_lm_evaluate`)."""
+    `token_lm_evaluate`; codes_then_tokens: the same bound, its reconstruction term the token decoder's NLL)."""
     from rqlm.evaluation.bound import bound_terms
 
     unwrapped = accelerator.unwrap_model(model)

@@ -99,7 +99,7 @@ def build_rq_model(
         vae_config=vae_config,
         depth_mode=depth_mode,
         depth_output=depth_output,
-        **{**(TOKEN_DEPTH_DEFAULTS if depth_output == "tokens" else DEPTH_DEFAULTS), **overrides},
+        **{**(DEPTH_DEFAULTS if depth_output == "codes" else TOKEN_DEPTH_DEFAULTS), **overrides},
     )
     torch.manual_seed(0)
     return RQTransformerForCausalLM(config).eval()
@@ -155,9 +155,12 @@ def rq_cache_bytes(model, prompt_length: int, new_tokens: int, batch_size: int, 
     chunks = -(-prompt_length // c) + -(-new_tokens // c)
     vae = model.vae
     spatial = kv_cache_bytes(model.config.backbone_config, chunks + 1, batch_size, dtype)
-    depth = (  # GIVT has no depth transformer; the token decoder re-reads its open chunk and keeps no cache
-        kv_cache_bytes(model.depth.config, model.num_quantizers, batch_size, dtype)
-        if getattr(model.config, "depth_mode", None) == "autoregressive" and getattr(model.config, "depth_output", "codes") == "codes"
+    # GIVT has no depth transformer; the token decoder re-reads its open chunk and keeps no cache; codes_then_tokens'
+    # code depth decoder is a submodule
+    code_depth = getattr(model, "code_depth", model)
+    depth = (
+        kv_cache_bytes(code_depth.depth.config, model.num_quantizers, batch_size, dtype)
+        if getattr(model.config, "depth_mode", None) == "autoregressive" and getattr(model.config, "depth_output", "codes") != "tokens"
         else 0
     )
     decoder = 0
@@ -328,7 +331,7 @@ def _no_timers():
 
 def rq_generate(model, new_tokens: int, prepack: bool = True) -> Callable[..., torch.LongTensor]:
     """The latent LM's greedy `generate`; an RQ model's with `prepack` (its VAE decoder's C-row calls through oneDNN)."""
-    settings = {"prepack": prepack} if _runs_own_loop(model) else {"pad_token_id": 0}
+    settings = {"prepack": prepack} if _runs_own_loop(model) or _plans_codes(model) else {"pad_token_id": 0}
 
     def generate(input_ids, streamer=None, max_new_tokens=new_tokens):
         return model.generate(
@@ -336,6 +339,11 @@ def rq_generate(model, new_tokens: int, prepack: bool = True) -> Callable[..., t
         )
 
     return generate
+
+
+def _plans_codes(model) -> bool:
+    """Whether a latent LM is a codes_then_tokens RQ model (rqlm's own loop, without the codes loop's part timers)."""
+    return getattr(model.config, "depth_output", None) == "codes_then_tokens"
 
 
 def _runs_own_loop(model) -> bool:
@@ -400,7 +408,7 @@ class Variant:
         sizes = "".join(f" {k.removeprefix('depth_')}={v}" for k, v in sorted(self.depth.items()))
         return f"RQ C={self.compression_factor}" + (
             " parallel-depth" if self.depth_mode == "parallel" else ""
-        ) + (" tokens" if self.depth_output == "tokens" else "") + sizes
+        ) + ("" if self.depth_output == "codes" else f" {self.depth_output}") + sizes
 
 
 def benchmark_shape(
