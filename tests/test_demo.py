@@ -1,8 +1,10 @@
 """`rqlm demo` and its stages (rqlm/pipeline.py): CPU, offline, the embedded corpus.
 
 Covers: `rqlm demo --quick` end to end in a fresh folder (checkpoints, report.md whose numbers parse and
-are finite and match metrics.json, the plots as PNGs, the LM built on the baseline; the continuous latents'
-columns, GIVT's Gaussian and energy heads, with their own stages' figures); a second run skips
+are finite and match metrics.json, the plots as PNGs with their axes labelled and the tables' figures drawn, both
+LMs built on the baseline; the headline table's row per model: the tokens mode with its exact perplexity and the
+codes mode with its bound, each with its own stages' figures; the continuous latents' columns, GIVT's Gaussian
+and energy heads, with their own stages' figures); a second run skips
 every stage and retrains nothing; a killed training stage (a checkpoint, no final model) resumes from its
 checkpoint; run_stage's skip / force / resume / failure rules with a stand-in command; one-line errors.
 """
@@ -18,17 +20,29 @@ import pytest
 import torch
 
 from rqlm import cli, pipeline
-from rqlm.evaluation.report import BASELINE, GIVT, GIVT_ENERGY, NOT_APPLICABLE, RQ_MODEL, number, percent
+from rqlm.evaluation.report import (
+    BASELINE,
+    GIVT,
+    GIVT_ENERGY,
+    NOT_APPLICABLE,
+    RQ_CODES,
+    RQ_MODEL,
+    number,
+    percent,
+    ratio_cell,
+)
 from rqlm.pipeline import fresh_accelerate_state
 
-RQ_STAGES = ("tokenizer", "baseline", "vae", "codes", "lm", "evaluation", "reconstruction", "benchmark")
+RQ_STAGES = ("tokenizer", "baseline", "vae", "codes", "lm", "evaluation", "reconstruction", "benchmark", "lm-codes",
+             "lm-codes-evaluation", "lm-codes-benchmark")
 CONTINUOUS_STAGES = ("gaussian-vae", "gaussian-reconstruction", "givt", "givt-evaluation", "givt-benchmark",
                      "givt-energy", "givt-energy-evaluation", "givt-energy-benchmark")  # fmt: skip
 STAGES = RQ_STAGES + CONTINUOUS_STAGES  # --quick has them all
 FOLDERS = {stage: stage.replace("-", "_") for stage in STAGES}  # stage -> its folder in the output
 WEIGHTS = ("baseline/model.safetensors", "vae/model.safetensors", "lm/model.safetensors",
            "codes/dataset_dict.json", "evaluation/evaluation.json", "reconstruction/inspect.json",
-           "benchmark/bench.json")  # fmt: skip
+           "benchmark/bench.json", "lm_codes/model.safetensors", "lm_codes_evaluation/evaluation.json",
+           "lm_codes_benchmark/bench.json")  # fmt: skip
 CONTINUOUS_FILES = ("gaussian_vae/model.safetensors", "givt/model.safetensors", "givt_energy/model.safetensors",
                     "gaussian_reconstruction/inspect.json", "givt_evaluation/evaluation.json",
                     "givt_energy_evaluation/evaluation.json", "givt_benchmark/bench.json",
@@ -57,17 +71,31 @@ def demo(tmp_path_factory):
     return out
 
 
-COLUMNS = ("RQ-Transformer", "Qwen3 baseline", "GIVT (Gaussian head)", "GIVT (energy head)")  # of --quick
+COLUMNS = ("Qwen3 baseline", "RQ-Transformer (tokens mode)", "RQ-Transformer (codes mode)", "GIVT (Gaussian head)",
+           "GIVT (energy head)")  # of --quick: the table's columns, the headline table's rows
+TOKENS, CODES, GIVT_COLUMN, ENERGY_COLUMN = 1, 2, 3, 4  # the latent LMs' columns (0: the baseline)
+HEADLINE = ("held-out perplexity", "/ baseline", "judged perplexity", "distinct-2", "distinct-3", "repeated 3-grams",
+            "speedup")  # the headline table's columns (their labels start so)
 
 
 def table(report: str) -> dict[str, tuple[str, ...]]:
-    """report.md's comparison table: row label -> its cells (RQ, baseline, GIVT Gaussian, GIVT energy)."""
+    """report.md's tables: row label -> its cells. The table of every figure: label -> (baseline, tokens mode,
+    codes mode, GIVT Gaussian, GIVT energy); the headline table: model name -> its cells under HEADLINE."""
     rows = {}
     for line in report.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| ") and len(cells) > 2 and cells[0]:
             rows[cells[0]] = tuple(cells[1:])
     return rows
+
+
+def headline(report: str) -> dict[str, dict[str, str]]:
+    """The headline table: model name -> {column (a HEADLINE entry) -> cell}."""
+    rows = table(report)
+    header = rows["model"]
+    assert [any(h.startswith(c) for h in header) for c in HEADLINE] == [True] * len(HEADLINE), header
+    columns = [next(c for c in HEADLINE if h.startswith(c)) for h in header]
+    return {name: dict(zip(columns, cells)) for name, cells in rows.items() if name in COLUMNS}
 
 
 def row(rows: dict, start: str) -> tuple[str, ...]:
@@ -91,55 +119,124 @@ def test_quick_demo_writes_checkpoints_report_metrics_and_plots(demo):
     report = (demo / "report.md").read_text()
     assert "| | " + " | ".join(COLUMNS) + " |" in report
     rows = table(report)
-    required = {  # row label starts with -> whether the baseline has the figure
-        "perplexity": True, "bits per token": True, "BrierLM": True, "reconstruction accuracy (held-out": False,
-        "codebook usage perplexity per depth": False, "tokens/s, batch 1": True, "tokens/s, batch 8": True,
-        "time to first token, batch 1": True, "time to first token, batch 8": True, "peak memory, batch 1": True,
-        "peak memory, batch 8": True, "parameters": True,
+    required = {  # row label starts with -> the columns (0: the baseline) that have the figure
+        "bits per token": (0, TOKENS, CODES), "BrierLM": (0, TOKENS, CODES),
+        "reconstruction accuracy of the VAE": (CODES,), "codebook usage perplexity per depth": (CODES,),
+        "tokens/s, batch 1": (0, TOKENS, CODES), "tokens/s, batch 8": (0, TOKENS, CODES),
+        "speedup over the baseline, batch 1": (TOKENS, CODES), "time to first token, batch 1": (0, TOKENS, CODES),
+        "time to first token, batch 8": (0, TOKENS, CODES), "peak memory, batch 1": (0, TOKENS, CODES),
+        "peak memory, batch 8": (0, TOKENS, CODES), "parameters": (0, TOKENS, CODES),
     }  # fmt: skip
-    for start, baseline_has_it in required.items():
-        (label,) = [label for label in rows if label.startswith(start)]
-        rq, base = rows[label][:2]
-        if start == "BrierLM" and rq == "n/a":  # before `rqlm evaluate` has BrierLM
+    for start, columns in required.items():
+        cells = row(rows, start)
+        if start == "BrierLM" and cells[TOKENS] == "n/a":  # before `rqlm evaluate` has BrierLM
             continue
-        assert numbers(rq), (label, rq)
-        assert bool(numbers(base)) == baseline_has_it, (label, base)
+        assert [bool(numbers(cells[i])) for i in range(3)] == [i in columns for i in range(3)], (start, cells)
     for label, cells in rows.items():
         for value in numbers(" ".join(cells)):
             assert math.isfinite(value), (label, cells)
 
     metrics = json.loads((demo / "metrics.json").read_text())
-    for model in (RQ_MODEL, BASELINE):
-        for key in ("perplexity", "bits_per_token", "brier_lm", "tokens_per_second_batch1", "tokens_per_second_batch8",
+    for model in (RQ_MODEL, RQ_CODES, BASELINE):
+        for key in ("perplexity", "perplexity_kind", "bits_per_token", "brier_lm", "judged_perplexity", "distinct_2",
+                    "distinct_3", "repeated_3gram_rate", "tokens_per_second_batch1", "tokens_per_second_batch8",
                     "time_to_first_token_ms_batch1", "peak_memory_mb_batch8", "parameters"):
             assert key in metrics[model], (model, key)
     for key in ("reconstruction_accuracy", "reconstruction_accuracy_by_position", "usage_perplexity_by_depth"):
-        assert key in metrics[RQ_MODEL], key
-    assert len(metrics[RQ_MODEL]["usage_perplexity_by_depth"]) == metrics["conditions"]["num_quantizers"]
-    assert len(metrics[RQ_MODEL]["reconstruction_accuracy_by_position"]) == metrics["conditions"]["compression_factor"]
+        assert key in metrics[RQ_CODES] and key not in metrics[RQ_MODEL], key  # the tokens mode reads no codes
+    assert len(metrics[RQ_CODES]["usage_perplexity_by_depth"]) == metrics["conditions"]["num_quantizers"]
+    assert len(metrics[RQ_CODES]["reconstruction_accuracy_by_position"]) == metrics["conditions"]["compression_factor"]
     assert {"machine", "budget_minutes", "training", "stage_seconds"} <= set(metrics["conditions"])
     assert set(metrics["conditions"]["stage_seconds"]) == set(STAGES)
-    # the table shows metrics.json's numbers, which are the stages' own
-    evaluation = json.loads((demo / "evaluation" / "evaluation.json").read_text())
-    assert metrics[RQ_MODEL]["perplexity"] == evaluation["perplexity_bound"]
-    assert row(rows, "perplexity")[:2] == (number(evaluation["perplexity_bound"]),
-                                           number(evaluation["baseline_perplexity"]))
 
     for name in PLOTS:
         data = (demo / "plots" / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, name
-        assert f"plots/{name}" in (demo / "report.md").read_text()
-    report = (demo / "report.md").read_text()
+        assert f"plots/{name}" in report
     assert "## Sample continuations" in report and "Greedy decoding" in report and "<mark" in report
+    for column in COLUMNS:
+        assert f"**{column}:**" in report  # every model continues the same prompts
 
 
-def test_the_lm_is_built_on_the_baseline_frozen_then_unfrozen(demo):
-    config = json.loads((demo / "lm" / "config.json").read_text())
-    assert config["freeze_backbone_steps"] > 0
-    assert f"spatial backbone: {demo / 'baseline'}" in (demo / "lm" / "README.md").read_text()
-    records = [json.loads(line) for line in (demo / "lm" / "metrics.jsonl").read_text().splitlines()]
-    backbone_lrs = [r["lr_backbone"] for r in records if "lr_backbone" in r]
-    assert backbone_lrs[0] == 0 and backbone_lrs[-1] > 0  # frozen at first, trained at the end
+def test_headline_table_has_a_row_per_model_with_its_own_stages_figures(demo):
+    """The tokens mode (exact perplexity) and the codes mode (its bound) each beside the baseline, every cell the
+    figure its own `rqlm evaluate` and `rqlm bench` wrote."""
+    rows = headline((demo / "report.md").read_text())
+    assert list(rows) == list(COLUMNS)
+    evaluations = {model: json.loads((demo / folder / "evaluation.json").read_text())
+                   for model, folder in ((RQ_MODEL, "evaluation"), (RQ_CODES, "lm_codes_evaluation"))}
+    benches = {model: json.loads((demo / folder / "bench.json").read_text())
+               for model, folder in ((RQ_MODEL, "benchmark"), (RQ_CODES, "lm_codes_benchmark"))}
+    tokens, codes = evaluations[RQ_MODEL], evaluations[RQ_CODES]
+    assert "perplexity" in tokens and "perplexity" not in codes  # exact against a bound, as `rqlm evaluate` says
+    assert rows[COLUMNS[TOKENS]]["held-out perplexity"] == f"{number(tokens['perplexity'])} (exact)"
+    assert rows[COLUMNS[CODES]]["held-out perplexity"] == f"{number(codes['perplexity_bound'])} (bound)"
+    assert rows[COLUMNS[0]]["held-out perplexity"] == f"{number(tokens['baseline_perplexity'])} (exact)"
+    assert tokens["baseline_perplexity"] == codes["baseline_perplexity"]  # the same held-out tokens
+    metrics = json.loads((demo / "metrics.json").read_text())
+    for model, column in ((RQ_MODEL, TOKENS), (RQ_CODES, CODES)):
+        evaluation, cells, figures = evaluations[model], rows[COLUMNS[column]], metrics[model]
+        assert cells["/ baseline"] == ratio_cell(evaluation["ratio"])
+        assert figures["perplexity"] == evaluation["perplexity_bound"] and figures["perplexity_ratio"] == evaluation["ratio"]
+        assert cells["judged perplexity"] == number(evaluation["judged_perplexity_rq_samples"])
+        assert cells["distinct-2"] == number(evaluation["distinct_2_rq_samples"])
+        assert cells["distinct-3"] == number(evaluation["distinct_3_rq_samples"])
+        assert cells["repeated 3-grams"] == percent(evaluation["repeated_3gram_rate_rq_samples"])
+        speedups = []
+        for batch in (1, 8):
+            shape_rows = benches[model]["shapes"][0]["rows"]
+            (measured,) = [r for r in shape_rows if r["way"] is None and r["batch_size"] == batch]
+            assert measured["depth_output"] == ("tokens" if model == RQ_MODEL else "codes")
+            assert figures[f"tokens_per_second_batch{batch}"] == measured["tokens_per_second"] > 0
+            speedups.append(ratio_cell(figures[f"speedup_batch{batch}"]))
+        assert cells["speedup"] == " / ".join(speedups)
+    assert rows[COLUMNS[ENERGY_COLUMN]]["held-out perplexity"] == NOT_APPLICABLE  # likelihood-free
+
+
+def test_plots_label_their_axes_keep_their_titles_and_draw_the_tables_figures(demo, tmp_path, monkeypatch):
+    """Every plot: a y label on each panel, titles inside the figure; the training curves' star at the end of each
+    held-out curve is written as the tables write the figure (the baseline's, both modes' and GIVT's perplexity)."""
+    from rqlm.evaluation import report_plots
+    from rqlm.evaluation.report import write_plots
+
+    figures = {}
+
+    def save(fig, path):
+        fig.tight_layout()
+        fig.canvas.draw()
+        figures[path.name] = (fig, fig.get_window_extent())
+        return path
+
+    monkeypatch.setattr(report_plots, "_save", save)
+    metrics = json.loads((demo / "metrics.json").read_text())
+    run = tmp_path / "run"
+    for folder in ("baseline", "vae", "lm", "lm_codes", "gaussian_vae", "givt", "givt_energy"):
+        (run / folder).mkdir(parents=True)
+        shutil.copy(demo / folder / "metrics.jsonl", run / folder / "metrics.jsonl")
+    write_plots(run, metrics)
+    assert set(figures) == set(PLOTS)
+    for name, (fig, bounds) in figures.items():
+        for ax in fig.axes:
+            if not ax.get_visible():
+                continue
+            assert ax.get_ylabel(), (name, ax.get_title())
+            title = ax.title.get_window_extent()
+            assert title.x0 >= bounds.x0 and title.x1 <= bounds.x1 and title.y1 <= bounds.y1, (name, ax.get_title())
+    written = {t.get_text() for ax in figures["training_curves.png"][0].axes for t in ax.texts}
+    rows = headline((demo / "report.md").read_text())
+    for column in (0, TOKENS, CODES, GIVT_COLUMN):
+        assert rows[COLUMNS[column]]["held-out perplexity"].split(" (")[0] in written, column
+
+
+def test_both_lms_are_built_on_the_baseline_frozen_then_unfrozen_the_tokens_mode_first(demo):
+    for folder, mode in (("lm", "tokens"), ("lm_codes", "codes")):  # "lm": train-lm's default, the tokens mode
+        config = json.loads((demo / folder / "config.json").read_text())
+        assert config["depth_output"] == mode and config["freeze_backbone_steps"] > 0
+        assert f"spatial backbone: {demo / 'baseline'}" in (demo / folder / "README.md").read_text()
+        records = [json.loads(line) for line in (demo / folder / "metrics.jsonl").read_text().splitlines()]
+        backbone_lrs = [r["lr_backbone"] for r in records if "lr_backbone" in r]
+        assert backbone_lrs[0] == 0 and backbone_lrs[-1] > 0  # frozen at first, trained at the end
+    assert json.loads((demo / "lm" / "config.json").read_text())["spatial_input"] == "token_embeddings"
 
 
 def test_quick_demo_has_the_givt_columns_with_their_own_stages_figures(demo):
@@ -148,7 +245,7 @@ def test_quick_demo_has_the_givt_columns_with_their_own_stages_figures(demo):
     rows = table((demo / "report.md").read_text())
     metrics = json.loads((demo / "metrics.json").read_text())
     inspect = json.loads((demo / "gaussian_reconstruction" / "inspect.json").read_text())
-    for column, model in ((2, GIVT), (3, GIVT_ENERGY)):
+    for column, model in ((GIVT_COLUMN, GIVT), (ENERGY_COLUMN, GIVT_ENERGY)):
         evaluation = json.loads((demo / f"{model}_evaluation" / "evaluation.json").read_text())
         bench = json.loads((demo / f"{model}_benchmark" / "bench.json").read_text())
         figures = metrics[model]
@@ -163,36 +260,39 @@ def test_quick_demo_has_the_givt_columns_with_their_own_stages_figures(demo):
         assert figures["brier_lm"] == evaluation["brier_lm"] and math.isfinite(figures["brier_lm"])
         assert row(rows, "BrierLM")[column].startswith(number(evaluation["brier_lm"]))
         assert figures["reconstruction_accuracy"] == inspect["accuracy"]
-        assert row(rows, "reconstruction accuracy (held-out")[column] == percent(inspect["accuracy"])
+        assert row(rows, "reconstruction accuracy of the VAE")[column] == percent(inspect["accuracy"])
         assert row(rows, "codebook usage")[column] == NOT_APPLICABLE  # no codebook
         assert numbers(row(rows, "parameters")[column])
         assert f"spatial backbone: {demo / 'baseline'}" in (demo / model / "README.md").read_text()
     # the Gaussian head has the ELBO bound; the likelihood-free energy head has none
     bound = json.loads((demo / "givt_evaluation" / "evaluation.json").read_text())["perplexity_bound"]
     assert metrics[GIVT]["perplexity"] == bound and math.isfinite(bound) and bound > 1
-    assert row(rows, "perplexity")[2] == number(bound)
-    assert metrics[GIVT_ENERGY]["perplexity"] is None and row(rows, "perplexity")[3] == NOT_APPLICABLE
-    assert row(rows, "reconstruction accuracy, decoding a posterior sample")[2] == percent(inspect["accuracy_sampled"])
+    assert rows[COLUMNS[GIVT_COLUMN]][0] == f"{number(bound)} (bound)"  # the headline table's row
+    assert metrics[GIVT_ENERGY]["perplexity"] is None and rows[COLUMNS[ENERGY_COLUMN]][0] == NOT_APPLICABLE
+    assert row(rows, "reconstruction accuracy, decoding a posterior sample")[GIVT_COLUMN] == \
+        percent(inspect["accuracy_sampled"])
     assert {"gaussian_vae", GIVT, GIVT_ENERGY} <= set(metrics["conditions"]["training"])
     assert metrics["conditions"]["training"][GIVT]["steps"] == 8
     report = (demo / "report.md").read_text()
     assert "**GIVT (Gaussian head):**" in report and "**GIVT (energy head):**" in report  # sample continuations
 
 
-def test_report_without_continuous_latents_keeps_two_columns(demo, tmp_path):
-    """The default demo (no --continuous): the RQ model and the baseline only, as before the GIVT columns."""
+def test_report_without_continuous_latents_has_the_baseline_and_both_rq_modes(demo, tmp_path):
+    """The default demo (no --continuous): the baseline and the RQ model's two modes only."""
     from rqlm.evaluation.report import write_report
 
     run = tmp_path / "run"
     shutil.copytree(demo, run)
     write_report(run, stage_seconds={}, budgets={}, block_size=128, quick=True, continuous=False)
     report = (run / "report.md").read_text()
-    assert "| | RQ-Transformer | Qwen3 baseline |\n|---|---:|---:|\n" in report and "GIVT" not in report
+    assert ("| | Qwen3 baseline | RQ-Transformer (tokens mode) | RQ-Transformer (codes mode) |\n|---|---:|---:|---:|\n"
+            in report and "GIVT" not in report)
     rows = table(report)
-    assert all(len(cells) == 2 for cells in rows.values()) and "perplexity (RQ: upper bound)" in rows
+    assert all(len(cells) == 3 for name, cells in rows.items() if name not in (*COLUMNS, "model"))
+    assert list(headline(report)) == list(COLUMNS[:3])
     metrics = json.loads((run / "metrics.json").read_text())
     assert GIVT not in metrics and GIVT_ENERGY not in metrics and set(metrics["conditions"]["training"]) == {
-        "baseline", "vae", "lm"}
+        "baseline", "vae", "lm", "lm_codes"}
 
 
 def test_continuous_stages_only_with_the_flag_or_quick():
@@ -258,7 +358,7 @@ def test_killed_lm_stage_resumes_from_its_checkpoint(demo, tmp_path, capsys):
     assert "== lm: resuming the unfinished run" in out and "resumed from step 4 of 8" in out
     records = [json.loads(line) for line in (run / "lm" / "metrics.jsonl").read_text().splitlines()]
     assert records[0].get("resumed_mark") == 1 and records[-1]["step"] == 8
-    for stage in ("evaluation", "reconstruction", "benchmark", *CONTINUOUS_STAGES):  # after the LM: redone
+    for stage in (*RQ_STAGES[RQ_STAGES.index("lm") + 1:], *CONTINUOUS_STAGES):  # after the LM: redone
         assert f"== {stage}: rqlm" in out, stage
     assert (run / "lm" / "model.safetensors").is_file() and (run / "report.md").is_file()
 

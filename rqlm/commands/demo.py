@@ -7,11 +7,16 @@
                                                                                latent layers, no Qwen3 layers to
                                                                                take from the baseline)
     codes       rqlm encode                                -> DIR/codes
-    lm          rqlm train-lm --backbone DIR/baseline      -> DIR/lm          (spatial layers copied from the
-                  --freeze_backbone_steps N                                    baseline, frozen, then unfrozen)
-    evaluation  rqlm evaluate                              -> DIR/evaluation/evaluation.json
+    lm          rqlm train-lm --backbone DIR/baseline      -> DIR/lm          (train-lm's default, the tokens mode:
+                  --freeze_backbone_steps N                                    a token decoder writes each chunk;
+                                                                               spatial layers copied from the
+                                                                               baseline, frozen, then unfrozen)
+    evaluation  rqlm evaluate                              -> DIR/evaluation/evaluation.json  (exact perplexity)
     reconstruction  rqlm inspect DIR/vae                   -> DIR/reconstruction/inspect.json
     benchmark   rqlm bench --model DIR/lm --baseline DIR/baseline (batch 1 and 8) -> DIR/benchmark/bench.json
+    lm-codes    rqlm train-lm --depth_output codes ...     -> DIR/lm_codes    (the codes mode beside it: a depth
+                                                                               decoder writes the D codes)
+    lm-codes-evaluation, lm-codes-benchmark                -> DIR/lm_codes_{evaluation,benchmark}/  (its bound)
   with --continuous (always with --quick), the continuous latents beside them (issue 14):
     gaussian-vae    rqlm train-vae --quantizer_type gaussian  -> DIR/gaussian_vae
     gaussian-reconstruction  rqlm inspect DIR/gaussian_vae    -> DIR/gaussian_reconstruction/inspect.json
@@ -37,9 +42,12 @@ from pathlib import Path
 
 from rqlm.pipeline import TRAINED
 
-# minutes of training time (`--max_minutes`) per training stage: 10 in all, plus about 3 minutes of
-# data loading, evaluation, encoding and benchmarking keep the default demo under 15 minutes on 2 cores
-DEFAULT_MINUTES = {"baseline": 3.0, "vae": 3.0, "lm": 4.0}
+# minutes of training time (`--max_minutes`) per training stage: 11 in all, plus about 3 minutes of data loading,
+# evaluation, encoding and benchmarking keep the default demo under 15 minutes on 2 cores. The tokens-mode LM, the
+# default, gets the most; the baseline keeps its 3 (the LMs' spatial layers start from it); the codes mode, a
+# comparison row whose bound stays 1,800x and more the baseline's perplexity at any of these budgets, gets 2, and
+# the VAE, which only the codes mode reads (the tokens mode's input is token embeddings), 2.5
+DEFAULT_MINUTES = {"baseline": 3.0, "vae": 2.5, "lm": 3.5, "lm_codes": 2.0}
 # the same for the continuous stages of --continuous (about 9 minutes more with their evaluation and benchmark)
 CONTINUOUS_MINUTES = {"gaussian_vae": 2.0, "givt": 3.0, "givt_energy": 2.0}
 GIVT_HEADS = {"givt": "gaussian", "givt_energy": "energy"}  # training stage -> its `train-givt --head`
@@ -67,7 +75,7 @@ class Settings:
     bench_prompt_length: int = 64
     bench_new_tokens: int = 64
     vae_flags: tuple = ()  # model flags of train-vae (default: its CPU recipe)
-    lm_flags: tuple = ()  # model flags of train-lm (default: its defaults)
+    lm_flags: tuple = ()  # model flags of both train-lm stages (default: its defaults; lm-codes adds --depth_output codes)
     gaussian_vae_flags: tuple = ()  # model flags of train-vae --quantizer_type gaussian (default: the CPU recipe)
     givt_flags: tuple = ()  # model flags of train-givt (default: its defaults)
 
@@ -77,7 +85,8 @@ QUICK = Settings(
     freeze_backbone_steps=4, unfreeze_warmup_steps=2, eval_steps=4, save_steps=4, eval_batches=1, logging_steps=2, max_eval_blocks=8, num_prompts=2,
     brier_prefixes=4, bench_prompt_length=16, bench_new_tokens=8,
     vae_flags=("--num_quantizers", 4, "--codebook_size", 64, "--latent_dim", 16),
-    lm_flags=("--depth_hidden_size", 64, "--depth_num_attention_heads", 2),
+    # one depth layer in both modes: the tokens mode's default of 4 made the --quick LM stage 3x slower
+    lm_flags=("--depth_hidden_size", 64, "--depth_num_attention_heads", 2, "--depth_num_layers", 1),
     gaussian_vae_flags=("--latent_dim", 16), givt_flags=("--energy_head_size", 64),
 )  # fmt: skip
 
@@ -85,9 +94,11 @@ QUICK = Settings(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Run the whole pipeline on the embedded corpus: tokenizer -> baseline Qwen3 -> RQ-VAE -> codes -> "
-        "RQ-Transformer (spatial layers from the baseline) -> evaluation -> reconstruction -> benchmark -> "
-        f"report. Default budgets: baseline {DEFAULT_MINUTES['baseline']:g}, RQ-VAE {DEFAULT_MINUTES['vae']:g} and "
-        f"RQ-Transformer {DEFAULT_MINUTES['lm']:g} minutes of training time, plus about 3 minutes of data, "
+        "RQ-Transformer in tokens mode (spatial layers from the baseline) -> evaluation -> reconstruction -> "
+        "benchmark -> the RQ-Transformer in codes mode beside it, evaluated and benchmarked -> report. Default "
+        f"budgets: baseline {DEFAULT_MINUTES['baseline']:g}, RQ-VAE {DEFAULT_MINUTES['vae']:g}, tokens mode "
+        f"{DEFAULT_MINUTES['lm']:g} and codes mode {DEFAULT_MINUTES['lm_codes']:g} minutes of training time, plus "
+        "about 3 minutes of data, "
         "evaluation and benchmark: at most 15 minutes on a 2-core CPU. --quick: a few steps per stage, "
         "about a minute. Finished stages are skipped on a rerun; a killed training stage resumes. --continuous adds "
         "the continuous latents: a Gaussian VAE and GIVT's Gaussian and CALM's energy heads over it, as two more "
@@ -114,9 +125,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def stages(args: argparse.Namespace, settings: Settings) -> list[tuple[str, Path, list, str]]:
     """(name, output folder, `rqlm` argv, file that marks it finished) of every command stage, in order."""
     from rqlm.commands.bench import HEADLINE_C
+    from rqlm.evaluation.report import JUDGED_TEMPERATURE
 
     out = Path(args.output_dir)
-    tokenizer, baseline, vae, codes, lm = (out / n for n in ("tokenizer", "baseline", "vae", "codes", "lm"))
+    tokenizer, baseline, vae, codes, lm, lm_codes = (out / n for n in ("tokenizer", "baseline", "vae", "codes", "lm",
+                                                                        "lm_codes"))
     blocks = ["--block_size", BLOCK_SIZE]
     held_out = [] if settings.max_eval_blocks is None else ["--max_eval_blocks", settings.max_eval_blocks]
 
@@ -132,7 +145,7 @@ def stages(args: argparse.Namespace, settings: Settings) -> list[tuple[str, Path
 
     def evaluate(model: Path, output_dir: Path) -> list:
         figures = ["evaluate", "--model", model, "--baseline", baseline, *held_out, "--num_prompts",
-                   settings.num_prompts, "--new_tokens", 32, "--prompt_tokens", 32,
+                   settings.num_prompts, "--new_tokens", 32, "--prompt_tokens", 32, "--temperature", JUDGED_TEMPERATURE,
                    "--output_json", output_dir / "evaluation.json"]
         if command_accepts("evaluate", "--brier_prefixes"):  # BrierLM, where `rqlm evaluate` has it
             figures += ["--brier_prefixes", settings.brier_prefixes]
@@ -149,6 +162,13 @@ def stages(args: argparse.Namespace, settings: Settings) -> list[tuple[str, Path
                 "--prompt_length", settings.bench_prompt_length, "--new_tokens", settings.bench_new_tokens,
                 *bound, "--output_json", output_dir / "bench.json"]
 
+    def latent_lm(output_dir: Path, stage: str, *mode) -> list:  # spatial layers from the baseline
+        return ["train-lm", "--vae", vae, "--codes", codes, "--backbone", baseline, *mode,
+                "--freeze_backbone_steps", settings.freeze_backbone_steps,
+                "--unfreeze_warmup_steps", settings.unfreeze_warmup_steps, "--output_dir", output_dir,
+                *settings.lm_flags, *training(stage)]
+
+    codes_evaluation = out / "lm_codes_evaluation"
     rq_stages = [
         ("tokenizer", tokenizer, ["train-tokenizer", "--vocab_size", args.vocab_size or settings.vocab_size,
                                   "--output_dir", tokenizer],
@@ -159,14 +179,14 @@ def stages(args: argparse.Namespace, settings: Settings) -> list[tuple[str, Path
                       *settings.vae_flags, *training("vae")], TRAINED),
         # save_to_disk writes dataset_dict.json first and the last split's dataset_info.json last
         ("codes", codes, ["encode", "--vae", vae, *blocks, "--output_dir", codes], "validation/dataset_info.json"),
-        ("lm", lm, ["train-lm", "--vae", vae, "--codes", codes, "--backbone", baseline,
-                    "--freeze_backbone_steps", settings.freeze_backbone_steps,
-                    "--unfreeze_warmup_steps", settings.unfreeze_warmup_steps, "--output_dir", lm, *settings.lm_flags,
-                    *training("lm")],
-         TRAINED),
+        ("lm", lm, latent_lm(lm, "lm"), TRAINED),  # train-lm's default: the tokens mode
         ("evaluation", out / "evaluation", evaluate(lm, out / "evaluation"), "evaluation.json"),
         ("reconstruction", out / "reconstruction", inspect(vae, out / "reconstruction"), "inspect.json"),
         ("benchmark", out / "benchmark", bench(lm, out / "benchmark", out / "evaluation"), "bench.json"),
+        ("lm-codes", lm_codes, latent_lm(lm_codes, "lm_codes", "--depth_output", "codes"), TRAINED),
+        ("lm-codes-evaluation", codes_evaluation, evaluate(lm_codes, codes_evaluation), "evaluation.json"),
+        ("lm-codes-benchmark", out / "lm_codes_benchmark", bench(lm_codes, out / "lm_codes_benchmark", codes_evaluation),
+         "bench.json"),
     ]
     if not continuous(args):
         return rq_stages

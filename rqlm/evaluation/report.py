@@ -1,17 +1,21 @@
 """The demo's report: every figure of one `rqlm demo` run, read from the files its stages wrote.
 
-    DIR/evaluation/evaluation.json  (rqlm evaluate)  perplexity (bound), bits/token, BrierLM, judged quality
+    DIR/evaluation/evaluation.json  (rqlm evaluate)  the tokens mode's exact perplexity, bits/token, BrierLM,
+                                                     judged quality (the judge's perplexity, distinct-n, repeats)
+    DIR/lm_codes_evaluation/evaluation.json          the same of the codes mode, its perplexity a bound
     DIR/reconstruction/inspect.json (rqlm inspect)   reconstruction accuracy (per chunk position), usage per depth
     DIR/benchmark/bench.json        (rqlm bench)     tokens/s, time to first token, peak memory, parameters
-    DIR/{baseline,vae,lm}/metrics.jsonl              steps, tokens, training time (the conditions)
+    DIR/lm_codes_benchmark/bench.json                the same of the codes mode, beside the baseline again
+    DIR/{baseline,vae,lm,lm_codes}/metrics.jsonl     steps, tokens, training time (the conditions)
   and, for a run with the continuous latents (`rqlm demo --continuous`, or --quick):
     DIR/givt[_energy]_evaluation/evaluation.json       GIVT's ELBO bound (Gaussian head), BrierLM, judged quality
     DIR/gaussian_reconstruction/inspect.json         the Gaussian VAE's reconstruction (also of perturbed latents)
     DIR/givt[_energy]_benchmark/bench.json             tokens/s etc., beside the baseline measured in the same run
     DIR/{gaussian_vae,givt,givt_energy}/metrics.jsonl
-    -> DIR/metrics.json (all of them), DIR/plots/*.png, and DIR/report.md: the RQ model and the baseline (and the
-       GIVT models) side by side, greedy continuations of the same held-out prompts, the reconstruction diff
-       of held-out text.
+    -> DIR/metrics.json (all of them), DIR/plots/*.png, and DIR/report.md: a headline table with a row per model
+       (held-out perplexity, exact or bound, and its ratio to the baseline's; judged quality of temperature-1
+       samples; speedup), every figure with a column per model, greedy continuations of the same held-out
+       prompts, the reconstruction diff of held-out text.
 
 A figure the run did not produce (e.g. BrierLM before `rqlm evaluate` has it) is null in metrics.json and
 'n/a' in the table; one that does not apply to a model (codebook usage of a continuous latent, the perplexity
@@ -27,13 +31,22 @@ import platform
 from pathlib import Path
 
 BENCH_BATCHES = (1, 8)
-RQ_MODEL = "rq"
 BASELINE = "baseline"
-GIVT, GIVT_ENERGY = "givt", "givt_energy"  # also their folders' names (DIR/givt, DIR/givt_evaluation, ...)
-COLUMNS = {RQ_MODEL: "RQ-Transformer", BASELINE: "Qwen3 baseline", GIVT: "GIVT (Gaussian head)",
-           GIVT_ENERGY: "GIVT (energy head)"}  # table column of each model, in this order
+RQ_MODEL = "rq"  # the RQ-Transformer in tokens mode, train-lm's default
+RQ_CODES = "rq_codes"  # the RQ-Transformer in codes mode beside it
+GIVT, GIVT_ENERGY = "givt", "givt_energy"
+COLUMNS = {BASELINE: "Qwen3 baseline", RQ_MODEL: "RQ-Transformer (tokens mode)",
+           RQ_CODES: "RQ-Transformer (codes mode)", GIVT: "GIVT (Gaussian head)",
+           GIVT_ENERGY: "GIVT (energy head)"}  # table column (headline row) of each model, in this order
+# latent LM -> its training, `rqlm evaluate` and `rqlm bench` folders under DIR
+OUTPUTS = {RQ_MODEL: ("lm", "evaluation", "benchmark"),
+           RQ_CODES: ("lm_codes", "lm_codes_evaluation", "lm_codes_benchmark"),
+           GIVT: (GIVT, "givt_evaluation", "givt_benchmark"),
+           GIVT_ENERGY: (GIVT_ENERGY, "givt_energy_evaluation", "givt_energy_benchmark")}
 LIKELIHOOD_FREE = (GIVT_ENERGY,)  # no perplexity (bound): BrierLM compares them
-TRAINING_STAGES = {"baseline": "Qwen3 baseline", "vae": "RQ-VAE", "lm": "RQ-Transformer"}
+JUDGED_TEMPERATURE = 1.0  # the demo's `rqlm evaluate --temperature` of the judged samples
+TRAINING_STAGES = {"baseline": "Qwen3 baseline", "vae": "RQ-VAE", "lm": COLUMNS[RQ_MODEL],
+                   "lm_codes": COLUMNS[RQ_CODES]}
 CONTINUOUS_STAGES = {"gaussian_vae": "Gaussian VAE", GIVT: COLUMNS[GIVT], GIVT_ENERGY: COLUMNS[GIVT_ENERGY]}
 NUM_SAMPLES = 2  # held-out prompts continued by both models
 SAMPLE_PROMPT_TOKENS = 32
@@ -52,17 +65,29 @@ def _read_json(path: Path) -> dict:
 # ----------------------------------------------------------------------------- figures
 
 
+def perplexity_kind(evaluation: dict) -> str | None:
+    """What the latent LM's held-out perplexity in `rqlm evaluate` JSON is: 'exact' (the tokens mode, which also
+    writes `perplexity`), 'bound' (the codes mode's, or GIVT's ELBO), None (a likelihood-free model)."""
+    return "exact" if "perplexity" in evaluation else "bound" if "perplexity_bound" in evaluation else None
+
+
 def evaluation_figures(evaluation: dict) -> dict[str, dict]:
-    """`rqlm evaluate` JSON -> per model (the latent LM under RQ_MODEL, and the baseline): perplexity (bound;
-    None for a likelihood-free model), bits per token, BrierLM (and Brier-1..4), judged perplexity."""
+    """`rqlm evaluate` JSON -> per model (the latent LM under RQ_MODEL, and the baseline): held-out perplexity
+    (exact or bound, as `perplexity_kind` says; None for a likelihood-free model) and its ratio to the baseline's,
+    bits per token, BrierLM (and Brier-1..4), judged perplexity of the samples with their distinct-2 / distinct-3
+    and repeated 3-gram rate."""
     figures = {}
     for model, prefix, perplexity, who in ((RQ_MODEL, "", "perplexity_bound", "rq"),
                                            (BASELINE, "baseline_", "baseline_perplexity", "baseline")):
         figures[model] = {"perplexity": evaluation.get(perplexity),
+                          "perplexity_kind": "exact" if model == BASELINE else perplexity_kind(evaluation),
+                          "perplexity_ratio": 1.0 if model == BASELINE else evaluation.get("ratio"),
                           "bits_per_token": evaluation.get(f"{prefix}bits_per_token")}
         for name in ("brier_lm", "brier_1", "brier_2", "brier_3", "brier_4"):
             figures[model][name] = evaluation.get(f"{prefix}{name}")
         figures[model]["judged_perplexity"] = evaluation.get(f"judged_perplexity_{who}_samples")
+        for name in ("distinct_2", "distinct_3", "repeated_3gram_rate"):
+            figures[model][name] = evaluation.get(f"{name}_{who}_samples")
     return figures
 
 
@@ -141,30 +166,37 @@ def machine() -> dict:
     }
 
 
-def continuous_figures(out: Path) -> dict[str, dict]:
-    """Per GIVT model (GIVT, GIVT_ENERGY): the figures of its evaluation, of the Gaussian VAE's reconstruction
-    and of its benchmark, as the RQ model's."""
-    reconstruction = reconstruction_figures(_read_json(out / "gaussian_reconstruction" / "inspect.json"))
-    figures = {}
-    for model in (GIVT, GIVT_ENERGY):
-        figures[model] = evaluation_figures(_read_json(out / f"{model}_evaluation" / "evaluation.json"))[RQ_MODEL]
-        figures[model].update(reconstruction)
-        figures[model].update(bench_figures(_read_json(out / f"{model}_benchmark" / "bench.json"))[RQ_MODEL])
-    return figures
+def latent_lm_figures(out: Path, model: str) -> dict:
+    """A latent LM's figures (keys of OUTPUTS): its evaluation's and its benchmark's."""
+    _, evaluation, benchmark = OUTPUTS[model]
+    figures = evaluation_figures(_read_json(out / evaluation / "evaluation.json"))[RQ_MODEL]
+    return figures | bench_figures(_read_json(out / benchmark / "bench.json"))[RQ_MODEL]
+
+
+def reads_codes(config: dict) -> bool:
+    """Whether an RQ-Transformer (its config.json) reads the VAE's codes: the codes mode, or a tokens mode whose
+    spatial input is not the token embeddings alone (then the RQ-VAE's figures are its too)."""
+    return config["depth_output"] != "tokens" or config["spatial_input"] != "token_embeddings"
 
 
 def collect_metrics(out: Path, stage_seconds: dict, budgets: dict, quick: bool, continuous: bool = False) -> dict:
-    """Every figure of the run in DIR, with its conditions (see the module docstring for the sources);
-    `continuous`: also the GIVT models (their sections GIVT and GIVT_ENERGY)."""
+    """Every figure of the run in DIR, with its conditions (see the module docstring for the sources): the
+    baseline, both RQ modes, and with `continuous` the GIVT models (their sections GIVT and GIVT_ENERGY)."""
     evaluation = _read_json(out / "evaluation" / "evaluation.json")
     inspect = _read_json(out / "reconstruction" / "inspect.json")
     bench = _read_json(out / "benchmark" / "bench.json")
-    metrics = evaluation_figures(evaluation)
-    metrics[RQ_MODEL].update(reconstruction_figures(inspect))
-    for model, figures in bench_figures(bench).items():
-        metrics[model].update(figures)
+    latent_lms = (RQ_MODEL, RQ_CODES) + ((GIVT, GIVT_ENERGY) if continuous else ())
+    metrics = {BASELINE: evaluation_figures(evaluation)[BASELINE] | bench_figures(bench)[BASELINE]}
+    metrics |= {model: latent_lm_figures(out, model) for model in latent_lms}
+    lm_configs = {model: _read_json(out / OUTPUTS[model][0] / "config.json") for model in (RQ_MODEL, RQ_CODES)}
+    for model, config in lm_configs.items():
+        if reads_codes(config):  # the RQ-VAE's reconstruction and code usage
+            metrics[model].update(reconstruction_figures(inspect))
     if continuous:
-        metrics.update(continuous_figures(out))
+        gaussian = reconstruction_figures(_read_json(out / "gaussian_reconstruction" / "inspect.json"))
+        for model in (GIVT, GIVT_ENERGY):
+            metrics[model].update(gaussian)
+    tokens = lm_configs[RQ_MODEL]
     vae_config = _read_json(out / "vae" / "config.json")
     stages = TRAINING_STAGES | (CONTINUOUS_STAGES if continuous else {})
     metrics["conditions"] = {
@@ -178,18 +210,20 @@ def collect_metrics(out: Path, stage_seconds: dict, budgets: dict, quick: bool, 
         "compression_factor": vae_config["compression_factor"],
         "num_quantizers": vae_config["num_quantizers"],
         "codebook_size": vae_config["codebook_size"],
+        "tokens_mode": {k: tokens[k] for k in ("depth_num_layers", "depth_hidden_size", "token_decoder_context",
+                                              "spatial_input")},
         "bench": {k: bench["setup"][k] for k in ("device", "threads", "dtype", "prompt_length", "load_average_before")}
         | {"new_tokens": bench["shapes"][0]["new_tokens"]},
+        # every other latent LM is benchmarked in its own `rqlm bench` run, beside the baseline again
+        "other_bench": {model: {"load_average_before": _read_json(out / OUTPUTS[model][2] / "bench.json")["setup"]
+                                ["load_average_before"]} for model in latent_lms[1:]},
     }
     metrics["evaluation"], metrics["reconstruction"] = evaluation, inspect
+    for model in latent_lms[1:]:
+        metrics[f"{OUTPUTS[model][0]}_evaluation"] = _read_json(out / OUTPUTS[model][1] / "evaluation.json")
     if continuous:
         gaussian_vae = _read_json(out / "gaussian_vae" / "config.json")
         metrics["conditions"]["gaussian_vae"] = {k: gaussian_vae[k] for k in ("latent_dim", "kl_weight", "kl_clamp")}
-        metrics["conditions"]["continuous_bench"] = {
-            model: {"load_average_before": _read_json(out / f"{model}_benchmark" / "bench.json")["setup"]
-                    ["load_average_before"]} for model in (GIVT, GIVT_ENERGY)}
-        for model in (GIVT, GIVT_ENERGY):
-            metrics[f"{model}_evaluation"] = _read_json(out / f"{model}_evaluation" / "evaluation.json")
         metrics["gaussian_reconstruction"] = _read_json(out / "gaussian_reconstruction" / "inspect.json")
     return metrics
 
@@ -208,7 +242,7 @@ def held_out_blocks(tokenizer, block_size: int, compression_factor: int, count: 
     return torch.stack([eval_blocks[i * step]["input_ids"] for i in range(min(count, len(eval_blocks)))]).long()
 
 
-FOLDERS = {RQ_MODEL: "lm", BASELINE: "baseline", GIVT: GIVT, GIVT_ENERGY: GIVT_ENERGY}  # model -> its DIR/folder
+FOLDERS = {BASELINE: "baseline"} | {model: folders[0] for model, folders in OUTPUTS.items()}  # model -> DIR/folder
 
 
 def report_models(metrics: dict) -> list[str]:
@@ -216,7 +250,7 @@ def report_models(metrics: dict) -> list[str]:
     return [model for model in COLUMNS if model in metrics]
 
 
-def greedy_samples(out: Path, blocks, models: tuple[str, ...] = (RQ_MODEL, BASELINE)) -> list[dict]:
+def greedy_samples(out: Path, blocks, models: tuple[str, ...] = (BASELINE, RQ_MODEL, RQ_CODES)) -> list[dict]:
     """The prompt (block start) and each model's greedy continuation (a GIVT head: its mean latent), as text."""
     import torch
 
@@ -283,20 +317,56 @@ def millions(value) -> str:
     return MISSING if value is None else f"{value / 1e6:.2f}M"
 
 
+def perplexity_cell(f: dict) -> str:
+    """A held-out perplexity labelled as what it is: '136.2 (exact)', '64,080 (bound)', or '—' (none)."""
+    if f.get("perplexity_kind") is None:
+        return NOT_APPLICABLE
+    return f"{number(f['perplexity'])} ({f['perplexity_kind']})"
+
+
+def ratio_cell(value) -> str:
+    """A ratio to the baseline's figure: '1.09×', '0.63×', '1,876×'."""
+    if value is None:
+        return MISSING
+    return f"{value:.2f}×" if abs(value) < 100 else f"{number(value)}×"
+
+
+def headline_columns(metrics: dict) -> list[str]:
+    """The headline table's column labels (after the model's name)."""
+    speedups = [b for b in BENCH_BATCHES if f"speedup_batch{b}" in metrics[RQ_MODEL]]
+    return ["held-out perplexity", "/ baseline",
+            f"judged perplexity of temperature-{JUDGED_TEMPERATURE:g} samples (by the baseline)", "distinct-2",
+            "distinct-3", "repeated 3-grams",
+            "speedup (tokens/s over the baseline's), batch " + " / ".join(map(str, speedups))]
+
+
+def headline_rows(metrics: dict) -> list[tuple[str, list[str]]]:
+    """(model name, its cells under `headline_columns`): a row per model, the baseline first."""
+    speedups = [b for b in BENCH_BATCHES if f"speedup_batch{b}" in metrics[RQ_MODEL]]
+    rows = []
+    for model in report_models(metrics):
+        f = metrics[model]
+        likelihood_free = f.get("perplexity_kind") is None
+        rows.append((COLUMNS[model], [
+            perplexity_cell(f),
+            "1" if model == BASELINE else NOT_APPLICABLE if likelihood_free else ratio_cell(f.get("perplexity_ratio")),
+            number(f.get("judged_perplexity")), number(f.get("distinct_2")), number(f.get("distinct_3")),
+            percent(f.get("repeated_3gram_rate")),
+            "1" if model == BASELINE else " / ".join(ratio_cell(f.get(f"speedup_batch{b}")) for b in speedups),
+        ]))
+    return rows
+
+
 def table_rows(metrics: dict) -> list[tuple[str, list[str]]]:
-    """(row label, one cell per model of `report_models`) of the comparison table."""
+    """(row label, one cell per model of `report_models`) of the table of every figure."""
     models = report_models(metrics)
     k = metrics["conditions"]["codebook_size"]
-    latent = "RQ" if models == [RQ_MODEL, BASELINE] else "latent LMs"
     rows = []
 
     def row(label: str, cell) -> None:
         """A row whose cell for model m is cell(m, its figures); a None cell does not apply ('—')."""
         cells = [cell(m, metrics[m]) for m in models]
         rows.append((label, [NOT_APPLICABLE if c is None else c for c in cells]))
-
-    def bound(name: str):
-        return lambda m, f: None if m in LIKELIHOOD_FREE else number(f[name])
 
     def brier(m: str, f: dict) -> str:
         if f.get("brier_lm") is None:
@@ -312,23 +382,22 @@ def table_rows(metrics: dict) -> list[tuple[str, list[str]]]:
         frozen = f.get("parameters_frozen_vae")
         return millions(f["parameters"]) + ("" if frozen is None else f" + {millions(frozen)}")
 
-    row(f"perplexity ({latent}: upper bound)", bound("perplexity"))
-    row(f"bits per token ({latent}: bound)", bound("bits_per_token"))
-    row("BrierLM ×100 (Brier-1 / 2 / 3 / 4)", brier)
-    row("judged perplexity of sampled continuations (by the baseline)", lambda m, f: number(f.get("judged_perplexity")))
-    row("reconstruction accuracy (held-out tokens)",
-        lambda m, f: None if m == BASELINE else percent(f["reconstruction_accuracy"]))
-    if any(m in metrics and "reconstruction_accuracy_sampled" in metrics[m] for m in (GIVT, GIVT_ENERGY)):
-        row("reconstruction accuracy, decoding a posterior sample",
-            lambda m, f: percent(f["reconstruction_accuracy_sampled"]) if "reconstruction_accuracy_sampled" in f
-            else None)
-    row(f"codebook usage perplexity per depth (of K = {k})", usage)
     def figure(name: str):
         return lambda m, f: number(f[name])
 
     def speedup(batch: int):
         return lambda m, f: None if m == BASELINE else f"{f[f'speedup_batch{batch}']:.2f}×"
 
+    row("bits per token (exact, or the bound's: see the headline table)",
+        lambda m, f: None if f.get("perplexity_kind") is None else number(f["bits_per_token"]))
+    row("BrierLM ×100 (Brier-1 / 2 / 3 / 4)", brier)
+    row("reconstruction accuracy of the VAE the model reads (held-out tokens)",
+        lambda m, f: percent(f["reconstruction_accuracy"]) if "reconstruction_accuracy" in f else None)
+    if any("reconstruction_accuracy_sampled" in metrics[m] for m in models):
+        row("reconstruction accuracy, decoding a posterior sample",
+            lambda m, f: percent(f["reconstruction_accuracy_sampled"]) if "reconstruction_accuracy_sampled" in f
+            else None)
+    row(f"codebook usage perplexity per depth (of K = {k})", usage)
     for batch in BENCH_BATCHES:
         if f"tokens_per_second_batch{batch}" not in metrics[RQ_MODEL]:
             continue
@@ -336,18 +405,29 @@ def table_rows(metrics: dict) -> list[tuple[str, list[str]]]:
         row(f"speedup over the baseline, batch {batch} (its tokens/s in the same `rqlm bench` run)", speedup(batch))
         row(f"time to first token, batch {batch} (ms)", figure(f"time_to_first_token_ms_batch{batch}"))
         row(f"peak memory, batch {batch} (MB)", figure(f"peak_memory_mb_batch{batch}"))
-    row(f"parameters ({latent}: trained; + the frozen VAE)", parameters)
+    row("parameters (latent LMs: trained; + the frozen VAE in the checkpoint)", parameters)
     return rows
+
+
+def markdown_table(corner: str, columns: list[str], rows: list[tuple[str, list[str]]]) -> str:
+    """A markdown table: `corner` over the labels and the columns' names, then a row per (label, cells), the
+    cells right-aligned."""
+    lines = [f"| {corner} | ".replace("|  |", "| |") + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    return "\n".join(lines + [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows])
 
 
 def conditions_text(metrics: dict) -> str:
     """The conditions every figure depends on, as a markdown list."""
     c = metrics["conditions"]
-    m, bench = c["machine"], c["bench"]
+    m, bench, tokens = c["machine"], c["bench"], c["tokens_mode"]
     lines = [
         f"- machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['device']}), {m['platform']}",
-        (f"- model: C = {c['compression_factor']} tokens per latent position, D = {c['num_quantizers']} residual "
-        f"depths, K = {c['codebook_size']} codes per depth"),
+        (f"- model: C = {c['compression_factor']} tokens per latent position; the codes mode writes D = "
+         f"{c['num_quantizers']} residual codes of K = {c['codebook_size']} per position, which the frozen RQ-VAE "
+         f"decodes to tokens (its perplexity is an upper bound); the tokens mode's {tokens['depth_num_layers']}-layer "
+         f"token decoder (width {tokens['depth_hidden_size']}) writes the C tokens from the spatial state and the "
+         f"{tokens['token_decoder_context']} tokens before the chunk (its perplexity is exact; spatial input: "
+         f"{tokens['spatial_input'].replace('_', ' ')}); both modes' spatial layers start from the baseline"),
     ]
     if "gaussian_vae" in c:
         g = c["gaussian_vae"]
@@ -364,8 +444,13 @@ def conditions_text(metrics: dict) -> str:
         lines.append(f"- {label}: {t['steps']:,} steps, {t['tokens_seen']:,} tokens, "
                      f"{t['train_minutes']:.1f} minutes of training time ({limit})")
     lines.append(f"- held-out evaluation: {int(c['evaluation_blocks'])} blocks, {int(c['evaluation_tokens']):,} tokens "
-                 "of the embedded corpus's validation split")
+                 "of the embedded corpus's validation split, the same for every model")
     evaluation = metrics["evaluation"]
+    if "judged_num_prompts" in evaluation:
+        lines.append(f"- judged quality: {int(evaluation['judged_num_prompts'])} held-out prompts, each model's "
+                     f"continuation sampled at temperature {JUDGED_TEMPERATURE:g} and scored by the baseline (lower "
+                     "is likelier to it; a repetitive text scores low too, so distinct-2 / distinct-3, the fractions "
+                     "of distinct 2- and 3-grams, and the rate of repeated 3-grams stand beside it)")
     if "brier_num_prefixes" in evaluation:
         lines.append(f"- BrierLM: {int(evaluation['brier_num_prefixes'])} held-out prefixes, two samples of "
                      "4 tokens each per prefix and model (`rqlm evaluate`; standard errors in metrics.json)")
@@ -373,9 +458,10 @@ def conditions_text(metrics: dict) -> str:
                  f"{bench['prompt_length']}-token prompts, {bench['new_tokens']} new tokens, load average "
                  f"{bench['load_average_before']:.1f} before; the baseline's fastest way of generating at each batch "
                  "size; peak memory = weights and buffers + the highest allocation during generate")
-    if "continuous_bench" in c:
-        loads = ", ".join(f"{b['load_average_before']:.1f}" for b in c["continuous_bench"].values())
-        lines.append("- each GIVT model in its own `rqlm bench` run, the same settings, beside the baseline measured "
+    if c["other_bench"]:
+        loads = ", ".join(f"{b['load_average_before']:.1f}" for b in c["other_bench"].values())
+        names = ", ".join(COLUMNS[model] for model in c["other_bench"])
+        lines.append(f"- {names}: each in its own `rqlm bench` run, the same settings, beside the baseline measured "
                      f"again in that run (its speedup is against that figure; load averages {loads} before)")
     seconds = c["stage_seconds"]
     if seconds:
@@ -389,17 +475,19 @@ def conditions_text(metrics: dict) -> str:
 def render_report(metrics: dict, samples: list[dict], diffs: list[dict], plots: dict[str, str]) -> str:
     """report.md's text."""
     models = report_models(metrics)
-    table = ["| | " + " | ".join(COLUMNS[m] for m in models) + " |", "|---|" + "---:|" * len(models)]
-    table += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in table_rows(metrics)]
     heads = {GIVT: "GIVT's Gaussian head", GIVT_ENERGY: "CALM's energy head"}
     continuous = [heads[m] for m in models if m in heads]
     parts = [
         "# rqlm demo report",
-        ("The RQ-Transformer (a latent LM over RQ-VAE codes, its spatial layers started from the baseline) beside "
-        "the Qwen3 baseline it was built on, on the same held-out tokens"
+        ("The RQ-Transformer in both modes, its spatial layers started from the baseline, beside the Qwen3 baseline "
+         "it was built on, on the same held-out tokens: the tokens mode (train-lm's default: a token decoder writes "
+         "each chunk's C tokens; exact perplexity) and the codes mode (a depth decoder writes each chunk's D "
+         "residual codes, which the frozen RQ-VAE decodes; a perplexity bound)"
          + (f", and the continuous latent LMs over a Gaussian VAE ({' / '.join(continuous)})" if continuous else "")
          + ". Every number comes from this run (all of them in `metrics.json`)."),
-        "\n".join(table),
+        markdown_table("model", headline_columns(metrics), headline_rows(metrics)),
+        "Every figure, a column per model:",
+        markdown_table("", [COLUMNS[m] for m in models], table_rows(metrics)),
         "## Conditions",
         conditions_text(metrics),
         "## Sample continuations",
@@ -420,16 +508,32 @@ def render_report(metrics: dict, samples: list[dict], diffs: list[dict], plots: 
     return "\n\n".join(parts) + "\n"
 
 
+def final_figures(metrics: dict) -> dict[str, tuple[float, str]]:
+    """Training stage -> (the figure the tables show of its model, as they write it), drawn at the end of the
+    stage's held-out curve: the curve is the training loop's few held-out batches, the tables' figure
+    `rqlm evaluate`'s (or `rqlm inspect`'s) on every held-out block."""
+    finals = {"baseline": (metrics[BASELINE]["perplexity"], number(metrics[BASELINE]["perplexity"]))}
+    for stage, model in (("lm", RQ_MODEL), ("lm_codes", RQ_CODES), (GIVT, GIVT)):
+        if model in metrics and metrics[model].get("perplexity") is not None:
+            finals[stage] = (metrics[model]["perplexity"], number(metrics[model]["perplexity"]))
+    accuracy = metrics["reconstruction"]["accuracy"]
+    finals["vae"] = (accuracy, percent(accuracy))
+    if "gaussian_reconstruction" in metrics:
+        accuracy = metrics["gaussian_reconstruction"]["accuracy"]
+        finals["gaussian_vae"] = (accuracy, percent(accuracy))
+    return finals
+
+
 def write_plots(out: Path, metrics: dict) -> dict[str, str]:
     """The report's PNGs under DIR/plots -> {title: path relative to DIR}."""
     from rqlm.evaluation.report_plots import plot_codebook_usage, plot_position_accuracy, plot_stage_curves
 
     plots = out / "plots"
-    rq = metrics[RQ_MODEL]
+    rq = reconstruction_figures(metrics["reconstruction"])  # the RQ-VAE's (the codes mode reads it)
     vaes = {"RQ-VAE": rq} | ({"Gaussian VAE": metrics[GIVT]} if GIVT in metrics else {})  # its VAE's figures
     written = {
         "training curves of every stage": plot_stage_curves({s: out / s for s in metrics["conditions"]["training"]},
-                                                            plots / "training_curves.png"),
+                                                            plots / "training_curves.png", final_figures(metrics)),
         "codebook usage per depth": plot_codebook_usage(rq["usage_perplexity_by_depth"], rq["dead_fraction_by_depth"],
                                                         metrics["conditions"]["codebook_size"],
                                                         plots / "codebook_usage.png"),
