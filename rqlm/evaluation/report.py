@@ -461,8 +461,9 @@ def conditions_text(metrics: dict) -> str:
     if c["other_bench"]:
         loads = ", ".join(f"{b['load_average_before']:.1f}" for b in c["other_bench"].values())
         names = ", ".join(COLUMNS[model] for model in c["other_bench"])
-        lines.append(f"- {names}: each in its own `rqlm bench` run, the same settings, beside the baseline measured "
-                     f"again in that run (its speedup is against that figure; load averages {loads} before)")
+        lines.append(f"- {names}: benchmarked in a `rqlm bench` run of its own, the same settings, beside the "
+                     f"baseline measured again in that run, whose figure its speedup is against (load averages "
+                     f"{loads} before)")
     seconds = c["stage_seconds"]
     if seconds:
         lines.append("- stage wall-clock seconds: " + ", ".join(f"{k} {v:,.0f}" for k, v in seconds.items())
