@@ -26,6 +26,7 @@ from test_rq_transformer import (
     left_pad,
     make_vae,
     prompts,
+    word_tokenizer,
 )
 from test_train_lm import clean_accelerate_state, corpus, lm_flags, records  # noqa: F401 (fixtures)
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
@@ -254,6 +255,25 @@ def test_streamer_receives_each_token_as_it_is_made():
     out = model.generate(prompt, max_new_tokens=9, streamer=streamer, **GREEDY)
     assert streamer.parts[0] == prompt[0].tolist() and streamer.ended and len(streamer.parts) == 1 + 9
     assert [t for part in streamer.parts[1:] for t in part] == out[0, 6:].tolist()
+
+
+@torch.no_grad()
+def test_stop_strings_max_time_and_num_return_sequences():
+    model, tokenizer = make_lm(), word_tokenizer()
+    rows = torch.cat([prompts([8], seed=17)[0][None], prompts([8], seed=18)[0][None]])
+    free = model.generate(rows, max_new_tokens=12, **GREEDY)[:, 8:]
+    stop = tokenizer.decode(free[0, 5])  # the text of row 0's sixth token
+    ends = [min((i + 1 for i in range(12) if stop in tokenizer.decode(torch.cat([r, f[: i + 1]]))), default=12)
+            for r, f in zip(rows, free)]  # fmt: skip
+    out = model.generate(rows, max_new_tokens=12, stop_strings=[stop], tokenizer=tokenizer, pad_token_id=PAD, **GREEDY)
+    assert ends[0] <= 6 and out.shape[1] == 8 + max(ends)
+    for row, end in enumerate(ends):
+        assert torch.equal(out[row, 8 : 8 + end], free[row, :end]) and (out[row, 8 + end :] == PAD).all()
+    assert model.generate(rows, max_new_tokens=4 * C, max_time=0.0, **GREEDY).shape[1] == 8 + C  # after one chunk
+    torch.manual_seed(0)
+    copies = model.generate(rows, max_new_tokens=8, do_sample=True, num_return_sequences=3, eos_token_id=None)
+    assert copies.shape == (6, 16) and all(torch.equal(copies[i, :8], rows[i // 3]) for i in range(6))
+    assert len({tuple(row.tolist()) for row in copies[:3]}) > 1  # sampled copies differ
 
 
 @pytest.mark.parametrize(
