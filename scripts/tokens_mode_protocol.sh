@@ -26,6 +26,8 @@ case $ROW in
   draft-head) $RQLM train-draft-head --target "$OUT/baseline-s0" --vae "$VAE" --block_size 128 --max_steps "$STEPS" \
                 --max_minutes none --eval_steps 200 --save_steps 200 --logging_steps 20 --seed "$SEED" --output_dir "$OUT/draft-head-s$SEED" ;;
   codes) $RQLM "${LM[@]}" --depth_output codes --output_dir "$OUT/codes-$VAE_NAME-s$SEED" ;;
+  ctt-emb-4l-ctx4) $RQLM "${LM[@]}" --depth_output codes_then_tokens --depth_hidden_size 256 --depth_num_attention_heads 4 \
+                   --depth_num_layers 4 --token_decoder_context 4 --spatial_input token_embeddings --output_dir "$OUT/$ROW-$VAE_NAME-s$SEED" ;;
   tokens-emb-4l) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --spatial_input token_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
   tokens-emb-4l-ctx4) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --token_decoder_context 4 --spatial_input token_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
   tokens-emb-4l-ctx8) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --token_decoder_context 8 --spatial_input token_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
