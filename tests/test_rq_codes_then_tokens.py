@@ -144,6 +144,20 @@ def test_loss_is_the_code_and_token_nll_summed_over_the_text_per_token(lm):
 
 
 @torch.no_grad()
+def test_the_token_after_a_text_ending_at_a_chunk_boundary_needs_the_next_plan():
+    model = make_lm()
+    ids = prompts([8], seed=19)[0][None]
+    codes = model(ids).codes  # (1, 2, D): no plan for the chunk the next token opens
+    assert codes.shape == (1, 2, D) and (model(ids).logits[:, -1] == 0).all()
+    plan = torch.cat([codes, torch.randint(0, K, (1, 1, D))], dim=1)
+    out = model(ids, codes=plan)
+    longer = model(torch.cat([ids, torch.tensor([[5]])], dim=1), codes=plan)  # the plan is read, not scored
+    assert (out.logits[:, -1] != 0).any() and out.code_logits.shape[1] == 3
+    torch.testing.assert_close(out.logits[:, -1], longer.logits[:, -2])
+    torch.testing.assert_close(out.loss * 8, model(ids, codes=codes).loss * 8)
+
+
+@torch.no_grad()
 def test_a_left_padded_batch_computes_what_its_rows_compute_alone(lm):
     rows = prompts([3, 6, 9], seed=7)
     ids, mask = left_pad(rows)
