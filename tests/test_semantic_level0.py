@@ -206,12 +206,15 @@ def test_train_vae_semantic_flags_fail_in_one_line(text_corpus, teacher_dir, tmp
     other = tmp_path / "other_tokenizer"
     tiny_teacher(vocab_size=400).save_pretrained(other)
     train_tokenizer([f"{i} other words {i * 7} here" for i in range(200)], vocab_size=300, output_dir=other)
+    vae = tmp_path / "a_vae"
+    make_model().save_pretrained(vae)
     capsys.readouterr()  # the folders' save progress
     cases = {
         "--semantic_weight needs --semantic_teacher": {"semantic_weight": 1},
         "not found": {"semantic_teacher": tmp_path / "missing"},
         "fewer than the tokenizer's": {"semantic_teacher": small},
         "another vocabulary": {"semantic_teacher": other},
+        "not a token-level causal LM": {"semantic_teacher": vae},
         "use residual_vq": {"semantic_teacher": teacher_dir, "quantizer_type": "fsq"},
     }
     for message, overrides in cases.items():

@@ -16,6 +16,8 @@ from einops import rearrange
 
 from rqlm.trainer.loop import model_inputs
 
+RQLM_MODEL_TYPES = ("rq_vae", "rq_transformer", "givt", "rq_draft_head")  # not token-level causal LMs
+
 
 class SemanticTeacher:
     """`teacher(input_ids (B, T), attention_mask (B, T) | None) -> targets (B, T / C, S)`: per chunk of C tokens,
@@ -43,6 +45,11 @@ class SemanticTeacher:
                 f"semantic teacher {name_or_path!r} not found (no model folder there, nor a hub model in the "
                 "cache); pass a `rqlm train-baseline` output folder or a causal LM's hub name"
             ) from None
+        if config.model_type in RQLM_MODEL_TYPES or not hasattr(config, "hidden_size"):
+            raise ValueError(
+                f"semantic teacher {name_or_path!r} is a {config.model_type!r} checkpoint, not a token-level causal "
+                "LM; pass a `rqlm train-baseline` output folder or a causal LM's hub name"
+            )
         if config.vocab_size < len(tokenizer):
             raise ValueError(
                 f"semantic teacher {name_or_path!r} has vocab_size {config.vocab_size}, fewer than the tokenizer's "
