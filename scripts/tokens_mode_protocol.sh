@@ -25,6 +25,7 @@ case $ROW in
   vae640-d2k4096) $RQLM "${VAE640[@]}" --num_quantizers 2 --codebook_size 4096 --output_dir "$OUT/$ROW" ;;
   draft-head) $RQLM train-draft-head --target "$OUT/baseline-s0" --vae "$VAE" --block_size 128 --max_steps "$STEPS" \
                 --max_minutes none --eval_steps 200 --save_steps 200 --logging_steps 20 --seed "$SEED" --output_dir "$OUT/draft-head-s$SEED" ;;
+  vae640-semantic) $RQLM "${VAE640[@]}" --semantic_teacher "$OUT/baseline-s0" --semantic_weight 1 --output_dir "$OUT/$ROW" ;;
   codes) $RQLM "${LM[@]}" --depth_output codes --output_dir "$OUT/codes-$VAE_NAME-s$SEED" ;;
   ctt-emb-4l-ctx4) $RQLM "${LM[@]}" --depth_output codes_then_tokens --depth_hidden_size 256 --depth_num_attention_heads 4 \
                    --depth_num_layers 4 --token_decoder_context 4 --spatial_input token_embeddings --output_dir "$OUT/$ROW-$VAE_NAME-s$SEED" ;;
