@@ -95,6 +95,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--semantic_weight", type=float, default=None,
                        help="weight of the semantic loss, 1 - cosine to the teacher (default: 1.0 with "
                        "--semantic_teacher)")
+    model.add_argument("--init_from", default=None,
+                       help="start from a trained RQ-VAE folder (its architecture; the architecture flags are "
+                       "ignored) with a fresh optimizer and schedule, e.g. to continue with --rate_prior "
+                       "(default: a new model)")
+    model.add_argument("--rate_prior", default=None,
+                       help="joint rate-distortion: a `rqlm train-lm --depth_output codes` folder trained on this "
+                       "VAE's codes (usually with --init_from that VAE), frozen; the loss adds --rate_weight x "
+                       "the expected code NLL under soft assignments (default: none)")
+    model.add_argument("--rate_weight", type=float, default=None,
+                       help="weight of the rate, nats per token (default: 0.1 with --rate_prior)")
+    model.add_argument("--rate_temperature", type=float, default=1.0,
+                       help="temperature of the rate's soft assignments over each codebook (default: %(default)s)")
     add_training_arguments(
         parser,
         output_dir="runs/vae",
@@ -123,6 +135,13 @@ def build_model(args: argparse.Namespace, tokenizer, semantic_dim: int = 0):
     from rqlm import RQVAEConfig, RQVAEModel
     from rqlm.modeling.configuration_rq_vae import GAUSSIAN
 
+    if getattr(args, "init_from", None) is not None:
+        from pathlib import Path
+
+        if not Path(args.init_from).is_dir():
+            raise FileNotFoundError(f"--init_from {args.init_from!r} is not a folder; pass a `rqlm train-vae` output")
+        overrides = {"semantic_dim": semantic_dim, "semantic_weight": args.semantic_weight} if semantic_dim else {}
+        return RQVAEModel.from_pretrained(args.init_from, **overrides)
     fields = {name: getattr(args, name) for name in VAE_FIELDS}
     if semantic_dim:
         fields.update(semantic_dim=semantic_dim, semantic_weight=args.semantic_weight)
@@ -153,6 +172,7 @@ def main(args: argparse.Namespace) -> int:
 
     train_args = training_arguments_from_namespace(args)
     check_semantic_arguments(args)
+    check_rate_arguments(args)
     check_before_data(train_args, args.backbone)
     tokenizer, train_blocks, eval_blocks = load_blocks(args, default_tokenizer=None if is_preset(args.backbone) else args.backbone)
     teacher = None
@@ -162,18 +182,30 @@ def main(args: argparse.Namespace) -> int:
         teacher = SemanticTeacher.from_pretrained(args.semantic_teacher, tokenizer, args.compression_factor)
     set_seed(train_args.seed)
     model = build_model(args, tokenizer, semantic_dim=teacher.hidden_size if teacher is not None else 0)
+    prior = None
+    if args.rate_prior is not None:
+        from rqlm.trainer.code_prior import CodePrior
+
+        model.config.rate_weight, model.config.rate_temperature = args.rate_weight, args.rate_temperature
+        model.config.validate_values()
+        prior = CodePrior.from_pretrained(args.rate_prior, model)
     n_params = sum(p.numel() for p in model.parameters())
     latent = (f"Gaussian d={args.latent_dim}" if model.is_continuous else
               f"D={args.num_quantizers} K={args.codebook_size} d={args.latent_dim}")
     print(f"RQ-VAE: {n_params / 1e6:.2f}M parameters, C={args.compression_factor} {latent}, "
           f"{len(train_blocks)} train / {len(eval_blocks)} held-out blocks")
     start = time.perf_counter()
+    if args.init_from is not None:
+        print(f"starting from {args.init_from} (its architecture; the architecture flags are ignored)")
+    if prior is not None:
+        print(f"joint rate-distortion: the rate under {args.rate_prior}, weight {args.rate_weight:g}, "
+              f"temperature {args.rate_temperature:g}")
     if teacher is not None:
         print(f"semantic level 0: distilled toward {args.semantic_teacher} (hidden size {teacher.hidden_size}), "
               f"weight {args.semantic_weight:g}")
     result = train(model, train_blocks, eval_blocks, train_args, tokenizer=tokenizer,
                    evaluate_fn=partial(reconstruction_evaluate_fn, semantic_teacher=teacher),
-                   inputs_fn=teacher.model_inputs if teacher is not None else None)
+                   inputs_fn=training_inputs(teacher, prior))
     conditions = run_conditions(result, train_args, time.perf_counter() - start)
     accuracy = result.eval_metrics.get("eval_accuracy")
     print(f"held-out reconstruction accuracy {accuracy:.1%} {conditions}" if accuracy is not None else
@@ -181,6 +213,33 @@ def main(args: argparse.Namespace) -> int:
     summary = {k: round(v, 4) for k, v in result.eval_metrics.items()}
     print(f"all held-out figures: {json.dumps(summary)}")
     return 0
+
+
+def training_inputs(teacher, prior):
+    """The training loop's `inputs_fn`: the batch's forward arguments, plus the semantic teacher's targets and the
+    code prior where given (None: the loop's default)."""
+    if teacher is None and prior is None:
+        return None
+    from rqlm.trainer.loop import model_inputs
+
+    def inputs(batch: dict) -> dict:
+        kwargs = teacher.model_inputs(batch) if teacher is not None else model_inputs(batch)
+        return kwargs | ({"code_log_prior": prior} if prior is not None else {})
+
+    return inputs
+
+
+def check_rate_arguments(args: argparse.Namespace) -> None:
+    """--rate_weight needs --rate_prior, whose weight defaults to 0.1; a residual VQ only."""
+    if args.rate_prior is None:
+        if args.rate_weight is not None:
+            raise ValueError("--rate_weight needs --rate_prior (the codes-mode latent LM whose rate the VAE pays)")
+        return
+    if args.rate_weight is None:
+        args.rate_weight = 0.1
+    if args.rate_weight < 0 or args.rate_temperature <= 0:
+        raise ValueError(f"--rate_weight must be >= 0 and --rate_temperature > 0, got {args.rate_weight} and "
+                         f"{args.rate_temperature}")
 
 
 def check_semantic_arguments(args: argparse.Namespace) -> None:

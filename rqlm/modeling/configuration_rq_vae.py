@@ -85,6 +85,14 @@ class RQVAEConfig(PreTrainedConfig):
             reports `semantic_loss`, the mean over real positions of 1 - cosine. Needs `quantizer_type="residual_vq"`.
         semantic_weight (`float`, defaults to 0.0):
             Weight of `semantic_loss` in the loss (0: reported only). Needs `semantic_dim > 0` when positive.
+        rate_weight (`float`, defaults to 0.0):
+            Weight of `rate_loss` in the loss: joint rate-distortion training (Kaiser et al. 2018, Roy et al.
+            2018). `forward(code_log_prior=)` takes a frozen code prior's log-probabilities of the codes (a latent
+            LM trained on this VAE's codes) and adds the expected code NLL under soft assignments, nats per token,
+            so that the encoder moves its latents toward codes the prior predicts. Needs
+            `quantizer_type="residual_vq"`.
+        rate_temperature (`float`, defaults to 1.0):
+            Temperature of the soft assignments: level d's code k gets softmax_k(-||r_d - e_k||^2 / temperature).
     """
 
     model_type = "rq_vae"
@@ -117,6 +125,8 @@ class RQVAEConfig(PreTrainedConfig):
     lora_target_modules: list[str] | None = None
     semantic_dim: int = 0
     semantic_weight: float = 0.0
+    rate_weight: float = 0.0
+    rate_temperature: float = 1.0
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -142,7 +152,7 @@ class RQVAEConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in (
             "num_encoder_layers", "num_decoder_layers", "num_latent_layers", "freeze_backbone_steps", "lora_r",
-            "semantic_dim", "semantic_weight",
+            "semantic_dim", "semantic_weight", "rate_weight",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -165,6 +175,13 @@ class RQVAEConfig(PreTrainedConfig):
             raise ValueError(
                 f"semantic_weight={self.semantic_weight} needs semantic_dim > 0 (the teacher's hidden size)"
             )
+        if self.rate_weight and self.quantizer_type not in SEMANTIC_QUANTIZERS:
+            raise ValueError(
+                f"rate_weight={self.rate_weight} needs quantizer_type 'residual_vq' (soft assignments over its "
+                f"codebooks), got {self.quantizer_type!r}"
+            )
+        if self.rate_temperature <= 0:
+            raise ValueError(f"rate_temperature must be > 0, got {self.rate_temperature}")
         if self.latent_dim % self.latent_num_attention_heads:
             raise ValueError(
                 f"latent_dim {self.latent_dim} is not divisible by latent_num_attention_heads "

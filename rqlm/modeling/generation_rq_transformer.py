@@ -182,7 +182,7 @@ class RQTransformerGenerationMixin(GenerationMixin):
         run = self._run_settings(
             generation_config, depth_overrides, decoder_settings, logits_processor, tokenizer, input_ids, attention_mask
         )
-        if self.config.depth_output == "codes_then_tokens":  # the token decoder's head runs B rows per token
+        if getattr(self.config, "depth_output", None) == "codes_then_tokens":  # the token decoder's head runs B rows per token
             loop, packed = self._generate_codes_then_tokens, self
         else:
             loop, packed = self._generate, self.vae
@@ -303,7 +303,7 @@ class RQTransformerGenerationMixin(GenerationMixin):
         max_time = generation_config.max_time
         if max_time is not None and max_time < 0:
             raise ValueError(f"max_time must be >= 0 seconds, got {max_time}")
-        if self.config.depth_output == "codes_then_tokens":  # the text is the token decoder's: settings act on it
+        if getattr(self.config, "depth_output", None) == "codes_then_tokens":  # the text is the token decoder's: settings act on it
             self._check_codes_then_tokens_settings(generation_config, decoder_settings)
             code_processor = None
             tokens = self._text_token_choice(generation_config, logits_processor, eos, input_ids, attention_mask,

@@ -67,6 +67,7 @@ class RQVAEOutput(ModelOutput):
     accuracy: torch.FloatTensor | None = None
     kl: torch.FloatTensor | None = None
     semantic_loss: torch.FloatTensor | None = None
+    rate_loss: torch.FloatTensor | None = None
 
 
 def latent_stack_config(config: RQVAEConfig) -> Qwen3Config:
@@ -341,10 +342,13 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         semantic_targets: torch.FloatTensor | None = None,
+        code_log_prior=None,
         **kwargs,
     ) -> RQVAEOutput:
         """Reconstruct input_ids (B, T): loss = cross-entropy(logits, labels or input_ids) + quantizer loss
-        [+ semantic_weight x semantic loss, given a teacher's `semantic_targets` (B, L, semantic_dim)]."""
+        [+ semantic_weight x semantic loss, given a teacher's `semantic_targets` (B, L, semantic_dim)]
+        [+ rate_weight x rate loss, given `code_log_prior`: codes (B, L, D) -> a frozen prior's log-probabilities
+        (B, L, D, K) of each code given the codes before it (see `rate_loss`)]."""
         encoded = self.encode(input_ids, attention_mask)
         quantized = self.latent_dropout(encoded.quantized)  # identity unless training with latent_dropout > 0
         logits = self.decode_quantized(quantized, input_ids, attention_mask)
@@ -358,6 +362,12 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
         if semantic_targets is not None:
             semantic_loss = self.semantic_loss(encoded, semantic_targets)
             loss = loss + self.config.semantic_weight * semantic_loss
+        rate_loss = None
+        if code_log_prior is not None:
+            with torch.no_grad():
+                log_prior = code_log_prior(encoded.codes)
+            rate_loss = self.rate_loss(encoded, log_prior)
+            loss = loss + self.config.rate_weight * rate_loss
         with torch.no_grad():
             valid = targets != IGNORE_INDEX
             accuracy = ((logits.argmax(-1) == targets) & valid).sum() / valid.sum().clamp(min=1)
@@ -371,6 +381,7 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
             accuracy=accuracy,
             kl=encoded.kl,
             semantic_loss=semantic_loss,
+            rate_loss=rate_loss,
         )
 
     # ----------------------------------------------------------------- semantic level 0
@@ -408,6 +419,38 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
                 return distance.mean()
             valid = encoded.latent_mask.float()
             return (distance * valid).sum() / valid.sum().clamp(min=1)
+
+    # ----------------------------------------------------------------- joint rate-distortion
+    def rate_loss(self, encoded: RQVAEEncoderOutput, log_prior: torch.FloatTensor) -> torch.FloatTensor:
+        """The expected code NLL under soft assignments, nats per token: the rate term of joint rate-distortion.
+
+        Level d's residual r_d (the latent minus the hard codes of the levels before it) gets the soft assignment
+        q_d(k) = softmax_k(-||r_d - e_k||^2 / rate_temperature) over its codebook, and pays
+        sum_k q_d(k) (-log p(k | the codes before it)) under the frozen prior's `log_prior` (B, L, D, K). The sum
+        over levels, averaged over real positions and divided by C, is differentiable in the latents: the
+        gradient pulls the encoder toward codes the prior predicts. Computed in fp32; padding positions excluded.
+        """
+        quantizer, codes = self.quantizer, encoded.codes
+        expected = (*codes.shape, self.quantizer_size)
+        if tuple(log_prior.shape) != expected:
+            raise ValueError(f"the code prior's log-probabilities must have shape {expected}, got {tuple(log_prior.shape)}")
+        residual = quantizer.project_in(encoded.latents)  # (B, L, codebook_dim), as ResidualVQ.forward feeds level 0
+        with fp32_region(residual.device.type):
+            residual, log_prior = residual.float(), log_prior.float()
+            nats = 0
+            for d, layer in enumerate(quantizer.layers):
+                book = layer.get_codes_from_indices(torch.arange(self.quantizer_size, device=codes.device)).float()
+                distance = (residual.pow(2).sum(-1, keepdim=True) - 2 * residual @ book.T
+                            + book.pow(2).sum(-1))  # (B, L, K)
+                soft = F.softmax(-distance / self.config.rate_temperature, dim=-1)
+                nats = nats - (soft * log_prior[..., d, :]).sum(-1)  # (B, L)
+                residual = residual - layer.get_codes_from_indices(codes[..., d].clamp(min=0)).float().detach()
+            if encoded.latent_mask is None:
+                per_position = nats.mean()
+            else:
+                valid = encoded.latent_mask.float()
+                per_position = (nats * valid).sum() / valid.sum().clamp(min=1)
+        return per_position / self.config.compression_factor
 
     # ----------------------------------------------------------------- backbone
     def backbone_stacks(self) -> list[nn.Module]:
