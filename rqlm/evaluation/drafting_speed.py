@@ -176,17 +176,21 @@ def _assisted_row(target, model, prompts, references, num_draft_tokens, threshol
             calls[name] += 1
         return hook
 
-    options = {k: v for k, v in settings.items() if k != "prepack"} | {
-        "assistant_model": model,
+    options = {k: v for k, v in settings.items() if k != "prepack"} | {"assistant_model": model}
+    # transformers reads the draft length, its schedule and the confidence gate from the assistant's own config
+    drafting = {
         "num_assistant_tokens": num_draft_tokens or model.compression_factor,
         "num_assistant_tokens_schedule": "constant",
         "assistant_confidence_threshold": threshold,
     }
-    target.generate(prompts[0], **(options | {"max_new_tokens": 2}))  # warm-up
-    handles = [target.register_forward_pre_hook(counter("target"), with_kwargs=True),
-               model.register_forward_pre_hook(counter("assistant"), with_kwargs=True)]
-    seconds, emitted, identical = 0.0, 0, True
+    saved = {name: getattr(model.generation_config, name) for name in drafting}
+    model.generation_config.update(**drafting)
+    handles = []
     try:
+        target.generate(prompts[0], **(options | {"max_new_tokens": 2}))  # warm-up
+        handles = [target.register_forward_pre_hook(counter("target"), with_kwargs=True),
+                   model.register_forward_pre_hook(counter("assistant"), with_kwargs=True)]
+        seconds, emitted, identical = 0.0, 0, True
         for ids, reference in zip(prompts, references):
             out, s = _timed(lambda ids=ids: target.generate(ids, **options), device)
             seconds += s
@@ -195,6 +199,7 @@ def _assisted_row(target, model, prompts, references, num_draft_tokens, threshol
     finally:
         for handle in handles:
             handle.remove()
+        model.generation_config.update(**saved)
     steps = calls["target"]
     return {
         "seconds": seconds,
@@ -247,7 +252,7 @@ def format_drafting_table(result: dict) -> str:
         lines.append(
             f"| {r['drafter']} | {r['compression_factor']} | {r['draft_tokens']} | {r['confidence_threshold']:g} "
             f"| {_number(r['rq_tokens_per_second'])} | {r['verified_tokens_per_second']:,.1f} | {r['speedup']:.2f}x "
-            f"| {r['acceptance']:.2f} | {100 * r['kept_share']:.0f}% | {100 * r['gated_share']:.0f}% "
+            f"| {r['acceptance']:.2f} | {100 * r['kept_share']:.0f}% | {_percent(r['gated_share'])} "
             f"| {r['break_even_acceptance']:.2f} | {_percent(r['drafting_share'])} | {_number(r['bound_on_target_text'])} "
             f"| {'yes' if r['identical'] else 'NO'} |"
         )
