@@ -42,14 +42,15 @@ from pathlib import Path
 
 from rqlm.pipeline import TRAINED
 
-# minutes of training time (`--max_minutes`) per training stage: 11 in all, plus about 3 minutes of data loading,
-# evaluation, encoding and benchmarking keep the default demo under 15 minutes on 2 cores. The tokens-mode LM, the
+# minutes of training time (`--max_minutes`) per training stage: 10 in all, plus about 3 minutes of data loading,
+# evaluation, encoding and benchmarking keep the default demo under 15 minutes on 2 cores (with 11 in all, two full
+# runs beside other trainings, load 6-9, took 16.7-16.9 minutes). The tokens-mode LM, the
 # default, gets the most: at the tiny shape its step costs 5-9x the codes mode's (a 4-layer token decoder over every
 # token: 21 steps in 3.4 minutes against the codes mode's 107 in 2, one run on a loaded machine). The baseline keeps
 # its 3 (both LMs' spatial layers start from it). The codes mode, a comparison row whose bound stays 1,800x and more
-# the baseline's perplexity at any of these budgets, gets 2, as does the VAE, which only the codes mode reads (the
+# the baseline's perplexity at any of these budgets, gets 1.5, as does the VAE, which only the codes mode reads (the
 # tokens mode's input is token embeddings)
-DEFAULT_MINUTES = {"baseline": 3.0, "vae": 2.0, "lm": 4.0, "lm_codes": 2.0}
+DEFAULT_MINUTES = {"baseline": 3.0, "vae": 1.5, "lm": 4.0, "lm_codes": 1.5}
 # the same for the continuous stages of --continuous (about 9 minutes more with their evaluation and benchmark)
 CONTINUOUS_MINUTES = {"gaussian_vae": 2.0, "givt": 3.0, "givt_energy": 2.0}
 GIVT_HEADS = {"givt": "gaussian", "givt_energy": "energy"}  # training stage -> its `train-givt --head`
