@@ -19,6 +19,7 @@ from test_rq_transformer import (
     PAD,
     VOCAB,
     C,
+    Collect,
     D,
     K,
     assert_remote_code_generates,
@@ -31,7 +32,6 @@ from test_rq_transformer import (
 from test_train_lm import clean_accelerate_state, corpus, lm_flags, records  # noqa: F401 (fixtures)
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 from transformers.generation.logits_process import LogitsProcessor
-from transformers.generation.streamers import BaseStreamer
 
 from rqlm import RQTransformerConfig, RQTransformerForCausalLM, cli
 
@@ -254,21 +254,11 @@ def test_max_new_tokens_counts_tokens(max_new_tokens):
 
 @torch.no_grad()
 def test_streamer_receives_each_token_as_it_is_made():
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.parts = []
-
-        def put(self, value):
-            self.parts.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.ended = True
-
     model, streamer = make_lm(), Collect()
     prompt = prompts([6], seed=12)[0][None]
     out = model.generate(prompt, max_new_tokens=9, streamer=streamer, **GREEDY)
-    assert streamer.parts[0] == prompt[0].tolist() and streamer.ended and len(streamer.parts) == 1 + 9
-    assert [t for part in streamer.parts[1:] for t in part] == out[0, 6:].tolist()
+    assert streamer.chunks[0].tolist() == prompt[0].tolist() and streamer.ended and len(streamer.chunks) == 1 + 9
+    assert torch.cat(streamer.chunks[1:]).tolist() == out[0, 6:].tolist()
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from test_rq_transformer import (
     PAD,
     VOCAB,
     C,
+    Collect,
     assert_remote_code_generates,
     backbone,
     left_pad,
@@ -21,7 +22,6 @@ from test_rq_transformer import (
     prompts,
 )
 from transformers import AutoModelForCausalLM
-from transformers.generation.streamers import BaseStreamer
 
 from rqlm import RQTransformerConfig, RQTransformerForCausalLM
 
@@ -171,21 +171,11 @@ def test_logits_processors_act_on_tokens():
 
 @torch.no_grad()
 def test_streamer_receives_the_tokens_as_they_are_made():
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.parts = []
-
-        def put(self, value):
-            self.parts.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.ended = True
-
     model, streamer = make_lm(), Collect()
     prompt = prompts([6], seed=11)[0][None]
     out = model.generate(prompt, max_new_tokens=9, do_sample=False, eos_token_id=None, streamer=streamer)
-    assert streamer.parts[0] == prompt[0].tolist() and streamer.ended
-    assert [t for part in streamer.parts[1:] for t in part] == out[0, 6:].tolist() and len(streamer.parts) == 1 + 9
+    assert streamer.chunks[0].tolist() == prompt[0].tolist() and streamer.ended
+    assert torch.cat(streamer.chunks[1:]).tolist() == out[0, 6:].tolist() and len(streamer.chunks) == 1 + 9
 
 
 def test_training_steps_lower_the_loss_and_reach_every_part():
