@@ -36,6 +36,7 @@ case $ROW in
                    --depth_num_layers 4 --token_decoder_context 4 --spatial_input token_embeddings --output_dir "$OUT/$ROW-$VAE_NAME-s$SEED" ;;
   tokens-emb-4l) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --spatial_input token_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
   tokens-emb-4l-ctx4) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --token_decoder_context 4 --spatial_input token_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
+  tokens-emb-4l-ctx4-r64) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --token_decoder_context 4 --token_head_rank 64 --spatial_input token_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
   tokens-emb-4l-ctx8) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --token_decoder_context 8 --spatial_input token_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
   tokens-emb-2l) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 2 --spatial_input token_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
   tokens-sum-4l) $RQLM "${LM[@]}" "${TOKENS[@]}" --depth_num_layers 4 --spatial_input token_and_code_embeddings --output_dir "$OUT/$ROW-s$SEED" ;;
