@@ -207,3 +207,18 @@ def test_generation_bad_input_is_one_line_error(capsys, flags, message):
     assert code != 0
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) <= 2, err
+
+
+def test_peak_memory_measures_an_allocation_and_keeps_the_profilers_native_lines_out_of_stderr(capfd):
+    """torch's CPU profiler prints `USDT: ... profiler_start` lines from C++ to file descriptor 2; `peak_bytes`
+    silences them (they filled every bench output) and still counts the step's allocation."""
+    import sys
+
+    import torch
+
+    from rqlm.evaluation.speed import peak_bytes
+
+    peak = peak_bytes(lambda: torch.ones(1024, 1024), torch.device("cpu"))
+    print("after", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert peak >= 4 * 1024 * 1024 and "USDT" not in err and "after" in err

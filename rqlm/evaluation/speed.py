@@ -13,10 +13,12 @@ The timing and peak-memory helpers here are shared with the quantizer benchmark 
 from __future__ import annotations
 
 import copy
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -78,7 +80,7 @@ def peak_bytes(step: Callable[[], object], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted(
         (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
@@ -88,6 +90,23 @@ def peak_bytes(step: Callable[[], object], device: torch.device) -> int:
         current += change
         peak = max(peak, current)
     return peak
+
+
+@contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 to /dev/null meanwhile: torch's CPU profiler writes `USDT: ... profiler_start/stop` lines
+    there from C++, past Python's sys.stderr, into every `rqlm bench` output. Python's own stderr is flushed first
+    and restored after, so an exception raised inside still prints."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def tensor_bytes(tensors) -> int:
