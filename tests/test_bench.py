@@ -81,7 +81,8 @@ def test_generation_bench_quick(tmp_path, capsys):
     from rqlm.evaluation import generation_speed as gs
 
     output, plot = tmp_path / "generation.json", tmp_path / "generation.png"
-    flags = ["--quick", "--threads", "1", "--no_memory", "--output_json", str(output), "--plot", str(plot)]
+    flags = ["--quick", "--threads", "1", "--no_memory", "--output_json", str(output), "--plot", str(plot),
+             "--depth_output", "codes"]
     assert cli.main(["bench", *flags]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(output.read_text())
@@ -222,3 +223,24 @@ def test_peak_memory_measures_an_allocation_and_keeps_the_profilers_native_lines
     print("after", file=sys.stderr)
     err = capfd.readouterr().err
     assert peak >= 4 * 1024 * 1024 and "USDT" not in err and "after" in err
+
+
+def test_plain_bench_measures_the_headline_and_grid_the_whole_grid():
+    """`rqlm bench` alone: the tokens mode at the Qwen3-0.6B shape, C=4, batch 1 and 8, no compile (minutes on 2 cores);
+    `--grid`: both shapes, C = 4, 2, 8, the tiny baseline compiled; a flag on the command line wins over both."""
+    import argparse
+
+    from rqlm.commands.bench import add_arguments, resolve_grid
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    plain = parser.parse_args([])
+    resolve_grid(plain)
+    assert (plain.shapes, plain.compression_factors, plain.compile_shapes) == (["qwen3-0.6b"], [4], [])
+    assert plain.depth_output == "tokens" and plain.batch_sizes == [1, 8] and plain.large_new_tokens == 32
+    grid = parser.parse_args(["--grid"])
+    resolve_grid(grid)
+    assert (grid.shapes, grid.compression_factors, grid.compile_shapes) == (["qwen3-0.6b", "tiny"], [4, 2, 8], ["tiny"])
+    chosen = parser.parse_args(["--grid", "--shapes", "tiny"])
+    resolve_grid(chosen)
+    assert chosen.shapes == ["tiny"] and chosen.compression_factors == [4, 2, 8]

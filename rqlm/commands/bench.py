@@ -89,17 +89,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a seconds-long smoke run: the 'test' shape, 16-token prompts, 8 new tokens",
     )
     gen.add_argument(
+        "--grid",
+        action="store_true",
+        help="the whole grid: shapes qwen3-0.6b and tiny, C = 4, 2, 8, the tiny baseline also compiled (tens of "
+        "minutes on 2 cores); without it the headline only: qwen3-0.6b, C=4, batch 1 and 8 (about 3 minutes)",
+    )
+    gen.add_argument(
         "--shapes",
         type=_names,
-        default=["qwen3-0.6b", "tiny"],
-        help="comma-separated: qwen3-0.6b and/or presets; the first is the headline",
+        default=None,
+        help="comma-separated: qwen3-0.6b and/or presets; the first is the headline (default: qwen3-0.6b; --grid: "
+        "qwen3-0.6b,tiny)",
     )
     gen.add_argument("--prompt_length", type=int, default=64, help="T0, tokens per prompt")
     gen.add_argument("--new_tokens", type=int, default=256, help="new tokens per run (EOS ignored)")
     gen.add_argument(
         "--large_new_tokens",
         type=int,
-        default=16,
+        default=32,
         help="new tokens at the qwen3-0.6b shape, where a step takes seconds on a CPU; there the variants "
         "other than C=4 run at the first batch size only, and peak memory is not measured",
     )
@@ -107,12 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--compression_factors",
         type=_ints,
-        default=[4, 2, 8],
-        help=f"comma-separated C of the RQ models; C={HEADLINE_C} is the headline",
+        default=None,
+        help=f"comma-separated C of the RQ models; C={HEADLINE_C} is the headline (default: 4; --grid: 4,2,8)",
     )
     gen.add_argument(
         "--depth_output",
-        default="codes",
+        default="tokens",
         choices=DEPTH_OUTPUTS,
         help="what the random-weight RQ models' depth decoder writes: the D codes the VAE decodes (a 1-layer depth "
         "transformer), the chunk's tokens (a 4-layer token decoder of width 256), or both, the codes first",
@@ -132,8 +139,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--compile_shapes",
         type=_names,
-        default=["tiny"],
-        help="shapes where the baseline also runs static cache + torch.compile ('' for none)",
+        default=None,
+        help="shapes where the baseline also runs static cache + torch.compile ('' for none; default: none; --grid: "
+        "tiny)",
     )
     gen.add_argument(
         "--givt_heads",
@@ -280,12 +288,25 @@ def _model_or_quantizer_bench(args, device):
     return result, format_model_table(result)
 
 
+GRID = {"shapes": ["qwen3-0.6b", "tiny"], "compression_factors": [HEADLINE_C, 2, 8], "compile_shapes": ["tiny"]}
+HEADLINE = {"shapes": ["qwen3-0.6b"], "compression_factors": [HEADLINE_C], "compile_shapes": []}
+
+
+def resolve_grid(args: argparse.Namespace) -> None:
+    """Plain `rqlm bench` measures the headline (the Qwen3-0.6B shape, C=4); `--grid` the whole grid. A shape, C or
+    compile list given on the command line (or in --config) wins over both."""
+    for name, value in (GRID if args.grid else HEADLINE).items():
+        if getattr(args, name) is None:
+            setattr(args, name, list(value))
+
+
 def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
     """Every shape's runs (and the sweep) -> (JSON result, tables, summary lines)."""
     import torch
 
     from rqlm.evaluation import generation_speed as gs
 
+    resolve_grid(args)
     if args.quick:
         args.shapes, args.prompt_length, args.new_tokens, args.large_new_tokens = ["test"], 16, 8, 8
         args.compression_factors, args.compile_shapes = [HEADLINE_C], []
@@ -442,6 +463,8 @@ def _drafting_bench(args, device) -> tuple[dict, str]:
     from rqlm.evaluation import generation_speed as gs
     from rqlm.evaluation.speed import DTYPES
 
+    if args.compression_factors is None:  # random-weight drafters: one per C
+        args.compression_factors = [HEADLINE_C, 2, 8]
     if args.quick:
         args.target_shape = args.drafter_shape = "test"
         args.prompt_length, args.new_tokens, args.compression_factors, args.prompts = 16, 8, [HEADLINE_C], 2
