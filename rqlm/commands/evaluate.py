@@ -210,11 +210,12 @@ def held_out_figures(model, baseline, eval_blocks, batch_size: int, separator_id
 def judged_figures(model, baseline, eval_blocks, args: argparse.Namespace, tokenizer) -> dict[str, float]:
     """The baseline's perplexity on the RQ model's and on its own sampled continuations of held-out prompts."""
     from rqlm.commands.generate import sampling_kwargs
+    from rqlm.data.tokenizer import padding_id
     from rqlm.evaluation.perplexity import judged_perplexity
 
     count = min(args.num_prompts, len(eval_blocks))
     prompts = eval_blocks[:count]["input_ids"][:, : args.prompt_tokens].long()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     settings = dict(
         max_new_tokens=args.new_tokens, seed=args.seed, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
         batch_size=args.batch_size, **sampling_kwargs(True, args.temperature, args.top_k, args.top_p),
@@ -234,12 +235,13 @@ def judged_figures(model, baseline, eval_blocks, args: argparse.Namespace, token
 
 def brier_figures(model, baseline, eval_blocks, args: argparse.Namespace, tokenizer) -> dict[str, float]:
     """BrierLM of both models on the same held-out prefixes and seed: 'brier_*' (RQ) and 'baseline_brier_*'."""
+    from rqlm.data.tokenizer import padding_id
     from rqlm.evaluation.brier import BRIER_ORDERS, brier_lm_from_generate
 
     blocks = eval_blocks[:]["input_ids"].long()  # (B, T)
     windows = held_out_windows(blocks, args.brier_prefixes, args.prompt_tokens + BRIER_ORDERS)  # (N, P + 4)
     prefixes, references = windows[:, : args.prompt_tokens], windows[:, args.prompt_tokens :]  # (N, P), (N, 4)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     settings = {"batch_size": args.batch_size, "temperature": 1.0, "seed": args.seed,
                 "eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad}
     figures = {}

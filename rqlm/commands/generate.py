@@ -187,10 +187,11 @@ def generate_streamed(model, tokenizer, input_ids, args: argparse.Namespace, dra
     import torch
     from transformers import TextStreamer, set_seed
 
+    from rqlm.data.tokenizer import padding_id
     from rqlm.modeling.drafting import generate_with_drafter
 
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     set_seed(args.seed)
     start = time.perf_counter()
     from rqlm.modeling.generation_rq_transformer import RQTransformerGenerationMixin

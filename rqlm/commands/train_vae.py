@@ -133,6 +133,7 @@ def build_model(args: argparse.Namespace, tokenizer, semantic_dim: int = 0):
     """An RQVAEModel from a preset backbone sized to the tokenizer, or from a pretrained Qwen3; with a semantic
     level 0 of width `semantic_dim` (the teacher's hidden size) when > 0."""
     from rqlm import RQVAEConfig, RQVAEModel
+    from rqlm.data.tokenizer import padding_id
     from rqlm.modeling.configuration_rq_vae import GAUSSIAN
 
     if getattr(args, "init_from", None) is not None:
@@ -149,7 +150,7 @@ def build_model(args: argparse.Namespace, tokenizer, semantic_dim: int = 0):
         fields["quantizer_kwargs"] = {}
     if not is_preset(args.backbone):
         return RQVAEModel.from_backbone(args.backbone, **fields)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     backbone = backbone_config(
         args.backbone,
         vocab_size=len(tokenizer),

@@ -46,6 +46,11 @@ SPLIT_PATTERN = (
 )
 
 
+def padding_id(tokenizer) -> int | None:
+    """The tokenizer's pad token id, else its EOS id: what batches are padded with."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, output_dir: str | os.PathLike | None = None
 ) -> PreTrainedTokenizerFast:

@@ -18,12 +18,11 @@ of one batch (so batches and ranks add up); `perplexity_bound` turns summed term
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from rqlm.evaluation.perplexity import safe_exp
 from rqlm.modeling.modeling_rq_vae import IGNORE_INDEX
 
 
@@ -88,7 +87,7 @@ def bound_terms(
 def perplexity_bound(terms: dict[str, torch.Tensor | float]) -> float:
     """exp((nll_codes + nll_recon) / num_tokens) of summed `bound_terms` (inf when it overflows)."""
     nats = (float(terms["nll_codes"]) + float(terms["nll_recon"])) / max(float(terms["num_tokens"]), 1.0)
-    return math.exp(nats) if nats < 700 else float("inf")
+    return safe_exp(nats)
 
 
 __all__ = ["bound_terms", "perplexity_bound"]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from rqlm.evaluation.bound import bound_terms, perplexity_bound
+from rqlm.evaluation.perplexity import safe_exp
 from rqlm.evaluation.speed import synchronize
 from rqlm.modeling.drafting import DraftStats, generate_with_drafter
 from rqlm.modeling.modeling_rq_draft_head import RQDraftHead
@@ -220,7 +221,7 @@ def _perplexity_on(model, references: list[torch.LongTensor]) -> float:
         for ids in references:
             nll += float(model(ids, labels=ids).loss) * (ids.shape[1] - 1)
             count += ids.shape[1] - 1
-    return math.exp(nll / count) if nll / count < 700 else float("inf")
+    return safe_exp(nll / count)
 
 
 def _bound_on(model, references: list[torch.LongTensor]) -> float:

@@ -255,10 +255,11 @@ def greedy_samples(out: Path, blocks, models: tuple[str, ...] = (BASELINE, RQ_MO
     import torch
 
     from rqlm.commands.generate import load_folder_tokenizer, load_model, read_config
+    from rqlm.data.tokenizer import padding_id
 
     tokenizer = load_folder_tokenizer(str(out / "lm"))
     prompts = blocks[:, :SAMPLE_PROMPT_TOKENS]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     samples = [{"prompt": tokenizer.decode(p)} for p in prompts]
     for model in models:
         folder = out / FOLDERS[model]

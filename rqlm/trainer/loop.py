@@ -54,6 +54,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
+from rqlm.evaluation.perplexity import safe_exp
 from rqlm.evaluation.plots import plot_training_curves, training_title
 from rqlm.trainer.arguments import TrainingArguments, resolve_mixed_precision
 
@@ -108,7 +109,7 @@ def evaluate_loss(model, eval_dataloader, accelerator: Accelerator) -> dict[str,
             "the held-out split gave no evaluation batch; pass more data or a smaller eval batch size"
         )
     loss = torch.cat(losses).mean().item()
-    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
+    return {"loss": loss, "perplexity": safe_exp(loss)}
 
 
 def logged_output_keys(model, outputs) -> list[str]:
