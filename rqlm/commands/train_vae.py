@@ -191,9 +191,10 @@ def main(args: argparse.Namespace) -> int:
         model.config.validate_values()
         prior = CodePrior.from_pretrained(args.rate_prior, model)
     n_params = sum(p.numel() for p in model.parameters())
-    latent = (f"Gaussian d={args.latent_dim}" if model.is_continuous else
-              f"D={args.num_quantizers} K={args.codebook_size} d={args.latent_dim}")
-    print(f"RQ-VAE: {n_params / 1e6:.2f}M parameters, C={args.compression_factor} {latent}, "
+    config = model.config  # the flags', or with --init_from the loaded VAE's
+    latent = (f"Gaussian d={config.latent_dim}" if model.is_continuous else
+              f"D={config.num_quantizers} K={config.codebook_size} d={config.latent_dim}")
+    print(f"RQ-VAE: {n_params / 1e6:.2f}M parameters, C={config.compression_factor} {latent}, "
           f"{len(train_blocks)} train / {len(eval_blocks)} held-out blocks")
     start = time.perf_counter()
     if args.init_from is not None:
@@ -224,14 +225,18 @@ def training_inputs(teacher, prior):
     from rqlm.trainer.loop import model_inputs
 
     def inputs(batch: dict) -> dict:
-        kwargs = teacher.model_inputs(batch) if teacher is not None else model_inputs(batch)
-        return kwargs | ({"code_log_prior": prior} if prior is not None else {})
+        kwargs = model_inputs(batch)
+        if teacher is not None:
+            kwargs["semantic_targets"] = teacher(kwargs["input_ids"], kwargs.get("attention_mask"))
+        if prior is not None:
+            kwargs["code_log_prior"] = prior  # the VAE's forward calls it on the batch's own codes
+        return kwargs
 
     return inputs
 
 
 def check_rate_arguments(args: argparse.Namespace) -> None:
-    """--rate_weight needs --rate_prior, whose weight defaults to 0.1; a residual VQ only."""
+    """--rate_weight needs --rate_prior, whose weight defaults to 0.1 (the VAE's config checks its quantizer)."""
     if args.rate_prior is None:
         if args.rate_weight is not None:
             raise ValueError("--rate_weight needs --rate_prior (the codes-mode latent LM whose rate the VAE pays)")

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from rqlm.trainer.loop import model_inputs
-
 
 class CodePrior:
     """`prior(codes (B, L, D)) -> log-probabilities (B, L, D, K)` of each code given the codes before it (fp32)."""
@@ -47,10 +45,6 @@ class CodePrior:
         if next(self.model.parameters()).device != codes.device:
             self.model.to(codes.device)
         return self.model(codes=codes).logits.float().log_softmax(-1)
-
-    def model_inputs(self, batch: dict) -> dict:
-        """The training loop's `inputs_fn`: `model_inputs(batch)` plus the prior, which the VAE's forward calls."""
-        return model_inputs(batch) | {"code_log_prior": self}
 
 
 __all__ = ["CodePrior"]

@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from rqlm.trainer.loop import model_inputs
-
 RQLM_MODEL_TYPES = ("rq_vae", "rq_transformer", "givt", "rq_draft_head")  # not token-level causal LMs
 
 
@@ -82,12 +80,6 @@ class SemanticTeacher:
         mask = rearrange(mask.float(), "b (l c) -> b l c 1", c=self.compression_factor)
         hidden = rearrange(hidden, "b (l c) s -> b l c s", c=self.compression_factor)
         return (hidden * mask).sum(2) / mask.sum(2).clamp(min=1)  # (B, L, S)
-
-    def model_inputs(self, batch: dict) -> dict:
-        """The training loop's `inputs_fn`: `model_inputs(batch)` plus the teacher's `semantic_targets`."""
-        inputs = model_inputs(batch)
-        inputs["semantic_targets"] = self(inputs["input_ids"], inputs.get("attention_mask"))
-        return inputs
 
 
 __all__ = ["SemanticTeacher"]
