@@ -42,7 +42,7 @@ from .code_depth import CodeDepthMixin, choose
 from .configuration_rq_transformer import CODE_DEPTH_NUM_LAYERS
 from .generation_rq_transformer import RQGenerateOutput, separator_token, whole_chunk_layout
 from .modeling_rq_vae import IGNORE_INDEX
-from .token_depth import real_spans
+from .token_depth import check_input_ids, real_spans
 
 
 @dataclass
@@ -119,9 +119,7 @@ class CodesThenTokensMixin:
         if unused or cache is not None or use_cache:
             raise ValueError(f"the codes_then_tokens forward takes no cache and does not take {unused or 'use_cache'}; "
                              "its generate runs its own loop")
-        if input_ids is None or input_ids.dim() != 2 or input_ids.numel() == 0:
-            shape = None if input_ids is None else tuple(input_ids.shape)
-            raise ValueError(f"input_ids must be a non-empty (batch, length) tensor of token ids, got {shape}")
+        check_input_ids(input_ids)
         c, device = self.compression_factor, input_ids.device
         start, length = real_spans(input_ids, attention_mask)
         self._check_labels(labels, input_ids, attention_mask)

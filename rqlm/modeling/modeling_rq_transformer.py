@@ -42,7 +42,7 @@ from .latent_lm import FrozenVAELatentLM
 from .layers import Qwen3Stack
 from .modeling_rq_vae import IGNORE_INDEX, CheckedLoading
 from .prepacked import prepacked_linears
-from .token_depth import RQTokenCache, TokenDepthMixin
+from .token_depth import RQTokenCache, TokenDepthMixin, check_input_ids
 
 
 @dataclass
@@ -239,9 +239,7 @@ class RQTransformerForCausalLM(
                         and k not in ("return_dict", "position_ids"))
         if unused:
             raise ValueError(f"the tokens-mode forward does not take {unused}")
-        if input_ids is None or input_ids.dim() != 2 or input_ids.numel() == 0:
-            shape = None if input_ids is None else tuple(input_ids.shape)
-            raise ValueError(f"input_ids must be a non-empty (batch, length) tensor of token ids, got {shape}")
+        check_input_ids(input_ids)
         if cache is not None and not isinstance(cache, RQTokenCache):
             if cache.get_seq_length() > 0:
                 raise ValueError(f"a tokens-mode model keeps an RQTokenCache, not a filled {type(cache).__name__}")

@@ -47,6 +47,13 @@ def real_spans(input_ids: torch.LongTensor, attention_mask: torch.Tensor | None)
     return start, length
 
 
+def check_input_ids(input_ids) -> None:
+    """A one-line error unless input_ids is a non-empty (batch, length) tensor (the token modes' forwards)."""
+    if input_ids is None or input_ids.dim() != 2 or input_ids.numel() == 0:
+        shape = None if input_ids is None else tuple(input_ids.shape)
+        raise ValueError(f"input_ids must be a non-empty (batch, length) tensor of token ids, got {shape}")
+
+
 def token_head(width: int, vocab: int, rank: int) -> nn.Module:
     """The token decoder's vocabulary head (..., w) -> (..., V): one Linear, or Linear(w, rank) then Linear(rank, V)."""
     if not rank:
