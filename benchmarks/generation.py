@@ -4,7 +4,7 @@
         --plot docs/generation_speed.png
 
 The same as `rqlm bench ...` (generation is its default mode); the benchmark lives in
-rqlm/evaluation/generation_speed.py.
+rqlm/benchmarks/generation_speed.py.
 """
 
 import sys

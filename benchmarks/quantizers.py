@@ -2,7 +2,7 @@
 
     python benchmarks/quantizers.py [--repeats 7] [--threads 1] [--device cpu]
 
-The same as `rqlm bench --quantizers ...`; the benchmark lives in rqlm/evaluation/quantizer_bench.py.
+The same as `rqlm bench --quantizers ...`; the benchmark lives in rqlm/benchmarks/quantizers.py.
 """
 
 import sys

@@ -8,7 +8,7 @@ train-baseline's eval_loss).
 
 import argparse
 
-from rqlm.evaluation.plots import plot_metric_comparison
+from rqlm.reporting.plots import plot_metric_comparison
 
 
 def main() -> None:

@@ -38,6 +38,6 @@ def qwen3_config():
 @pytest.fixture
 def small_layers_prepacked(monkeypatch):
     """prepacked_linears reorders only weights of 2 MiB and more; the tiny test models' layers are all smaller."""
-    import rqlm.modeling.prepacked
+    import rqlm.kernels.prepacked
 
-    monkeypatch.setattr(rqlm.modeling.prepacked, "MIN_BYTES", 0)
+    monkeypatch.setattr(rqlm.kernels.prepacked, "MIN_BYTES", 0)

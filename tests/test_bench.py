@@ -78,7 +78,7 @@ SUMMARY = re.compile(r"speedup batch (\d+) C=4: (\d+\.\d\d)x \(RQ ([\d.]+) tok/s
 
 
 def test_generation_bench_quick(tmp_path, capsys):
-    from rqlm.evaluation import generation_speed as gs
+    from rqlm.benchmarks import generation_speed as gs
 
     output, plot = tmp_path / "generation.json", tmp_path / "generation.png"
     flags = ["--quick", "--threads", "1", "--no_memory", "--output_json", str(output), "--plot", str(plot),
@@ -117,7 +117,7 @@ def test_generation_bench_quick(tmp_path, capsys):
         if row["model"].startswith("RQ"):
             assert set(row["parts_ms"]) == {"spatial", "depth", "decoder", "sampling", "other"}
     assert plot.stat().st_size > 0 and len(result["sweep"]["points"]) == 4
-    assert result["setup"]["prepack"]  # the RQ models' generate(prepack=True) unless --no_prepack
+    assert result["setup"]["cpu_kernels"]  # both sides under rqlm.kernels.cpu_kernels unless --no_cpu_kernels
 
 
 def test_generation_bench_quick_tokens_mode(tmp_path, capsys):
@@ -134,7 +134,7 @@ def test_generation_bench_quick_tokens_mode(tmp_path, capsys):
 
 
 def test_part_timers_split_the_steps_and_leave_the_model_as_it_was(small_layers_prepacked):
-    from rqlm.evaluation import generation_speed as gs
+    from rqlm.benchmarks import generation_speed as gs
 
     model = gs.build_rq_model(gs.shape_config("test", vocab_size=64), compression_factor=4)
     prompt = gs.prompts(2, 8, 64, torch.device("cpu"))
@@ -160,24 +160,24 @@ def test_part_timers_split_the_steps_and_leave_the_model_as_it_was(small_layers_
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
-@pytest.mark.parametrize("prepack", [True, False])
-def test_the_baseline_runs_its_batch_rows_prepacked_like_the_rq_model(prepack, small_layers_prepacked):
-    from rqlm.evaluation import generation_speed as gs
+@pytest.mark.parametrize("kernels", [True, False])
+def test_the_baseline_runs_its_batch_rows_prepacked_like_the_rq_model(kernels, small_layers_prepacked):
+    from rqlm.benchmarks import generation_speed as gs
 
     baseline = gs.build_baseline(gs.shape_config("test", vocab_size=64)).eval()
     layer = baseline.model.layers[0].mlp.up_proj
     calls = []  # (rows, reordered) of each call
     watch = layer.register_forward_pre_hook(lambda m, args: calls.append((args[0].numel() // m.in_features, "forward" in vars(m))))
     for batch in (1, 4):
-        gs.baseline_generate(baseline, 3, "default", prepack=prepack)(gs.prompts(batch, 6, 64, torch.device("cpu")))
+        gs.baseline_generate(baseline, 3, "default", kernels=kernels)(gs.prompts(batch, 6, 64, torch.device("cpu")))
     watch.remove()
     assert {rows for rows, _ in calls} == {1, 4, 6, 24}  # prefill and steps at batch 1 and 4
-    assert all(reordered == prepack for _, reordered in calls)  # the 1-3 row calls then go to F.linear
+    assert all(reordered == kernels for _, reordered in calls)  # the 1-3 row calls then go to F.linear
     assert "forward" not in vars(layer)
 
 
 def test_kv_cache_bytes_match_the_baseline_cache():
-    from rqlm.evaluation import generation_speed as gs
+    from rqlm.benchmarks import generation_speed as gs
 
     config = gs.shape_config("test", vocab_size=64)
     baseline = gs.build_baseline(config)
@@ -217,7 +217,7 @@ def test_peak_memory_measures_an_allocation_and_keeps_the_profilers_native_lines
 
     import torch
 
-    from rqlm.evaluation.speed import peak_bytes
+    from rqlm.benchmarks.speed import peak_bytes
 
     peak = peak_bytes(lambda: torch.ones(1024, 1024), torch.device("cpu"))
     print("after", file=sys.stderr)

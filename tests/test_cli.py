@@ -13,7 +13,7 @@ from conftest import tiny_qwen3_config
 from test_trainer import clean_accelerate_state, text_corpus  # noqa: F401  (fixtures)
 
 from rqlm import RQVAEConfig, RQVAEModel, cli
-from rqlm.evaluation.plots import plot_training_curves, training_title
+from rqlm.reporting.plots import plot_training_curves, training_title
 
 C = 4
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from rqlm import cli, pipeline
-from rqlm.evaluation.report import (
+from rqlm.pipeline import fresh_accelerate_state
+from rqlm.reporting.report import (
     BASELINE,
     GIVT,
     GIVT_ENERGY,
@@ -31,7 +32,6 @@ from rqlm.evaluation.report import (
     percent,
     ratio_cell,
 )
-from rqlm.pipeline import fresh_accelerate_state
 
 RQ_STAGES = ("tokenizer", "baseline", "vae", "codes", "lm", "evaluation", "reconstruction", "benchmark", "lm-codes",
              "lm-codes-evaluation", "lm-codes-benchmark")
@@ -196,8 +196,8 @@ def test_headline_table_has_a_row_per_model_with_its_own_stages_figures(demo):
 def test_plots_label_their_axes_keep_their_titles_and_draw_the_tables_figures(demo, tmp_path, monkeypatch):
     """Every plot: a y label on each panel, titles inside the figure; the training curves' star at the end of each
     held-out curve is written as the tables write the figure (the baseline's, both modes' and GIVT's perplexity)."""
-    from rqlm.evaluation import report_plots
-    from rqlm.evaluation.report import write_plots
+    from rqlm.reporting import report_plots
+    from rqlm.reporting.report import write_plots
 
     figures = {}
 
@@ -279,7 +279,7 @@ def test_quick_demo_has_the_givt_columns_with_their_own_stages_figures(demo):
 
 def test_report_without_continuous_latents_has_the_baseline_and_both_rq_modes(demo, tmp_path):
     """The default demo (no --continuous): the baseline and the RQ model's two modes only."""
-    from rqlm.evaluation.report import write_report
+    from rqlm.reporting.report import write_report
 
     run = tmp_path / "run"
     shutil.copytree(demo, run)

@@ -17,7 +17,8 @@ from transformers import AutoModel, Qwen3ForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper
 
 from rqlm import RQDraftHead
-from rqlm.modeling.drafting import DraftStats, RQHeadCandidateGenerator, generate_with_drafter
+from rqlm.drafting.verification import DraftStats, RQHeadCandidateGenerator, generate_with_drafter
+from rqlm.kernels import cpu_kernels
 
 NEW = 16
 HEAD = {"hidden_size": 32, "intermediate_size": 64, "depth_hidden_size": 16, "depth_num_attention_heads": 2}
@@ -56,10 +57,12 @@ def pair():
 
 
 def drafted_and_plain(target, head, ids, **kwargs):
-    options = {k: kwargs.pop(k) for k in ("num_draft_tokens", "confidence_threshold", "prepack") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_draft_tokens", "confidence_threshold") if k in kwargs}
+    kernels = kwargs.pop("kernels", True)
     settings = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD, "eos_token_id": None} | kwargs
     stats = DraftStats()
-    drafted = generate_with_drafter(target, head, ids, stats=stats, **options, **settings)
+    with cpu_kernels(target, head, enabled=kernels):
+        drafted = generate_with_drafter(target, head, ids, stats=stats, **options, **settings)
     return drafted, target.generate(ids, **settings), stats
 
 
@@ -126,7 +129,7 @@ def test_accepted_lengths_count_the_greedy_drafts_matching_prefix(pair):
 # ----------------------------------------------------------------- drafted generation
 @pytest.mark.parametrize(
     ("length", "options"),
-    [(4, {}), (5, {}), (7, {"num_draft_tokens": 2}), (1, {}), (6, {"confidence_threshold": 0.3}), (9, {"prepack": False})],
+    [(4, {}), (5, {}), (7, {"num_draft_tokens": 2}), (1, {}), (6, {"confidence_threshold": 0.3}), (9, {"kernels": False})],
 )
 def test_greedy_output_is_the_targets_and_every_draft_is_the_heads_draft_of_the_accepted_text(pair, length, options):
     target, head, _ = pair

@@ -12,11 +12,12 @@ from transformers import GenerationConfig, GenerationMixin, Qwen3ForCausalLM
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.logits_process import TopKLogitsWarper
 
+import rqlm.kernels.lean_stack
 import rqlm.modeling.layers
-from rqlm.modeling import prepacked
-from rqlm.modeling.drafting import DraftStats, generate_with_drafter
+from rqlm.drafting.verification import DraftStats, generate_with_drafter
+from rqlm.kernels import cpu_kernels, prepacked
+from rqlm.kernels.prepacked import prepacked_linears
 from rqlm.modeling.generation_rq_transformer import _State
-from rqlm.modeling.prepacked import prepacked_linears
 from rqlm.modeling.transformers_private import SUPPORTED_TRANSFORMERS
 
 NEW = 16
@@ -60,14 +61,15 @@ def prompt(length: int, seed: int, with_eos: bool = False) -> torch.LongTensor:
 
 
 def plain_and_drafted(
-    target, drafter, ids, num_draft_tokens=None, confidence_threshold=0.0, prepack=True, **kwargs
+    target, drafter, ids, num_draft_tokens=None, confidence_threshold=0.0, kernels=True, **kwargs
 ):
     settings = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD, **kwargs}
     stats = DraftStats()
-    drafted = generate_with_drafter(
-        target, drafter, ids, num_draft_tokens=num_draft_tokens, stats=stats, confidence_threshold=confidence_threshold,
-        prepack=prepack, **settings,
-    )
+    with cpu_kernels(target, drafter, enabled=kernels):
+        drafted = generate_with_drafter(
+            target, drafter, ids, num_draft_tokens=num_draft_tokens, stats=stats,
+            confidence_threshold=confidence_threshold, **settings,
+        )
     return target.generate(ids, **settings), drafted, stats
 
 
@@ -157,36 +159,37 @@ def test_prepacked_linears_compute_the_same_products_and_leave_nothing_behind(ta
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
-@pytest.mark.parametrize("prepack", [True, False])
-def test_the_verification_runs_the_targets_multi_row_linears_prepacked(target, drafter, prepack, small_layers_prepacked):
+@pytest.mark.parametrize("kernels", [True, False])
+def test_the_verification_runs_the_targets_multi_row_linears_prepacked(target, drafter, kernels, small_layers_prepacked):
     q = target.model.layers[0].self_attn.q_proj
     calls = []  # (rows, reordered) of every q_proj call
     hook = q.register_forward_pre_hook(lambda m, args: calls.append((args[0].numel() // m.in_features, "forward" in vars(m))))
     try:
-        plain, drafted, stats = plain_and_drafted(target, drafter, prompt(6, seed=6), eos_token_id=None, prepack=prepack)
+        plain, drafted, stats = plain_and_drafted(target, drafter, prompt(6, seed=6), eos_token_id=None, kernels=kernels)
     finally:
         hook.remove()
     assert torch.equal(drafted, plain) and sum(stats.accepted) > 0
     assert_drafts_fresh_and_kept_where_target_agrees(drafted, stats, fresh_rq_draft(drafter))
     reordered_rows = {rows for rows, reordered in calls if reordered}
-    assert reordered_rows >= ({C + 1} if prepack else set()) and (prepack or not reordered_rows)
+    assert reordered_rows >= ({C + 1} if kernels else set()) and (kernels or not reordered_rows)
     assert "forward" not in vars(q)
 
 
 def test_generate_and_drafting_run_the_lean_stack_forward_with_the_same_output(target, drafter, monkeypatch):
-    """The RQ model's stacks (spatial, depth, VAE decoder) step through `lean_forward` in generation; same ids."""
+    """Under `cpu_kernels` (and only there) the RQ model's stacks (spatial, depth, VAE decoder) step through
+    `lean_forward` in generation; same ids."""
     calls = []
-    lean = rqlm.modeling.layers.lean_forward
-    monkeypatch.setattr(rqlm.modeling.layers, "lean_forward", lambda stack, *a: calls.append(stack) or lean(stack, *a))
+    lean = rqlm.kernels.lean_stack.lean_forward
+    monkeypatch.setattr(rqlm.kernels.lean_stack, "lean_forward", lambda stack, *a: calls.append(stack) or lean(stack, *a))
     ids = prompt(11, seed=3)
-    monkeypatch.setattr(rqlm.modeling.layers.Qwen3Stack, "use_lean_inference", False)
     want_rq = drafter.generate(ids, max_new_tokens=12, do_sample=False)
     want_drafted = generate_with_drafter(target, drafter, ids, max_new_tokens=12, do_sample=False)
     assert not calls
-    monkeypatch.setattr(rqlm.modeling.layers.Qwen3Stack, "use_lean_inference", True)
-    assert torch.equal(drafter.generate(ids, max_new_tokens=12, do_sample=False), want_rq)
-    assert {id(s) for s in calls} >= {id(drafter.spatial), id(drafter.depth), id(drafter.vae.decoder)}
-    assert torch.equal(generate_with_drafter(target, drafter, ids, max_new_tokens=12, do_sample=False), want_drafted)
+    with cpu_kernels(target, drafter):
+        assert torch.equal(drafter.generate(ids, max_new_tokens=12, do_sample=False), want_rq)
+        assert {id(s) for s in calls} >= {id(drafter.spatial), id(drafter.depth), id(drafter.vae.decoder)}
+        assert torch.equal(generate_with_drafter(target, drafter, ids, max_new_tokens=12, do_sample=False), want_drafted)
+    assert rqlm.modeling.layers.Qwen3Stack.inference_kernel is None  # the switch is off again
 
 
 def test_greedy_stops_at_eos_where_the_target_does(target, drafter):
@@ -402,10 +405,10 @@ def test_bench_drafting_quick_prints_the_table_and_the_summary_line(tmp_path, ca
         assert 0 <= row["kept_share"] <= 1 and 1 < row["bound_on_target_text"] < float("inf")
         assert (row["gated_share"] == 0) == (row["confidence_threshold"] == 0) and row["gated_share"] <= 1
     assert sum(line.startswith("| RQ test C=4") and line.endswith("| yes |") for line in out) == 4
-    assert json.loads(output.read_text())["prepack"] and any(line.endswith("linears prepacked") for line in out)
+    assert json.loads(output.read_text())["cpu_kernels"] and any(line.endswith("CPU kernels on") for line in out)
     base = argv[: argv.index("--draft_tokens")]
-    assert main([*base, "--no_prepack", "--output_json", str(output)]) == 0
-    assert not json.loads(output.read_text())["prepack"] and "no prepacking" in capsys.readouterr().out
+    assert main([*base, "--no_cpu_kernels", "--output_json", str(output)]) == 0
+    assert not json.loads(output.read_text())["cpu_kernels"] and "CPU kernels off" in capsys.readouterr().out
     assert main([*base, "--draft_tokens", "0"]) == 1
     assert main([*base, "--draft_confidence", "0,1.5"]) == 1
     assert "--draft_confidence must be" in capsys.readouterr().err
@@ -489,7 +492,7 @@ def test_a_tokens_mode_drafter_is_measured_through_transformers_assisted_decodin
     the calls it made (steps = the target's forwards, so tokens / steps is at most draft length + 1)."""
     from test_rq_tokens_mode import make_lm as make_tokens_lm
 
-    from rqlm.evaluation.drafting_speed import Drafter, benchmark_drafting, format_drafting_table
+    from rqlm.drafting.speed import Drafter, benchmark_drafting, format_drafting_table
 
     drafter = make_tokens_lm()
     before = drafter.generation_config.to_dict()

@@ -5,9 +5,10 @@ import torch
 from conftest import tiny_qwen3_config
 from transformers import DynamicCache
 
-import rqlm.modeling.layers
+import rqlm.kernels.lean_stack
+from rqlm.kernels import cpu_kernels
+from rqlm.kernels.lean_stack import runs_lean
 from rqlm.modeling.layers import Qwen3Stack
-from rqlm.modeling.lean_stack import runs_lean
 
 # the same arithmetic; SDPA may pick another kernel than transformers' GQA handling does (rounding only)
 EXACT = {"rtol": 1e-5, "atol": 1e-6}
@@ -29,22 +30,21 @@ def _stack(block_size=None, attn="sdpa", seed=0, **overrides):
 def lean_calls(monkeypatch):
     """Counts the calls that took the lean path."""
     calls = []
-    original = rqlm.modeling.layers.lean_forward
+    original = rqlm.kernels.lean_stack.lean_forward
 
     def counting(*args, **kwargs):
         calls.append(args[1].shape)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(rqlm.modeling.layers, "lean_forward", counting)
+    monkeypatch.setattr(rqlm.kernels.lean_stack, "lean_forward", counting)
     return calls
 
 
 def _run(stack, lean: bool, steps, mask):
     """Prefill then cached steps through `stack`: outputs of each call and the final cache."""
-    stack.use_lean_inference = lean
     cache = DynamicCache(config=stack.config)
     outputs, seen = [], 0
-    with torch.no_grad():
+    with torch.no_grad(), cpu_kernels(enabled=lean):
         for x in steps:
             seen += x.shape[1]
             outputs.append(stack(x, mask[:, :seen], cache=cache))
@@ -81,10 +81,10 @@ def test_lean_forward_without_mask_and_with_positions(lean_calls):
     with torch.no_grad():
         for j in range(4):
             x, positions = torch.randn(3, 1, 32), torch.full((1, 1), j)
-            stack.use_lean_inference = False
             want = stack(x, cache=cache_ref, position_ids=positions)
-            stack.use_lean_inference = True
-            torch.testing.assert_close(stack(x, cache=cache_lean, position_ids=positions), want, **EXACT)
+            with cpu_kernels():
+                got = stack(x, cache=cache_lean, position_ids=positions)
+            torch.testing.assert_close(got, want, **EXACT)
     assert len(lean_calls) == 4
 
 
@@ -104,6 +104,9 @@ def test_lean_path_only_where_it_computes_the_same(lean_calls):
     cache, x = DynamicCache(config=stack.config), torch.randn(1, 2, 32)
     mask, fired = torch.ones(1, 2, dtype=torch.long), []
     with torch.no_grad():
+        stack(x, mask, cache=DynamicCache(config=stack.config))
+        assert not lean_calls  # the kernels are off unless switched on
+    with torch.no_grad(), cpu_kernels():
         assert runs_lean(stack, cache, mask, 2) and runs_lean(stack, cache, None, 2)
         assert not runs_lean(stack, None, mask, 2)  # no cache: training-shaped call
         assert not runs_lean(stack, cache, torch.ones(1, 3, dtype=torch.long), 2)  # a mask of another length
@@ -119,8 +122,9 @@ def test_lean_path_only_where_it_computes_the_same(lean_calls):
             stack(x, mask, cache=DynamicCache(config=stack.config))
             assert fired.pop() is called and lean_calls.pop()
             handle.remove()
-    assert not runs_lean(stack, cache, mask, 2)  # gradients on
-    stack(x, mask, cache=cache)
+    with cpu_kernels():
+        assert not runs_lean(stack, cache, mask, 2)  # gradients on
+        stack(x, mask, cache=cache)
     assert not lean_calls
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rqlm.benchmarks import memory_plan as mp
 from rqlm.cli import main as cli_main
-from rqlm.evaluation import memory_plan as mp
 from rqlm.trainer.loop import parameter_groups
 
 # released totals of the Qwen3 dense models (their model cards' parameter counts, embeddings included)

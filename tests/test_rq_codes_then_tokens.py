@@ -196,7 +196,7 @@ def test_greedy_generate_is_repeated_argmax_of_forward_given_the_greedy_codes(lm
     assert torch.equal(forward.logits[:, text.shape[1] - 1 : -1].argmax(-1), new)
     torch.testing.assert_close(torch.stack(record.seen, dim=1), forward.logits[:, text.shape[1] - 1 : -1])
     assert torch.equal(forward.code_logits[:, -3:].argmax(-1), out.codes)  # each depth's argmax, given the ones before
-    uncached = lm.generate(prompt, max_new_tokens=10, use_cache=False, prepack=False, **GREEDY)
+    uncached = lm.generate(prompt, max_new_tokens=10, use_cache=False, **GREEDY)
     assert torch.equal(uncached, out.sequences)
 
 

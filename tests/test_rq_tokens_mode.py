@@ -80,7 +80,7 @@ def test_loss_is_the_mean_next_token_nll_with_ignored_labels(lm):
 def test_greedy_generate_is_repeated_argmax_of_forward(lm, prompt_length):
     prompt = prompts([prompt_length], seed=prompt_length)[0][None]
     out = lm.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None)
-    assert torch.equal(lm.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, prepack=False), out)
+    assert torch.equal(lm.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None), out)
     ids = prompt
     for _ in range(10):
         ids = torch.cat([ids, lm(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config, Te
 from transformers.generation.streamers import BaseStreamer
 
 from rqlm import RQTransformerForCausalLM, RQVAEConfig, RQVAEModel
+from rqlm.kernels import cpu_kernels
 
 VOCAB, EOS, PAD = 50, 1, 0
 C, D, K = 4, 3, 16
@@ -203,8 +204,8 @@ def test_generation_depth_steps_give_the_teacher_forced_depth_logits(depth_mode)
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 def test_generate_runs_the_vae_decoders_multi_row_calls_prepacked_with_the_same_output(lm, small_layers_prepacked):
-    """`prepack` (default): the VAE decoder's C-row LM head calls go through the reordered weights, and only
-    inside generate; the output is generate's without it, and the spatial / depth calls are not touched."""
+    """Under `cpu_kernels` the VAE decoder's C-row LM head calls go through the reordered weights, and only
+    there; the output is generate's without it, and the depth heads' 1-row calls keep F.linear."""
     calls = {"head": [], "depth": []}  # (rows, reordered) of each call
     hooks = [
         module.register_forward_pre_hook(
@@ -214,10 +215,9 @@ def test_generate_runs_the_vae_decoders_multi_row_calls_prepacked_with_the_same_
     ]
     prompt = prompts([7], seed=4)[0][None]
     try:
-        outputs = [
-            lm.generate(prompt, max_new_tokens=3 * C, do_sample=False, eos_token_id=None, prepack=prepack)
-            for prepack in (True, False)
-        ]
+        with cpu_kernels(lm):
+            outputs = [lm.generate(prompt, max_new_tokens=3 * C, do_sample=False, eos_token_id=None)]
+        outputs.append(lm.generate(prompt, max_new_tokens=3 * C, do_sample=False, eos_token_id=None))
     finally:
         for hook in hooks:
             hook.remove()
@@ -226,7 +226,9 @@ def test_generate_runs_the_vae_decoders_multi_row_calls_prepacked_with_the_same_
     prepacked, plain = calls["head"][:half], calls["head"][half:]
     assert [rows for rows, _ in prepacked] == [rows for rows, _ in plain] and prepacked.count((C, True)) == 3
     assert all(reordered for _, reordered in prepacked) and not any(reordered for _, reordered in plain)
-    assert not any(reordered for _, reordered in calls["depth"]) and "forward" not in vars(lm.vae.lm_head)
+    # the depth heads' calls are one row: under the kernels they keep F.linear by the row rule (prepacked.MKL_FAST_ROWS)
+    assert all(rows == 1 for rows, _ in calls["depth"])
+    assert "forward" not in vars(lm.vae.lm_head) and "forward" not in vars(lm.depth_heads[0])
 
 
 def test_batched_left_padded_equals_one_by_one(lm):

@@ -14,7 +14,8 @@ from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from rqlm import cli
-from rqlm.evaluation.sweep import (
+from rqlm.pipeline import fresh_accelerate_state
+from rqlm.sweeps.runner import (
     code_bits,
     load_sweep_config,
     params_per_token,
@@ -22,7 +23,6 @@ from rqlm.evaluation.sweep import (
     to_argv,
     training_flops,
 )
-from rqlm.pipeline import fresh_accelerate_state
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]

@@ -1,12 +1,12 @@
 """`rqlm bench`: speed and memory of the RQ models against the plain Qwen3 baseline, in one run.
 
 Default: generation tokens/s of RQTransformerForCausalLM against Qwen3ForCausalLM.generate at the
-Qwen3-0.6B shape and the demo's `tiny` shape (see rqlm/evaluation/generation_speed.py), then one
+Qwen3-0.6B shape and the demo's `tiny` shape (see rqlm/benchmarks/generation_speed.py), then one
 summary line per batch size. `--vae`: training tokens/s and peak memory of the RQ-VAE vs the baseline,
-plus encode / decode tokens/s (rqlm/evaluation/speed.py). `--quantizers`: rqlm's quantizers against
-vector-quantize-pytorch (rqlm/evaluation/quantizer_bench.py). `--drafting`: batch-1 tokens/s of a causal
+plus encode / decode tokens/s (rqlm/benchmarks/speed.py). `--quantizers`: rqlm's quantizers against
+vector-quantize-pytorch (rqlm/benchmarks/quantizers.py). `--drafting`: batch-1 tokens/s of a causal
 LM target alone, an RQ drafter alone and the target verified-with-RQ, with the acceptance per drafter
-(rqlm/evaluation/drafting_speed.py), trained folders (`--target DIR --model RQ_DIR[,RQ_DIR..]`) or random
+(rqlm/drafting/speed.py), trained folders (`--target DIR --model RQ_DIR[,RQ_DIR..]`) or random
 weights at `--target_shape` / `--drafter_shape`. Prints markdown tables; `--output_json` also writes every
 figure as JSON.
 """
@@ -18,10 +18,9 @@ import json
 import os
 from pathlib import Path
 
+from rqlm.benchmarks import HEADLINE_C
 from rqlm.modeling.configuration_rq_transformer import DEPTH_OUTPUTS
 from rqlm.presets import PRESETS
-
-HEADLINE_C = 4
 
 
 def _list_of(kind: type, what: str):
@@ -70,9 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
-        "--no_prepack", dest="prepack", action="store_false",
-        help="run multi-row linear calls as they are: the RQ models' VAE decoders, the target's verification with "
-        "--drafting (default: through oneDNN with reordered weights, on CPU in fp32)",
+        "--no_cpu_kernels", dest="cpu_kernels", action="store_false",
+        help="run both sides without rqlm's CPU kernels (default: on; multi-row linear calls through oneDNN with "
+        "reordered weights, the RQ stacks' lean cached steps; see rqlm.kernels)",
     )
     parser.add_argument(
         "--output_json",
@@ -223,7 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from rqlm.evaluation.speed import resolve_device
+    from rqlm.benchmarks.speed import resolve_device
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
@@ -258,18 +257,18 @@ def _write_json(path: str | None, result: dict) -> None:
 
 
 def _model_or_quantizer_bench(args, device):
-    from rqlm.evaluation.speed import DTYPES
+    from rqlm.benchmarks.speed import DTYPES
 
     if args.warmup < 0 or args.batch_size < 1 or args.block_size < 1:
         raise ValueError("--batch_size and --block_size must be >= 1 and --warmup >= 0")
     if args.quantizers:
-        from rqlm.evaluation.quantizer_bench import benchmark_quantizers, format_quantizer_table
+        from rqlm.benchmarks.quantizers import benchmark_quantizers, format_quantizer_table
 
         result = benchmark_quantizers(
             args.batch_size, args.block_size, device, args.repeats, args.warmup, DTYPES[args.dtype]
         )
         return result, format_quantizer_table(result)
-    from rqlm.evaluation.speed import benchmark_models, format_model_table
+    from rqlm.benchmarks.speed import benchmark_models, format_model_table
 
     result = benchmark_models(
         backbone=args.backbone,
@@ -304,7 +303,7 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
     """Every shape's runs (and the sweep) -> (JSON result, tables, summary lines)."""
     import torch
 
-    from rqlm.evaluation import generation_speed as gs
+    from rqlm.benchmarks import generation_speed as gs
 
     resolve_grid(args)
     if args.quick:
@@ -352,7 +351,7 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
             "batch_sizes": args.batch_sizes,
             "repeats": args.repeats,
             "load_average_before": os.getloadavg()[0],
-            "prepack": args.prepack,
+            "cpu_kernels": args.cpu_kernels,
         },
         "shapes": [],
     }
@@ -375,7 +374,7 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
                 memory=args.memory and not large,
                 other_batch_sizes=args.batch_sizes[:1] if large else None,
                 models=trained if replace else None,
-                prepack=args.prepack,
+                kernels=args.cpu_kernels,
             )
         )
         if replace and args.evaluation_json:
@@ -394,7 +393,7 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
             baseline_way=fastest,
             dtype=args.dtype,
             device=device,
-            prepack=args.prepack,
+            kernels=args.cpu_kernels,
         )
         gs.plot_sweep(result["sweep"], args.plot)
     result["setup"]["load_average_after"] = os.getloadavg()[0]
@@ -406,7 +405,7 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
 
 def trained_variant(model):
     """The `Variant` of a trained latent LM: its C, and its head for a GIVT model."""
-    from rqlm.evaluation import generation_speed as gs
+    from rqlm.benchmarks import generation_speed as gs
 
     if model.config.model_type == "givt":
         return gs.Variant(model.compression_factor, None, model.config.head)
@@ -417,7 +416,7 @@ def _load_trained(args):
     """(latent LM, baseline) from the trained folders; a one-line error for a missing or mismatched pair."""
     from transformers import AutoModelForCausalLM
 
-    from rqlm.commands.generate import LATENT_LM_TYPES, read_config
+    from rqlm.loading import LATENT_LM_TYPES, read_config
 
     for name in ("model", "baseline"):
         if not Path(getattr(args, name)).is_dir():
@@ -459,9 +458,9 @@ def _drafting_bench(args, device) -> tuple[dict, str]:
     """Target alone, RQ alone, target verified-with-RQ for each drafter -> (JSON result with its summary, table)."""
     import torch
 
-    from rqlm.evaluation import drafting_speed as ds
-    from rqlm.evaluation import generation_speed as gs
-    from rqlm.evaluation.speed import DTYPES
+    from rqlm.benchmarks import generation_speed as gs
+    from rqlm.benchmarks.speed import DTYPES
+    from rqlm.drafting import speed as ds
 
     if args.compression_factors is None:  # random-weight drafters: one per C
         args.compression_factors = [HEADLINE_C, 2, 8]
@@ -499,7 +498,7 @@ def _drafting_bench(args, device) -> tuple[dict, str]:
     print(f"measuring drafting ({len(drafters)} drafters, {len(prompts)} prompts) ...", flush=True)
     result = ds.benchmark_drafting(
         target, drafters, prompts, args.new_tokens, device, args.draft_tokens, confidence_thresholds=args.draft_confidence,
-        prepack=args.prepack,
+        kernels=args.cpu_kernels,
     )
     result["setup"] = {
         "device": str(device),
@@ -517,9 +516,9 @@ def _load_drafting_models(args, device):
     from transformers import AutoModelForCausalLM
 
     from rqlm import RQDraftHead, RQTransformerForCausalLM
-    from rqlm.commands.generate import DRAFTER_TYPES, load_folder_tokenizer, read_config
     from rqlm.data.corpus import build_embedded_corpus
-    from rqlm.evaluation.drafting_speed import Drafter
+    from rqlm.drafting.speed import Drafter
+    from rqlm.loading import DRAFTER_TYPES, load_folder_tokenizer, read_config
 
     folders = [path.strip() for path in args.model.split(",") if path.strip()]
     for name, path in [("target", args.target)] + [("model", path) for path in folders]:

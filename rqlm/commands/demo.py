@@ -26,7 +26,7 @@
                                                               -> DIR/givt[_energy]_evaluation/evaluation.json
     givt-benchmark, givt-energy-benchmark     rqlm bench --model DIR/givt[_energy]
                                                               -> DIR/givt[_energy]_benchmark/bench.json
-    report      rqlm/evaluation/report.py                  -> DIR/report.md, DIR/metrics.json, DIR/plots/*.png
+    report      rqlm/reporting/report.py                  -> DIR/report.md, DIR/metrics.json, DIR/plots/*.png
 
 Every stage runs through rqlm.pipeline.run_stage: it is skipped when its output is finished (`--force`
 redoes it), a killed training resumes from its last checkpoint, and a stage that runs makes every later
@@ -127,8 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def stages(args: argparse.Namespace, settings: Settings) -> list[tuple[str, Path, list, str]]:
     """(name, output folder, `rqlm` argv, file that marks it finished) of every command stage, in order."""
-    from rqlm.commands.bench import HEADLINE_C
-    from rqlm.evaluation.report import JUDGED_TEMPERATURE
+    from rqlm.benchmarks import HEADLINE_C
+    from rqlm.reporting.report import JUDGED_TEMPERATURE
 
     out = Path(args.output_dir)
     tokenizer, baseline, vae, codes, lm, lm_codes = (out / n for n in ("tokenizer", "baseline", "vae", "codes", "lm",
@@ -249,8 +249,8 @@ def main(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Every stage in order (each skipped when finished), then the report and the stage summary."""
-    from rqlm.evaluation.report import write_report
     from rqlm.pipeline import StageLog, run_stage
+    from rqlm.reporting.report import write_report
 
     settings = QUICK if args.quick else Settings()
     for stage in DEFAULT_MINUTES | CONTINUOUS_MINUTES:

@@ -78,14 +78,8 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from rqlm.commands.generate import (
-        ANY_CAUSAL_LM,
-        LATENT_LM_TYPES,
-        load_folder_tokenizer,
-        load_model,
-        read_config,
-    )
     from rqlm.data.loading import load_text_dataset
+    from rqlm.loading import ANY_CAUSAL_LM, LATENT_LM_TYPES, load_folder_tokenizer, load_model, read_config
 
     check_arguments(args)
     if args.threads is not None:

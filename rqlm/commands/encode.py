@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rqlm.commands.train_lm import add_vae_arguments, load_vae, resolve_compression_factor, vae_tokenizer
+from rqlm.data.arguments import add_vae_arguments
+from rqlm.loading import load_vae, resolve_compression_factor, vae_tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -94,7 +94,7 @@ def check_arguments(args: argparse.Namespace, config) -> None:
         raise ValueError(f"BrierLM reads --prompt_tokens {args.prompt_tokens} + the next {BRIER_ORDERS} tokens of a "
                          f"held-out block ({args.block_size}); lower --prompt_tokens, raise --block_size or pass "
                          "--brier_prefixes 0")
-    from rqlm.commands.generate import check_arguments as check_sampling
+    from rqlm.loading import check_generation_arguments as check_sampling
 
     check_sampling(argparse.Namespace(prompt="-", max_new_tokens=args.new_tokens, do_sample=True,
                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
@@ -102,8 +102,8 @@ def check_arguments(args: argparse.Namespace, config) -> None:
 
 def check_positions(args: argparse.Namespace, config, baseline_config) -> None:
     """Blocks, and prompts with their continuations, must fit both models' positions."""
-    from rqlm.commands.generate import token_limit
     from rqlm.evaluation.brier import BRIER_ORDERS
+    from rqlm.loading import token_limit
 
     latent = config.backbone_config.max_position_embeddings
     if args.block_size // config.compression_factor > latent:
@@ -209,9 +209,9 @@ def held_out_figures(model, baseline, eval_blocks, batch_size: int, separator_id
 
 def judged_figures(model, baseline, eval_blocks, args: argparse.Namespace, tokenizer) -> dict[str, float]:
     """The baseline's perplexity on the RQ model's and on its own sampled continuations of held-out prompts."""
-    from rqlm.commands.generate import sampling_kwargs
     from rqlm.data.tokenizer import padding_id
     from rqlm.evaluation.perplexity import judged_perplexity
+    from rqlm.loading import sampling_kwargs
 
     count = min(args.num_prompts, len(eval_blocks))
     prompts = eval_blocks[:count]["input_ids"][:, : args.prompt_tokens].long()
@@ -336,14 +336,14 @@ def _number(value: float) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rqlm.commands.generate import (
+    from rqlm.data.loading import get_lm_datasets
+    from rqlm.loading import (
         LATENT_LM_TYPES,
         check_same_vocabulary,
         load_folder_tokenizer,
         load_model,
         read_config,
     )
-    from rqlm.data.loading import get_lm_datasets
 
     config = read_config(args.model, "--model", LATENT_LM_TYPES)
     baseline_config = read_config(args.baseline, "--baseline", ("qwen3",))

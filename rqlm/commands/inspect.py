@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from rqlm.reporting.marking import marked_text
+
 RED, GREEN, RESET = "\033[41m", "\033[32m", "\033[0m"
 
 
@@ -33,19 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="HTML report path (default: CHECKPOINT/inspect.html)")
     parser.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
                         help="terminal colours (default: when stdout is a terminal)")
-
-
-def marked_text(tokenizer, original: list[int], reconstructed: list[int], style: str) -> str:
-    """Reconstructed text with the tokens that differ from the original marked ('ansi' or 'html')."""
-    parts = []
-    for want, got in zip(original, reconstructed):
-        piece = tokenizer.decode([got])
-        if style == "html":
-            piece = html.escape(piece)
-            parts.append(piece if want == got else f"<mark title=\"{html.escape(repr(tokenizer.decode([want])))}\">{piece}</mark>")
-        else:
-            parts.append(piece if want == got else f"{RED}{piece}{RESET}")
-    return "".join(parts)
 
 
 def load_config(path: str):

@@ -3,7 +3,7 @@
     rqlm plan --backbone Qwen/Qwen3-8B --gpus 1 8 64 --block_size 2048
 
 Models are built from configs written in code (Qwen3-0.6B, 1.7B, 4B, 8B) on the meta device, so the
-parameter counts are exact and nothing is downloaded; see rqlm/evaluation/memory_plan.py for the accounting.
+parameter counts are exact and nothing is downloaded; see rqlm/benchmarks/memory_plan.py for the accounting.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from rqlm.evaluation.memory_plan import QWEN3_CONFIGS
+    from rqlm.benchmarks.memory_plan import QWEN3_CONFIGS
 
     parser.add_argument("--backbone", default="Qwen/Qwen3-8B",
                         help=f"a released Qwen3: {', '.join(QWEN3_CONFIGS)} (default: %(default)s)")
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rqlm.evaluation.memory_plan import memory_plan, plan_table
+    from rqlm.benchmarks.memory_plan import memory_plan, plan_table
 
     plan = memory_plan(
         args.backbone,

@@ -1,6 +1,6 @@
 """`rqlm sweep CONFIG.yaml`: train and evaluate a grid of recipes, then tabulate and plot them.
 
-    CONFIG.yaml (checked whole before anything trains; see rqlm/evaluation/sweep.py for its keys)
+    CONFIG.yaml (checked whole before anything trains; see rqlm/sweeps/runner.py for its keys)
     -> the shared baseline (train-baseline)
     -> per point: train-vae -> encode -> train-lm -> evaluate [-> bench]   (quantizer sweeps: train-vae only)
     -> OUTPUT_DIR/results.json, results.md and <sweep>.png per sweep
@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rqlm.evaluation.sweep import collect_results, load_sweep_config, plan_sweeps, write_results
     from rqlm.pipeline import StageLog
+    from rqlm.sweeps.runner import collect_results, load_sweep_config, plan_sweeps, write_results
 
     config = load_sweep_config(args.sweep_config)
     if args.max_steps is not None:
@@ -62,8 +62,8 @@ def main(args: argparse.Namespace) -> int:
 
 def run_all(config, sweeps, plans, output_dir: Path, force: bool, log) -> None:
     """Every stage of the shared baseline and of every point, each through run_stage, each folder once."""
-    from rqlm.evaluation.sweep import BENCH_FILE, CODES_DONE_FILE, EVALUATION_FILE, baseline_argv
     from rqlm.pipeline import TRAINED, run_stage
+    from rqlm.sweeps.runner import BENCH_FILE, CODES_DONE_FILE, EVALUATION_FILE, baseline_argv
 
     handled = set()
 

@@ -81,9 +81,9 @@ def main(args: argparse.Namespace) -> int:
 
     from accelerate.utils import set_seed
 
-    from rqlm.commands.preflight import check_before_data
     from rqlm.data.arguments import load_blocks
     from rqlm.trainer.loop import train
+    from rqlm.trainer.preflight import check_before_data
 
     train_args = training_arguments_from_namespace(args)
     check_before_data(train_args, args.backbone)

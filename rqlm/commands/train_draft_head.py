@@ -33,7 +33,8 @@ def layer_list(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from rqlm.commands.train_lm import add_data_over_vae_arguments, add_depth_arguments
+    from rqlm.data.arguments import add_data_over_vae_arguments
+    from rqlm.trainer.model_arguments import add_depth_arguments
 
     add_data_over_vae_arguments(parser)
     model = parser.add_argument_group("model")
@@ -87,18 +88,20 @@ def main(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
-    from rqlm.commands.generate import (
+    from rqlm.data.arguments import load_blocks
+    from rqlm.loading import (
         ANY_CAUSAL_LM,
         LATENT_LM_TYPES,
         check_same_vocabulary,
         load_model,
+        load_vae,
         read_config,
+        resolve_compression_factor,
+        vae_tokenizer,
     )
-    from rqlm.commands.preflight import check_before_data
-    from rqlm.commands.train_lm import load_vae, resolve_compression_factor, vae_tokenizer
-    from rqlm.data.arguments import load_blocks
     from rqlm.modeling.modeling_rq_draft_head import RQDraftHead
     from rqlm.trainer.loop import train
+    from rqlm.trainer.preflight import check_before_data
 
     train_args = training_arguments_from_namespace(args)
     check_before_data(train_args)

@@ -18,16 +18,12 @@ import json
 
 import torch
 
-from rqlm.commands.train_lm import (
-    add_spatial_training_arguments,
-    add_vae_arguments,
-    load_vae,
-    resolve_compression_factor,
-    vae_tokenizer,
-)
+from rqlm.data.arguments import add_vae_arguments
+from rqlm.loading import load_vae, resolve_compression_factor, vae_tokenizer
 from rqlm.modeling.configuration_givt import HEADS
 from rqlm.presets import PRESETS, backbone_config, is_preset
 from rqlm.trainer.arguments import training_arguments_from_namespace
+from rqlm.trainer.model_arguments import add_spatial_training_arguments
 
 GIVT_FIELDS = (
     "head", "num_mixtures", "energy_head_size", "energy_num_layers", "energy_num_samples", "sample_posterior",
@@ -118,9 +114,9 @@ def givt_evaluate_fn(model, eval_dataloader, accelerator) -> dict[str, float]:
 def main(args: argparse.Namespace) -> int:
     from accelerate.utils import set_seed
 
-    from rqlm.commands.preflight import check_before_data
     from rqlm.data.arguments import load_blocks
     from rqlm.trainer.loop import train
+    from rqlm.trainer.preflight import check_before_data
 
     train_args = training_arguments_from_namespace(args)
     check_before_data(train_args, args.backbone)

@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 import torch
 
-from rqlm.modeling.configuration_rq_transformer import DEPTH_MODES, DEPTH_OUTPUTS, SPATIAL_INPUTS
+from rqlm.data.arguments import add_data_over_vae_arguments
+from rqlm.loading import load_vae, resolve_compression_factor, vae_tokenizer
+from rqlm.modeling.configuration_rq_transformer import DEPTH_OUTPUTS, SPATIAL_INPUTS
 from rqlm.presets import PRESETS, backbone_config, is_preset
-from rqlm.trainer.arguments import add_training_arguments, training_arguments_from_namespace
+from rqlm.trainer.arguments import training_arguments_from_namespace
+from rqlm.trainer.model_arguments import add_depth_arguments, add_spatial_training_arguments
 
 LM_FIELDS = (
     "depth_output", "token_decoder_context", "token_head_rank", "depth_num_layers", "depth_hidden_size", "depth_num_attention_heads", "spatial_input", "depth_mode",
@@ -58,95 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--aux_token_loss_weight", type=float, default=0.0,
                        help="weight of C heads on the spatial output predicting the next chunk's tokens")
     add_spatial_training_arguments(parser, model, output_dir="runs/lm")
-
-
-def add_data_over_vae_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data flags, with C (and the tokenizer) taken from --vae, and the VAE's flags (train-lm, train-draft-head)."""
-    from rqlm.data.arguments import add_data_arguments
-
-    add_data_arguments(parser)
-    parser.set_defaults(block_size=128, compression_factor=None)  # C: the VAE's
-    add_vae_arguments(parser)
-
-
-def add_depth_arguments(model) -> None:
-    """The depth transformer's flags (train-lm, train-draft-head)."""
-    model.add_argument("--depth_num_layers", type=int, default=1, help="layers of the depth transformer")
-    model.add_argument("--depth_hidden_size", type=int, default=256, help="width of the depth transformer")
-    model.add_argument("--depth_num_attention_heads", type=int, default=4)
-    model.add_argument("--depth_mode", default="autoregressive", choices=DEPTH_MODES,
-                       help="depth transformer over the codes chosen so far, all depths at once, or SwiGLU blocks "
-                       "on each depth's input (mlp: no attention, the cheapest step)")
-
-
-def add_spatial_training_arguments(parser: argparse.ArgumentParser, model, output_dir: str) -> None:
-    """The flags every latent LM over a frozen VAE shares (train-lm, train-givt): freezing or LoRA on the
-    spatial layers, and the training loop's flags with a 10-minute CPU default."""
-    model.add_argument("--freeze_backbone_steps", type=int, default=0, help="steps the spatial layers stay frozen")
-    model.add_argument("--lora_r", type=int, default=0, help="LoRA rank on the spatial layers; 0 trains them fully")
-    model.add_argument("--lora_alpha", type=int, default=16)
-    add_training_arguments(
-        parser,
-        output_dir=output_dir,
-        max_steps=100_000,  # the time budget ends a default run
-        max_minutes=10,
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=16,
-        learning_rate=1e-3,
-        warmup_steps=50,
-        eval_steps=200,
-        eval_batches=10,
-        save_steps=500,
-    )
-
-
-def add_vae_arguments(parser: argparse.ArgumentParser) -> None:
-    """--vae VAE_DIR and --encode_batch_size (shared with `rqlm encode`)."""
-    group = parser.add_argument_group("vae")
-    group.add_argument("--vae", default=None, help="folder of a trained RQ-VAE (`rqlm train-vae --output_dir`); required")
-    group.add_argument("--encode_batch_size", type=int, default=64, help="blocks per VAE forward when encoding")
-
-
-def load_vae(path: str | None):
-    """A trained RQVAEModel from its folder, in eval mode; a missing folder or another model is one line."""
-    from rqlm import RQVAEModel
-
-    if path is None:
-        raise ValueError("pass --vae VAE_DIR, the folder of a trained RQ-VAE (`rqlm train-vae --output_dir VAE_DIR`)")
-    folder = Path(path).expanduser()
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"VAE folder '{folder}' not found (no config.json); train one with `rqlm train-vae --output_dir {folder}`"
-        )
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type != "rq_vae":
-        raise ValueError(f"'{folder}' holds a {model_type!r} model, not an RQ-VAE ('rq_vae'); pass --vae a folder "
-                         "written by `rqlm train-vae`")
-    return RQVAEModel.from_pretrained(folder).eval()
-
-
-def vae_tokenizer(args: argparse.Namespace):
-    """The tokenizer saved in the VAE folder; `--tokenizer` must be the same one."""
-    from rqlm.data.codes import tokenizer_hash
-    from rqlm.data.tokenizer import load_tokenizer
-
-    folder = Path(args.vae).expanduser()
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        raise FileNotFoundError(f"VAE folder '{folder}' holds no tokenizer; re-save it with the tokenizer it was "
-                                "trained with (`tokenizer.save_pretrained`)")
-    tokenizer = load_tokenizer(folder)
-    if args.tokenizer is not None and tokenizer_hash(load_tokenizer(args.tokenizer)) != tokenizer_hash(tokenizer):
-        raise ValueError(f"--tokenizer {args.tokenizer} is not the tokenizer the VAE in {folder} was trained with; "
-                         "omit --tokenizer (the VAE folder's is used)")
-    return tokenizer
-
-
-def resolve_compression_factor(args: argparse.Namespace, vae) -> None:
-    """C is the VAE's: fill `args.compression_factor`, or refuse another one; check block_size against it."""
-    from rqlm.data.arguments import adopt_compression_factor
-
-    adopt_compression_factor(args, vae.compression_factor, "the VAE's", "omit it (the VAE's is used)")
 
 
 def encoded_splits(args: argparse.Namespace, vae, tokenizer):
@@ -287,8 +200,8 @@ def bound_metrics(sums: dict, counts: torch.Tensor, compression_factor: int) -> 
 def main(args: argparse.Namespace) -> int:
     from accelerate.utils import set_seed
 
-    from rqlm.commands.preflight import check_before_data
     from rqlm.trainer.loop import train
+    from rqlm.trainer.preflight import check_before_data
 
     train_args = training_arguments_from_namespace(args)
     check_before_data(train_args, args.backbone)

@@ -166,10 +166,10 @@ def main(args: argparse.Namespace) -> int:
 
     from accelerate.utils import set_seed
 
-    from rqlm.commands.preflight import check_before_data
     from rqlm.data.arguments import load_blocks
     from rqlm.evaluation.reconstruction import reconstruction_evaluate_fn
     from rqlm.trainer.loop import train
+    from rqlm.trainer.preflight import check_before_data
 
     train_args = training_arguments_from_namespace(args)
     check_semantic_arguments(args)

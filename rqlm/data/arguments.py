@@ -70,3 +70,19 @@ def adopt_compression_factor(args: argparse.Namespace, compression_factor: int, 
         raise ValueError(f"--compression_factor {args.compression_factor} differs from {source} C={c}; {hint}")
     args.compression_factor = c
     check_block_size(args.block_size, c)
+
+
+def add_data_over_vae_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data flags, with C (and the tokenizer) taken from --vae, and the VAE's flags (train-lm, train-draft-head)."""
+    from rqlm.data.arguments import add_data_arguments
+
+    add_data_arguments(parser)
+    parser.set_defaults(block_size=128, compression_factor=None)  # C: the VAE's
+    add_vae_arguments(parser)
+
+
+def add_vae_arguments(parser: argparse.ArgumentParser) -> None:
+    """--vae VAE_DIR and --encode_batch_size (shared with `rqlm encode`)."""
+    group = parser.add_argument_group("vae")
+    group.add_argument("--vae", default=None, help="folder of a trained RQ-VAE (`rqlm train-vae --output_dir`); required")
+    group.add_argument("--encode_batch_size", type=int, default=64, help="blocks per VAE forward when encoding")

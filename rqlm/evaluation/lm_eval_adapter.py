@@ -298,7 +298,7 @@ def _sampling(kwargs: dict) -> dict:
 
 def _load(pretrained, tokenizer):
     """(model, tokenizer) from a train-lm folder, or passed through when already loaded."""
-    from rqlm.commands.generate import load_folder_tokenizer, load_model, read_config
+    from rqlm.loading import load_folder_tokenizer, load_model, read_config
 
     if isinstance(pretrained, (str, Path)):
         config = read_config(str(pretrained), "pretrained", ("rq_transformer",))

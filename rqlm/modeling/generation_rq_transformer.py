@@ -45,7 +45,6 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +55,6 @@ from transformers.generation.logits_process import LogitsProcessor, LogitsProces
 from transformers.utils import ModelOutput
 
 from .code_depth import choose
-from .prepacked import prepacked_linears
 from .transformers_private import default_generation_params, logits_processors, prepare_generation_config
 
 
@@ -151,7 +149,6 @@ class RQTransformerGenerationMixin(GenerationMixin):
         logits_processor: LogitsProcessorList | None = None,
         streamer=None,
         tokenizer=None,
-        prepack: bool = True,
         **kwargs,
     ) -> torch.LongTensor | RQGenerateOutput:
         """Prompt ids (B, T0) (left-padded, with `attention_mask`) -> (B * num_return_sequences, T0 + new) ids
@@ -160,9 +157,8 @@ class RQTransformerGenerationMixin(GenerationMixin):
         Accepts the GenerationConfig fields of the module docstring as keywords or in `generation_config`, per-depth
         overrides `depth_temperature=[t_0, .., t_{D-1}]` (or one value, likewise for the other DEPTH_SETTINGS) and
         the decoder's `decoder_do_sample`, `decoder_temperature`, ... `logits_processor` acts on the code logits
-        (N, K) of every depth; `tokenizer` is needed by `stop_strings`. `prepack` runs the VAE's large linear
-        layers' calls of 4 to 32 rows (its decoder's LM head over C rows per step) through `prepacked_linears`: on
-        CPU in fp32, MKL's GEMM costs 1.5-2x as much for 4 rows as for one there.
+        (N, K) of every depth; `tokenizer` is needed by `stop_strings`. On CPU, `rqlm.kernels.cpu_kernels(model)`
+        around the call runs it faster (the same arithmetic).
         """
         started = time.perf_counter()
         depth_overrides = _pop_prefixed(kwargs, "depth_")
@@ -182,12 +178,9 @@ class RQTransformerGenerationMixin(GenerationMixin):
         run = self._run_settings(
             generation_config, depth_overrides, decoder_settings, logits_processor, tokenizer, input_ids, attention_mask
         )
-        if getattr(self.config, "depth_output", None) == "codes_then_tokens":  # the token decoder's head runs B rows per token
-            loop, packed = self._generate_codes_then_tokens, self
-        else:
-            loop, packed = self._generate, self.vae
-        with prepacked_linears(packed) if prepack else nullcontext():
-            return loop(input_ids, attention_mask, run, streamer, started)
+        if getattr(self.config, "depth_output", None) == "codes_then_tokens":
+            return self._generate_codes_then_tokens(input_ids, attention_mask, run, streamer, started)
+        return self._generate(input_ids, attention_mask, run, streamer, started)
 
     def _generate(self, input_ids, attention_mask, run: _Run, streamer, started: float):
         """The decoding loop of `generate`, on checked arguments."""

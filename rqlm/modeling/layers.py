@@ -18,8 +18,6 @@ from transformers import Qwen3Config
 from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from .lean_stack import lean_forward, runs_lean
-
 
 def same_block(block_size: int):
     """A transformers mask function: query and key positions lie in the same block of `block_size` positions.
@@ -59,12 +57,13 @@ class Qwen3Stack(nn.Module):
 
     Attention is causal, or block-causal with `block_size` (position t sees every position of the blocks
     up to its own, t // block_size). The stack shares `config` (not a copy), so a change of attention
-    implementation reaches it. Cached calls with gradients off (generation) run `lean_forward`, the same
-    arithmetic without transformers' per-call machinery, where it computes the same (`runs_lean`);
-    `use_lean_inference = False` keeps them on transformers' forward.
+    implementation reaches it. `inference_kernel` is a hook for rqlm's opt-in CPU kernels
+    (`rqlm.kernels.cpu_kernels`): a function (stack, hidden_states, attention_mask, cache, position_ids)
+    that returns the stack's output, or None where it does not compute the same; None (the default and in
+    a `trust_remote_code` copy) runs transformers' layers.
     """
 
-    use_lean_inference = True
+    inference_kernel = None
 
     def __init__(self, config: Qwen3Config, num_layers: int | None = None, block_size: int | None = None):
         super().__init__()
@@ -84,8 +83,11 @@ class Qwen3Stack(nn.Module):
     ) -> torch.Tensor:
         if not len(self.layers):  # a stack without layers is its final norm (no mask or rotary embedding to build)
             return self.norm(hidden_states)
-        if runs_lean(self, cache, attention_mask, hidden_states.shape[1]):
-            return lean_forward(self, hidden_states, attention_mask, cache, position_ids)
+        kernel = Qwen3Stack.inference_kernel
+        if kernel is not None:
+            out = kernel(self, hidden_states, attention_mask, cache, position_ids)
+            if out is not None:
+                return out
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None] + past

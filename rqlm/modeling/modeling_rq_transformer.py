@@ -21,7 +21,6 @@ back into C tokens at once.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +40,6 @@ from .generation_rq_transformer import RQTransformerGenerationMixin
 from .latent_lm import FrozenVAELatentLM
 from .layers import Qwen3Stack
 from .modeling_rq_vae import IGNORE_INDEX, CheckedLoading
-from .prepacked import prepacked_linears
 from .token_depth import RQTokenCache, TokenDepthMixin, check_input_ids
 
 
@@ -272,15 +270,12 @@ class RQTransformerForCausalLM(
 
     def generate(self, *args, **kwargs):
         """Codes and codes_then_tokens modes: `RQTransformerGenerationMixin.generate`. Tokens mode: transformers' own `generate`, with
-        every option of a causal LM (the model steps its spatial transformer once per chunk); `prepack` (default
-        True) runs its linear calls of 4 to 32 rows through `prepacked_linears`, as the codes mode does."""
+        every option of a causal LM (the model steps its spatial transformer once per chunk)."""
         if self.config.depth_output == "tokens":
-            prepack = kwargs.pop("prepack", True)
             config = kwargs.get("generation_config") or self.generation_config
             if kwargs.get("cache") is None and kwargs.get("use_cache", config.use_cache) is not False:
                 kwargs["cache"] = RQTokenCache()  # transformers makes none for this model (assisted decoding needs one)
-            with prepacked_linears(self) if prepack else nullcontext():
-                return GenerationMixin.generate(self, *args, **kwargs)
+            return GenerationMixin.generate(self, *args, **kwargs)
         return super().generate(*args, **kwargs)
 
     def _aux_token_loss(self, hidden, input_ids, attention_mask) -> torch.FloatTensor:

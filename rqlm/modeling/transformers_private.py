@@ -30,7 +30,7 @@ def transformers_version() -> Version:
 
 
 # ----------------------------------------------------------------- assisted decoding from rqlm's drafts
-# (rqlm.modeling.drafting) transformers 5.24 and 5.25 take no candidate generator from outside: `generate`
+# (rqlm.drafting.verification) transformers 5.24 and 5.25 take no candidate generator from outside: `generate`
 # builds its own from `assistant_model` or `prompt_lookup_num_tokens`. Its public `custom_generate=` callable
 # receives the prepared inputs and runs the private assisted loop below, whose `_get_candidate_generator` is
 # answered, on the model and for that call only, with rqlm's generator.

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from rqlm.evaluation.perplexity import safe_exp
-from rqlm.evaluation.plots import plot_training_curves, training_title
+from rqlm.reporting.plots import plot_training_curves, training_title
 from rqlm.trainer.arguments import TrainingArguments, resolve_mixed_precision
 
 CHECKPOINTS_DIR = "checkpoints"

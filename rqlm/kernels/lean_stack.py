@@ -47,7 +47,7 @@ def runs_lean(stack, cache, attention_mask, length: int) -> bool:
     """Whether `lean_forward` computes what transformers' forward of `stack` computes, for a call on `length`
     new positions with `attention_mask` (None, or (B, S) over the cached and the new positions)."""
     config = stack.config
-    if cache is None or torch.is_grad_enabled() or not stack.use_lean_inference:
+    if cache is None or torch.is_grad_enabled():
         return False
     if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] != cache.get_seq_length() + length):
         return False
@@ -111,3 +111,10 @@ def lean_forward(stack, hidden_states, attention_mask, cache, position_ids) -> t
 
 
 __all__ = ["lean_forward", "runs_lean"]
+
+
+def lean_kernel(stack, hidden_states, attention_mask, cache, position_ids) -> torch.Tensor | None:
+    """`Qwen3Stack.inference_kernel`: `lean_forward` where it computes what transformers' forward does, else None."""
+    if not runs_lean(stack, cache, attention_mask, hidden_states.shape[1]):
+        return None
+    return lean_forward(stack, hidden_states, attention_mask, cache, position_ids)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rqlm.evaluation.plots import _save, plt, read_metrics
+from rqlm.reporting.plots import _save, plt, read_metrics
 
 # stage -> (title, held-out metric drawn under its training loss, its axis label, log scale)
 STAGE_CURVES = {

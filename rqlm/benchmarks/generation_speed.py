@@ -12,8 +12,8 @@ Measured per run: new tokens/s, time to first token (a streamer's clock), the RQ
 split into spatial / depth / decoder / sampling / other (timing wrappers put on the model instance at
 runtime, see `part_timers`), peak memory (torch.profiler memory events, `speed.peak_bytes`) and the
 KV-cache bytes the run ends with. Random weights: the speed of a step does not depend on them.
-On CPU in fp32 both sides run their multi-row linear calls (the RQ decoder's C rows, a batch's rows)
-through `prepacked_linears` unless `prepack=False` (`rqlm bench --no_prepack`).
+Both sides run under `rqlm.kernels.cpu_kernels` (their multi-row linear calls, the RQ decoder's C rows and
+a batch's rows, through oneDNN; the RQ stacks' lean steps) unless `kernels=False` (`rqlm bench --no_cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ import copy
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from transformers import CompileConfig, Qwen3Config, Qwen3ForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-from rqlm.evaluation.speed import DTYPES, MB, peak_bytes, synchronize
-from rqlm.modeling.prepacked import prepacked_linears
+from rqlm.benchmarks import HEADLINE_C  # noqa: F401  (the headline's C, for callers of this module)
+from rqlm.benchmarks.speed import DTYPES, MB, peak_bytes, synchronize
+from rqlm.kernels import cpu_kernels
 
 # the Qwen3-0.6B shape, written out so no hub access is needed (random weights)
 QWEN3_0_6B = {
@@ -329,14 +330,15 @@ def _no_timers():
     yield None
 
 
-def rq_generate(model, new_tokens: int, prepack: bool = True) -> Callable[..., torch.LongTensor]:
-    """The latent LM's greedy `generate`; an RQ model's with `prepack` (its VAE decoder's C-row calls through oneDNN)."""
-    settings = {"prepack": prepack} if _runs_own_loop(model) or _plans_codes(model) else {"pad_token_id": 0}
+def rq_generate(model, new_tokens: int, kernels: bool = True) -> Callable[..., torch.LongTensor]:
+    """The latent LM's greedy `generate`, under `cpu_kernels` with `kernels`."""
+    settings = {} if _runs_own_loop(model) or _plans_codes(model) else {"pad_token_id": 0}
 
     def generate(input_ids, streamer=None, max_new_tokens=new_tokens):
-        return model.generate(
-            input_ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, streamer=streamer, **settings
-        )
+        with cpu_kernels(model, enabled=kernels):
+            return model.generate(
+                input_ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, streamer=streamer, **settings
+            )
 
     return generate
 
@@ -353,11 +355,11 @@ def _runs_own_loop(model) -> bool:
     return isinstance(model, RQTransformerGenerationMixin) and getattr(model.config, "depth_output", "codes") == "codes"
 
 
-def baseline_generate(model, new_tokens: int, way: str, prepack: bool = True) -> Callable[..., torch.LongTensor]:
+def baseline_generate(model, new_tokens: int, way: str, kernels: bool = True) -> Callable[..., torch.LongTensor]:
     """`Qwen3ForCausalLM.generate` with default settings, a static cache, or a static cache + torch.compile.
 
-    `prepack` (not with torch.compile): the baseline's multi-row linear calls (a batch's rows) go through
-    `prepacked_linears` as the RQ model's do, so a batch compares like with like.
+    `kernels` (not with torch.compile): the baseline's multi-row linear calls (a batch's rows) go through
+    `cpu_kernels` as the RQ model's do, so a batch compares like with like.
     """
     if way not in BASELINE_WAYS:
         raise ValueError(f"unknown baseline way {way!r}; choose from {', '.join(BASELINE_WAYS)}")
@@ -373,7 +375,7 @@ def baseline_generate(model, new_tokens: int, way: str, prepack: bool = True) ->
 
     def generate(input_ids, streamer=None, max_new_tokens=new_tokens):
         mask = torch.ones_like(input_ids)
-        packing = prepacked_linears(model) if prepack and way != "static+compile" else nullcontext()
+        packing = cpu_kernels(model, enabled=kernels and way != "static+compile")
         with packing, torch.inference_mode():  # as the RQ model's generate runs
             return model.generate(
                 input_ids, attention_mask=mask, streamer=streamer, max_new_tokens=max_new_tokens, **kwargs
@@ -426,15 +428,15 @@ def benchmark_shape(
     models: tuple | None = None,
     other_batch_sizes: list[int] | None = None,
     log: Callable[[str], None] = print,
-    prepack: bool = True,
+    kernels: bool = True,
 ) -> dict:
     """All runs at one shape -> {'shape', 'baseline_parameters', 'rows': [...], ...}.
 
     The first variant (the headline, C=4) is built beside the baseline and measured right after it at
     each batch size, so both see the same machine load; the other variants follow one at a time.
     `models` = (rq_model, baseline) measures given (trained) models instead of random ones.
-    `other_batch_sizes` replaces `batch_sizes` for the variants after the first. `prepack`: both sides'
-    multi-row linear calls through `prepacked_linears` (`rq_generate`, `baseline_generate`).
+    `other_batch_sizes` replaces `batch_sizes` for the variants after the first. `kernels`: both sides
+    under `cpu_kernels` (`rq_generate`, `baseline_generate`).
     """
     device, torch_dtype = torch.device(device), DTYPES[dtype]
     backbone = shape_config(shape, vocab_size) if models is None else models[1].config
@@ -476,7 +478,7 @@ def benchmark_shape(
 
     def measure_baseline(batch: int, input_ids: torch.LongTensor) -> None:
         for way in ways:
-            generate = baseline_generate(baseline, new_tokens, way, prepack)
+            generate = baseline_generate(baseline, new_tokens, way, kernels)
             start = time.perf_counter()
             # compiled graphs are specialised to the static cache's length: warm up with the full run
             _warm(generate, input_ids, new_tokens if way == "static+compile" else 1)
@@ -489,7 +491,7 @@ def benchmark_shape(
             add_row("Qwen3 baseline", None, batch, run, peak, cache, way=way)
 
     def measure_rq(model, variant: Variant, batch: int, input_ids: torch.LongTensor) -> None:
-        generate = rq_generate(model, new_tokens, prepack)
+        generate = rq_generate(model, new_tokens, kernels)
         _warm(generate, input_ids, variant.compression_factor)
         timed = model if _runs_own_loop(model) or variant.head is not None else None  # parts: the codes loop's
         run = measure(generate, input_ids, new_tokens, device, model=timed, repeats=repeats)
@@ -576,7 +578,7 @@ def sweep(
     dtype: str = "float32",
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = print,
-    prepack: bool = True,
+    kernels: bool = True,
 ) -> dict:
     """Tokens/s and KV-cache MB of both models against prompt length (batch 1) and batch size (prompt contexts[0])."""
     device, torch_dtype = torch.device(device), DTYPES[dtype]
@@ -585,8 +587,8 @@ def sweep(
     baseline = build_baseline(backbone).to(device, torch_dtype)
     model = build_rq_model(backbone, compression_factor).to(device, torch_dtype)
     sides = {
-        "baseline": (baseline_generate(baseline, new_tokens, baseline_way, prepack), None),
-        "rq": (rq_generate(model, new_tokens, prepack), model),
+        "baseline": (baseline_generate(baseline, new_tokens, baseline_way, kernels), None),
+        "rq": (rq_generate(model, new_tokens, kernels), model),
     }
     points = [("context", t, 1) for t in contexts] + [("batch", contexts[0], b) for b in batch_sizes]
     result = {

@@ -522,7 +522,7 @@ def rq_flops(lm_dir: Path, block_size: int) -> dict[str, float]:
 
 
 def _records(run_dir: Path) -> list[dict]:
-    from rqlm.evaluation.plots import read_metrics
+    from rqlm.reporting.plots import read_metrics
 
     return read_metrics(run_dir)
 
@@ -692,7 +692,7 @@ def results_markdown(results: dict) -> str:
 
 def plot_sweep(name: str, sweep: dict, baseline: dict | None, path: Path) -> Path:
     """The sweep's figure (see the module docstring for each kind); saves a PNG."""
-    from rqlm.evaluation.plots import plt  # pyplot with the Agg backend selected
+    from rqlm.reporting.plots import plt  # pyplot with the Agg backend selected
 
     points = sweep["points"]
     labels = [p["name"] for p in points]

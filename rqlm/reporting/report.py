@@ -113,7 +113,7 @@ def bench_figures(bench: dict) -> dict[str, dict]:
     """`rqlm bench` JSON (a trained latent LM and the baseline) -> per model (the latent LM under RQ_MODEL) and
     batch size: tokens/s, time to first token, peak memory, and the latent LM's speedup over the baseline in
     the same run; and parameters. The baseline's figures are its fastest way of generating at each batch size."""
-    from rqlm.evaluation.generation_speed import best_baseline
+    from rqlm.benchmarks.generation_speed import best_baseline
 
     shape = bench["shapes"][0]
     figures = {RQ_MODEL: {}, BASELINE: {}}
@@ -138,7 +138,7 @@ def bench_figures(bench: dict) -> dict[str, dict]:
 
 def training_conditions(run_dir: Path) -> dict:
     """A training run's steps, tokens and training minutes, from the last record of its metrics.jsonl."""
-    from rqlm.evaluation.plots import read_metrics
+    from rqlm.reporting.plots import read_metrics
 
     trained = [r for r in read_metrics(run_dir) if "tokens_seen" in r]
     if not trained:
@@ -254,8 +254,8 @@ def greedy_samples(out: Path, blocks, models: tuple[str, ...] = (BASELINE, RQ_MO
     """The prompt (block start) and each model's greedy continuation (a GIVT head: its mean latent), as text."""
     import torch
 
-    from rqlm.commands.generate import load_folder_tokenizer, load_model, read_config
     from rqlm.data.tokenizer import padding_id
+    from rqlm.loading import load_folder_tokenizer, load_model, read_config
 
     tokenizer = load_folder_tokenizer(str(out / "lm"))
     prompts = blocks[:, :SAMPLE_PROMPT_TOKENS]
@@ -278,8 +278,8 @@ def reconstruction_diffs(out: Path, blocks) -> list[dict]:
     import torch
 
     from rqlm import RQVAEModel
-    from rqlm.commands.inspect import marked_text
     from rqlm.data.tokenizer import load_tokenizer
+    from rqlm.reporting.marking import marked_text
 
     tokenizer = load_tokenizer(out / "vae")
     vae = RQVAEModel.from_pretrained(out / "vae").eval()
@@ -528,7 +528,7 @@ def final_figures(metrics: dict) -> dict[str, tuple[float, str]]:
 
 def write_plots(out: Path, metrics: dict) -> dict[str, str]:
     """The report's PNGs under DIR/plots -> {title: path relative to DIR}."""
-    from rqlm.evaluation.report_plots import plot_codebook_usage, plot_position_accuracy, plot_stage_curves
+    from rqlm.reporting.report_plots import plot_codebook_usage, plot_position_accuracy, plot_stage_curves
 
     plots = out / "plots"
     rq = reconstruction_figures(metrics["reconstruction"])  # the RQ-VAE's (the codes mode reads it)

@@ -31,10 +31,9 @@ back (the caches are cropped). Every draft equals the stateless `generate` from 
 
 The target's verification forward on CPU runs k + 1 rows through every linear layer where plain
 decoding runs one, and MKL's fp32 GEMM, as fast as a large weight streams from memory up to 3 rows,
-costs 1.5-2x that from 4 rows on: more than the drafting. `generate_with_drafter` therefore runs the
-target (and the drafter's VAE) under `prepacked_linears` (rqlm.modeling.prepacked): the calls of 4
-to 32 rows of layers with large weights go through oneDNN on weights reordered once, the rest keep
-`F.linear`, so plain decoding is untouched. `prepack=False` turns it off.
+costs 1.5-2x that from 4 rows on: more than the drafting. Callers on CPU therefore run it under
+`rqlm.kernels.cpu_kernels(target, drafter)`: the calls of 4 to 32 rows of layers with large weights go
+through oneDNN on weights reordered once, the rest keep `F.linear`, so plain decoding is untouched.
 
 A draft head (`RQDraftHead`, `RQHeadCandidateGenerator`). Where the target is no larger than a
 drafter's spatial stack, that stack's step costs about a target token before anything is verified. A
@@ -51,7 +50,6 @@ and the decoding are then skipped too). transformers' assisted decoding is batch
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -62,7 +60,6 @@ from transformers.generation.candidate_generator import CandidateGenerator
 
 from rqlm.modeling.generation_rq_transformer import _State, _token_ids
 from rqlm.modeling.modeling_rq_draft_head import RQDraftHead
-from rqlm.modeling.prepacked import prepacked_linears
 from rqlm.modeling.transformers_private import assisted_decoding
 
 
@@ -330,7 +327,6 @@ def generate_with_drafter(
     stats: DraftStats | None = None,
     incremental: bool = True,
     confidence_threshold: float = 0.0,
-    prepack: bool = True,
     **generate_kwargs,
 ):
     """`target.generate(input_ids (1, T0), **generate_kwargs)` with `drafter` (an RQ model) proposing the tokens.
@@ -342,7 +338,6 @@ def generate_with_drafter(
     probability (in the spirit of transformers' `assistant_confidence_threshold`): a step then verifies
     fewer tokens, or none (a plain target step), where the drafter is likely wrong. `incremental=False`
     drafts every round from a fresh state of the accepted text (the kept state's reference).
-    `prepack` runs the target's and the drafter's VAE's multi-row linear calls through `prepacked_linears` (CPU fp32).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(
@@ -380,14 +375,9 @@ def generate_with_drafter(
         )  # fmt: skip
 
     decoding = _drafted_decoding(candidates_for, streamer=streamer)
-    packing = contextlib.ExitStack()
-    if prepack:  # the target's verification forwards (k + 1 rows) and the drafter's decoding (C rows)
-        packing.enter_context(prepacked_linears(target))
-        packing.enter_context(prepacked_linears(drafter.vae))
-    with packing:
-        return target.generate(
-            input_ids, attention_mask=attention_mask, streamer=streamer, custom_generate=decoding, **generate_kwargs
-        )
+    return target.generate(
+        input_ids, attention_mask=attention_mask, streamer=streamer, custom_generate=decoding, **generate_kwargs
+    )
 
 
 __all__ = ["DraftStats", "RQDraftCandidateGenerator", "RQHeadCandidateGenerator", "generate_with_drafter"]

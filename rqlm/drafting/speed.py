@@ -26,10 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from rqlm.benchmarks.speed import synchronize
+from rqlm.drafting.verification import DraftStats, generate_with_drafter
 from rqlm.evaluation.bound import bound_terms, perplexity_bound
 from rqlm.evaluation.perplexity import safe_exp
-from rqlm.evaluation.speed import synchronize
-from rqlm.modeling.drafting import DraftStats, generate_with_drafter
+from rqlm.kernels import cpu_kernels
 from rqlm.modeling.modeling_rq_draft_head import RQDraftHead
 
 
@@ -61,21 +62,28 @@ def benchmark_drafting(
     num_draft_tokens: int | list[int | None] | None = None,
     log=print,
     confidence_thresholds: list[float] = (0.0,),
-    prepack: bool = True,
+    kernels: bool = True,
 ) -> dict:
     """Every drafter, at every draft length and confidence gate, against the target over `prompts` (each (1, T0))
     -> {'target': row, 'rows': [...]}.
 
     `num_draft_tokens`: tokens drafted per step, or a list of them (None: the drafter's C).
     `confidence_thresholds`: the drafted chunks' gates (`generate_with_drafter(confidence_threshold=)`), one row each.
-    `prepack`: `generate_with_drafter(prepack=)` (the verification's multi-row linears through oneDNN).
+    `kernels`: everything runs under `rqlm.kernels.cpu_kernels` (the verification's multi-row linears through oneDNN).
     """
+    with cpu_kernels(target, *(d.model for d in drafters), enabled=kernels):
+        return _benchmark_drafting(
+            target, drafters, prompts, new_tokens, device, num_draft_tokens, log, confidence_thresholds, kernels
+        )
+
+
+def _benchmark_drafting(target, drafters, prompts, new_tokens, device, num_draft_tokens, log, confidence_thresholds, kernels):
     device = torch.device(device)
     lengths = num_draft_tokens if isinstance(num_draft_tokens, (list, tuple)) else [num_draft_tokens]
     greedy = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None}
     pad = {"pad_token_id": target.generation_config.pad_token_id or 0}
     prompts = [p.to(device) for p in prompts]
-    verified = greedy | pad | {"prepack": prepack}
+    verified = greedy | pad
     target.generate(prompts[0], max_new_tokens=2, do_sample=False, eos_token_id=None, **pad)  # warm-up
     references, seconds = [], 0.0
     for ids in prompts:
@@ -87,7 +95,7 @@ def benchmark_drafting(
         "new_tokens": new_tokens,
         "prompts": len(prompts),
         "prompt_length": prompts[0].shape[1],
-        "prepack": prepack,
+        "cpu_kernels": kernels,
         "target": {"tokens_per_second": made / seconds, "seconds": seconds, "new_tokens": made},
         "rows": [],
     }
@@ -177,7 +185,7 @@ def _assisted_row(target, model, prompts, references, num_draft_tokens, threshol
             calls[name] += 1
         return hook
 
-    options = {k: v for k, v in settings.items() if k != "prepack"} | {"assistant_model": model}
+    options = settings | {"assistant_model": model}
     # transformers reads the draft length, its schedule and the confidence gate from the assistant's own config
     drafting = {
         "num_assistant_tokens": num_draft_tokens or model.compression_factor,
@@ -237,7 +245,7 @@ def format_drafting_table(result: dict) -> str:
     setup = (
         f"Drafting at batch 1: greedy, KV caches, {result['prompts']} prompts of {result['prompt_length']} tokens, "
         f"{result['new_tokens']} new tokens each, EOS ignored; target alone {t['tokens_per_second']:,.1f} tok/s; "
-        + ("the verification's multi-row linears prepacked" if result.get("prepack", True) else "no prepacking")
+        + ("rqlm's CPU kernels on" if result.get("cpu_kernels", True) else "rqlm's CPU kernels off")
     )
     lines = [
         setup,
