@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
@@ -48,7 +49,12 @@ def _yaml_problem(error) -> str:
 
 
 def _load_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """Set parser defaults from `--config file.yaml` so command-line flags still win."""
+    """Set parser defaults from `--config file.yaml` so command-line flags still win.
+
+    The file is read as `HfArgumentParser.parse_yaml_file` reads one; its values become defaults rather
+    than that method's dataclass, which would drop the command's own defaults and its other flags.
+    argparse then types the strings among them ('1e-3', 'none') as it types the command line's.
+    """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -57,8 +63,7 @@ def _load_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> Non
     import yaml
 
     try:
-        with open(known.config) as f:
-            values = yaml.safe_load(f) or {}
+        values = yaml.safe_load(Path(known.config).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise CLIError(f"config file {known.config!r} not found") from None
     except yaml.YAMLError as e:
@@ -70,6 +75,16 @@ def _load_yaml_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> Non
     if unknown:
         raise CLIError(f"config file {known.config!r} has unknown options {unknown}")
     parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+
+
+def parse_command(name: str, module, argv: list[str]) -> argparse.Namespace:
+    """The flags of `rqlm NAME ARGV`: the command's defaults, over them a --config file's, over both the
+    command line's."""
+    parser = argparse.ArgumentParser(prog=f"rqlm {name}", description=SUBCOMMANDS[name][1])
+    parser.add_argument("--config", default=None, help="YAML file of option: value defaults")
+    module.add_arguments(parser)
+    _load_yaml_defaults(parser, argv)
+    return parser.parse_args(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         top.print_help()
         return 0
     name, rest = argv[0], argv[1:]
-    module_name, help_text = SUBCOMMANDS[name]
+    module_name = SUBCOMMANDS[name][0]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -104,13 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         except (CLIError, ValueError, FileNotFoundError, NotADirectoryError) as e:
             print(f"rqlm {name}: error: {e}", file=sys.stderr)
             return 1
-    parser = argparse.ArgumentParser(prog=f"rqlm {name}", description=help_text)
-    parser.add_argument("--config", default=None, help="YAML file of option: value defaults")
-    module.add_arguments(parser)
     try:
-        _load_yaml_defaults(parser, rest)
-        args = parser.parse_args(rest)
-        return int(module.main(args) or 0)
+        return int(module.main(parse_command(name, module, rest)) or 0)
     except (CLIError, ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"rqlm {name}: error: {e}", file=sys.stderr)
         return 1

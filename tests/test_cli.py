@@ -85,6 +85,42 @@ def test_broken_yaml_config_names_the_file_and_line(tmp_path, capsys):
     assert "broken.yaml" in err and "not valid YAML" in err and "line 3" in err, err
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (None, "not found"),
+        ("- 1\n- 2\n", "must hold a mapping of option: value"),
+        ("max_steps: 3\nlearning_rat: 1.0e-3\n", "has unknown options ['learning_rat']"),
+    ],
+    ids=["missing", "not-a-mapping", "unknown-option"],
+)
+def test_bad_config_file_is_one_line(tmp_path, capsys, text, message):
+    config = tmp_path / "run.yaml"
+    if text is not None:
+        config.write_text(text)
+    err = one_line_error(capsys, ["train-vae", "--config", config])
+    assert "run.yaml" in err and message in err, err
+
+
+def test_command_line_flags_win_over_the_config_file_over_the_commands_defaults(tmp_path):
+    from rqlm.commands import train_vae
+    from rqlm.trainer.arguments import training_arguments_from_namespace
+
+    config = tmp_path / "run.yaml"
+    # YAML 1.1 reads 1e-3 and none as strings: argparse types them as it types the command line
+    config.write_text("learning_rate: 1e-3\nmax_steps: 7\nmax_minutes: 3\neval_batches: none\nsave_total_limit: null\n"
+                      "block_size: 64\n")  # fmt: skip
+    argv = ["--config", str(config), "--learning_rate", "5e-4", "--max_minutes", "none", "--block_size", "32"]
+    args = cli.parse_command("train-vae", train_vae, argv)
+    training = training_arguments_from_namespace(args)
+    # the command line over the file, for a training flag, an Optional one cleared with 'none', a data flag
+    assert training.learning_rate == 5e-4 and training.max_minutes is None and args.block_size == 32
+    # the file over the command's defaults (train-vae: max_steps 2400, eval_batches 10)
+    assert training.max_steps == 7 and training.eval_batches is None and training.save_total_limit is None
+    # train-vae's own defaults where neither sets a flag (TrainingArguments: runs/model, 100 warmup steps)
+    assert training.output_dir == "runs/vae" and training.warmup_steps == 50
+
+
 # ----------------------------------------------------------------------------
 # (6) training plots: whole legend labels, a title that says what was trained, one evaluation readable
 
@@ -235,3 +271,43 @@ def test_every_option_has_help(command, capsys):
     bare = [line.split()[0] for line, following in itertools.pairwise(lines)
             if re.fullmatch(r"  --\w+( [A-Z_]+)?", line) and not following.startswith(" " * 10)]
     assert not bare, f"options without help in `rqlm {command} --help`: {bare}"
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """`--flag` -> its help, joined onto one line, from argparse's --help output."""
+    entries, flag = {}, None
+    for line in text.splitlines():
+        match = re.match(r"  (--\w+)( [A-Z0-9_]+| \{[^}]*\})?", line)
+        if match:
+            flag = match.group(1)
+            entries[flag] = line[match.end():]
+        elif flag and line.startswith(" " * 10):
+            entries[flag] += " " + line
+        else:
+            flag = None
+    return {flag: " ".join(text.split()) for flag, text in entries.items()}
+
+
+@pytest.mark.parametrize(
+    "command, defaults",
+    [
+        ("train-vae", {"output_dir": "runs/vae", "learning_rate": "0.002", "max_steps": "2400", "eval_batches": "10"}),
+        ("train-lm", {"output_dir": "runs/lm", "learning_rate": "0.001", "max_steps": "100000", "max_minutes": "10"}),
+        ("train-baseline", {"output_dir": "runs/baseline", "max_steps": "2000", "max_minutes": "None"}),
+    ],
+)
+def test_help_lists_every_training_flag_with_the_commands_default(command, defaults, capsys, monkeypatch):
+    import dataclasses
+
+    from rqlm.trainer.arguments import TrainingArguments
+
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    entries = help_entries(capsys.readouterr().out)
+    for field in dataclasses.fields(TrainingArguments):
+        entry = entries.get(f"--{field.name}")
+        assert entry is not None, f"`rqlm {command} --help` lacks --{field.name}"
+        assert entry.startswith(field.metadata["help"].split()[0]) and "(default: " in entry, entry
+    for name, value in defaults.items():
+        assert entries[f"--{name}"].endswith(f"(default: {value})"), entries[f"--{name}"]

@@ -44,6 +44,19 @@ def _names(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`rqlm bench`'s flags, one function per part of --help, in its order."""
+    _add_mode_arguments(parser)
+    gen = parser.add_argument_group("generation (the default mode)")
+    _add_generation_run_arguments(gen)
+    _add_random_model_arguments(gen)
+    _add_measurement_arguments(gen)
+    _add_drafting_arguments(parser)
+    _add_vae_arguments(parser)
+
+
+def _add_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is measured (generation unless --vae, --quantizers or --drafting), on which device and dtype,
+    and where the figures go."""
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--vae",
@@ -81,7 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write every figure as JSON to this file",
     )
 
-    gen = parser.add_argument_group("generation (the default mode)")
+
+def _add_generation_run_arguments(gen) -> None:
+    """Which runs generation times: shapes, prompt and output lengths, batch sizes, C."""
     gen.add_argument(
         "--quick",
         action="store_true",
@@ -116,6 +131,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"comma-separated C of the RQ models; C={HEADLINE_C} is the headline (default: 4; --grid: 4,2,8)",
     )
+
+
+def _add_random_model_arguments(gen) -> None:
+    """The random-weight RQ models' depth decoder, and which other models are timed beside them."""
     gen.add_argument(
         "--depth_output",
         default="tokens",
@@ -149,6 +168,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated continuous heads (gaussian, energy): also time GIVT models at C={HEADLINE_C}, "
         "over a Gaussian VAE of the RQ model's per-chunk path (default: none)",
     )
+
+
+def _add_measurement_arguments(gen) -> None:
+    """How each run is measured, trained models in place of random weights, and the context / batch sweep."""
     gen.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (median reported)")
     gen.add_argument(
         "--no_memory",
@@ -174,6 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--sweep_batches", type=_ints, default=[1, 2, 4, 8, 16, 32])
     gen.add_argument("--sweep_new_tokens", type=int, default=64)
 
+
+def _add_drafting_arguments(parser: argparse.ArgumentParser) -> None:
     drafting = parser.add_argument_group(
         "--drafting (also: --model RQ_DIR[,RQ_DIR..], --prompt_length, --new_tokens, --compression_factors, --quick)"
     )
@@ -193,6 +218,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     drafting.add_argument("--prompts", type=int, default=4, help="prompts, run one after the other at batch 1")
 
+
+def _add_vae_arguments(parser: argparse.ArgumentParser) -> None:
     vae = parser.add_argument_group("--vae and --quantizers")
     vae.add_argument(
         "--backbone",

@@ -1,9 +1,9 @@
 """Training settings shared by every rqlm command, as one dataclass and its argparse flags.
 
 Each command calls `add_training_arguments(parser, learning_rate=..., ...)` with its own
-defaults, so `--config file.yaml` (read by rqlm/cli.py) and command-line flags fill the same
-fields; `training_arguments_from_namespace(args)` turns the parsed flags back into a
-`TrainingArguments`.
+defaults; transformers' `HfArgumentParser` makes the flags from the dataclass, so `--config file.yaml`
+(read by rqlm/cli.py) and command-line flags fill the same fields, and
+`training_arguments_from_namespace(args)` turns the parsed flags back into a `TrainingArguments`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 
 import torch
+from transformers import HfArgumentParser
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 REPORT_TO_CHOICES = ("none", "tensorboard", "wandb")
@@ -169,58 +170,48 @@ def resolve_mixed_precision(value: str) -> str:
     return "no"
 
 
-def _optional(convert):
-    """An argparse type that reads 'none' / 'null' / '' as None."""
+def _none_or(convert):
+    """An argparse type that reads 'none' / 'null' / '' as None: how an Optional field is cleared from the
+    command line (YAML's null is None already)."""
 
     def parse(text: str):
         return None if text.strip().lower() in ("none", "null", "") else convert(text)
 
-    parse.__name__ = convert.__name__
+    parse.__name__ = convert.__name__  # argparse names it in "invalid int value"
     return parse
 
 
-def _argparse_type(annotation):
-    """int | None -> an int parser accepting 'none'; float -> float; str -> str."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if args:  # a union with None
-        return _optional(args[0])
-    return annotation
+class _TrainingFlags(HfArgumentParser):
+    """`HfArgumentParser`'s flags of `TrainingArguments` (the type from the annotation, help and choices from
+    the field's metadata, the default), each added to `group` as rqlm has always spelled it: `--name` alone
+    (HfArgumentParser also adds `--name-with-hyphens`, which would change every command's --help), 'none'
+    read as None by the Optional fields, and the default in effect (the command's) at the end of the help."""
+
+    def __init__(self, group):
+        self.group = group
+        hints = typing.get_type_hints(TrainingArguments)
+        self.optional = {name for name, hint in hints.items() if type(None) in typing.get_args(hint)}
+        super().__init__(TrainingArguments, add_help=False)  # calls add_argument once per field
+
+    def add_argument(self, flag, *hyphenated, **kwargs):
+        if flag.removeprefix("--") in self.optional:  # HfArgumentParser's type is int for `int | None`
+            kwargs["type"] = _none_or(kwargs["type"])
+        kwargs["help"] += " (default: %(default)s)"
+        return self.group.add_argument(flag, **kwargs)
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, **default_overrides) -> argparse.ArgumentParser:
     """Add every `TrainingArguments` field as `--name` flag; keyword arguments change a command's defaults."""
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    unknown = sorted(set(default_overrides) - names)
+    unknown = sorted(set(default_overrides) - {f.name for f in dataclasses.fields(TrainingArguments)})
     if unknown:
         raise TypeError(f"add_training_arguments got unknown defaults {unknown}")
-    hints = typing.get_type_hints(TrainingArguments)
-    group = parser.add_argument_group("training")
-    for f in dataclasses.fields(TrainingArguments):
-        default = default_overrides.get(f.name, f.default)
-        group.add_argument(
-            f"--{f.name}",
-            type=_argparse_type(hints[f.name]),
-            default=default,
-            choices=f.metadata.get("choices"),
-            help=f"{f.metadata['help']} (default: {default})",
-        )
+    _TrainingFlags(parser.add_argument_group("training"))
+    parser.set_defaults(**default_overrides)  # as a --config file's values are set, after these
     return parser
 
 
 def training_arguments_from_namespace(args: argparse.Namespace) -> TrainingArguments:
-    """The `TrainingArguments` held by parsed flags (other attributes of `args` are ignored)."""
-    hints = typing.get_type_hints(TrainingArguments)
-    values = {}
-    for f in dataclasses.fields(TrainingArguments):
-        value = getattr(args, f.name)
-        # YAML configs set defaults without argparse's type conversion: "none" -> None, 1e-3 -> float
-        if isinstance(value, str) and hints[f.name] is not str:
-            value = _argparse_type(hints[f.name])(value)
-        elif (
-            isinstance(value, int)
-            and not isinstance(value, bool)
-            and float in typing.get_args(hints[f.name]) + (hints[f.name],)
-        ):
-            value = float(value)
-        values[f.name] = value
-    return TrainingArguments(**values)
+    """The `TrainingArguments` held by parsed flags (other attributes of `args` are ignored). argparse has
+    already typed a --config file's strings ('1e-3', 'none') with the flags' types."""
+    (training,) = HfArgumentParser(TrainingArguments).parse_dict(vars(args), allow_extra_keys=True)
+    return training
