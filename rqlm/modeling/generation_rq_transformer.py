@@ -450,7 +450,9 @@ class _State:
         self.spatial_mask[torch.arange(b, device=device), first] = 1
         self.first = first
         self.spatial_cache = DynamicCache(config=model.spatial.config) if use_cache else None
-        self.decoder = _ChunkDecoder(vae, self.tokens, self.token_mask, self.codes) if use_cache else None
+        self.decoder = vae.decoder_cache() if use_cache else None  # the VAE decoder's KV caches, chunk by chunk
+        if use_cache and self.decoder.holds_state:  # prefill them with the prompt
+            vae.decode_quantized(vae.codes_to_quantized(self.codes), self.tokens, self.token_mask, cache=self.decoder)
         self._hidden = self._spatial_prefill()
 
     def _spatial_embeds(self) -> torch.FloatTensor:
@@ -487,7 +489,8 @@ class _State:
         self.spatial_mask = F.pad(self.spatial_mask, (0, 1), value=1)
         self.token_mask = F.pad(self.token_mask, (0, c), value=1)
         if self.use_cache:
-            logits = self.decoder.step(codes[:, None], previous, self.token_mask)
+            quantized = model.vae.codes_to_quantized(codes[:, None])
+            logits = model.vae.decode_quantized(quantized, None, self.token_mask, self.decoder, shifted_tokens=previous)
             if advance:
                 x = model.embed_codes(codes[:, None])
                 position = self._positions()[:, -1:]
@@ -521,11 +524,11 @@ class _State:
         if not self.use_cache:
             self._hidden = self._spatial_prefill()
             return
-        if self.decoder.latent_cache is not None or self.decoder.token_cache is not None:
+        if self.decoder.holds_state:
             shifted = None
             if vae.decoder_embed_tokens is not None:  # each new chunk sees the one before it, as in the prefill
                 shifted = vae._previous_chunk_tokens(self.tokens, self.tokens.shape[1])[:, -m * c :]
-            self.decoder._run(codes, shifted, self.token_mask)
+            vae.decode_quantized(vae.codes_to_quantized(codes), None, self.token_mask, self.decoder, shifted_tokens=shifted)
         x = model.embed_codes(codes)
         positions = self._positions()[:, -m:]
         self._hidden = model.spatial_forward(x, self.spatial_mask, positions, cache=self.spatial_cache)[:, -1]
@@ -539,8 +542,7 @@ class _State:
         self.tokens, self.token_mask, self.codes, self.spatial_mask, self._hidden = mark
         if self.use_cache:
             _crop(self.spatial_cache, self.spatial_mask.shape[1])
-            _crop(self.decoder.latent_cache, self.codes.shape[1])
-            _crop(self.decoder.token_cache, self.tokens.shape[1])
+            self.decoder.crop(self.codes.shape[1], self.tokens.shape[1])
 
 
 def separator_token(model) -> int:
@@ -570,51 +572,6 @@ def _crop(cache: DynamicCache | None, length: int) -> None:
     """Cut a KV cache back to its first `length` positions."""
     if cache is not None and cache.get_seq_length() > length:
         cache.crop(length - cache.get_seq_length())
-
-
-class _ChunkDecoder:
-    """The VAE decoder run chunk by chunk, with KV caches in its latent and token layers.
-
-    It computes what `RQVAEModel.decode_quantized` computes over the growing sequence: without decoder
-    or latent layers a chunk depends on its own codes (and previous tokens) only; with layers, the caches
-    hold the earlier chunks.
-    """
-
-    def __init__(self, vae, tokens: torch.LongTensor, token_mask: torch.LongTensor, codes: torch.LongTensor):
-        self.vae = vae
-        self.latent_cache = self._cache(vae.latent_decoder)
-        self.token_cache = self._cache(vae.decoder)
-        if self.latent_cache is not None or self.token_cache is not None:  # prefill with the prompt
-            shifted = vae._previous_chunk_tokens(tokens, tokens.shape[1]) if vae.decoder_embed_tokens is not None else None
-            self._run(codes, shifted, token_mask)
-
-    @staticmethod
-    def _cache(stack):
-        layers = getattr(stack, "layers", None)
-        return DynamicCache(config=stack.config) if layers is not None and len(layers) else None
-
-    def _run(self, codes, shifted_tokens, token_mask) -> torch.FloatTensor:
-        """Codes (B, n, D) of the newest n chunks -> logits (B, n * C, V).
-
-        `shifted_tokens` (B, n * C) hold, at each position, the token C positions back (when the decoder
-        sees previous tokens); `token_mask` covers the whole sequence so far.
-        """
-        vae = self.vae
-        x = vae.codes_to_quantized(codes)  # (B, n, d)
-        if self.latent_cache is not None:
-            x = vae.latent_decoder(x, vae.latent_mask(token_mask).long(), cache=self.latent_cache)
-        hidden = vae.upsample(vae.from_latent(x))  # (B, n * C, H)
-        if vae.decoder_embed_tokens is not None:
-            hidden = hidden + vae.decoder_embed_tokens(shifted_tokens)
-        if self.token_cache is not None:
-            hidden = vae.decoder(hidden, token_mask, cache=self.token_cache)
-        else:  # a stack without layers is its final norm
-            hidden = vae.decoder.norm(hidden)
-        return vae.lm_head(hidden)  # (B, n * C, V)
-
-    def step(self, codes: torch.LongTensor, previous: torch.LongTensor, token_mask: torch.LongTensor):
-        """Codes (B, 1, D) of the new chunk and the previous chunk's tokens (B, C) -> logits (B, C, V)."""
-        return self._run(codes, previous, token_mask)
 
 
 __all__ = ["DEPTH_SETTINGS", "RQGenerateOutput", "RQTransformerGenerationMixin", "separator_token", "whole_chunk_layout"]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from einops import reduce
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel, Qwen3Config
+from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel, Qwen3Config
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -128,6 +128,26 @@ class RQVAEPreTrainedModel(CheckedLoading, PreTrainedModel):
         super()._init_weights(module)
         if getattr(module, "_zero_init", False):
             init.zeros_(module.weight)
+
+
+
+@dataclass
+class DecoderCache:
+    """The VAE decoder's KV caches: its latent layers' (one position per chunk) and its token layers' (C per
+    chunk); None for a stack without layers, where a chunk depends on its own codes (and previous tokens) only."""
+
+    latent: DynamicCache | None
+    tokens: DynamicCache | None
+
+    @property
+    def holds_state(self) -> bool:
+        return self.latent is not None or self.tokens is not None
+
+    def crop(self, chunks: int, tokens: int) -> None:
+        """Forget everything after the first `chunks` chunks, `tokens` token positions."""
+        for cache, length in ((self.latent, chunks), (self.tokens, tokens)):
+            if cache is not None and cache.get_seq_length() > length:
+                cache.crop(length - cache.get_seq_length())
 
 
 class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
@@ -280,11 +300,11 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
             codes=codes, quantized=quantized, latents=latents, quantizer_loss=quantizer_loss, latent_mask=latent_mask
         )
 
-    def _latent_stack(self, stack: nn.Module, x: torch.Tensor, latent_mask: torch.Tensor | None) -> torch.Tensor:
+    def _latent_stack(self, stack: nn.Module, x: torch.Tensor, latent_mask: torch.Tensor | None, cache=None) -> torch.Tensor:
         if isinstance(stack, nn.Identity):
             return x
         mask = None if latent_mask is None else latent_mask.long()
-        return stack(x, mask)
+        return stack(x, mask, cache=cache)
 
     # ----------------------------------------------------------------- decode
     def codes_to_quantized(self, codes: torch.LongTensor) -> torch.FloatTensor:
@@ -301,19 +321,37 @@ class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
         quantized: torch.FloatTensor,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        cache: DecoderCache | None = None,
+        shifted_tokens: torch.LongTensor | None = None,
     ) -> torch.FloatTensor:
         """Quantized latents (B, L, d) -> logits (B, L * C, V).
 
         `input_ids` (B, L * C) are needed only when `decoder_sees_previous_tokens`; the tokens of
         chunk l never reach the logits of chunk l (they are shifted by C).
+
+        Chunk by chunk (generation): with `cache` (`decoder_cache()`), `quantized` (B, n, d) holds only the
+        newest n chunks, the cache the earlier ones (it grows by these), and `attention_mask` covers the whole
+        sequence so far. The previous tokens then come as `shifted_tokens` (B, n * C), the token C positions
+        before each new one, or from `input_ids` when those are the whole sequence (the first call).
         """
         latent_mask = self.latent_mask(attention_mask)
-        x = self._latent_stack(self.latent_decoder, quantized, latent_mask)
+        x = self._latent_stack(self.latent_decoder, quantized, latent_mask, cache.latent if cache else None)
         hidden = self.upsample(self.from_latent(x))  # (B, T, H)
         if self.decoder_embed_tokens is not None:
-            hidden = hidden + self.decoder_embed_tokens(self._previous_chunk_tokens(input_ids, hidden.shape[1]))
-        hidden = self.decoder(hidden, attention_mask)  # (B, T, H)
+            if shifted_tokens is None:
+                shifted_tokens = self._previous_chunk_tokens(input_ids, hidden.shape[1])
+            hidden = hidden + self.decoder_embed_tokens(shifted_tokens)
+        hidden = self.decoder(hidden, attention_mask, cache=cache.tokens if cache else None)  # (B, T, H)
         return self.lm_head(hidden)  # (B, T, V)
+
+    def decoder_cache(self) -> DecoderCache:
+        """Empty KV caches for decoding chunk by chunk with `decode_quantized(..., cache=)`."""
+
+        def cache(stack):
+            layers = getattr(stack, "layers", None)
+            return DynamicCache(config=stack.config) if layers is not None and len(layers) else None
+
+        return DecoderCache(latent=cache(self.latent_decoder), tokens=cache(self.decoder))
 
     def _previous_chunk_tokens(self, input_ids: torch.LongTensor | None, length: int) -> torch.LongTensor:
         """(B, T) tokens shifted right by C (the first chunk sees padding): position t gets token t - C."""
