@@ -35,12 +35,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
 from .code_depth import CodeDepthMixin, choose
 from .configuration_rq_transformer import CODE_DEPTH_NUM_LAYERS
-from .generation_rq_transformer import RQGenerateOutput, separator_token, whole_chunk_layout
+from .generation_rq_transformer import RQGenerateOutput, SpatialState
 from .modeling_rq_vae import IGNORE_INDEX
 from .token_depth import check_input_ids, real_spans
 
@@ -254,31 +253,21 @@ class CodesThenTokensMixin:
         return RQGenerateOutput(sequences=sequences, codes=torch.stack(plans, dim=1))
 
 
-class _PlanState:
-    """The running sequence of a codes_then_tokens `generate`: tokens in whole chunks (as the codes mode lays out a
-    left-padded batch), their codes (the VAE's for the prompt, the drawn plans after it) and the spatial model.
-
-    With `use_cache` the spatial model keeps a KV cache and runs the new chunk only; without it, every step
-    recomputes it over the whole sequence.
+class _PlanState(SpatialState):
+    """The running sequence of a codes_then_tokens `generate`: the spatial state (`SpatialState`) over the tokens
+    and their codes (the VAE's for the prompt, the drawn plans after it); a chunk enters the spatial model as
+    `chunk_embeddings` of its tokens (and codes, where the model reads them).
     """
 
     def __init__(self, model, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, use_cache: bool):
-        self.model, self.use_cache = model, use_cache
-        pad = model._filler_token()
-        self.tokens, self.token_mask = whole_chunk_layout(
-            input_ids, attention_mask, model.compression_factor, separator_token(model), pad
-        )  # (B, num * C)
-        self.codes = model.encode(self.tokens, self.token_mask)  # (B, num, D), -1 on padding chunks
-        latent_mask = model.vae.latent_mask(self.token_mask)  # (B, num): chunks holding a real token
-        self.first = (~latent_mask).sum(1)  # (B,) column of each row's start vector
-        self.spatial_mask = torch.cat([torch.zeros_like(latent_mask[:, :1]), latent_mask], dim=1).long()
-        self.spatial_mask[torch.arange(len(self.first), device=self.first.device), self.first] = 1
-        self.spatial_cache = DynamicCache(config=model.spatial.config) if use_cache else None
+        super().__init__(model, input_ids, attention_mask, use_cache, pad=model._filler_token())
         self._hidden = self._spatial_prefill()
 
-    def hidden(self) -> torch.FloatTensor:
-        """The spatial output at the last position (B, H): it predicts the next chunk."""
-        return self._hidden
+    def _embed(self, tokens: torch.LongTensor, codes: torch.LongTensor) -> torch.FloatTensor:
+        return self.model.chunk_embeddings(tokens, codes if self.model.config.reads_codes else None)
+
+    def _check_positions(self) -> None:
+        self.model._check_positions(int(self.spatial_mask.sum(1).max()))
 
     def tokens_before(self) -> torch.LongTensor | None:
         """The P tokens before the next chunk (B, P), filler before each row's start (the layout's padding is
@@ -288,37 +277,13 @@ class _PlanState:
             return None
         return F.pad(self.tokens, (p, 0), value=self.model._filler_token())[:, -p:]
 
-    def _positions(self) -> torch.LongTensor:
-        return (self.spatial_mask.cumsum(1) - 1).clamp(min=0)
-
-    def _spatial_prefill(self) -> torch.FloatTensor:
-        """Run the spatial model over [padding.., start, chunk_0 ..] (B, S, H) -> the last output (B, H)."""
-        model = self.model
-        self._check_positions()
-        codes = self.codes if model.config.reads_codes else None
-        x = model.chunk_embeddings(self.tokens, codes)  # (B, num, H)
-        x = torch.cat([x.new_zeros(x.shape[0], 1, x.shape[2]), x], dim=1)
-        x[torch.arange(x.shape[0], device=x.device), self.first] = model.start.to(x.dtype)
-        hidden = model.spatial_forward(x, self.spatial_mask, self._positions(), cache=self.spatial_cache)
-        return hidden[:, -1]
-
     def append(self, tokens: torch.LongTensor, codes: torch.LongTensor) -> None:
         """Add a chunk's tokens (B, C) and its plan (B, D), and step the spatial model over it."""
-        model = self.model
         self.tokens = torch.cat([self.tokens, tokens], dim=1)
         self.token_mask = F.pad(self.token_mask, (0, tokens.shape[1]), value=1)
         self.codes = torch.cat([self.codes, codes[:, None]], dim=1)
         self.spatial_mask = F.pad(self.spatial_mask, (0, 1), value=1)
-        if not self.use_cache:
-            self._hidden = self._spatial_prefill()
-            return
-        self._check_positions()
-        x = model.chunk_embeddings(tokens, codes[:, None] if model.config.reads_codes else None)  # (B, 1, H)
-        position = self._positions()[:, -1:]
-        self._hidden = model.spatial_forward(x, self.spatial_mask, position, cache=self.spatial_cache)[:, -1]
-
-    def _check_positions(self) -> None:
-        self.model._check_positions(int(self.spatial_mask.sum(1).max()))
+        self._spatial_step(tokens, codes[:, None])
 
 
 __all__ = ["CodeDepthDecoder", "CodesThenTokensMixin", "CodesThenTokensOutput"]

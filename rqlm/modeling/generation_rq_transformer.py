@@ -424,8 +424,63 @@ def _token_ids(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-class _State:
-    """The running sequence of one `generate` call: prompt layout, caches, and the two ways to step.
+class SpatialState:
+    """What every rqlm generation loop keeps of its running sequence: the tokens laid out in whole chunks
+    (`whole_chunk_layout`), their codes (the VAE's for the prompt), and the spatial model over
+    [padding.., start, chunk_0, ..] with its KV cache (`use_cache`; without, each step recomputes it).
+
+    A loop's own state says how a chunk enters the spatial model (`_embed`) and adds its own decoding.
+    """
+
+    def __init__(self, model, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, use_cache: bool, pad: int):
+        self.model, self.use_cache = model, use_cache
+        self.separator = separator_token(model)
+        self.tokens, self.token_mask = whole_chunk_layout(
+            input_ids, attention_mask, model.compression_factor, self.separator, pad
+        )  # (B, num * C)
+        self.codes = model.encode(self.tokens, self.token_mask)  # (B, num, D), -1 on padding chunks
+        latent_mask = model.vae.latent_mask(self.token_mask)  # (B, num): chunks holding a real token
+        self.first = (~latent_mask).sum(1)  # (B,) column of each row's start vector
+        # spatial sequence (B, num + 1): padding, start, prompt chunks
+        self.spatial_mask = torch.cat([torch.zeros_like(latent_mask[:, :1]), latent_mask], dim=1).long()
+        self.spatial_mask[torch.arange(len(self.first), device=self.first.device), self.first] = 1
+        self.spatial_cache = DynamicCache(config=model.spatial.config) if use_cache else None
+
+    def _embed(self, tokens: torch.LongTensor, codes: torch.LongTensor) -> torch.FloatTensor:
+        """Chunks (B, n * C) with their codes (B, n, D) -> the spatial model's inputs (B, n, H)."""
+        raise NotImplementedError
+
+    def _check_positions(self) -> None:
+        """A one-line error before the spatial model runs past its positions (where the model checks them)."""
+
+    def hidden(self) -> torch.FloatTensor:
+        """The spatial output at the last position (B, H): it predicts the next chunk."""
+        return self._hidden
+
+    def _positions(self) -> torch.LongTensor:
+        return (self.spatial_mask.cumsum(1) - 1).clamp(min=0)
+
+    def _spatial_prefill(self) -> torch.FloatTensor:
+        """Run the spatial model over [padding.., start, chunk_0 ..] (B, S, H) -> the last output (B, H)."""
+        self._check_positions()
+        x = self._embed(self.tokens, self.codes)  # (B, num, H)
+        x = torch.cat([x.new_zeros(x.shape[0], 1, x.shape[2]), x], dim=1)
+        x[torch.arange(x.shape[0], device=x.device), self.first] = self.model.start.to(x.dtype)
+        return self.model.spatial_forward(x, self.spatial_mask, self._positions(), cache=self.spatial_cache)[:, -1]
+
+    def _spatial_step(self, tokens: torch.LongTensor, codes: torch.LongTensor) -> None:
+        """Step the spatial model over the newest n chunks (B, n * C) and codes (B, n, D), already appended."""
+        if not self.use_cache:
+            self._hidden = self._spatial_prefill()
+            return
+        self._check_positions()
+        positions = self._positions()[:, -codes.shape[1] :]
+        x = self._embed(tokens, codes)
+        self._hidden = self.model.spatial_forward(x, self.spatial_mask, positions, cache=self.spatial_cache)[:, -1]
+
+
+class _State(SpatialState):
+    """The running sequence of one codes-mode `generate` call: the spatial state plus the VAE decoder's caches.
 
     With `use_cache`, the spatial transformer and the VAE decoder keep KV caches and run only the new
     position / chunk; without it, every step recomputes them over the whole sequence (the reference the
@@ -433,49 +488,15 @@ class _State:
     """
 
     def __init__(self, model, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, use_cache: bool):
-        self.model, self.use_cache = model, use_cache
-        vae, c = model.vae, model.compression_factor
-        pad = vae.config.backbone_config.pad_token_id or 0
-        self.separator = separator_token(model)
-        lengths = attention_mask.sum(1)  # (B,)
-        chunks = -(-lengths // c)  # (B,) latent positions of each prompt
-        num = int(chunks.max())
-        b, device = input_ids.shape[0], input_ids.device
-        self.tokens, self.token_mask = whole_chunk_layout(input_ids, attention_mask, c, self.separator, pad)
-        self.codes = model.encode(self.tokens, self.token_mask)  # (B, num, D), -1 on padding chunks
-        # spatial sequence (B, num + 1): padding, start, prompt latents
-        latent_mask = vae.latent_mask(self.token_mask)  # (B, num): chunks holding a real token (codes -1 elsewhere)
-        self.spatial_mask = torch.cat([torch.zeros_like(latent_mask[:, :1]), latent_mask], dim=1).long()
-        first = num - chunks  # index of the start position
-        self.spatial_mask[torch.arange(b, device=device), first] = 1
-        self.first = first
-        self.spatial_cache = DynamicCache(config=model.spatial.config) if use_cache else None
+        vae = model.vae
+        super().__init__(model, input_ids, attention_mask, use_cache, pad=vae.config.backbone_config.pad_token_id or 0)
         self.decoder = vae.decoder_cache() if use_cache else None  # the VAE decoder's KV caches, chunk by chunk
         if use_cache and self.decoder.holds_state:  # prefill them with the prompt
             vae.decode_quantized(vae.codes_to_quantized(self.codes), self.tokens, self.token_mask, cache=self.decoder)
         self._hidden = self._spatial_prefill()
 
-    def _spatial_embeds(self) -> torch.FloatTensor:
-        """(B, S, H): [padding.., start, x_0 .. x_{n-1}] for the whole sequence so far."""
-        model = self.model
-        x = model.embed_codes(self.codes)  # (B, L, H)
-        x = torch.cat([x.new_zeros(x.shape[0], 1, x.shape[2]), x], dim=1)
-        b = torch.arange(x.shape[0], device=x.device)
-        x[b, self.first] = model.start.to(x.dtype)
-        return x
-
-    def _positions(self) -> torch.LongTensor:
-        return (self.spatial_mask.cumsum(1) - 1).clamp(min=0)
-
-    def _spatial_prefill(self) -> torch.FloatTensor:
-        hidden = self.model.spatial_forward(
-            self._spatial_embeds(), self.spatial_mask, self._positions(), cache=self.spatial_cache
-        )
-        return hidden[:, -1]
-
-    def hidden(self) -> torch.FloatTensor:
-        """The spatial output at the last position (B, H): it predicts the next position's codes."""
-        return self._hidden
+    def _embed(self, tokens: torch.LongTensor, codes: torch.LongTensor) -> torch.FloatTensor:
+        return self.model.embed_codes(codes)
 
     def append(self, codes: torch.LongTensor, advance: bool = True, choose=None) -> torch.LongTensor:
         """Add the next position's codes (B, D): decode its C tokens (B, C) and step the spatial model.
@@ -491,17 +512,13 @@ class _State:
         if self.use_cache:
             quantized = model.vae.codes_to_quantized(codes[:, None])
             logits = model.vae.decode_quantized(quantized, None, self.token_mask, self.decoder, shifted_tokens=previous)
-            if advance:
-                x = model.embed_codes(codes[:, None])
-                position = self._positions()[:, -1:]
-                self._hidden = model.spatial_forward(x, self.spatial_mask, position, cache=self.spatial_cache)[:, -1]
         else:
             placeholder = F.pad(self.tokens, (0, c), value=0)  # the new chunk's own tokens never reach its logits
             logits = model.vae.decode(self.codes, placeholder, self.token_mask)[:, -c:]
-            if advance:
-                self._hidden = self._spatial_prefill()
         tokens = logits.argmax(-1) if choose is None else choose(logits)  # (B, C)
         self.tokens = torch.cat([self.tokens, tokens], dim=1)
+        if advance:
+            self._spatial_step(tokens, codes[:, None])
         return tokens
 
     # ----------------------------------------------------------------- drafting: grow, mark, roll back
@@ -521,17 +538,12 @@ class _State:
         self.tokens = torch.cat([self.tokens, tokens], dim=1)
         self.token_mask = torch.cat([self.token_mask, ones], dim=1)
         self.spatial_mask = F.pad(self.spatial_mask, (0, m), value=1)
-        if not self.use_cache:
-            self._hidden = self._spatial_prefill()
-            return
-        if self.decoder.holds_state:
+        if self.use_cache and self.decoder.holds_state:
             shifted = None
             if vae.decoder_embed_tokens is not None:  # each new chunk sees the one before it, as in the prefill
                 shifted = vae._previous_chunk_tokens(self.tokens, self.tokens.shape[1])[:, -m * c :]
             vae.decode_quantized(vae.codes_to_quantized(codes), None, self.token_mask, self.decoder, shifted_tokens=shifted)
-        x = model.embed_codes(codes)
-        positions = self._positions()[:, -m:]
-        self._hidden = model.spatial_forward(x, self.spatial_mask, positions, cache=self.spatial_cache)[:, -1]
+        self._spatial_step(tokens, codes)
 
     def mark(self) -> tuple:
         """What `rollback` returns to: the sequence as it is now."""
