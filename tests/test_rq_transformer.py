@@ -570,6 +570,31 @@ def assert_remote_code_generates(folder, prompt: torch.Tensor, expected: torch.T
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+def test_with_rqlm_imported_the_auto_classes_read_a_folder_without_a_remote_code_prompt(tmp_path):
+    """The README's quick start: `import rqlm`, then AutoTokenizer / AutoModelForCausalLM on an LM folder (which
+    carries an auto_map) load without asking to run custom code, and without the model-type warning."""
+    from rqlm.data.tokenizer import train_tokenizer
+
+    make_lm(make_vae()).save_pretrained(tmp_path)
+    train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=300, output_dir=tmp_path)  # loading only
+    script = textwrap.dedent(
+        f"""
+        import rqlm
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(tmp_path)!r})
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+        assert type(model).__module__.startswith("rqlm."), type(model).__module__
+        print("ok", len(tokenizer))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL, timeout=300
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "ok" in result.stdout, output[-2000:]
+    assert "custom code" not in output and "model of type" not in output, output[-2000:]
+
+
 def test_loading_a_vae_folder_as_the_lm_is_a_one_line_error(tmp_path):
     make_vae().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="holds a 'rq_vae' checkpoint"):
