@@ -78,7 +78,7 @@ SUMMARY = re.compile(r"speedup batch (\d+) C=4: (\d+\.\d\d)x \(RQ ([\d.]+) tok/s
 
 
 def test_generation_bench_quick(tmp_path, capsys):
-    from rqlm.benchmarks import generation_speed as gs
+    from rqlm.benchmarks import generation_tables as tables
 
     output, plot = tmp_path / "generation.json", tmp_path / "generation.png"
     flags = ["--quick", "--threads", "1", "--no_memory", "--output_json", str(output), "--plot", str(plot),
@@ -97,7 +97,7 @@ def test_generation_bench_quick(tmp_path, capsys):
         rows = [r for r in shape["rows"] if r["batch_size"] == batch]
         rq_row = next(r for r in rows if r["model"] == "RQ C=4")
         fastest = max(r["tokens_per_second"] for r in rows if r["way"])
-        assert rq == gs.rate(rq_row["tokens_per_second"]) and base == gs.rate(fastest)
+        assert rq == tables.rate(rq_row["tokens_per_second"]) and base == tables.rate(fastest)
         assert float(match.group(2)) == pytest.approx(rq_row["tokens_per_second"] / fastest, abs=0.006)
     assert result["summary"] == out[-2:]
 
@@ -125,25 +125,32 @@ def test_generation_bench_quick_tokens_mode(tmp_path, capsys):
     flags = ["--quick", "--threads", "1", "--no_memory", "--depth_output", "tokens", "--depth_num_layers", "2",
              "--output_json", str(output)]  # fmt: skip
     assert cli.main(["bench", *flags]) == 0, capsys.readouterr().err
-    out = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
     assert all(SUMMARY.fullmatch(line) for line in out[-2:]), out[-2:]
     rows = json.loads(output.read_text())["shapes"][0]["rows"]
+    # the progress bar, on stderr only: one tick per measured (model, batch) run, the last one named
+    assert len(rows) == 6 and "6/6" in captured.err, captured.err  # 2 baseline ways + RQ, at batch 1 and 8
+    assert "test RQ C=4 tokens num_layers=2 batch 8" in captured.err, captured.err
+    assert "6/6" not in captured.out and "run/s" not in captured.out
     rq = [r for r in rows if r["model"].startswith("RQ")]
     assert {r["model"] for r in rq} == {"RQ C=4 tokens num_layers=2"} and len(rq) == 2  # no parallel-depth row
     assert all(r["depth_output"] == "tokens" and r["new_tokens"] == 8 and r["tokens_per_second"] > 0 for r in rq)
 
 
 def test_part_timers_split_the_steps_and_leave_the_model_as_it_was(small_layers_prepacked):
+    from rqlm.benchmarks import generation_models as gm
+    from rqlm.benchmarks import generation_parts as parts
     from rqlm.benchmarks import generation_speed as gs
 
-    model = gs.build_rq_model(gs.shape_config("test", vocab_size=64), compression_factor=4)
-    prompt = gs.prompts(2, 8, 64, torch.device("cpu"))
+    model = gm.build_rq_model(gm.shape_config("test", vocab_size=64), compression_factor=4)
+    prompt = gm.prompts(2, 8, 64, torch.device("cpu"))
     generate = gs.rq_generate(model, new_tokens=10)
     plain = generate(prompt)
     head = model.vae.lm_head
     reordered = []  # generate's prepacked LM head calls (2 rows x C): the timers must not keep it from them
     watch = head.register_forward_pre_hook(lambda m, args: reordered.append("forward" in vars(m)))
-    with gs.part_timers(model, torch.device("cpu")) as times:
+    with parts.part_timers(model, torch.device("cpu")) as times:
         start = time.perf_counter()
         timed = generate(prompt)
         wall = time.perf_counter() - start
@@ -162,14 +169,15 @@ def test_part_timers_split_the_steps_and_leave_the_model_as_it_was(small_layers_
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 @pytest.mark.parametrize("kernels", [True, False])
 def test_the_baseline_runs_its_batch_rows_prepacked_like_the_rq_model(kernels, small_layers_prepacked):
+    from rqlm.benchmarks import generation_models as gm
     from rqlm.benchmarks import generation_speed as gs
 
-    baseline = gs.build_baseline(gs.shape_config("test", vocab_size=64)).eval()
+    baseline = gm.build_baseline(gm.shape_config("test", vocab_size=64)).eval()
     layer = baseline.model.layers[0].mlp.up_proj
     calls = []  # (rows, reordered) of each call
     watch = layer.register_forward_pre_hook(lambda m, args: calls.append((args[0].numel() // m.in_features, "forward" in vars(m))))
     for batch in (1, 4):
-        gs.baseline_generate(baseline, 3, "default", kernels=kernels)(gs.prompts(batch, 6, 64, torch.device("cpu")))
+        gs.baseline_generate(baseline, 3, "default", kernels=kernels)(gm.prompts(batch, 6, 64, torch.device("cpu")))
     watch.remove()
     assert {rows for rows, _ in calls} == {1, 4, 6, 24}  # prefill and steps at batch 1 and 4
     assert all(reordered == kernels for _, reordered in calls)  # the 1-3 row calls then go to F.linear
@@ -177,11 +185,11 @@ def test_the_baseline_runs_its_batch_rows_prepacked_like_the_rq_model(kernels, s
 
 
 def test_kv_cache_bytes_match_the_baseline_cache():
-    from rqlm.benchmarks import generation_speed as gs
+    from rqlm.benchmarks import generation_models as gm
 
-    config = gs.shape_config("test", vocab_size=64)
-    baseline = gs.build_baseline(config)
-    prompt = gs.prompts(3, 8, 64, torch.device("cpu"))
+    config = gm.shape_config("test", vocab_size=64)
+    baseline = gm.build_baseline(config)
+    prompt = gm.prompts(3, 8, 64, torch.device("cpu"))
     out = baseline.generate(
         prompt,
         max_new_tokens=5,
@@ -192,7 +200,7 @@ def test_kv_cache_bytes_match_the_baseline_cache():
     )
     cache = out.past_key_values
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    assert held == gs.baseline_cache_bytes(config, 8, 5, 3, torch.float32)
+    assert held == gm.baseline_cache_bytes(config, 8, 5, 3, torch.float32)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rqlm.modeling import vector_quantize
+from rqlm.modeling import codebook
 from rqlm.quantizers import ResidualVQ, VectorQuantize
 
 WORLD_SIZE, STEPS, DIM = 2, 4, 8
@@ -105,7 +105,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                 [quantizers["rvq"].codes_replaced.sum(), quantizers["heads"].codes_replaced]
             )
             torch.save(state, os.path.join(out_dir, f"sync={sync}-rank{rank}.pt"))
-        vector_quantize.sample_rows = first_rows  # kmeans seeds from rank 0's first rows: deterministic
+        codebook.sample_rows = first_rows  # kmeans seeds from rank 0's first rows: deterministic
         quantizers = build_quantizers(None, threshold_ema_dead_code=0, quantize_dropout=False)
         train_on_shared_batches(quantizers, slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK))
         torch.save(flat_state(quantizers), os.path.join(out_dir, f"halves-rank{rank}.pt"))
@@ -136,7 +136,7 @@ def test_two_gloo_ranks_hold_identical_codebooks(rank_states):
 
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(rank_states, monkeypatch):
     halves = [torch.load(rank_states / f"halves-rank{rank}.pt") for rank in range(WORLD_SIZE)]
-    monkeypatch.setattr(vector_quantize, "sample_rows", first_rows)
+    monkeypatch.setattr(codebook, "sample_rows", first_rows)
     quantizers = build_quantizers(None, threshold_ema_dead_code=0, quantize_dropout=False)
     train_on_shared_batches(quantizers, slice(None))
     whole = flat_state(quantizers)

@@ -15,14 +15,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from rqlm import cli
 from rqlm.pipeline import fresh_accelerate_state
-from rqlm.sweeps.runner import (
-    code_bits,
-    load_sweep_config,
-    params_per_token,
-    plan_sweeps,
-    to_argv,
-    training_flops,
-)
+from rqlm.sweeps.flops import params_per_token, training_flops
+from rqlm.sweeps.runner import code_bits, load_sweep_config, plan_sweeps, to_argv
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]

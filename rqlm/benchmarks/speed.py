@@ -177,9 +177,34 @@ def benchmark_models(
     input_ids = torch.randint(0, vocab, (batch_size, block_size), generator=torch.Generator().manual_seed(0))
     input_ids = input_ids.to(device)
     amp_dtype = DTYPES[dtype]
-    tokens = input_ids.numel()
+    train_seconds, peak_mb = measure_training(models, input_ids, device, amp_dtype, repeats, warmup)
+    eval_seconds = measure_inference(rq_vae, baseline, input_ids, device, amp_dtype, repeats, warmup)
+    setup = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "dtype": dtype,
+        "backbone": backbone,
+        "batch_size": batch_size,
+        "block_size": block_size,
+        "compression_factor": compression_factor,
+        "num_quantizers": num_quantizers,
+        "codebook_size": codebook_size,
+        "quantizer_type": quantizer_type,
+        "repeats": repeats,
+        "ours_parameters": sum(p.numel() for p in rq_vae.parameters()),
+        "baseline_parameters": sum(p.numel() for p in baseline.parameters()),
+        "memory": "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "torch.profiler memory events",
+    }
+    return {"setup": setup, "rows": model_rows(input_ids.numel(), train_seconds, peak_mb, eval_seconds)}
 
-    # training: forward + backward + AdamW step
+
+def measure_training(
+    models: dict, input_ids: torch.LongTensor, device: torch.device, amp_dtype: torch.dtype, repeats: int, warmup: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds of forward + backward + AdamW step per side, then each side's peak MB (weights,
+    gradients, optimizer state and the step's activations)."""
     optimizers = {side: torch.optim.AdamW(model.parameters(), lr=1e-4) for side, model in models.items()}
 
     def train_step(side: str) -> Callable[[], None]:
@@ -205,9 +230,14 @@ def benchmark_models(
         ]
         resident = tensor_bytes([*model.parameters(), *model.buffers(), *optimizer_state])
         peak_mb[side] = (resident + peak_bytes(train_steps[side], device)) / MB
+    return train_seconds, peak_mb
 
-    # inference: encode and decode of the RQ-VAE, each against one forward of the baseline
-    for model in models.values():
+
+def measure_inference(
+    rq_vae, baseline, input_ids: torch.LongTensor, device: torch.device, amp_dtype: torch.dtype, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds (eval, no grad) of the RQ-VAE's encode and decode and of one baseline forward."""
+    for model in (rq_vae, baseline):
         model.eval()
     with torch.no_grad(), autocast(device, amp_dtype):
         codes = rq_vae.encode(input_ids).codes
@@ -219,7 +249,7 @@ def benchmark_models(
 
         return step
 
-    eval_seconds = median_seconds(
+    return median_seconds(
         {
             "encode": no_grad(lambda: rq_vae.encode(input_ids)),
             "decode": no_grad(lambda: rq_vae.decode(codes)),
@@ -230,10 +260,14 @@ def benchmark_models(
         warmup,
     )
 
+
+def model_rows(tokens: int, train_seconds: dict, peak_mb: dict, eval_seconds: dict) -> list[dict]:
+    """The table's rows, each {'metric', 'ours', 'baseline', 'ratio'}."""
+
     def row(metric: str, ours: float, base: float) -> dict:
         return {"metric": metric, "ours": ours, "baseline": base, "ratio": ours / base}
 
-    rows = [
+    return [
         row("train step tokens/s", tokens / train_seconds["ours"], tokens / train_seconds["baseline"]),
         row("train step peak MB", peak_mb["ours"], peak_mb["baseline"]),
         row(
@@ -247,25 +281,6 @@ def benchmark_models(
             tokens / eval_seconds["baseline"],
         ),
     ]
-    setup = {
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "dtype": dtype,
-        "backbone": backbone,
-        "batch_size": batch_size,
-        "block_size": block_size,
-        "compression_factor": compression_factor,
-        "num_quantizers": num_quantizers,
-        "codebook_size": codebook_size,
-        "quantizer_type": quantizer_type,
-        "repeats": repeats,
-        "ours_parameters": sum(p.numel() for p in rq_vae.parameters()),
-        "baseline_parameters": sum(p.numel() for p in baseline.parameters()),
-        "memory": "torch.cuda.max_memory_allocated"
-        if device.type == "cuda"
-        else "torch.profiler memory events",
-    }
-    return {"setup": setup, "rows": rows}
 
 
 def format_model_table(result: dict) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from rqlm.benchmarks import HEADLINE_C
@@ -327,10 +328,46 @@ def resolve_grid(args: argparse.Namespace) -> None:
 
 
 def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
-    """Every shape's runs (and the sweep) -> (JSON result, tables, summary lines)."""
-    import torch
+    """Every shape's runs (and the sweep) -> (JSON result, tables, summary lines); a progress bar on stderr."""
+    from tqdm import tqdm
 
     from rqlm.benchmarks import generation_speed as gs
+    from rqlm.benchmarks import generation_tables as tables
+
+    _check_generation_args(args)
+    variants = _generation_variants(args)
+    trained = _load_trained(args) if args.model else None
+    result = {"setup": _generation_setup(args, device), "shapes": []}
+    plans = [_shape_plan(args, shape, variants, trained, device) for shape in args.shapes]
+    runs = sum(
+        gs.planned_runs(p["variants"], p["batch_sizes"], p["ways"], p["other_batch_sizes"]) for p in plans
+    )
+    with tqdm(total=runs, unit="run", file=sys.stderr) as progress:
+        for plan in plans:
+            _say(f"measuring {plan['shape']}{' (trained models)' if plan['models'] else ''} ...")
+            result["shapes"].append(gs.benchmark_shape(**plan, log=_say, progress=progress))
+            if plan["models"] and args.evaluation_json:
+                result["shapes"][-1]["evaluation"] = _read_evaluation(args.evaluation_json)
+    if args.plot:
+        result["sweep"] = _generation_sweep(args, device, result)
+    result["setup"]["load_average_after"] = os.getloadavg()[0]
+    headline = result["shapes"][0]
+    summary = tables.summary_lines(headline, headline["shape"], HEADLINE_C)
+    result["summary"] = summary
+    return result, tables.format_tables(result), summary
+
+
+def _say(text: str) -> None:
+    """A line to stdout, the progress bar on stderr cleared before and drawn again after."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def _check_generation_args(args) -> None:
+    """The headline or grid (and `--quick`'s sizes) filled in, then a one-line error for a bad value."""
+    from rqlm.benchmarks.generation_models import shape_config
 
     resolve_grid(args)
     if args.quick:
@@ -338,7 +375,7 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
         args.compression_factors, args.compile_shapes = [HEADLINE_C], []
         args.sweep_contexts, args.sweep_batches, args.sweep_new_tokens = [16, 32], [1, 2], 8
     for shape in args.shapes:
-        gs.shape_config(shape)  # one-line error for an unknown shape, before any model is built
+        shape_config(shape)  # one-line error for an unknown shape, before any model is built
     if args.prompt_length < 1 or args.new_tokens < 1 or args.large_new_tokens < 1:
         raise ValueError("--prompt_length, --new_tokens and --large_new_tokens must be >= 1")
     for name in ("batch_sizes", "compression_factors", "sweep_contexts", "sweep_batches"):
@@ -351,92 +388,100 @@ def _generation_bench(args, device) -> tuple[dict, str, list[str]]:
         args.compression_factors = [HEADLINE_C, *args.compression_factors]
     if args.parallel_depth and args.depth_output == "tokens":
         raise ValueError("--parallel_depth is a codes-mode depth; drop it with --depth_output tokens")
+
+
+def _generation_variants(args) -> list:
+    """The latent LMs to measure, the headline's C first: one per C, the parallel depth, then the GIVT heads."""
+    from rqlm.benchmarks.generation_models import Variant
+    from rqlm.modeling.configuration_givt import HEADS
+
     depth = {k: v for k in ("depth_hidden_size", "depth_num_layers", "token_decoder_context", "token_head_rank")
              if (v := getattr(args, k)) is not None}
     variants = [
-        gs.Variant(c, depth_output=args.depth_output, depth=depth)
+        Variant(c, depth_output=args.depth_output, depth=depth)
         for c in sorted(args.compression_factors, key=lambda c: c != HEADLINE_C)
     ]
     if args.parallel_depth is not False and args.depth_output == "codes":
-        variants.append(gs.Variant(HEADLINE_C, "parallel", depth=depth))
-    from rqlm.modeling.configuration_givt import HEADS
-
+        variants.append(Variant(HEADLINE_C, "parallel", depth=depth))
     unknown = sorted(set(args.givt_heads) - set(HEADS))
     if unknown:
         raise ValueError(f"--givt_heads: unknown head(s) {unknown}; choose from {', '.join(HEADS)}")
-    variants += [gs.Variant(HEADLINE_C, None, head) for head in args.givt_heads]
-    trained = _load_trained(args) if args.model else None
+    return variants + [Variant(HEADLINE_C, None, head) for head in args.givt_heads]
 
-    result = {
-        "setup": {
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "cpu_count": os.cpu_count(),
-            "dtype": args.dtype,
-            "prompt_length": args.prompt_length,
-            "batch_sizes": args.batch_sizes,
-            "repeats": args.repeats,
-            "load_average_before": os.getloadavg()[0],
-            "cpu_kernels": args.cpu_kernels,
-        },
-        "shapes": [],
+
+def _generation_setup(args, device) -> dict:
+    """The JSON's `setup`: machine, threads, dtype, sizes and the load before the runs."""
+    import torch
+
+    return {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
+        "dtype": args.dtype,
+        "prompt_length": args.prompt_length,
+        "batch_sizes": args.batch_sizes,
+        "repeats": args.repeats,
+        "load_average_before": os.getloadavg()[0],
+        "cpu_kernels": args.cpu_kernels,
     }
-    for shape in args.shapes:
-        large = shape == "qwen3-0.6b"
-        replace = trained is not None and shape == "tiny"
-        ways = [*gs.BASELINE_WAYS[:2], *(gs.BASELINE_WAYS[2:] if shape in args.compile_shapes else [])]
-        print(f"measuring {shape}{' (trained models)' if replace else ''} ...", flush=True)
-        result["shapes"].append(
-            gs.benchmark_shape(
-                shape=shape,
-                variants=variants if not replace else [trained_variant(trained[0])],
-                batch_sizes=args.batch_sizes,
-                prompt_length=args.prompt_length,
-                new_tokens=args.large_new_tokens if large else args.new_tokens,
-                ways=ways,
-                dtype=args.dtype,
-                device=device,
-                repeats=args.repeats,
-                memory=args.memory and not large,
-                other_batch_sizes=args.batch_sizes[:1] if large else None,
-                models=trained if replace else None,
-                kernels=args.cpu_kernels,
-            )
-        )
-        if replace and args.evaluation_json:
-            result["shapes"][-1]["evaluation"] = _read_evaluation(args.evaluation_json)
-    if args.plot:
-        shape = args.shapes[-1]
-        print(f"sweeping context length and batch size at {shape} ...", flush=True)
-        # compiled graphs are specialised to every prompt length and batch: the sweep takes the faster uncompiled way
-        uncompiled = [r for r in result["shapes"][-1]["rows"] if r["way"] != "static+compile"]
-        fastest = gs.best_baseline(uncompiled, shape, args.batch_sizes[0])["way"]
-        result["sweep"] = gs.sweep(
-            shape=shape,
-            contexts=args.sweep_contexts,
-            batch_sizes=args.sweep_batches,
-            new_tokens=args.sweep_new_tokens,
-            baseline_way=fastest,
-            dtype=args.dtype,
-            device=device,
-            kernels=args.cpu_kernels,
-        )
-        gs.plot_sweep(result["sweep"], args.plot)
-    result["setup"]["load_average_after"] = os.getloadavg()[0]
-    headline = result["shapes"][0]
-    summary = gs.summary_lines(headline, headline["shape"], HEADLINE_C)
-    result["summary"] = summary
-    return result, gs.format_tables(result), summary
+
+
+def _shape_plan(args, shape: str, variants: list, trained, device) -> dict:
+    """`benchmark_shape`'s arguments at one shape: the trained models replace the random ones at `tiny`; the
+    Qwen3-0.6B shape makes the long runs, without memory, and its other variants only at the first batch size."""
+    from rqlm.benchmarks.generation_speed import BASELINE_WAYS
+
+    large = shape == "qwen3-0.6b"
+    replace = trained is not None and shape == "tiny"
+    return {
+        "shape": shape,
+        "variants": variants if not replace else [trained_variant(trained[0])],
+        "batch_sizes": args.batch_sizes,
+        "prompt_length": args.prompt_length,
+        "new_tokens": args.large_new_tokens if large else args.new_tokens,
+        "ways": [*BASELINE_WAYS[:2], *(BASELINE_WAYS[2:] if shape in args.compile_shapes else [])],
+        "dtype": args.dtype,
+        "device": device,
+        "repeats": args.repeats,
+        "memory": args.memory and not large,
+        "other_batch_sizes": args.batch_sizes[:1] if large else None,
+        "models": trained if replace else None,
+        "kernels": args.cpu_kernels,
+    }
+
+
+def _generation_sweep(args, device, result: dict) -> dict:
+    """Speed against context length and batch size at the last shape, with the faster uncompiled baseline; plotted."""
+    from rqlm.benchmarks.generation_sweep import plot_sweep, sweep
+    from rqlm.benchmarks.generation_tables import best_baseline
+
+    shape = args.shapes[-1]
+    print(f"sweeping context length and batch size at {shape} ...", flush=True)
+    # compiled graphs are specialised to every prompt length and batch: the sweep takes the faster uncompiled way
+    uncompiled = [r for r in result["shapes"][-1]["rows"] if r["way"] != "static+compile"]
+    fastest = best_baseline(uncompiled, shape, args.batch_sizes[0])["way"]
+    points = sweep(
+        shape=shape,
+        contexts=args.sweep_contexts,
+        batch_sizes=args.sweep_batches,
+        new_tokens=args.sweep_new_tokens,
+        baseline_way=fastest,
+        dtype=args.dtype,
+        device=device,
+        kernels=args.cpu_kernels,
+    )
+    plot_sweep(points, args.plot)
+    return points
 
 
 def trained_variant(model):
     """The `Variant` of a trained latent LM: its C, and its head for a GIVT model."""
-    from rqlm.benchmarks import generation_speed as gs
+    from rqlm.benchmarks.generation_models import Variant
 
     if model.config.model_type == "givt":
-        return gs.Variant(model.compression_factor, None, model.config.head)
-    return gs.Variant(model.compression_factor, depth_output=model.config.depth_output)
+        return Variant(model.compression_factor, None, model.config.head)
+    return Variant(model.compression_factor, depth_output=model.config.depth_output)
 
 
 def _load_trained(args):
@@ -485,7 +530,7 @@ def _drafting_bench(args, device) -> tuple[dict, str]:
     """Target alone, RQ alone, target verified-with-RQ for each drafter -> (JSON result with its summary, table)."""
     import torch
 
-    from rqlm.benchmarks import generation_speed as gs
+    from rqlm.benchmarks import generation_models as gm
     from rqlm.benchmarks.speed import DTYPES
     from rqlm.drafting import speed as ds
 
@@ -511,13 +556,13 @@ def _drafting_bench(args, device) -> tuple[dict, str]:
         target, drafters, prompts = _load_drafting_models(args, device)
     else:
         for shape in (args.target_shape, args.drafter_shape):
-            gs.shape_config(shape)  # one-line error for an unknown shape, before any model is built
-        target = gs.build_baseline(gs.shape_config(args.target_shape, args.vocab_size))
+            gm.shape_config(shape)  # one-line error for an unknown shape, before any model is built
+        target = gm.build_baseline(gm.shape_config(args.target_shape, args.vocab_size))
         drafters = [
-            ds.Drafter(f"RQ {args.drafter_shape} C={c} (random)", gs.build_rq_model(gs.shape_config(args.drafter_shape, args.vocab_size), c))
+            ds.Drafter(f"RQ {args.drafter_shape} C={c} (random)", gm.build_rq_model(gm.shape_config(args.drafter_shape, args.vocab_size), c))
             for c in args.compression_factors
         ]
-        rows = gs.prompts(args.prompts, args.prompt_length, args.vocab_size, torch.device("cpu"))
+        rows = gm.prompts(args.prompts, args.prompt_length, args.vocab_size, torch.device("cpu"))
         prompts = [row[None] for row in rows]
     target = target.to(device, dtype).eval()
     for drafter in drafters:

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from rqlm.pipeline import StageLog
-    from rqlm.sweeps.runner import collect_results, load_sweep_config, plan_sweeps, write_results
+    from rqlm.sweeps.results import collect_results, write_results
+    from rqlm.sweeps.runner import load_sweep_config, plan_sweeps
 
     config = load_sweep_config(args.sweep_config)
     if args.max_steps is not None:

@@ -113,7 +113,7 @@ def bench_figures(bench: dict) -> dict[str, dict]:
     """`rqlm bench` JSON (a trained latent LM and the baseline) -> per model (the latent LM under RQ_MODEL) and
     batch size: tokens/s, time to first token, peak memory, and the latent LM's speedup over the baseline in
     the same run; and parameters. The baseline's figures are its fastest way of generating at each batch size."""
-    from rqlm.benchmarks.generation_speed import best_baseline
+    from rqlm.benchmarks.generation_tables import best_baseline
 
     shape = bench["shapes"][0]
     figures = {RQ_MODEL: {}, BASELINE: {}}
