@@ -279,6 +279,8 @@ def run_demo(args: argparse.Namespace) -> int:
                               block_size=BLOCK_SIZE, quick=args.quick, continuous=continuous(args))
     log.print_summary()
     print(f"\nreport: {report} (figures in {out / 'metrics.json'}, plots in {out / 'plots'})")
+    for warning in json.loads((out / "metrics.json").read_text()).get("warnings", []):
+        print(f"warning: {warning}")
     return 0
 
 

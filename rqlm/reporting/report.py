@@ -49,6 +49,11 @@ TRAINING_STAGES = {"baseline": "Qwen3 baseline", "vae": "RQ-VAE", "lm": COLUMNS[
                    "lm_codes": COLUMNS[RQ_CODES]}
 CONTINUOUS_STAGES = {"gaussian_vae": "Gaussian VAE", GIVT: COLUMNS[GIVT], GIVT_ENERGY: COLUMNS[GIVT_ENERGY]}
 NUM_SAMPLES = 2  # held-out prompts continued by both models
+# Training steps per minute of training time that `make demo` makes on an idle 2-core CPU (AMD EPYC, fp32; the run
+# of docs/results/demo.md, 2026-12-07): a stage far below its figure ran on a busy or slower machine.
+IDLE_STEPS_PER_MINUTE = {"baseline": 196, "vae": 412, "lm": 62, "lm_codes": 195}
+SLOW_FRACTION = 0.5  # warn below this fraction of the idle rate
+DEMO_MINUTES = 15  # what `make demo` promises on 2 cores
 SAMPLE_PROMPT_TOKENS = 32
 SAMPLE_NEW_TOKENS = 32
 DIFF_TOKENS = 64  # tokens of each held-out block shown with its reconstruction
@@ -474,6 +479,31 @@ def conditions_text(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def run_warnings(metrics: dict) -> list[str]:
+    """What the report must say before its figures: stages that made far fewer steps than on an idle machine (so
+    their models are under-trained and the comparison skewed), and a run over the demo's 15 minutes."""
+    c = metrics["conditions"]
+    if c["quick"]:
+        return []
+    warnings = []
+    for stage, idle in IDLE_STEPS_PER_MINUTE.items():
+        t = c["training"].get(stage)
+        if not t or t["train_minutes"] <= 0:
+            continue
+        rate = t["steps"] / t["train_minutes"]
+        if rate < SLOW_FRACTION * idle:
+            label = (TRAINING_STAGES | CONTINUOUS_STAGES)[stage]
+            warnings.append(
+                f"{label} made {t['steps']:,} steps ({rate:,.0f} a minute; an idle 2-core CPU makes about {idle:,}): "
+                "the machine was busy or slower, so this model is under-trained and its figures are not comparable "
+                "to docs/results/demo.md"
+            )
+    total = sum(c["stage_seconds"].values()) / 60
+    if total > DEMO_MINUTES:
+        warnings.append(f"the run took {total:.1f} minutes, past the {DEMO_MINUTES} an idle 2-core CPU needs")
+    return warnings
+
+
 def render_report(metrics: dict, samples: list[dict], diffs: list[dict], plots: dict[str, str]) -> str:
     """report.md's text."""
     models = report_models(metrics)
@@ -487,6 +517,7 @@ def render_report(metrics: dict, samples: list[dict], diffs: list[dict], plots: 
          "residual codes, which the frozen RQ-VAE decodes; a perplexity bound)"
          + (f", and the continuous latent LMs over a Gaussian VAE ({' / '.join(continuous)})" if continuous else "")
          + ". Every number comes from this run (all of them in `metrics.json`)."),
+        *(f"> **Warning**: {w}." for w in metrics.get("warnings", [])),
         markdown_table("model", headline_columns(metrics), headline_rows(metrics)),
         "Every figure, a column per model:",
         markdown_table("", [COLUMNS[m] for m in models], table_rows(metrics)),
@@ -555,6 +586,7 @@ def write_report(out: str | Path, stage_seconds: dict, budgets: dict, block_size
 
     out = Path(out)
     metrics = collect_metrics(out, stage_seconds, budgets, quick, continuous)
+    metrics["warnings"] = run_warnings(metrics)
     blocks = held_out_blocks(load_tokenizer(out / "lm"), block_size, metrics["conditions"]["compression_factor"],
                              NUM_SAMPLES)
     samples, diffs = greedy_samples(out, blocks, report_models(metrics)), reconstruction_diffs(out, blocks)
