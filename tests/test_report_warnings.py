@@ -32,7 +32,7 @@ def test_a_quick_run_is_never_warned_about():
 
 
 def test_the_warnings_lead_the_report(monkeypatch):
-    import rqlm.reporting.report as report
+    from rqlm.reporting import report
 
     for name in ("headline_columns", "headline_rows", "table_rows", "conditions_text", "report_models"):
         monkeypatch.setattr(report, name, lambda *a, **k: [])
