@@ -67,7 +67,9 @@ VAE_FIELDS = {
     "compression_factor": 4,
     "quantizer_kwargs": {"kmeans_init": True, "threshold_ema_dead_code": 2, "decay": 0.8, "commitment_weight": 0.25},
 }
-LM_FIELDS = {"depth_hidden_size": 256, "depth_num_layers": 1, "depth_num_attention_heads": 4}
+# the LM as `rqlm train-lm` builds it by default: the tokens mode (its 4-layer token decoder and P by the config's
+# defaults); `--depth_output codes` in a plan would add the codes mode's D x K logits instead of C x V
+LM_FIELDS = {"depth_output": "tokens", "depth_hidden_size": 256, "depth_num_attention_heads": 4}
 MODELS = ("vae", "lm", "baseline")
 
 # which configs/accelerate file runs a plan row
@@ -155,16 +157,22 @@ def activation_bytes(model: torch.nn.Module, kind: str, tokens: int, checkpointi
         config, backbone = model.config, model.config.backbone_config
         layers = config.num_encoder_layers + config.num_decoder_layers
         return stack_activation_bytes(backbone, layers, tokens, checkpointing) + tokens * backbone.vocab_size * LOGIT_BYTES
-    config = model.config  # the LM: spatial layers over L = T / C positions, depth layers over L x D
+    config = model.config  # the LM: spatial layers over L = T / C positions, then its depth decoder per position
     positions = tokens // config.compression_factor
-    depth_positions = positions * config.num_quantizers
+    if config.depth_output == "tokens":  # the token decoder over L x (P + C) slots, then the C x V logits
+        depth_positions = positions * ((config.token_decoder_context or 0) + config.compression_factor)
+        vocab = config.vae_config.backbone_config.vocab_size
+        outputs = tokens * vocab
+    else:  # the codes mode: depth layers over L x D, then D x K logits
+        depth_positions = positions * config.num_quantizers
+        outputs = depth_positions * config.codebook_size
     depth = small_stack_config(config.depth_hidden_size, config.depth_intermediate_size, config.depth_num_layers,
                                config.depth_num_attention_heads, config.backbone_config.max_position_embeddings,
                                like=config.backbone_config)
     return (
         stack_activation_bytes(config.backbone_config, config.backbone_config.num_hidden_layers, positions, checkpointing)
         + stack_activation_bytes(depth, config.depth_num_layers, depth_positions, checkpointing)
-        + depth_positions * config.codebook_size * LOGIT_BYTES
+        + outputs * LOGIT_BYTES
     )
 
 
