@@ -53,6 +53,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.candidate_generator import CandidateGenerator
 
+from rqlm.evaluation.perplexity import until_first_eos
 from rqlm.modeling.generation_rq_transformer import _State, _token_ids
 from rqlm.modeling.modeling_rq_draft_head import RQDraftHead
 from rqlm.modeling.transformers_private import assisted_decoding
@@ -106,10 +107,8 @@ class _ChunkDrafts(CandidateGenerator):
 
     def _until_eos(self, tokens: torch.LongTensor) -> tuple[torch.LongTensor, bool]:
         """Drafted tokens (1, n) cut after their first EOS, as `generate` stops there; and whether one was found."""
-        is_eos = torch.isin(tokens[0], self.eos_ids)
-        if not is_eos.any():
-            return tokens, False
-        return tokens[:, : int(is_eos.float().argmax()) + 1], True
+        kept = int(until_first_eos(tokens, self.eos_ids).sum())
+        return tokens[:, :kept], bool(torch.isin(tokens[0, kept - 1], self.eos_ids))
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         """Record how many drafted tokens the target kept; the draft length stays fixed."""
