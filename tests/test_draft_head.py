@@ -411,23 +411,14 @@ TWO_PROCESS_SCRIPT = textwrap.dedent(
 
 
 def test_accelerate_launch_two_processes_train_the_same_head_and_leave_target_and_vae_alone(folders, tmp_path):
-    import os
-
+    from conftest import launch_two_processes
     from safetensors.torch import load_file
-    from test_train_lm import digest, free_port
+    from test_train_lm import digest
 
-    script = tmp_path / "two_process.py"
-    script.write_text(TWO_PROCESS_SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script),
-        str(out), *head_flags(folders), "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--output_dir", str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    flags = [*head_flags(folders), "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--output_dir", out]
+    launch_two_processes(TWO_PROCESS_SCRIPT, [out, *flags], tmp_path)
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
     assert all(r["rc"] == 0 for r in ranks)
     differing = [k for k in ranks[0]["digests"] if ranks[0]["digests"][k] != ranks[1]["digests"].get(k)]
