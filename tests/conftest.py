@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny Qwen3 backbones built from code, so tests run offline in seconds."""
+"""Shared fixtures: tiny Qwen3 backbones built from code, so tests run offline in seconds; two-process launches."""
 
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,6 +31,36 @@ def tiny_qwen3_config(vocab_size: int = 96, hidden_size: int = 32, num_hidden_la
     }
     values.update(overrides)
     return Qwen3Config(**values)
+
+
+def free_port() -> int:
+    """A free local TCP port, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(
+    script: str, args, tmp_path, launch_flags=("--multi_gpu",), mixed_precision="no", env=None, timeout=300
+) -> subprocess.CompletedProcess:
+    """`accelerate launch` 2 CPU processes of the Python source `script` (written under tmp_path) with `args`
+    -> the finished process (text stdout and stderr), asserted to exit 0, its output's end shown if it did not.
+
+    `--multi_gpu` picks accelerate's torchrun launcher and ACCELERATE_USE_CPU makes it a gloo CPU group
+    (`--cpu --num_processes 2` alone starts a single process); `launch_flags` replaces it (FSDP's flags), `env`
+    is added to the environment.
+    """
+    path = tmp_path / "launched.py"
+    path.write_text(script)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), **(env or {})}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", *launch_flags, "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(path), *map(str, args),
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-2000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    return proc
 
 
 @pytest.fixture

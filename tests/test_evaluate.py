@@ -17,7 +17,7 @@ from rqlm.cli import main
 from rqlm.data.loading import get_lm_datasets
 from rqlm.data.tokenizer import load_tokenizer
 from rqlm.evaluation.bound import bound_terms, perplexity_bound
-from rqlm.evaluation.perplexity import block_nll, continuation_mask, continuation_nll
+from rqlm.evaluation.perplexity import block_nll, continuation_nll, until_first_eos
 
 # ----------------------------------------------------------------- the two-chunk toy
 # 6^4 = 1,296 texts of two chunks, 16 codes a position, 256 code sequences: p(x) = sum_z p(z) p(x | z) is
@@ -202,14 +202,18 @@ def test_diversity_counts_distinct_and_repeated_ngrams():
 def test_continuations_are_scored_up_to_their_first_eos():
     eos = 1
     continuations = torch.tensor([[5, 6, 7, 8], [5, eos, 2, 2], [eos, eos, 2, 2]])
-    assert continuation_mask(continuations, eos).tolist() == [
+    assert until_first_eos(continuations, eos).tolist() == [
         [True] * 4, [True, True, False, False], [True, False, False, False]
     ]
+    assert until_first_eos(continuations, torch.tensor([eos, 6])).tolist() == [  # several EOS ids (drafting's)
+        [True, True, False, False], [True, True, False, False], [True, False, False, False]
+    ]
+    assert until_first_eos(continuations, None).all()
     torch.manual_seed(0)
     judge = Qwen3ForCausalLM(toy_backbone(vocab_size=12)).eval()
     prompts = torch.randint(2, 12, (3, 5))
     scored = continuation_nll(judge, prompts, continuations, eos)
-    labels = torch.cat([torch.full_like(prompts, -100), continuations.masked_fill(~continuation_mask(continuations, eos), -100)], 1)
+    labels = torch.cat([torch.full_like(prompts, -100), continuations.masked_fill(~until_first_eos(continuations, eos), -100)], 1)
     with torch.no_grad():
         mean = judge(input_ids=torch.cat([prompts, continuations], 1), labels=labels).loss
     assert scored["num_tokens"] == 4 + 2 + 1

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import launch_two_processes
 from safetensors.torch import load_file
 from test_train_lm import clean_accelerate_state  # noqa: F401  (an autouse fixture: fresh Accelerate state, codes cached per test)
-from test_trainer import free_port, text_corpus  # noqa: F401  (a fixture)
+from test_trainer import text_corpus  # noqa: F401  (a fixture)
 
 from rqlm import cli
 from rqlm.pipeline import fresh_accelerate_state
@@ -101,15 +99,10 @@ def one_process(command: str, flags: list[str]) -> None:
 
 def fsdp_two_processes(tmp_path, command: str, flags: list[str], mixed_precision: str = "no", env=None) -> str:
     """`accelerate launch` 2 CPU processes of `rqlm COMMAND FLAGS` under FSDP2 (`env` added); returns stdout."""
-    script = tmp_path / "fsdp_on_cpu.py"
-    script.write_text(FSDP_ON_CPU_SCRIPT)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"),
-           "HF_DATASETS_CACHE": str(tmp_path / "codes_cache"), **(env or {})}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", *FSDP_FLAGS, "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), str(script), command, *flags]  # fmt: skip
-    proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {"HF_DATASETS_CACHE": str(tmp_path / "codes_cache"), **(env or {})}
+    proc = launch_two_processes(
+        FSDP_ON_CPU_SCRIPT, [command, *flags], tmp_path, launch_flags=FSDP_FLAGS, mixed_precision=mixed_precision, env=env
+    )
     return proc.stdout
 
 

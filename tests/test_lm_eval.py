@@ -161,6 +161,15 @@ def test_rolling_windows_are_whole_chunks_and_the_last_reads_a_full_window(folde
         RQTransformerLM(pretrained=str(root / "rq"), batch_size="auto")
 
 
+def test_generated_ids_end_before_the_first_eos(adapter, monkeypatch):
+    """`_generate` returns each row's new ids up to (not including) its first EOS, whatever `generate` put after it."""
+    eos = adapter.eot_token_id
+    a, b = eos + 1, eos + 2
+    new = torch.tensor([[a, eos, b, eos], [a, b, a, b], [eos, a, eos, b]])  # (3, 4): what generate appended
+    monkeypatch.setattr(adapter.model, "generate", lambda input_ids, **kwargs: torch.cat([input_ids, new], dim=1))
+    assert adapter._generate([[a], [a, b], [b]], max_new_tokens=4) == [[a], [a, b, a, b], []]
+
+
 def test_generate_until_is_generate_cut_at_the_first_stop_string(adapter, folders):
     _, model = folders
     ids = torch.tensor([adapter.tok_encode(CONTEXT)])

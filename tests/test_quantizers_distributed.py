@@ -4,24 +4,18 @@ holds bit-identical codebooks; and those codebooks are the ones one process reac
 batches concatenated (the statistics are summed over ranks, not taken from one of them)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from rqlm.modeling import codebook
 from rqlm.quantizers import ResidualVQ, VectorQuantize
 
 WORLD_SIZE, STEPS, DIM = 2, 4, 8
 ROWS_PER_RANK, LENGTH = 2, 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_quantizers(

@@ -8,16 +8,13 @@ save_pretrained -> from_pretrained for every quantizer family giving identical c
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import tiny_qwen3_config
+from conftest import launch_two_processes, tiny_qwen3_config
 from safetensors.torch import load_file
-from test_trainer import clean_accelerate_state, free_port, text_corpus  # noqa: F401  (two are fixtures)
+from test_trainer import clean_accelerate_state, text_corpus  # noqa: F401  (fixtures)
 
 from rqlm import RQVAEConfig, RQVAEModel, cli
 from rqlm.modeling.quantizer_registry import FAMILIES
@@ -107,19 +104,9 @@ TWO_PROCESS_SCRIPT = textwrap.dedent(
 
 
 def test_accelerate_launch_two_processes_end_with_identical_codebooks(text_corpus, tmp_path):  # noqa: F811
-    script = tmp_path / "two_process.py"
-    script.write_text(TWO_PROCESS_SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(script), str(out), *vae_flags(text_corpus, out, max_steps=4),
-    ]  # fmt: skip
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_processes(TWO_PROCESS_SCRIPT, [out, *vae_flags(text_corpus, out, max_steps=4)], tmp_path)
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
     assert all(r["rc"] == 0 and r["num_processes"] == 2 for r in ranks)
     assert ranks[0]["initted"] and all(ranks[0]["initted"]), "kmeans init never ran"

@@ -12,15 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 import warnings
 
 import pytest
 import torch
+from conftest import launch_two_processes
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen3Config
 
@@ -250,30 +247,14 @@ TWO_PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
 def test_accelerate_launch_two_processes_end_with_identical_weights_and_the_vae_untouched(corpus, tmp_path):
-    script = tmp_path / "two_process.py"
-    script.write_text(TWO_PROCESS_SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(script), str(out), *lm_flags(corpus, out, max_steps=4, eval_steps=2, save_steps=2),
-    ]  # fmt: skip
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_processes(TWO_PROCESS_SCRIPT, [out, *lm_flags(corpus, out, max_steps=4, eval_steps=2, save_steps=2)], tmp_path)
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
     assert all(r["rc"] == 0 and r["num_processes"] == 2 for r in ranks)
     differing = [k for k in ranks[0]["digests"] if ranks[0]["digests"][k] != ranks[1]["digests"].get(k)]

@@ -11,9 +11,6 @@ import itertools
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -21,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import launch_two_processes
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
@@ -549,27 +547,9 @@ TWO_PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_accelerate_launch_two_processes_end_with_identical_weights(tmp_path):
-    script = tmp_path / "two_process.py"
-    script.write_text(TWO_PROCESS_SCRIPT)
     out = tmp_path / "out"
-    # `--multi_gpu` picks accelerate's torchrun launcher; ACCELERATE_USE_CPU makes it a gloo CPU group
-    # (`--cpu --num_processes 2` alone starts a single process)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(script), str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_processes(TWO_PROCESS_SCRIPT, [out], tmp_path)
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
     assert all(r["num_processes"] == 2 and r["step"] == 5 for r in ranks)
     assert ranks[0]["digest"] == ranks[1]["digest"]

@@ -37,7 +37,6 @@ def _list_of(kind: type, what: str):
 
 
 _ints = _list_of(int, "integers")
-_floats = _list_of(float, "numbers")
 
 
 def _names(text: str) -> list[str]:
@@ -211,11 +210,6 @@ def _add_drafting_arguments(parser: argparse.ArgumentParser) -> None:
     drafting.add_argument(
         "--draft_tokens", type=_ints, default=None,
         help="tokens drafted per verification step, comma-separated for one row each (default C)",
-    )
-    drafting.add_argument(
-        "--draft_confidence", type=_floats, default=[0.0],
-        help="confidence gates, comma-separated for one row each: a chunk is drafted only when its first code is at least "
-        "this likely (0: always)",
     )
     drafting.add_argument("--prompts", type=int, default=4, help="prompts, run one after the other at batch 1")
 
@@ -545,10 +539,6 @@ def _drafting_bench(args, device) -> tuple[dict, str]:
         args.draft_tokens = [args.draft_tokens]
     if args.draft_tokens is not None and (not args.draft_tokens or min(args.draft_tokens) < 1):
         raise ValueError(f"--draft_tokens must be comma-separated integers >= 1, got {args.draft_tokens}")
-    if isinstance(args.draft_confidence, (int, float)):  # one value from a --config file
-        args.draft_confidence = [float(args.draft_confidence)]
-    if not args.draft_confidence or not all(0.0 <= v <= 1.0 for v in args.draft_confidence):
-        raise ValueError(f"--draft_confidence must be comma-separated probabilities in [0, 1], got {args.draft_confidence}")
     if (args.model is None) != (args.target is None):
         raise ValueError("--drafting takes --target and --model together (trained folders), or neither (random weights)")
     dtype = DTYPES[args.dtype]
@@ -569,8 +559,7 @@ def _drafting_bench(args, device) -> tuple[dict, str]:
         drafter.model.to(device, dtype)
     print(f"measuring drafting ({len(drafters)} drafters, {len(prompts)} prompts) ...", flush=True)
     result = ds.benchmark_drafting(
-        target, drafters, prompts, args.new_tokens, device, args.draft_tokens, confidence_thresholds=args.draft_confidence,
-        kernels=args.cpu_kernels,
+        target, drafters, prompts, args.new_tokens, device, args.draft_tokens, kernels=args.cpu_kernels,
     )
     result["setup"] = {
         "device": str(device),

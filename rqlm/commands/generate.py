@@ -49,10 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--draft_tokens", type=int, default=None, help="tokens drafted per verification step (with --verify-with; default C)"
     )
     parser.add_argument(
-        "--draft_confidence", type=float, default=0.0,
-        help="draft a chunk only when the drafter's first code for it is at least this likely (with --verify-with; 0: always)",
-    )
-    parser.add_argument(
         "--no_cpu_kernels", dest="cpu_kernels", action="store_false",
         help="generate without rqlm's CPU kernels (default: on; the same text, faster on CPU; see rqlm.kernels)",
     )
@@ -77,8 +73,7 @@ def generate_streamed(model, tokenizer, input_ids, args: argparse.Namespace, dra
     generate = model.generate
     if drafter is not None:
         generate = functools.partial(
-            generate_with_drafter, model, drafter, num_draft_tokens=args.draft_tokens, stats=stats,
-            confidence_threshold=args.draft_confidence,
+            generate_with_drafter, model, drafter, num_draft_tokens=args.draft_tokens, stats=stats
         )
     kernels = cpu_kernels(*(m for m in (model, drafter) if m is not None), enabled=args.cpu_kernels)
     with kernels, torch.inference_mode():
@@ -129,8 +124,6 @@ def verify_main(args: argparse.Namespace) -> int:
         raise ValueError("--verify-with and --baseline go separately: the verified output is the target's own")
     if args.draft_tokens is not None and args.draft_tokens < 1:
         raise ValueError(f"--draft_tokens must be at least 1, got {args.draft_tokens}")
-    if not 0.0 <= args.draft_confidence <= 1.0:
-        raise ValueError(f"--draft_confidence is a probability in [0, 1], got {args.draft_confidence}")
     config = read_config(args.model, "--model", DRAFTER_TYPES)
     target_config = read_config(args.verify_with, "--verify-with", ANY_CAUSAL_LM)
     if target_config.model_type == "rq_transformer":
@@ -147,6 +140,5 @@ def verify_main(args: argparse.Namespace) -> int:
     new, seconds = generate_streamed(target, tokenizer, input_ids, args, drafter=drafter, stats=stats)
     print()
     print(f"model: {new} new tokens in {seconds:.2f} s = {new / max(seconds, 1e-9):.1f} tokens/s")
-    below = f", {stats.gated_steps} without a draft (below --draft_confidence)" if args.draft_confidence else ""
-    print(f"drafting: {stats.steps} verification steps, acceptance {stats.tokens_per_step:.2f} tokens/step{below}")
+    print(f"drafting: {stats.steps} verification steps, acceptance {stats.tokens_per_step:.2f} tokens/step")
     return 0

@@ -10,8 +10,7 @@ number of new tokens), timed one after the other on the same machine:
   - `generate_with_drafter(target, drafter)` (the target's output, drafts verified C at a time), checked
     identical to the reference, with its acceptance: new tokens per verification step (one target forward).
 Figures are summed over the prompts: tokens/s = all new tokens / all generate wall time. Also per
-drafter, draft length and confidence gate: the share of steps the gate left without a draft, the
-share of the verified run spent drafting, the share of drafted tokens the target kept, the drafter's
+drafter and draft length: the share of the verified run spent drafting, the share of drafted tokens the target kept, the drafter's
 perplexity bound on the target's own greedy text (prompt and continuation: how well the drafter
 models what it must predict), and the break-even acceptance: the tokens per step at which one
 verification step, at its measured cost, takes as long as the target alone takes for those tokens
@@ -61,23 +60,19 @@ def benchmark_drafting(
     device: torch.device | str = "cpu",
     num_draft_tokens: int | list[int | None] | None = None,
     log=print,
-    confidence_thresholds: list[float] = (0.0,),
     kernels: bool = True,
 ) -> dict:
-    """Every drafter, at every draft length and confidence gate, against the target over `prompts` (each (1, T0))
+    """Every drafter, at every draft length, against the target over `prompts` (each (1, T0))
     -> {'target': row, 'rows': [...]}.
 
     `num_draft_tokens`: tokens drafted per step, or a list of them (None: the drafter's C).
-    `confidence_thresholds`: the drafted chunks' gates (`generate_with_drafter(confidence_threshold=)`), one row each.
     `kernels`: everything runs under `rqlm.kernels.cpu_kernels` (the verification's multi-row linears through oneDNN).
     """
     with cpu_kernels(target, *(d.model for d in drafters), enabled=kernels):
-        return _benchmark_drafting(
-            target, drafters, prompts, new_tokens, device, num_draft_tokens, log, confidence_thresholds, kernels
-        )
+        return _benchmark_drafting(target, drafters, prompts, new_tokens, device, num_draft_tokens, log, kernels)
 
 
-def _benchmark_drafting(target, drafters, prompts, new_tokens, device, num_draft_tokens, log, confidence_thresholds, kernels):
+def _benchmark_drafting(target, drafters, prompts, new_tokens, device, num_draft_tokens, log, kernels):
     device = torch.device(device)
     lengths = num_draft_tokens if isinstance(num_draft_tokens, (list, tuple)) else [num_draft_tokens]
     greedy = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None}
@@ -114,42 +109,39 @@ def _benchmark_drafting(target, drafters, prompts, new_tokens, device, num_draft
         for length in lengths:
             if head and (length or c) > c:  # a head drafts one chunk per step
                 continue
-            for threshold in confidence_thresholds:
-                row_of = _assisted_row if assisted else _verified_row
-                row = row_of(target, model, prompts, references, length, threshold, verified, device)
-                row |= {
-                    "drafter": drafter.name,
-                    "compression_factor": c,
-                    "draft_tokens": length or c,
-                    "confidence_threshold": threshold,
-                    "rq_tokens_per_second": made / alone,
-                    "verified_tokens_per_second": made / row["seconds"],
-                    "speedup": (made / row["seconds"]) / result["target"]["tokens_per_second"],
-                    # tokens/step at which a verification step (draft + target forward), at its measured cost, pays for itself
-                    "break_even_acceptance": row["seconds"] / max(row["steps"], 1) * result["target"]["tokens_per_second"],
-                    "bound_on_target_text": bound,
-                }
-                result["rows"].append(row)
-                log(
-                    f"  {drafter.name}, {row['draft_tokens']} drafted, gate {threshold:g}: alone {_number(made / alone)} "
-                    f"tok/s, verified {row['verified_tokens_per_second']:,.1f} tok/s, acceptance {row['acceptance']:.2f} tokens/step"
-                )
+            row_of = _assisted_row if assisted else _verified_row
+            row = row_of(target, model, prompts, references, length, verified, device)
+            row |= {
+                "drafter": drafter.name,
+                "compression_factor": c,
+                "draft_tokens": length or c,
+                "rq_tokens_per_second": made / alone,
+                "verified_tokens_per_second": made / row["seconds"],
+                "speedup": (made / row["seconds"]) / result["target"]["tokens_per_second"],
+                # tokens/step at which a verification step (draft + target forward), at its measured cost, pays for itself
+                "break_even_acceptance": row["seconds"] / max(row["steps"], 1) * result["target"]["tokens_per_second"],
+                "bound_on_target_text": bound,
+            }
+            result["rows"].append(row)
+            log(
+                f"  {drafter.name}, {row['draft_tokens']} drafted: alone {_number(made / alone)} "
+                f"tok/s, verified {row['verified_tokens_per_second']:,.1f} tok/s, acceptance {row['acceptance']:.2f} tokens/step"
+            )
     return result
 
 
-def _verified_row(target, model, prompts, references, num_draft_tokens, threshold, settings, device) -> dict:
-    """`generate_with_drafter` over every prompt: time, steps, acceptance, kept share, steps gated, identical to the references."""
-    steps = emitted = kept = drafted = gated = 0
+def _verified_row(target, model, prompts, references, num_draft_tokens, settings, device) -> dict:
+    """`generate_with_drafter` over every prompt: time, steps, acceptance, kept share, identical to the references."""
+    steps = emitted = kept = drafted = 0
     verified = drafting = 0.0
     identical = True
     warm_up = settings | {"max_new_tokens": 2}  # as for the target and the drafter alone; also reorders the target's weights
-    generate_with_drafter(target, model, prompts[0], num_draft_tokens=num_draft_tokens, confidence_threshold=threshold, **warm_up)
+    generate_with_drafter(target, model, prompts[0], num_draft_tokens=num_draft_tokens, **warm_up)
     for ids, reference in zip(prompts, references):
         stats = DraftStats()
         out, s = _timed(
             lambda ids=ids, stats=stats: generate_with_drafter(
-                target, model, ids, num_draft_tokens=num_draft_tokens, stats=stats, confidence_threshold=threshold,
-                **settings,
+                target, model, ids, num_draft_tokens=num_draft_tokens, stats=stats, **settings
             ),
             device,
         )
@@ -160,23 +152,21 @@ def _verified_row(target, model, prompts, references, num_draft_tokens, threshol
         emitted += sum(a + 1 for a in stats.accepted)
         kept += sum(stats.accepted)
         drafted += sum(len(d) for d in stats.drafts)
-        gated += stats.gated_steps
     return {
         "seconds": verified,
         "steps": steps,
         "acceptance": emitted / max(steps, 1),
         "kept_share": kept / max(drafted, 1),
         "drafting_share": drafting / verified,
-        "gated_share": gated / max(steps, 1),  # steps whose first chunk failed the confidence gate: a plain target step
         "identical": bool(identical),
     }
 
 
-def _assisted_row(target, model, prompts, references, num_draft_tokens, threshold, settings, device) -> dict:
+def _assisted_row(target, model, prompts, references, num_draft_tokens, settings, device) -> dict:
     """`target.generate(assistant_model=model)` over every prompt, as `_verified_row` measures its drafter.
 
     Steps are the target's forward calls (each verifies one draft), drafted tokens the assistant's forward calls
-    that made a token (its prefill makes the first). A gated step is not reported (nan): the gate only shortens drafts.
+    that made a token (its prefill makes the first).
     """
     calls = {"target": 0, "assistant": 0}
 
@@ -186,11 +176,12 @@ def _assisted_row(target, model, prompts, references, num_draft_tokens, threshol
         return hook
 
     options = settings | {"assistant_model": model}
-    # transformers reads the draft length, its schedule and the confidence gate from the assistant's own config
+    # transformers reads the draft length, its schedule and its confidence gate from the assistant's own config;
+    # the gate defaults to 0.4, so it is switched off (0) to draft the length asked, as `_verified_row` does
     drafting = {
         "num_assistant_tokens": num_draft_tokens or model.compression_factor,
         "num_assistant_tokens_schedule": "constant",
-        "assistant_confidence_threshold": threshold,
+        "assistant_confidence_threshold": 0.0,
     }
     saved = {name: getattr(model.generation_config, name) for name in drafting}
     model.generation_config.update(**drafting)
@@ -217,7 +208,6 @@ def _assisted_row(target, model, prompts, references, num_draft_tokens, threshol
         "kept_share": (emitted - steps) / max(calls["assistant"], 1),
         "drafted_tokens": calls["assistant"],
         "drafting_share": float("nan"),
-        "gated_share": float("nan"),
         "identical": bool(identical),
     }
 
@@ -251,17 +241,17 @@ def format_drafting_table(result: dict) -> str:
         setup,
         "",
         (
-            "| drafter | C | draft tokens | gate | RQ alone tok/s | target verified tok/s | speedup | acceptance tokens/step "
-            "| drafted tokens kept | steps gated | break-even tokens/step | drafting share | drafter's perplexity (codes: bound) on the target's text "
+            "| drafter | C | draft tokens | RQ alone tok/s | target verified tok/s | speedup | acceptance tokens/step "
+            "| drafted tokens kept | break-even tokens/step | drafting share | drafter's perplexity (codes: bound) on the target's text "
             "| identical |"
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['drafter']} | {r['compression_factor']} | {r['draft_tokens']} | {r['confidence_threshold']:g} "
+            f"| {r['drafter']} | {r['compression_factor']} | {r['draft_tokens']} "
             f"| {_number(r['rq_tokens_per_second'])} | {r['verified_tokens_per_second']:,.1f} | {r['speedup']:.2f}x "
-            f"| {r['acceptance']:.2f} | {100 * r['kept_share']:.0f}% | {_percent(r['gated_share'])} "
+            f"| {r['acceptance']:.2f} | {100 * r['kept_share']:.0f}% "
             f"| {r['break_even_acceptance']:.2f} | {_percent(r['drafting_share'])} | {_number(r['bound_on_target_text'])} "
             f"| {'yes' if r['identical'] else 'NO'} |"
         )

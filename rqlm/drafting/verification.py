@@ -40,12 +40,7 @@ drafter's spatial stack, that stack's step costs about a target token before any
 head instead reads the target's last hidden state at the token before the newest one (kept by a forward
 hook from the verification forward that produced it) and the newest token, and drafts the chunk after
 them (one chunk, C tokens at most, per step). It has no state of its own, so a rejection needs no rollback;
-the prefill step, with no state yet, drafts nothing.
-
-The confidence gate. Rejected drafts cost a target forward over C more tokens and the drafting; the
-probability of a chunk's depth-0 code predicts how much of it the target keeps, so with
-`confidence_threshold` a chunk is drafted only when that probability reaches it (the other depths
-and the decoding are then skipped too). transformers' assisted decoding is batch 1 only.
+the prefill step, with no state yet, drafts nothing. transformers' assisted decoding is batch 1 only.
 """
 
 from __future__ import annotations
@@ -58,6 +53,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.candidate_generator import CandidateGenerator
 
+from rqlm.evaluation.perplexity import until_first_eos
 from rqlm.modeling.generation_rq_transformer import _State, _token_ids
 from rqlm.modeling.modeling_rq_draft_head import RQDraftHead
 from rqlm.modeling.transformers_private import assisted_decoding
@@ -71,7 +67,6 @@ class DraftStats:
     accepted: list[int] = field(default_factory=list)  # drafted tokens the target kept at each step
     contexts: list[int] = field(default_factory=list)  # length of the accepted ids each draft continued
     drafts: list[list[int]] = field(default_factory=list)  # the drafted ids of each step
-    confidences: list[list[float]] = field(default_factory=list)  # each step's chunks: their depth-0 code's probability
     draft_seconds: float = 0.0  # wall time spent in the drafter (encoding the accepted chunks, the spatial steps, the draft)
 
     @property
@@ -84,11 +79,6 @@ class DraftStats:
         return sum(a + 1 for a in self.accepted) / max(self.steps, 1)
 
     @property
-    def gated_steps(self) -> int:
-        """Steps whose first chunk failed the confidence gate: no draft, a plain target step."""
-        return sum(1 for draft, confidences in zip(self.drafts, self.confidences) if confidences and not draft)
-
-    @property
     def rejections_inside_a_chunk(self) -> int:
         """Steps whose first rejected token is not the first token of a drafted chunk."""
         c = self.compression_factor
@@ -96,16 +86,13 @@ class DraftStats:
 
 
 class _ChunkDrafts(CandidateGenerator):
-    """What both candidate generators share: the draft length, the stats, the confidence gate and the EOS cut."""
+    """What both candidate generators share: the draft length, the stats and the EOS cut."""
 
-    def __init__(self, drafter, num_draft_tokens, max_length, eos_token_id, stats, confidence_threshold):
-        if not 0.0 <= confidence_threshold <= 1.0:
-            raise ValueError(f"confidence_threshold is a probability in [0, 1], got {confidence_threshold}")
+    def __init__(self, drafter, num_draft_tokens, max_length, eos_token_id, stats):
         self.num_draft_tokens = num_draft_tokens
         self.max_length = max_length
         self.stats = stats if stats is not None else DraftStats()
         self.stats.compression_factor = drafter.compression_factor
-        self.confidence_threshold = confidence_threshold  # draft a chunk only when its depth-0 code is this likely
         self.eos_ids = torch.tensor(_token_ids(eos_token_id), dtype=torch.long, device=drafter.device)
 
     @property
@@ -116,20 +103,12 @@ class _ChunkDrafts(CandidateGenerator):
     def _begin_step(self, input_ids: torch.LongTensor) -> int:
         """Record a step over the accepted ids (1, T); how many tokens it may draft (0: none fit before max_length)."""
         self.stats.contexts.append(input_ids.shape[1])
-        self.stats.confidences.append([])
         return min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
 
     def _until_eos(self, tokens: torch.LongTensor) -> tuple[torch.LongTensor, bool]:
         """Drafted tokens (1, n) cut after their first EOS, as `generate` stops there; and whether one was found."""
-        is_eos = torch.isin(tokens[0], self.eos_ids)
-        if not is_eos.any():
-            return tokens, False
-        return tokens[:, : int(is_eos.float().argmax()) + 1], True
-
-    def _confident(self, probability: torch.FloatTensor) -> bool:
-        """The gate on a chunk: its depth-0 code's probability (1,) reaches `confidence_threshold` (recorded)."""
-        self.stats.confidences[-1].append(float(probability[0]))
-        return bool(probability[0] >= self.confidence_threshold)
+        kept = int(until_first_eos(tokens, self.eos_ids).sum())
+        return tokens[:, :kept], bool(torch.isin(tokens[0, kept - 1], self.eos_ids))
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         """Record how many drafted tokens the target kept; the draft length stays fixed."""
@@ -150,23 +129,20 @@ class RQDraftCandidateGenerator(_ChunkDrafts):
         eos_token_id=None,
         prompt_padding: int = 0,
         stats: DraftStats | None = None,
-        incremental: bool = True,
-        confidence_threshold: float = 0.0,
     ):
-        super().__init__(drafter, num_draft_tokens, max_length, eos_token_id, stats, confidence_threshold)
+        super().__init__(drafter, num_draft_tokens, max_length, eos_token_id, stats)
         self.drafter = drafter
         self.prompt_padding = prompt_padding  # left padding of the target's prompt: never shown to the drafter
         c = drafter.compression_factor
         # the drafter reads at most its own positions: the start, the context's chunks and the draft's
         self.window = (drafter.config.backbone_config.max_position_embeddings - 1 - -(-num_draft_tokens // c)) * c
-        self.incremental = incremental
         self.phases = {}  # context length modulo C -> (_State of that chunk layout, the context it holds)
         self.depth_processors = drafter._depth_processors(GenerationConfig(do_sample=False), {}, None, drafter.device)
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
         """Accepted ids (1, T) -> (1, T + k): the drafter's next k tokens appended; no logits (see the module docstring).
 
-        Fewer than k when the draft reaches EOS or a chunk fails the confidence gate (none when the first one does).
+        Fewer than k when the draft reaches EOS.
         """
         k = self._begin_step(input_ids)
         if k <= 0:
@@ -174,7 +150,7 @@ class RQDraftCandidateGenerator(_ChunkDrafts):
             return input_ids, None
         context = input_ids[:, self.prompt_padding :].to(self.drafter.device)
         start = time.perf_counter()
-        if self.incremental and context.shape[1] <= self.window:
+        if context.shape[1] <= self.window:
             state = self._kept_state(context)
         else:  # a fresh state of the last window the drafter can read
             context = context[:, -self.window :]
@@ -206,16 +182,14 @@ class RQDraftCandidateGenerator(_ChunkDrafts):
         return state
 
     def _draft(self, state: _State, k: int) -> torch.LongTensor:
-        """The drafter's greedy continuation of `state` (1, <= k), as its `generate(max_new_tokens=k)` makes it,
-        cut before the first chunk that fails the confidence gate; the state is rolled back afterwards."""
+        """The drafter's greedy continuation of `state` (1, <= k), as its `generate(max_new_tokens=k)` makes it;
+        the state is rolled back afterwards."""
         c = self.drafter.compression_factor
         mark = state.mark()
         drafted, made = [], 0
         while made < k:
             n = min(c, k - made)
-            codes = self.drafter._sample_codes(state.hidden(), self.depth_processors, gate=self._confident)
-            if codes is None:
-                break
+            codes = self.drafter._sample_codes(state.hidden(), self.depth_processors)
             tokens = state.append(codes, advance=made + n < k)[:, :n]
             made += n
             tokens, ended = self._until_eos(tokens)
@@ -244,12 +218,11 @@ class RQHeadCandidateGenerator(_ChunkDrafts):
         max_length: int,
         eos_token_id=None,
         stats: DraftStats | None = None,
-        confidence_threshold: float = 0.0,
     ):
         c = head.compression_factor
         if not 1 <= num_draft_tokens <= c:
             raise ValueError(f"a draft head drafts one chunk per step: num_draft_tokens in [1, C={c}], got {num_draft_tokens}")
-        super().__init__(head, num_draft_tokens, max_length, eos_token_id, stats, confidence_threshold)
+        super().__init__(head, num_draft_tokens, max_length, eos_token_id, stats)
         self.head = head
         self.captured = {}  # hooked module's index -> its output's last k + 1 rows: [last accepted token, the k drafted]
         self.row = 0  # the row of the states at the token before the newest one
@@ -271,16 +244,15 @@ class RQHeadCandidateGenerator(_ChunkDrafts):
         return torch.cat([self.captured[i] for i in range(len(self.hooks))], dim=-1)
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
-        """Accepted ids (1, T) -> (1, T + k): the head's draft appended (fewer at EOS, none when gated or first)."""
+        """Accepted ids (1, T) -> (1, T + k): the head's draft appended (fewer at EOS, none at the first step)."""
         k = self._begin_step(input_ids)
         draft = input_ids.new_zeros(1, 0)
         states = self.states
         if k > 0 and states is not None:
             start = time.perf_counter()
             state = states[:, self.row].to(self.head.device)
-            tokens = self.head.draft(state, input_ids[:, -1].to(self.head.device), gate=self._confident)
-            if tokens is not None:
-                draft = self._until_eos(tokens[:, :k])[0].to(input_ids.device)
+            tokens = self.head.draft(state, input_ids[:, -1].to(self.head.device))
+            draft = self._until_eos(tokens[:, :k])[0].to(input_ids.device)
             self.stats.draft_seconds += time.perf_counter() - start
         self.drafted = draft.shape[1]
         self.stats.drafts.append(draft[0].tolist())
@@ -325,8 +297,6 @@ def generate_with_drafter(
     num_draft_tokens: int | None = None,
     streamer=None,
     stats: DraftStats | None = None,
-    incremental: bool = True,
-    confidence_threshold: float = 0.0,
     **generate_kwargs,
 ):
     """`target.generate(input_ids (1, T0), **generate_kwargs)` with `drafter` (an RQ model) proposing the tokens.
@@ -334,10 +304,6 @@ def generate_with_drafter(
     Returns what `target.generate` returns: under greedy decoding the same ids, under sampling the same
     distribution. `num_draft_tokens` (default C) tokens are drafted per target forward; `stats` (a
     DraftStats) is filled with the context, the draft and the accepted count of every step.
-    `confidence_threshold` stops a draft before a chunk whose depth-0 code the drafter picks with a lower
-    probability (in the spirit of transformers' `assistant_confidence_threshold`): a step then verifies
-    fewer tokens, or none (a plain target step), where the drafter is likely wrong. `incremental=False`
-    drafts every round from a fresh state of the accepted text (the kept state's reference).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(
@@ -366,12 +332,11 @@ def generate_with_drafter(
         if isinstance(drafter, RQDraftHead):
             return RQHeadCandidateGenerator(
                 drafter, target, num_draft_tokens, max_length=config.max_length, eos_token_id=config.eos_token_id,
-                stats=stats, confidence_threshold=confidence_threshold,
+                stats=stats,
             )  # fmt: skip
         return RQDraftCandidateGenerator(
             drafter, num_draft_tokens, max_length=config.max_length, eos_token_id=config.eos_token_id,
-            prompt_padding=prompt_padding, stats=stats, incremental=incremental,
-            confidence_threshold=confidence_threshold,
+            prompt_padding=prompt_padding, stats=stats,
         )  # fmt: skip
 
     decoding = _drafted_decoding(candidates_for, streamer=streamer)

@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from rqlm.evaluation.perplexity import until_first_eos
+
 BRIER_ORDERS = 4  # Brier-1 .. Brier-4
 ENDED = -1  # a position after a sample's (or the reference's) first EOS
 
@@ -71,11 +73,7 @@ def brier_lm_from_samples(
 
 def mark_ended(tokens: torch.LongTensor, eos_token_id: int | None) -> torch.LongTensor:
     """Tokens (N, n) with every position after the first EOS set to ENDED (-1); unchanged without an EOS id."""
-    if eos_token_id is None:
-        return tokens
-    is_eos = tokens == eos_token_id
-    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # an EOS strictly before
-    return tokens.masked_fill(after, ENDED)
+    return tokens.masked_fill(~until_first_eos(tokens, eos_token_id), ENDED)
 
 
 @torch.no_grad()

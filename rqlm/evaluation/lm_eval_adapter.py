@@ -56,7 +56,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from rqlm.evaluation.bound import bound_terms
-from rqlm.evaluation.perplexity import block_nll
+from rqlm.evaluation.perplexity import block_nll, until_first_eos
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_GEN_TOKS = 256
@@ -277,10 +277,9 @@ class RQTransformerLM(TemplateLM):
             input_ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
             eos_token_id=self.eot_token_id, pad_token_id=self.pad_token_id, **sampling,
         )
-        out = []
-        for row in sequences[:, width:].tolist():
-            out.append(row[: row.index(self.eot_token_id)] if self.eot_token_id in row else row)
-        return out
+        new = sequences[:, width:].cpu()  # (B, <= max_new_tokens)
+        before_eos = (until_first_eos(new, self.eot_token_id) & (new != self.eot_token_id)).sum(1)  # (B,)
+        return [row[:n] for row, n in zip(new.tolist(), before_eos.tolist())]
 
 
 def _sampling(kwargs: dict) -> dict:

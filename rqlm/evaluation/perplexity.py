@@ -34,13 +34,18 @@ def block_nll(model, input_ids: torch.LongTensor, separator_id: int) -> dict[str
     return {"nll": nll.double(), "num_tokens": torch.tensor(float(input_ids.numel()), dtype=torch.float64)}
 
 
-def continuation_mask(continuations: torch.LongTensor, eos_token_id: int | None) -> torch.Tensor:
-    """Continuations (B, N) -> mask (B, N) of their tokens up to and including the first EOS (padding after it)."""
+def until_first_eos(tokens: torch.LongTensor, eos_token_id) -> torch.BoolTensor:
+    """Tokens (B, N) -> mask (B, N) of each row's tokens up to and including its first EOS (all of a row without one).
+
+    `eos_token_id`: one id, a list or tensor of ids, or None (no EOS: every token is kept). What follows a row's
+    first EOS is what `generate` pads a finished row with: evaluation scores and counts only the masked tokens, and
+    drafting cuts a draft there.
+    """
     if eos_token_id is None:
-        return torch.ones_like(continuations, dtype=torch.bool)
-    is_eos = continuations == eos_token_id
-    before = is_eos.long().cumsum(1) - is_eos.long()  # EOS seen strictly before each position
-    return before == 0
+        return torch.ones_like(tokens, dtype=torch.bool)
+    eos = torch.as_tensor(eos_token_id, dtype=tokens.dtype, device=tokens.device).reshape(-1)
+    is_eos = torch.isin(tokens, eos).long()
+    return (is_eos.cumsum(1) - is_eos) == 0  # no EOS strictly before the position
 
 
 @torch.no_grad()
@@ -49,7 +54,7 @@ def continuation_nll(
 ) -> dict[str, torch.Tensor]:
     """Summed NLL (float64) of continuations (B, N) given their prompts (B, P) under a causal token LM;
     tokens after a row's first EOS are padding and are not scored -> {'nll', 'num_tokens'}."""
-    mask = continuation_mask(continuations, eos_token_id)
+    mask = until_first_eos(continuations, eos_token_id)
     logits = judge(input_ids=torch.cat([prompts, continuations], dim=1)).logits  # (B, P + N, V)
     logits = logits[:, prompts.shape[1] - 1 : -1]  # (B, N, V): the predictions of the continuation
     nll = F.cross_entropy(logits.flatten(0, 1).float(), continuations.flatten(), reduction="none")
@@ -101,7 +106,7 @@ def judged_perplexity(
         terms = continuation_nll(judge, batch, continuations, eos_token_id)
         nll += float(terms["nll"])
         tokens += float(terms["num_tokens"])
-        mask = continuation_mask(continuations, eos_token_id)
+        mask = until_first_eos(continuations, eos_token_id)
         texts += [row[keep].tolist() for row, keep in zip(continuations, mask)]
     return {
         "perplexity": safe_exp(nll / max(tokens, 1.0)),
@@ -131,5 +136,5 @@ def diversity(texts: list[list[int]]) -> dict[str, float]:
     return figures
 
 
-__all__ = ["block_nll", "continuation_mask", "continuation_nll", "diversity", "judged_perplexity", "safe_exp",
-           "sample_continuations"]
+__all__ = ["block_nll", "continuation_nll", "diversity", "judged_perplexity", "safe_exp", "sample_continuations",
+           "until_first_eos"]

@@ -140,12 +140,8 @@ class CodeDepthMixin:
         y = self.depth(self.depth_inputs(hidden, None))
         return torch.stack([head(y[:, j]) for j, head in enumerate(self.depth_heads)], dim=1)
 
-    def _sample_codes(self, hidden: torch.FloatTensor, processors: list[tuple[LogitsProcessorList, bool]], gate=None):
-        """h (B, H) -> the D codes of the next position (B, D), depth by depth.
-
-        `gate` (drafting): called with the probability (B,) of each row's depth-0 choice under its processed
-        scores; when it returns False the other depths are not run and the result is None.
-        """
+    def _sample_codes(self, hidden: torch.FloatTensor, processors: list[tuple[LogitsProcessorList, bool]]):
+        """h (B, H) -> the D codes of the next position (B, D), depth by depth."""
         parallel = self.config.depth_mode == "parallel"
         logits = self.parallel_depth_logits(hidden) if parallel else None  # (B, D, K)
         cache = DynamicCache(config=self.depth.config) if self.config.depth_mode == "autoregressive" else None
@@ -160,8 +156,6 @@ class CodeDepthMixin:
                 step_logits = self.depth_step(hidden, codes, cache, inputs=x if partial is None else x + partial)
             scores = procs(codes, step_logits.float())  # (B, K)
             chosen = choose(scores, do_sample)
-            if j == 0 and gate is not None and not gate(F.softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0]):
-                return None
             codes = torch.cat([codes, chosen[:, None]], dim=1)
             if not parallel and j + 1 < len(processors):
                 embedded = self.depth_code_embed[j](chosen)[:, None]

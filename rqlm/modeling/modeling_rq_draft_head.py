@@ -230,13 +230,9 @@ class RQDraftHead(FrozenVAE, CodeDepthMixin, RQDraftHeadPreTrainedModel):
 
     # ----------------------------------------------------------------- drafting
     @torch.no_grad()
-    def draft(self, states: torch.FloatTensor, next_tokens: torch.LongTensor, gate=None) -> torch.LongTensor | None:
-        """Greedy draft: the target's states (N, Ht) at token t and tokens t + 1 (N,) -> tokens t + 2 .. t + C + 1 (N, C).
-
-        `gate` as in `_sample_codes`: called with the depth-0 code's probability (N,); None when it refuses."""
-        codes = self._sample_codes(self.head_hidden(states, next_tokens), greedy_processors(self.num_quantizers), gate)
-        if codes is None:
-            return None
+    def draft(self, states: torch.FloatTensor, next_tokens: torch.LongTensor) -> torch.LongTensor:
+        """Greedy draft: the target's states (N, Ht) at token t and tokens t + 1 (N,) -> tokens t + 2 .. t + C + 1 (N, C)."""
+        codes = self._sample_codes(self.head_hidden(states, next_tokens), greedy_processors(self.num_quantizers))
         return self.vae.decode(codes[:, None]).argmax(-1)  # (N, C)
 
     @torch.no_grad()
