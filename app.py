@@ -8,4 +8,4 @@ from rqlm.serve.page import build_page, launch_page
 if __name__ == "__main__":
     loaded = load_lineup(demo_lineup())
     warm_up(loaded)
-    launch_page(build_page(loaded), host="0.0.0.0", port=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    launch_page(build_page(loaded), host="0.0.0.0", port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))

@@ -47,8 +47,8 @@ def last_run_markdown(record: dict | None) -> str:
     marker = {True: "identical to the baseline's", False: "**DIFFERENT from the baseline's (a bug)**",
               None: "not compared"}[record["identical"]]
     lines = [
-        f"Finished {record['finished']}: {s['max_new_tokens']} max new tokens, {decoding}, seed {s['seed']}, "
-        f"{record['threads']} threads. Drafted text: {marker}.",
+        (f"Finished {record['finished']}: {s['max_new_tokens']} max new tokens, {decoding}, seed {s['seed']}, "
+         f"{record['threads']} threads. Drafted text: {marker}."),
         "",
         f"Prompt: {record['prompt']!r}",
         "",

@@ -10,9 +10,9 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page calls nothing outside the machine
 
-from .last_run import last_run_markdown, load_last_run, save_last_run  # noqa: E402
-from .lineup import Loaded  # noqa: E402
-from .race import MAX_NEW_TOKENS, Column, Settings, identical, race  # noqa: E402
+from .last_run import last_run_markdown, load_last_run, save_last_run
+from .lineup import Loaded
+from .race import MAX_NEW_TOKENS, Column, Settings, identical, run_race
 
 INTRO = """# rqlm: the baseline against the residual-quantized latent LMs
 One prompt, every model in turn: the Qwen3 baseline alone, each RQ model (C tokens per step), and the baseline
@@ -64,7 +64,7 @@ def race_updates(loaded: Loaded, prompt, max_new_tokens, decoding, temperature, 
 
     columns = blank
     try:
-        for columns in race(loaded, prompt, settings, kernels):
+        for columns in run_race(loaded, prompt, settings, kernels):
             running = next((i for i, c in enumerate(columns) if not c.done), None)
             status = f"running column {running + 1} of {n}: {columns[running].name}" if running is not None else ""
             yield updates(status, "", columns, marker_html(columns, settings))

@@ -5,7 +5,7 @@
          generate in a worker thread, under rqlm.kernels.cpu_kernels, timed as `rqlm bench` times it
          (the wall time of the generate call; time to first token: to the streamer's first new tokens)
          while the caller's thread reads the tokens so far every UPDATE_SECONDS
-    -> race() yields the list of Column states after each reading: the page renders them.
+    -> run_race() yields the list of Column states after each reading: the page renders them.
 
 The worker only appends ids and clock readings in its streamer; decoding and rendering happen in the
 caller's thread, between readings, so the page costs the measured generation as little as possible.
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 import torch
 from transformers import set_seed
@@ -112,7 +112,7 @@ def check_request(loaded: Loaded, prompt: str, settings: Settings) -> torch.Long
     return ids
 
 
-def race(loaded: Loaded, prompt: str, settings: Settings, kernels: bool = True) -> Iterator[list[Column]]:
+def run_race(loaded: Loaded, prompt: str, settings: Settings, kernels: bool = True) -> Iterator[list[Column]]:
     """Run every column in turn on `prompt`; yield all columns' states after each reading of the running one.
 
     Raises ValueError (before anything runs) for bad input; an error inside one column's generation is
@@ -132,7 +132,7 @@ def _stream(loaded, contender, column, columns, input_ids, settings, kernels) ->
     def work():
         try:
             finished["ids"] = generate_column(loaded, contender, input_ids, settings, clock, stats, kernels)
-        except Exception as e:  # shown in the column: the page never shows a traceback
+        except Exception as e:  # noqa: BLE001  (shown in the column: the page never shows a traceback)
             finished["error"] = f"{type(e).__name__}: {e}"
         finished["seconds"] = time.perf_counter() - start
 
