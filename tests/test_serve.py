@@ -40,7 +40,7 @@ def test_demo_lineup_has_the_baseline_each_rq_model_and_the_drafted_baseline(loa
                      "baseline drafted by lm (RQ, tokens mode, C=4)"]
     assert [c.drafted for c in loaded.contenders] == [False, False, False, True]
     assert loaded.contenders[-1].assisted and loaded.contenders[-1].model is loaded.contenders[0].model
-    assert loaded.lineup.last_run_path == demo.resolve() / "serve_last_run.json"
+    assert loaded.lineup.last_run_path == demo.absolute() / "serve_last_run.json"
 
 
 def test_race_streams_one_column_after_another(loaded, monkeypatch):

@@ -54,7 +54,7 @@ class Lineup:
     @property
     def last_run_path(self) -> Path:
         """Where the static view of the last race is kept: beside the baseline's folder (runs/demo/serve_last_run.json)."""
-        return Path(self.baseline).expanduser().resolve().parent / LAST_RUN_FILE
+        return Path(self.baseline).expanduser().absolute().parent / LAST_RUN_FILE
 
 
 def demo_lineup(run_dir: str | Path = DEMO_DIR) -> Lineup:

@@ -62,12 +62,14 @@ def race_updates(loaded: Loaded, prompt, max_new_tokens, decoding, temperature, 
     def updates(status, message, columns, marker=""):
         return (status, message, marker, last, *(c.text for c in columns), *(stats_line(c) for c in columns))
 
-    columns = blank
+    columns, shown = blank, None
     try:
         for columns in run_race(loaded, prompt, settings, kernels):
             running = next((i for i, c in enumerate(columns) if not c.done), None)
             status = f"running column {running + 1} of {n}: {columns[running].name}" if running is not None else ""
-            yield updates(status, "", columns, marker_html(columns, settings))
+            now = updates(status, "", columns, marker_html(columns, settings))
+            yield now if shown is None else tuple(_unchanged(a, b) for a, b in zip(now, shown))
+            shown = now
     except ValueError as e:  # bad input: a message on the page, the columns left empty
         yield updates("not started", f"**Cannot race:** {e}", blank, "")
         return
@@ -81,6 +83,13 @@ def race_updates(loaded: Loaded, prompt, max_new_tokens, decoding, temperature, 
     except OSError as e:
         note = f"(the last run could not be kept: {e})"
     yield updates(f"finished: all {n} columns", note, columns, marker_html(columns, settings))
+
+
+def _unchanged(value, before):
+    """`value`, or gr.skip() where the page already shows it: less for the server and the browser to redo mid-race."""
+    import gradio as gr
+
+    return gr.skip() if value == before else value
 
 
 def build_page(loaded: Loaded, kernels: bool = True):
@@ -113,7 +122,8 @@ def build_page(loaded: Loaded, kernels: bool = True):
             yield from race_updates(loaded, *inputs, kernels=kernels)
 
         start.click(run, [prompt, max_new_tokens, decoding, temperature, top_k, seed],
-                    [status, message, marker, last, *texts, *stats], concurrency_limit=1)
+                    [status, message, marker, last, *texts, *stats], concurrency_limit=1,
+                    show_progress="hidden")  # no spinner or timer redrawn in the browser while a column runs
         page.load(lambda: last_run_markdown(load_last_run(loaded.lineup.last_run_path)), None, last)
     return page
 

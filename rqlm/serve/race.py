@@ -1,14 +1,17 @@
 """The race: one prompt, each column generated in turn, its tokens streamed as they are made.
 
     prompt, settings -> check_request (one-line ValueError)                          input_ids (1, T0)
-    -> for each column, one after another (so each speed is measured alone on the machine):
+    -> for each column, one after another (so each speed is measured alone on the machine), after
+       SETTLE_SECONDS in which the browser draws the last update:
          generate in a worker thread, under rqlm.kernels.cpu_kernels, timed as `rqlm bench` times it
          (the wall time of the generate call; time to first token: to the streamer's first new tokens)
          while the caller's thread reads the tokens so far every UPDATE_SECONDS
     -> run_race() yields the list of Column states after each reading: the page renders them.
 
 The worker only appends ids and clock readings in its streamer; decoding and rendering happen in the
-caller's thread, between readings, so the page costs the measured generation as little as possible.
+caller's thread, between readings, so the page costs the measured generation as little as possible. It
+still costs some: on the 2-core machine the Python of Gradio's server and the browser's drawing compete
+with the run, so readings are kept to a few a second (docs/results/serve.md has the page against the bench).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from rqlm.loading import check_prompt_fits, sampling_kwargs
 from .lineup import Contender, Loaded
 
 MAX_NEW_TOKENS = 512  # the page's ceiling: a race of every column stays under a minute on a 2-core CPU
-UPDATE_SECONDS = 0.05  # how often the page reads a running column's tokens
+UPDATE_SECONDS = 0.25  # how often the page reads a running column's tokens: each reading costs the measured run
+SETTLE_SECONDS = 0.2  # before each column's clock starts: the page's last update is drawn, the CPU left to the run
 
 
 @dataclass
@@ -121,6 +125,8 @@ def run_race(loaded: Loaded, prompt: str, settings: Settings, kernels: bool = Tr
     input_ids = check_request(loaded, prompt, settings)
     columns = [Column(c.name, drafted=c.drafted) for c in loaded.contenders]
     for contender, column in zip(loaded.contenders, columns):
+        yield columns
+        time.sleep(SETTLE_SECONDS)
         yield from _stream(loaded, contender, column, columns, input_ids, settings, kernels)
 
 
