@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "evaluate": ("rqlm.commands.evaluate", "perplexity (bound), reconstruction and codebook usage"),
     "bench": ("rqlm.commands.bench", "speed and memory against the baseline or the reference quantizers"),
     "generate": ("rqlm.commands.generate", "generate text from a checkpoint"),
+    "serve": ("rqlm.commands.serve", "race the baseline and the latent LMs in a browser (a Gradio page)"),
     "inspect": ("rqlm.commands.inspect", "show held-out text beside its RQ-VAE reconstruction"),
     "sweep": ("rqlm.commands.sweep", "train and evaluate a grid of recipes from a YAML file, with plots"),
     "lm-eval": ("rqlm.commands.lm_eval", "lm-evaluation-harness with the rqlm model adapter registered"),

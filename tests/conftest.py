@@ -74,3 +74,26 @@ def small_layers_prepacked(monkeypatch):
     import rqlm.kernels.prepacked
 
     monkeypatch.setattr(rqlm.kernels.prepacked, "MIN_BYTES", 0)
+
+
+def run_demo(output_dir, *flags) -> int:
+    """`rqlm demo --quick` in-process, on one thread (the stages' small ops only wait on each other with two)."""
+    from rqlm import cli
+    from rqlm.pipeline import fresh_accelerate_state
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    fresh_accelerate_state()
+    try:
+        return cli.main(["demo", "--quick", "--output_dir", str(output_dir), *map(str, flags)])
+    finally:
+        fresh_accelerate_state()
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """A finished `rqlm demo --quick` folder (session-wide: it is the slow part; test_demo and the page share it)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert run_demo(out) == 0
+    return out

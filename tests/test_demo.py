@@ -17,10 +17,9 @@ import re
 import shutil
 
 import pytest
-import torch
+from conftest import run_demo
 
 from rqlm import cli, pipeline
-from rqlm.pipeline import fresh_accelerate_state
 from rqlm.reporting.report import (
     BASELINE,
     GIVT,
@@ -49,26 +48,6 @@ CONTINUOUS_FILES = ("gaussian_vae/model.safetensors", "givt/model.safetensors", 
                     "givt_energy_benchmark/bench.json")  # fmt: skip
 PLOTS = ("training_curves.png", "codebook_usage.png", "position_accuracy.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def run_demo(output_dir, *flags) -> int:
-    """`rqlm demo --quick` in-process, on one thread (the stages' small ops only wait on each other with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    fresh_accelerate_state()
-    try:
-        return cli.main(["demo", "--quick", "--output_dir", str(output_dir), *map(str, flags)])
-    finally:
-        fresh_accelerate_state()
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """A finished `rqlm demo --quick` folder (module-wide: it is the slow part)."""
-    out = tmp_path_factory.mktemp("demo") / "run"
-    assert run_demo(out) == 0
-    return out
 
 
 COLUMNS = ("Qwen3 baseline", "RQ-Transformer (tokens mode)", "RQ-Transformer (codes mode)", "GIVT (Gaussian head)",

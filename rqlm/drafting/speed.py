@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from rqlm.benchmarks.speed import synchronize
+from rqlm.drafting.assisted import assistant_drafting, forward_calls
 from rqlm.drafting.verification import DraftStats, generate_with_drafter
 from rqlm.evaluation.bound import bound_terms, perplexity_bound
 from rqlm.evaluation.perplexity import safe_exp
@@ -168,38 +169,16 @@ def _assisted_row(target, model, prompts, references, num_draft_tokens, settings
     Steps are the target's forward calls (each verifies one draft), drafted tokens the assistant's forward calls
     that made a token (its prefill makes the first).
     """
-    calls = {"target": 0, "assistant": 0}
-
-    def counter(name):
-        def hook(module, args, kwargs):
-            calls[name] += 1
-        return hook
-
     options = settings | {"assistant_model": model}
-    # transformers reads the draft length, its schedule and its confidence gate from the assistant's own config;
-    # the gate defaults to 0.4, so it is switched off (0) to draft the length asked, as `_verified_row` does
-    drafting = {
-        "num_assistant_tokens": num_draft_tokens or model.compression_factor,
-        "num_assistant_tokens_schedule": "constant",
-        "assistant_confidence_threshold": 0.0,
-    }
-    saved = {name: getattr(model.generation_config, name) for name in drafting}
-    model.generation_config.update(**drafting)
-    handles = []
-    try:
+    with assistant_drafting(model, num_draft_tokens):
         target.generate(prompts[0], **(options | {"max_new_tokens": 2}))  # warm-up
-        handles = [target.register_forward_pre_hook(counter("target"), with_kwargs=True),
-                   model.register_forward_pre_hook(counter("assistant"), with_kwargs=True)]
-        seconds, emitted, identical = 0.0, 0, True
-        for ids, reference in zip(prompts, references):
-            out, s = _timed(lambda ids=ids: target.generate(ids, **options), device)
-            seconds += s
-            emitted += out.shape[1] - ids.shape[1]
-            identical &= torch.equal(out, reference)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.generation_config.update(**saved)
+        with forward_calls(target=target, assistant=model) as calls:
+            seconds, emitted, identical = 0.0, 0, True
+            for ids, reference in zip(prompts, references):
+                out, s = _timed(lambda ids=ids: target.generate(ids, **options), device)
+                seconds += s
+                emitted += out.shape[1] - ids.shape[1]
+                identical &= torch.equal(out, reference)
     steps = calls["target"]
     return {
         "seconds": seconds,
