@@ -3,7 +3,7 @@ when its output is finished and resumes a killed training from its last checkpoi
 
     run_stage(name, output_dir, argv)
       output_dir/done_file exists (and not force)      -> skipped
-      output_dir/checkpoints/checkpoint_N of a training command -> `rqlm argv --resume_from_checkpoint latest`
+      output_dir/checkpoints/step-N of a training command -> `rqlm argv --resume_from_checkpoint latest`
       otherwise (force: after removing output_dir)      -> `rqlm argv`
     StageLog: seconds, ran / skipped and output of every stage, printed as one table at the end
 
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rqlm.trainer.checkpoints import checkpoint_folders
+from rqlm.trainer.loop import CHECKPOINTS_DIR
 
 TRAINING_COMMANDS = ("train-vae", "train-lm", "train-baseline", "train-givt")
 TRAINED = "README.md"  # the model card: the training loop's last file after the weights
@@ -78,8 +78,8 @@ class StageLog:
 
 
 def has_checkpoint(output_dir: str | Path) -> bool:
-    """Whether a training output folder holds a resumable checkpoint (checkpoints/checkpoint_N)."""
-    return bool(checkpoint_folders(output_dir))
+    """Whether a training output folder holds a resumable checkpoint (checkpoints/step-N)."""
+    return any((Path(output_dir) / CHECKPOINTS_DIR).glob("step-*"))
 
 
 def fresh_accelerate_state() -> None:

@@ -315,16 +315,16 @@ def test_second_run_skips_every_stage_and_retrains_nothing(demo, capsys):
 
 
 def test_killed_lm_stage_resumes_from_its_checkpoint(demo, tmp_path, capsys):
-    """The LM stage as a kill leaves it: checkpoint_4, no final weights or model card; the later stages'
+    """The LM stage as a kill leaves it: checkpoint step-4, no final weights or model card; the later stages'
     outputs, left from an earlier run, are stale and must be redone."""
     run = tmp_path / "run"
     for stage in STAGES:
         shutil.copytree(demo / FOLDERS[stage], run / FOLDERS[stage])
-    shutil.rmtree(run / "lm" / "checkpoints" / "checkpoint_8")
+    shutil.rmtree(run / "lm" / "checkpoints" / "step-8")
     for name in ("README.md", "model.safetensors", "config.json"):
         (run / "lm" / name).unlink()
     # a mark in the checkpoint's history: a resumed run continues that history, a fresh one starts its own
-    state_file = run / "lm" / "checkpoints" / "checkpoint_4" / "trainer_state.json"
+    state_file = run / "lm" / "checkpoints" / "step-4" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     state["history"][0]["resumed_mark"] = 1
     state_file.write_text(json.dumps(state))
@@ -390,7 +390,7 @@ def test_run_stage_resumes_only_a_training_command_with_a_checkpoint(fake_rqlm, 
     calls, _ = fake_rqlm
     for command in ("train-lm", "train-givt", "encode"):
         out = tmp_path / command
-        (out / "checkpoints" / "checkpoint_2").mkdir(parents=True)
+        (out / "checkpoints" / "step-2").mkdir(parents=True)
         pipeline.run_stage(command, out, [command, "--output_dir", out], done_file=pipeline.TRAINED)
     assert calls[0][-2:] == ["--resume_from_checkpoint", "latest"]
     assert calls[1][-2:] == ["--resume_from_checkpoint", "latest"]  # the GIVT stages resume too

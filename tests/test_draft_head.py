@@ -429,5 +429,5 @@ def test_accelerate_launch_two_processes_train_the_same_head_and_leave_target_an
     assert not any(k.startswith(("_target", "target")) for k in saved)  # the target is not saved with the head
     embedding = load_file(folders / "target" / "model.safetensors")["model.embed_tokens.weight"]
     assert all(r["target"] == digest(embedding) for r in ranks)  # and stays as it was trained, on both ranks
-    halfway = load_file(out / "checkpoints" / "checkpoint_2" / "model.safetensors")
+    halfway = load_file(out / "checkpoints" / "step-2" / "model.safetensors")
     assert any(not torch.equal(saved[k], halfway[k]) for k in saved if not k.startswith("vae.")), "nothing trained"

@@ -115,7 +115,7 @@ def differences(a, b) -> dict[str, float]:
 
 def assert_sharded_checkpoint(folder) -> None:
     """save_state under FSDP's SHARDED_STATE_DICT writes a distributed-checkpoint folder, not one state dict."""
-    checkpoint = folder / "checkpoints" / f"checkpoint_{SAVE_AT}"
+    checkpoint = folder / "checkpoints" / f"step-{SAVE_AT}"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
     assert not (checkpoint / "model.safetensors").exists()
 
@@ -138,7 +138,7 @@ def test_train_vae_under_fsdp_equals_one_process_and_resumes_from_a_sharded_chec
     assert max(diff.values()) < TOLERANCE, {k: v for k, v in diff.items() if v >= TOLERANCE}
     assert max(diff.values()) > 0  # (a sanity check that the two runs really differ in summation order)
 
-    checkpoint = fsdp / "checkpoints" / f"checkpoint_{SAVE_AT}"
+    checkpoint = fsdp / "checkpoints" / f"step-{SAVE_AT}"
     out = fsdp_two_processes(tmp_path, "train-vae",
                              [*flags, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint)])
     assert f"resumed from step {SAVE_AT} of {STEPS}" in out
@@ -157,7 +157,7 @@ def test_train_lm_under_fsdp_equals_one_process_and_resumes(text_corpus, vae_dir
     saved = load_file(fsdp / "model.safetensors")
     assert all(torch.equal(saved[f"vae.{k}"], v) for k, v in vae.items()), "FSDP training moved the frozen VAE"
 
-    checkpoint = fsdp / "checkpoints" / f"checkpoint_{SAVE_AT}"
+    checkpoint = fsdp / "checkpoints" / f"step-{SAVE_AT}"
     out = fsdp_two_processes(tmp_path, "train-lm",
                              [*flags, "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint)])
     assert f"resumed from step {SAVE_AT} of {STEPS}" in out

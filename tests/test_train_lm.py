@@ -259,7 +259,7 @@ def test_accelerate_launch_two_processes_end_with_identical_weights_and_the_vae_
     assert all(r["rc"] == 0 and r["num_processes"] == 2 for r in ranks)
     differing = [k for k in ranks[0]["digests"] if ranks[0]["digests"][k] != ranks[1]["digests"].get(k)]
     assert not differing, f"the ranks ended with different {differing}"
-    saved, halfway = load_file(out / "model.safetensors"), load_file(out / "checkpoints" / "checkpoint_2" / "model.safetensors")
+    saved, halfway = load_file(out / "model.safetensors"), load_file(out / "checkpoints" / "step-2" / "model.safetensors")
     assert any(not torch.equal(saved[k], halfway[k]) for k in saved if not k.startswith("vae.")), "nothing trained"
     vae = load_file(corpus / "vae" / "model.safetensors")
     assert {k: digest(v) for k, v in vae_weights(out).items()} == {k: digest(v) for k, v in vae.items()}
@@ -282,7 +282,7 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(corpus, tmp_path, ca
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
-    early = load_file(resumed / "checkpoints" / "checkpoint_3" / "model.safetensors")
+    early = load_file(resumed / "checkpoints" / "step-3" / "model.safetensors")
     assert any(not torch.equal(early[k], a[k]) for k in early if not k.startswith("vae."))
 
 

@@ -262,13 +262,13 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, capsys):
         train(interrupted, train_blocks, eval_blocks, resume_args(tmp_path / "run"))
     assert interrupted.forwards == 13
     checkpoints = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_3", "checkpoint_5"]
-    state = json.loads((checkpoints / "checkpoint_5" / TRAINER_STATE_NAME).read_text())
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-3", "step-5"]
+    state = json.loads((checkpoints / "step-5" / TRAINER_STATE_NAME).read_text())
     assert (state["step"], state["epoch"], state["batches_done"]) == (5, 1, 6)
     capsys.readouterr()
 
     # resume from the interrupt ("latest") and from the end-of-epoch checkpoint (step 3), to step 7
-    for resume_from, output_dir in (("latest", "run"), (str(checkpoints / "checkpoint_3"), "from-step-3")):
+    for resume_from, output_dir in (("latest", "run"), (str(checkpoints / "step-3"), "from-step-3")):
         resumed = make_model(HookedQwen3, seed=1)  # different init: the checkpoint must overwrite it
         result = train(
             resumed,
@@ -288,25 +288,8 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, capsys):
     hard.raise_at_forward = 12
     with pytest.raises(KeyboardInterrupt):
         train(hard, train_blocks, eval_blocks, resume_args(tmp_path / "hard"))
-    assert sorted(p.name for p in (tmp_path / "hard" / "checkpoints").iterdir()) == ["checkpoint_3"]
+    assert sorted(p.name for p in (tmp_path / "hard" / "checkpoints").iterdir()) == ["step-3"]
     assert "interrupted during step 5: not saved" in capsys.readouterr().out
-
-
-def test_save_total_limit_keeps_the_newest_checkpoints_and_latest_resumes_the_newest(tmp_path, capsys):
-    def rotating_args(max_steps, **overrides):
-        return resume_args(tmp_path / "run", max_steps=max_steps, eval_steps=0, save_steps=1, save_total_limit=2,
-                           **overrides)  # fmt: skip
-
-    train(make_model(), synthetic_blocks(14), None, rotating_args(4))
-    checkpoints = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_3", "checkpoint_4"]
-    # a checkpoint named as before accelerate named them (step-N) still resumes, and rotates out
-    (checkpoints / "checkpoint_4").rename(checkpoints / "step-4")
-    capsys.readouterr()
-    result = train(make_model(), synthetic_blocks(14), None, rotating_args(6, resume_from_checkpoint="latest"))
-    assert "resumed from step 4 of 6" in capsys.readouterr().out and result.step == 6
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_5", "checkpoint_6"]
-    assert json.loads((checkpoints / "checkpoint_6" / TRAINER_STATE_NAME).read_text())["step"] == 6
 
 
 # ----------------------------------------------------------------------------
@@ -392,7 +375,7 @@ def test_time_budget_stops_cleanly_and_saves(tmp_path):
     result = train(make_model(), synthetic_blocks(8), synthetic_blocks(4, seed=1), args)
     # the first step has no step time to project from; after it the next step is projected past the budget
     assert result.step == 2 and result.stopped_by_time and "eval_loss" in result.eval_metrics
-    assert (tmp_path / "budget" / "checkpoints" / "checkpoint_2" / TRAINER_STATE_NAME).is_file()
+    assert (tmp_path / "budget" / "checkpoints" / "step-2" / TRAINER_STATE_NAME).is_file()
     assert "time budget" in (tmp_path / "budget" / "README.md").read_text()
     Qwen3ForCausalLM.from_pretrained(tmp_path / "budget")
 
@@ -555,7 +538,7 @@ def test_accelerate_launch_two_processes_end_with_identical_weights(tmp_path):
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["eval"] == ranks[1]["eval"]
     assert ranks[0]["layer0_trained"], "the parameters unfrozen at step 2 were not trained"
-    assert (out / "checkpoints" / "checkpoint_3" / "random_states_1.pkl").is_file()
+    assert (out / "checkpoints" / "step-3" / "random_states_1.pkl").is_file()
     assert (out / "model.safetensors").is_file()
 
 

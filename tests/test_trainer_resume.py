@@ -55,7 +55,7 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(text_corpus, tmp_path, c
     assert "interrupted: saved" in stderr + stdout
     (checkpoint,) = (run / "checkpoints").iterdir()
     stopped_at = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-    assert SIGINT_AFTER_STEP <= stopped_at < STEPS and checkpoint.name == f"checkpoint_{stopped_at}"
+    assert SIGINT_AFTER_STEP <= stopped_at < STEPS and checkpoint.name == f"step-{stopped_at}"
 
     assert cli.main(["train-vae", *vae_flags(text_corpus, run, resume_from_checkpoint="latest")]) == 0
     assert f"resumed from step {stopped_at} of {STEPS}" in capsys.readouterr().out
@@ -85,7 +85,7 @@ def test_resuming_a_different_model_is_a_one_line_error(text_corpus, tmp_path, c
     baseline = [
         "train-baseline", "--dataset", str(text_corpus / "docs.jsonl"), "--tokenizer", str(text_corpus / "tokenizer"),
         "--backbone", "test", "--block_size", "32", "--max_minutes", "none", "--output_dir", str(tmp_path / "base"),
-        "--resume_from_checkpoint", str(run / "checkpoints" / "checkpoint_2"),
+        "--resume_from_checkpoint", str(run / "checkpoints" / "step-2"),
     ]  # fmt: skip
     rc = cli.main(baseline)
     err = capsys.readouterr().err

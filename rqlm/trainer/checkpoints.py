@@ -1,19 +1,16 @@
 """Resumable checkpoints of the training loop (rqlm/trainer/loop.py): where they go, what they hold, which one
 a run resumes from.
 
-    output_dir/checkpoints/checkpoint_<step>/   accelerate's save_state (model, optimizer, RNG, dataloader)
+    output_dir/checkpoints/step-<step>/         accelerate's save_state (model, optimizer, RNG, dataloader)
         trainer_state.json                      step, data position, training time, history
         model_signature.json                    the model's class and config, checked before load_state
 
-The folder is accelerate's automatic checkpoint naming with the iteration set to the optimizer step, so
-`ProjectConfiguration(total_limit=save_total_limit)` deletes the oldest (lowest step) beyond the limit.
+`save_total_limit` keeps the newest (highest step) checkpoints.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import re
 import shutil
 from pathlib import Path
 
@@ -74,20 +71,10 @@ def check_model_signature(checkpoint: Path, signature: dict) -> None:
             )
 
 
-CHECKPOINT_NAME = re.compile(r"(?:checkpoint_|step-)(\d+)")  # checkpoint_<step>; step-<step> from older runs
-
-
-def checkpoint_folders(output_dir: Path) -> list[Path]:
-    """The checkpoints under output_dir/checkpoints, oldest step first."""
-    found = [(int(m.group(1)), path) for path in (Path(output_dir) / CHECKPOINTS_DIR).glob("*")
-             if (m := CHECKPOINT_NAME.fullmatch(path.name))]  # fmt: skip
-    return [path for _, path in sorted(found)]
-
-
 def find_checkpoint(resume_from_checkpoint: str, output_dir: Path) -> Path:
-    """'latest' -> the highest output_dir/checkpoints/checkpoint_N; a path -> itself, checked to be a checkpoint."""
+    """'latest' -> the highest output_dir/checkpoints/step-N; a path -> itself, checked to be a checkpoint."""
     if resume_from_checkpoint == "latest":
-        found = checkpoint_folders(output_dir)
+        found = sorted((output_dir / CHECKPOINTS_DIR).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         if not found:
             raise FileNotFoundError(
                 f"no checkpoint to resume from in {output_dir / CHECKPOINTS_DIR}; train without "
@@ -98,30 +85,24 @@ def find_checkpoint(resume_from_checkpoint: str, output_dir: Path) -> Path:
     if not (path / TRAINER_STATE_NAME).is_file():
         raise FileNotFoundError(
             f"checkpoint {str(path)!r} not found (no {TRAINER_STATE_NAME} inside); pass a folder "
-            f"{output_dir / CHECKPOINTS_DIR}/checkpoint_N or 'latest'"
+            f"{output_dir / CHECKPOINTS_DIR}/step-N or 'latest'"
         )
     return path
 
 
-class QuietRotation(logging.Filter):
-    """Drops accelerate's 'Deleting N checkpoints to make room' warning: rotation is silent, as it always was."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "checkpoints to make room for new checkpoint" not in record.getMessage()
-
-
-def save_checkpoint(accelerator: Accelerator, state: dict, signature: dict) -> Path:
-    """save_state (model, optimizer, RNG) into output_dir/checkpoints/checkpoint_<step>, deleting the oldest beyond
-    `save_total_limit` (accelerate's ProjectConfiguration), + trainer_state.json (step, data position, training
-    time, history) + the model's class and config."""
-    path = Path(accelerator.project_dir) / CHECKPOINTS_DIR / f"checkpoint_{state['step']}"
-    if accelerator.is_main_process and path.exists():  # a resumed run rewrites it; accelerate would refuse
-        shutil.rmtree(path)
-    accelerator.wait_for_everyone()
-    accelerator.project_configuration.iteration = state["step"]  # names the folder
-    accelerator.save_state()
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, state: dict, signature: dict, save_total_limit: int | None
+) -> Path:
+    """save_state (model, optimizer, RNG) + trainer_state.json (step, data position, training time, history)
+    + the model's class and config."""
+    path = output_dir / CHECKPOINTS_DIR / f"step-{state['step']}"
+    accelerator.save_state(str(path))
     if accelerator.is_main_process:
         (path / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=1))
         (path / MODEL_SIGNATURE_NAME).write_text(json.dumps(signature, indent=1))
+        if save_total_limit is not None:
+            found = sorted(path.parent.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            for old in found[:-save_total_limit]:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return path

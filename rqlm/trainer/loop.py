@@ -1,6 +1,6 @@
 """One explicit Accelerate training loop shared by every rqlm model, in the steps `train` names:
 
-    make_accelerator (seed; checkpoints rotated by ProjectConfiguration) -> build_dataloaders -> build_optimizer
+    make_accelerator (seed) -> build_dataloaders -> build_optimizer
     (AdamW, backbone in its own groups) -> prepare -> resume (checkpoints.py) -> start_logging
     train_loop: for each optimizer step: train_micro_batch (set the learning rates, accumulate -> forward ->
         backward -> clip -> step -> zero_grad) -> end_step (log, progress bar); every eval_steps: evaluate;
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
@@ -51,7 +51,6 @@ from rqlm.trainer.checkpoints import (
     CHECKPOINTS_DIR,
     MODEL_SIGNATURE_NAME,  # noqa: F401  (imported from here by older callers)
     TRAINER_STATE_NAME,
-    QuietRotation,
     check_model_signature,
     find_checkpoint,
     model_signature,
@@ -264,7 +263,7 @@ class TrainState:
 
 
 def make_accelerator(model, args: TrainingArguments) -> tuple[Accelerator, list[torch.nn.Parameter]]:
-    """The Accelerator (checkpoints rotated by its ProjectConfiguration), seeded; and the frozen parameters.
+    """The Accelerator, seeded; and the frozen parameters.
 
     DDP registers only parameters that require grad when it wraps the model, and a parameter frozen now may be
     unfrozen by on_step_begin later: register all of them and let DDP skip the ones that get no gradient in a step
@@ -272,20 +271,14 @@ def make_accelerator(model, args: TrainingArguments) -> tuple[Accelerator, list[
     ignored = ignored_parameter_names(model)
     frozen = [p for name, p in model.named_parameters() if not p.requires_grad and name not in ignored]
     may_change_trainable = bool(frozen) or callable(getattr(model, "on_step_begin", None))
-    project = ProjectConfiguration(
-        project_dir=args.output_dir, automatic_checkpoint_naming=True, total_limit=args.save_total_limit
-    )
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=resolve_mixed_precision(args.mixed_precision),
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=project,
+        project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=may_change_trainable)],
     )
-    rotation_logger = logging.getLogger("accelerate.accelerator")
-    if not any(isinstance(f, QuietRotation) for f in rotation_logger.filters):
-        rotation_logger.addFilter(QuietRotation())
     keep_fsdp_outputs_as_computed(accelerator)
     set_seed(args.seed)
     return accelerator, frozen
@@ -522,7 +515,13 @@ def evaluate(run: Run, state: TrainState) -> None:
 
 def save(run: Run, state: TrainState) -> Path:
     """A resumable checkpoint of the current step."""
-    path = save_checkpoint(run.accelerator, state.checkpoint(run.budget_seconds), run.signature)
+    path = save_checkpoint(
+        run.accelerator,
+        run.output_dir,
+        state.checkpoint(run.budget_seconds),
+        run.signature,
+        run.args.save_total_limit,
+    )
     state.last_saved_step = state.step
     return path
 
@@ -560,7 +559,7 @@ def save_and_stop(run: Run, state: TrainState) -> None:
     if state.last_saved_step != state.step:
         path = save(run, state)
     else:
-        path = run.output_dir / CHECKPOINTS_DIR / f"checkpoint_{state.step}"
+        path = run.output_dir / CHECKPOINTS_DIR / f"step-{state.step}"
     if run.accelerator.is_main_process:
         run.progress.write(
             f"interrupted: saved {path} after step {state.step}; resume with --resume_from_checkpoint latest"
