@@ -292,6 +292,21 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path, capsys):
     assert "interrupted during step 5: not saved" in capsys.readouterr().out
 
 
+def test_save_total_limit_keeps_the_newest_checkpoints_and_latest_resumes_the_newest(tmp_path, capsys):
+    def rotating_args(max_steps, **overrides):
+        return resume_args(tmp_path / "run", max_steps=max_steps, eval_steps=0, save_steps=1, save_total_limit=2,
+                           **overrides)  # fmt: skip
+
+    train(make_model(), synthetic_blocks(14), None, rotating_args(4))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-3", "step-4"]
+    capsys.readouterr()
+    result = train(make_model(), synthetic_blocks(14), None, rotating_args(6, resume_from_checkpoint="latest"))
+    assert "resumed from step 4 of 6" in capsys.readouterr().out and result.step == 6
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-5", "step-6"]
+    assert json.loads((checkpoints / "step-6" / TRAINER_STATE_NAME).read_text())["step"] == 6
+
+
 # ----------------------------------------------------------------------------
 # (3) on_step_begin and frozen-then-unfrozen parameters
 
