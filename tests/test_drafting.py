@@ -18,7 +18,7 @@ import rqlm.modeling.layers
 from rqlm.drafting.verification import DraftStats, generate_with_drafter
 from rqlm.kernels import cpu_kernels, prepacked
 from rqlm.kernels.prepacked import prepacked_linears
-from rqlm.modeling.generation_rq_transformer import _State
+from rqlm.modeling.generation_rq_transformer import CodesState
 from rqlm.modeling.transformers_private import SUPPORTED_TRANSFORMERS
 
 NEW = 16
@@ -216,19 +216,19 @@ def test_every_draft_continues_the_accepted_text_after_rejections_inside_chunks(
 
 @pytest.mark.parametrize("layers", [0, 1])  # a chunk-local encoder, and encoder/latent/decoder layers with caches
 def test_kept_state_grows_and_rolls_back_to_what_a_fresh_prompt_gives(layers):
-    """`_State.extend` by accepted chunks, after drafted chunks were appended and rolled back, holds the codes and
-    the spatial output a fresh `_State` of the whole text computes, and drafts what it drafts."""
+    """`CodesState.extend` by accepted chunks, after drafted chunks were appended and rolled back, holds the codes and
+    the spatial output a fresh `CodesState` of the whole text computes, and drafts what it drafts."""
     lm = make_lm(make_vae(layers=layers, decoder_sees_previous_tokens=True), spatial_input="quantized")
     text = prompt(3 * C + 2, seed=layers)
     greedy = lm._depth_processors(GenerationConfig(do_sample=False), {}, None, text.device)
-    kept = _State(lm, text[:, : C + 2], torch.ones_like(text[:, : C + 2]), use_cache=True)
+    kept = CodesState(lm, text[:, : C + 2], torch.ones_like(text[:, : C + 2]), use_cache=True)
     for end in (2 * C + 2, 3 * C + 2):
         mark = kept.mark()
         for _ in range(2):  # two drafted chunks, then forgotten
             kept.append(lm._sample_codes(kept.hidden(), greedy))
         kept.rollback(mark)
         kept.extend(text[:, end - C : end])
-        fresh = _State(lm, text[:, :end], torch.ones_like(text[:, :end]), use_cache=True)
+        fresh = CodesState(lm, text[:, :end], torch.ones_like(text[:, :end]), use_cache=True)
         assert torch.equal(kept.codes, fresh.codes) and torch.equal(kept.tokens, fresh.tokens)
         torch.testing.assert_close(kept.hidden(), fresh.hidden(), rtol=1e-4, atol=1e-5)
         mark = kept.mark()

@@ -23,7 +23,7 @@ builds the candidate generator from it and runs the private assisted loop with i
 State after a rejection: `drafter.generate(accepted)` EOS-pads the accepted text on the left to a
 multiple of C, so where its chunks begin depends on the accepted length modulo C, and that changes
 whenever the target keeps a number of tokens that is not a multiple of C. The candidate generator
-keeps one generation state (`_State`: codes, spatial and VAE-decoder KV caches) per residue: a round
+keeps one generation state (`CodesState`: codes, spatial and VAE-decoder KV caches) per residue: a round
 grows the state of its residue by the chunks accepted since that state was last used (encoding only
 those chunks when the VAE's encoder is chunk-local), drafts from it, and rolls the drafted chunks
 back (the caches are cropped). Every draft equals the stateless `generate` from the accepted text
@@ -54,7 +54,7 @@ from transformers import GenerationConfig
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from rqlm.evaluation.perplexity import until_first_eos
-from rqlm.modeling.generation_rq_transformer import _State, _token_ids
+from rqlm.modeling.generation_rq_transformer import CodesState, token_ids_of
 from rqlm.modeling.modeling_rq_draft_head import RQDraftHead
 from rqlm.modeling.transformers_private import assisted_decoding
 
@@ -93,7 +93,7 @@ class _ChunkDrafts(CandidateGenerator):
         self.max_length = max_length
         self.stats = stats if stats is not None else DraftStats()
         self.stats.compression_factor = drafter.compression_factor
-        self.eos_ids = torch.tensor(_token_ids(eos_token_id), dtype=torch.long, device=drafter.device)
+        self.eos_ids = torch.tensor(token_ids_of(eos_token_id), dtype=torch.long, device=drafter.device)
 
     @property
     def num_drafting_tokens(self) -> int:
@@ -136,7 +136,7 @@ class RQDraftCandidateGenerator(_ChunkDrafts):
         c = drafter.compression_factor
         # the drafter reads at most its own positions: the start, the context's chunks and the draft's
         self.window = (drafter.config.backbone_config.max_position_embeddings - 1 - -(-num_draft_tokens // c)) * c
-        self.phases = {}  # context length modulo C -> (_State of that chunk layout, the context it holds)
+        self.phases = {}  # context length modulo C -> (CodesState of that chunk layout, the context it holds)
         self.depth_processors = drafter._depth_processors(GenerationConfig(do_sample=False), {}, None, drafter.device)
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
@@ -154,7 +154,7 @@ class RQDraftCandidateGenerator(_ChunkDrafts):
             state = self._kept_state(context)
         else:  # a fresh state of the last window the drafter can read
             context = context[:, -self.window :]
-            state = _State(self.drafter, context, torch.ones_like(context), use_cache=True)
+            state = CodesState(self.drafter, context, torch.ones_like(context), use_cache=True)
         draft = self._draft(state, k)
         if draft.is_cuda:
             torch.cuda.synchronize(draft.device)
@@ -163,11 +163,11 @@ class RQDraftCandidateGenerator(_ChunkDrafts):
         self.stats.drafts.append(draft[0].tolist())
         return torch.cat([input_ids, draft], dim=1), None
 
-    def _kept_state(self, context: torch.LongTensor) -> _State:
-        """The generation state of `context` (1, T), as a fresh `_State(context)` holds it, from the kept ones.
+    def _kept_state(self, context: torch.LongTensor) -> CodesState:
+        """The generation state of `context` (1, T), as a fresh `CodesState(context)` holds it, from the kept ones.
 
         `generate` EOS-pads a context on the left to a multiple of C, so its chunk boundaries depend on
-        the context's length modulo C: one `_State` per residue keeps that layout's codes and KV caches
+        the context's length modulo C: one `CodesState` per residue keeps that layout's codes and KV caches
         and grows by the chunks accepted since its last use.
         """
         c = self.drafter.compression_factor
@@ -175,13 +175,13 @@ class RQDraftCandidateGenerator(_ChunkDrafts):
         phase = -length % c
         state, known = self.phases.get(phase, (None, None))
         if state is None or known.shape[1] > length or not torch.equal(context[:, : known.shape[1]], known):
-            state = _State(self.drafter, context, torch.ones_like(context), use_cache=True)
+            state = CodesState(self.drafter, context, torch.ones_like(context), use_cache=True)
         else:
             state.extend(context[:, known.shape[1] :])
         self.phases[phase] = (state, context)
         return state
 
-    def _draft(self, state: _State, k: int) -> torch.LongTensor:
+    def _draft(self, state: CodesState, k: int) -> torch.LongTensor:
         """The drafter's greedy continuation of `state` (1, <= k), as its `generate(max_new_tokens=k)` makes it;
         the state is rolled back afterwards."""
         c = self.drafter.compression_factor

@@ -186,7 +186,7 @@ class RQTransformerGenerationMixin(GenerationMixin):
         """The decoding loop of `generate`, on checked arguments."""
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        state = _State(self, input_ids, attention_mask, use_cache=run.use_cache)
+        state = CodesState(self, input_ids, attention_mask, use_cache=run.use_cache)
         c, pad, max_new_tokens = self.compression_factor, run.pad, run.max_new_tokens
         eos = torch.tensor(run.eos, dtype=torch.long, device=input_ids.device)
         new = torch.full((input_ids.shape[0], max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
@@ -285,7 +285,7 @@ class RQTransformerGenerationMixin(GenerationMixin):
         self, generation_config, depth_overrides, decoder_settings, logits_processor, tokenizer, input_ids, attention_mask
     ) -> _Run:
         """The checked settings of a call: lengths, special tokens, the depths' and the tokens' processors, stops."""
-        eos = _token_ids(generation_config.eos_token_id)
+        eos = token_ids_of(generation_config.eos_token_id)
         pad = generation_config.pad_token_id
         max_new_tokens = self._max_new_tokens(generation_config, input_ids.shape[1])
         stop = None
@@ -418,7 +418,8 @@ def _per_step(records: list[_Record] | None, steps: int) -> tuple[torch.FloatTen
     return tuple(torch.stack([record.seen[s] for record in records], dim=1) for s in range(steps))
 
 
-def _token_ids(value) -> list[int]:
+def token_ids_of(value) -> list[int]:
+    """An id, a list of ids or None (as generation configs hold EOS ids) -> a list of ids."""
     if value is None:
         return []
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
@@ -479,7 +480,7 @@ class SpatialState:
         self._hidden = self.model.spatial_forward(x, self.spatial_mask, positions, cache=self.spatial_cache)[:, -1]
 
 
-class _State(SpatialState):
+class CodesState(SpatialState):
     """The running sequence of one codes-mode `generate` call: the spatial state plus the VAE decoder's caches.
 
     With `use_cache`, the spatial transformer and the VAE decoder keep KV caches and run only the new
@@ -524,7 +525,7 @@ class _State(SpatialState):
     # ----------------------------------------------------------------- drafting: grow, mark, roll back
     def extend(self, tokens: torch.LongTensor) -> None:
         """Add known text (B, m * C) after the sequence: encode its m chunks, step the spatial model and the
-        decoder caches over them. The state is then what a fresh `_State` of the longer prompt holds."""
+        decoder caches over them. The state is then what a fresh `CodesState` of the longer prompt holds."""
         model, vae, c = self.model, self.model.vae, self.model.compression_factor
         m = tokens.shape[1] // c
         if m == 0:
@@ -586,4 +587,7 @@ def _crop(cache: DynamicCache | None, length: int) -> None:
         cache.crop(length - cache.get_seq_length())
 
 
-__all__ = ["DEPTH_SETTINGS", "RQGenerateOutput", "RQTransformerGenerationMixin", "separator_token", "whole_chunk_layout"]
+__all__ = [
+    "DEPTH_SETTINGS", "CodesState", "RQGenerateOutput", "RQTransformerGenerationMixin", "SpatialState", "separator_token",
+    "token_ids_of", "whole_chunk_layout",
+]
