@@ -6,6 +6,7 @@ and marks them for `trust_remote_code` saving (a saved folder carries the modeli
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from . import kernels  # noqa: F401  (rqlm.kernels.cpu_kernels: the opt-in CPU kernels)
 from .modeling.configuration_givt import GIVTConfig
 from .modeling.configuration_rq_draft_head import RQDraftHeadConfig
 from .modeling.configuration_rq_transformer import RQTransformerConfig
