@@ -1,6 +1,7 @@
 """The race page's tokens/s per column, read from the page in headless chromium, to set beside `rqlm bench`'s.
 
-    python scripts/serve_speed.py RUN_DIR [--prompt_length 64] [--new_tokens 128] [--races 3] [--screenshot PNG]
+    python scripts/serve_speed.py RUN_DIR [--prompt_length 64] [--new_tokens 128] [--races 3] [--corpus_prompt]
+        [--screenshot PNG]
 
 Serves RUN_DIR's demo models (baseline, lm, lm_codes; lm drafting) as `rqlm serve` does, greedy, a prompt of
 exactly --prompt_length tokens of English text; races --races times and prints each column's median tokens/s,
@@ -20,6 +21,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
+from rqlm.drafting.speed import held_out_prompts
 from rqlm.serve import demo_lineup, load_lineup, warm_up
 from rqlm.serve.page import build_page, launch_page
 
@@ -36,10 +38,15 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--races", type=int, default=3)
     parser.add_argument("--screenshot", default=None)
+    parser.add_argument("--corpus_prompt", action="store_true",
+                        help="race on the first prompt `rqlm bench --drafting` drafts on (an embedded held-out document)")
     args = parser.parse_args()
 
     loaded = load_lineup(demo_lineup(args.run_dir))
-    ids = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"][: args.prompt_length]
+    if args.corpus_prompt:
+        ids = held_out_prompts(loaded.tokenizer, 1, args.prompt_length)[0][0].tolist()
+    else:
+        ids = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"][: args.prompt_length]
     prompt = loaded.tokenizer.decode(ids)
     assert loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"] == ids, "the prompt must round-trip"
     warm_up(loaded)

@@ -577,8 +577,7 @@ def _load_drafting_models(args, device):
     from transformers import AutoModelForCausalLM
 
     from rqlm import RQDraftHead, RQTransformerForCausalLM
-    from rqlm.data.corpus import build_embedded_corpus
-    from rqlm.drafting.speed import Drafter
+    from rqlm.drafting.speed import Drafter, held_out_prompts
     from rqlm.loading import DRAFTER_TYPES, load_folder_tokenizer, read_config
 
     folders = [path.strip() for path in args.model.split(",") if path.strip()]
@@ -592,11 +591,4 @@ def _load_drafting_models(args, device):
         model = kind.from_pretrained(path)
         drafters.append(Drafter(f"{Path(path).name} (C={model.compression_factor})", model))
     tokenizer = load_folder_tokenizer(args.target, "--target")
-    prompts = []
-    for text in build_embedded_corpus()["validation"]["text"]:
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        if ids.shape[1] >= args.prompt_length:
-            prompts.append(ids[:, : args.prompt_length])
-        if len(prompts) == args.prompts:
-            break
-    return target, drafters, prompts
+    return target, drafters, held_out_prompts(tokenizer, args.prompts, args.prompt_length)

@@ -53,6 +53,21 @@ def _timed(fn, device) -> tuple[torch.LongTensor, float]:
     return out, time.perf_counter() - start
 
 
+def held_out_prompts(tokenizer, count: int, length: int) -> list[torch.LongTensor]:
+    """The first `count` held-out documents of the embedded corpus with at least `length` tokens, cut to their first
+    `length` tokens (each (1, length)): the prompts `rqlm bench --drafting` drafts on (acceptance depends on the text)."""
+    from rqlm.data.corpus import build_embedded_corpus
+
+    prompts = []
+    for text in build_embedded_corpus()["validation"]["text"]:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if ids.shape[1] >= length:
+            prompts.append(ids[:, :length])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
 def benchmark_drafting(
     target,
     drafters: list[Drafter],

@@ -16,6 +16,7 @@ with the run, so readings are kept to a few a second (docs/results/serve.md has 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -34,8 +35,9 @@ from rqlm.loading import check_prompt_fits, sampling_kwargs
 from .lineup import Contender, Loaded
 
 MAX_NEW_TOKENS = 512  # the page's ceiling: a race of every column stays under a minute on a 2-core CPU
-UPDATE_SECONDS = 0.25  # how often the page reads a running column's tokens: each reading costs the measured run
-SETTLE_SECONDS = 0.2  # before each column's clock starts: the page's last update is drawn, the CPU left to the run
+UPDATE_SECONDS = 0.25  # how often the page reads a running column: each reading costs the run (docs/results/serve.md)
+WARM_TOKENS = 4  # an untimed run of this many tokens before each column
+SETTLE_SECONDS = 0.5  # before each column's clock starts: the page's last update drawn, the CPU left to the run
 
 
 @dataclass
@@ -126,6 +128,10 @@ def run_race(loaded: Loaded, prompt: str, settings: Settings, kernels: bool = Tr
     columns = [Column(c.name, drafted=c.drafted) for c in loaded.contenders]
     for contender, column in zip(loaded.contenders, columns):
         yield columns
+        # a short untimed run of this column first, as `rqlm bench` times a model it has just run: the previous
+        # columns' weights have left the CPU caches, which costs the fastest models a tenth or more of a run
+        with contextlib.suppress(Exception):  # a column that fails shows its error from the timed run below
+            generate_column(loaded, contender, input_ids, Settings(max_new_tokens=WARM_TOKENS), _Clock(0.0), {}, kernels)
         time.sleep(SETTLE_SECONDS)
         yield from _stream(loaded, contender, column, columns, input_ids, settings, kernels)
 
