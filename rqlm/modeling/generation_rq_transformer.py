@@ -55,6 +55,7 @@ from transformers.generation.logits_process import LogitsProcessor, LogitsProces
 from transformers.utils import ModelOutput
 
 from .code_depth import choose
+from .layers import crop_cache
 from .transformers_private import default_generation_params, logits_processors, prepare_generation_config
 
 
@@ -554,7 +555,7 @@ class CodesState(SpatialState):
         """Forget every position appended since `mark` (tensors, and KV caches cropped to their length then)."""
         self.tokens, self.token_mask, self.codes, self.spatial_mask, self._hidden = mark
         if self.use_cache:
-            _crop(self.spatial_cache, self.spatial_mask.shape[1])
+            crop_cache(self.spatial_cache, self.spatial_mask.shape[1])
             self.decoder.crop(self.codes.shape[1], self.tokens.shape[1])
 
 
@@ -579,12 +580,6 @@ def whole_chunk_layout(input_ids, attention_mask, c: int, separator: int, pad: i
         tokens[i, num * c - len(real) :] = real
         token_mask[i, start:] = 1
     return tokens, token_mask
-
-
-def _crop(cache: DynamicCache | None, length: int) -> None:
-    """Cut a KV cache back to its first `length` positions."""
-    if cache is not None and cache.get_seq_length() > length:
-        cache.crop(length - cache.get_seq_length())
 
 
 __all__ = [

@@ -52,6 +52,12 @@ def small_stack_config(
     return config
 
 
+def crop_cache(cache, length: int) -> None:
+    """Cut a KV cache (a DynamicCache, or None) back to its first `length` positions."""
+    if cache is not None and cache.get_seq_length() > length:
+        cache.crop(length - cache.get_seq_length())
+
+
 class Qwen3Stack(nn.Module):
     """`num_layers` Qwen3 layers + final norm over given embeddings: (B, T, H) -> (B, T, H).
 

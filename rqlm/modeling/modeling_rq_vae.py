@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 from .backbone import TrainableBackbone
 from .configuration_rq_vae import RQVAEConfig
 from .gaussian_posterior import GaussianPosterior
-from .layers import Downsample, Qwen3Stack, Upsample, small_stack_config
+from .layers import Downsample, Qwen3Stack, Upsample, crop_cache, small_stack_config
 from .quantizer_registry import _codebook_size, build_quantizer, code_depth, codes_to_quantized, quantize
 from .quantizer_utils import fp32_region
 
@@ -145,9 +145,8 @@ class DecoderCache:
 
     def crop(self, chunks: int, tokens: int) -> None:
         """Forget everything after the first `chunks` chunks, `tokens` token positions."""
-        for cache, length in ((self.latent, chunks), (self.tokens, tokens)):
-            if cache is not None and cache.get_seq_length() > length:
-                cache.crop(length - cache.get_seq_length())
+        crop_cache(self.latent, chunks)
+        crop_cache(self.tokens, tokens)
 
 
 class RQVAEModel(TrainableBackbone, RQVAEPreTrainedModel):
