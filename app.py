@@ -2,7 +2,7 @@
 
 import os
 
-from rqlm.serve import demo_lineup, load_lineup, warm_up
+from rqlm.serve import demo_lineup, load_lineup
 from rqlm.serve.page import build_page, launch_page
 
 if __name__ == "__main__":
@@ -10,5 +10,4 @@ if __name__ == "__main__":
         loaded = load_lineup(demo_lineup())
     except (ValueError, FileNotFoundError) as e:  # one line, as `rqlm serve` says it
         raise SystemExit(f"app.py: error: {e}") from None
-    warm_up(loaded)
     launch_page(build_page(loaded), host="0.0.0.0", port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))

@@ -22,7 +22,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from rqlm.drafting.speed import held_out_prompts
-from rqlm.serve import demo_lineup, load_lineup, warm_up
+from rqlm.serve import demo_lineup, load_lineup
 from rqlm.serve.page import build_page, launch_page
 
 TEXT = ("The history of the city begins with a small settlement on the river, where traders from the north and "
@@ -49,7 +49,6 @@ def main() -> None:
         ids = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"][: args.prompt_length]
     prompt = loaded.tokenizer.decode(ids)
     assert loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"] == ids, "the prompt must round-trip"
-    warm_up(loaded)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -15,7 +15,7 @@ import socket
 
 import pytest
 
-from rqlm.serve import demo_lineup, load_lineup, warm_up
+from rqlm.serve import demo_lineup, load_lineup
 from rqlm.serve.page import build_page, launch_page
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -42,7 +42,6 @@ def browser_or_skip() -> tuple[str, str]:
 @pytest.fixture
 def page_url(demo):
     loaded = load_lineup(demo_lineup(demo))
-    warm_up(loaded)  # as `rqlm serve` does before it serves
     page = build_page(loaded)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

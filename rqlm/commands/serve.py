@@ -36,13 +36,12 @@ def lineup_of(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from rqlm.serve import load_lineup, warm_up
+    from rqlm.serve import load_lineup
     from rqlm.serve.page import build_page, launch_page
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must lie in 1-65535, got {args.port}")
     loaded = load_lineup(lineup_of(args))
-    warm_up(loaded, kernels=args.cpu_kernels)
     print(f"racing {len(loaded.contenders)} columns: " + "; ".join(c.name for c in loaded.contenders))
     launch_page(build_page(loaded, kernels=args.cpu_kernels), args.host, args.port)
     return 0

@@ -7,7 +7,7 @@
 """
 
 from .lineup import Contender, Lineup, Loaded, demo_lineup, load_lineup
-from .race import MAX_NEW_TOKENS, Column, Settings, check_request, identical, run_race, warm_up
+from .race import MAX_NEW_TOKENS, Column, Settings, check_request, identical, run_race
 
 __all__ = ["MAX_NEW_TOKENS", "Column", "Contender", "Lineup", "Loaded", "Settings", "check_request", "demo_lineup",
-           "identical", "load_lineup", "run_race", "warm_up"]
+           "identical", "load_lineup", "run_race"]

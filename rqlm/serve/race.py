@@ -201,13 +201,6 @@ def generate_column(loaded: Loaded, contender: Contender, input_ids, settings: S
         return generate_with_drafter(contender.model, contender.drafter, input_ids, stats=stats["draft"], **options)
 
 
-def warm_up(loaded: Loaded, kernels: bool = True) -> None:
-    """One short untimed run of every column (allocations, reordered weights), as `rqlm bench` warms up."""
-    ids = loaded.tokenizer("The", add_special_tokens=False, return_tensors="pt")["input_ids"]
-    for contender in loaded.contenders:
-        generate_column(loaded, contender, ids, Settings(max_new_tokens=8), _Clock(time.perf_counter()), {}, kernels)
-
-
 def identical(columns: list[Column], settings: Settings) -> bool | None:
     """Whether every finished drafting column made exactly the baseline's (the first column's) ids;
     None when there is nothing to compare (no drafting column, or sampling: the same distribution, not the same text)."""
