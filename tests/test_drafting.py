@@ -173,6 +173,25 @@ def test_the_verification_runs_the_targets_multi_row_linears_prepacked(target, d
     assert "forward" not in vars(q)
 
 
+def test_a_tokens_mode_drafter_is_verified_through_assisted_decoding_with_its_steps_counted(target):
+    """`rqlm generate --verify-with` with train-lm's default drafter (tokens mode): the target's greedy output, and
+    one DraftStats step per target forward whose kept tokens add up to the new ones (it once raised AttributeError)."""
+    from test_rq_tokens_mode import make_lm as make_tokens_lm
+
+    drafter = make_tokens_lm()
+    ids, stats, forwards = prompt(9, seed=5), DraftStats(), []
+    settings = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD, "eos_token_id": None}
+    hook = target.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        drafted = generate_with_drafter(target, drafter, ids, stats=stats, **settings)
+    finally:
+        hook.remove()
+    assert torch.equal(drafted, target.generate(ids, **settings))
+    assert stats.steps == len(forwards) > 1 and stats.compression_factor == C
+    assert sum(a + 1 for a in stats.accepted) == drafted.shape[1] - ids.shape[1] == NEW
+    assert all(0 <= a <= C for a in stats.accepted) and stats.contexts[0] == ids.shape[1]
+
+
 def test_generate_and_drafting_run_the_lean_stack_forward_with_the_same_output(target, drafter, monkeypatch):
     """Under `cpu_kernels` (and only there) the RQ model's stacks (spatial, depth, VAE decoder) step through
     `lean_forward` in generation; same ids."""

@@ -53,6 +53,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.candidate_generator import CandidateGenerator
 
+from rqlm.drafting.assisted import assistant_drafting
 from rqlm.evaluation.perplexity import until_first_eos
 from rqlm.modeling.generation_rq_transformer import CodesState, token_ids_of
 from rqlm.modeling.modeling_rq_draft_head import RQDraftHead
@@ -326,6 +327,9 @@ def generate_with_drafter(
     prompt_padding = int((attention_mask[0] == 0).sum())
     if isinstance(drafter, RQDraftHead):
         drafter.check_target(target)
+    if getattr(drafter.config, "depth_output", None) == "tokens":  # an exact q(token): transformers' own drafting
+        return _assisted_generate(target, drafter, input_ids, attention_mask, num_draft_tokens, streamer, stats,
+                                  generate_kwargs)
 
     def candidates_for(config: GenerationConfig) -> _ChunkDrafts:
         """The candidate generator of this call, up to its prepared max_length and EOS ids."""
@@ -343,6 +347,35 @@ def generate_with_drafter(
     return target.generate(
         input_ids, attention_mask=attention_mask, streamer=streamer, custom_generate=decoding, **generate_kwargs
     )
+
+
+def _assisted_generate(target, drafter, input_ids, attention_mask, num_draft_tokens, streamer, stats, generate_kwargs):
+    """`generate_with_drafter` for a tokens-mode RQ model: `target.generate(assistant_model=drafter)`, C tokens a draft.
+
+    `stats` gets the tokens kept at each verification step, read from the target's cache at each forward: a step
+    continues a sequence of S tokens (the prompt at the first, else the cache's length + 1, the last kept token
+    not yet in it) and emits the next step's S minus its own, the kept drafts and the target's token.
+    """
+    lengths = []  # S of each target forward
+
+    def record(module, args, kwargs):
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.25 passes `cache`, earlier releases the other
+        cached = past.get_seq_length() if past is not None else 0
+        lengths.append(cached + 1 if cached else input_ids.shape[1])
+
+    hook = target.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with assistant_drafting(drafter, num_draft_tokens):
+            output = target.generate(
+                input_ids, attention_mask=attention_mask, streamer=streamer, assistant_model=drafter, **generate_kwargs
+            )
+    finally:
+        hook.remove()
+    if stats is not None:
+        stats.compression_factor = drafter.compression_factor
+        stats.contexts.extend(lengths)
+        stats.accepted.extend(end - start - 1 for start, end in zip(lengths, [*lengths[1:], output.shape[1]]))
+    return output
 
 
 __all__ = ["DraftStats", "RQDraftCandidateGenerator", "RQHeadCandidateGenerator", "generate_with_drafter"]
